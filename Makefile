@@ -1,0 +1,36 @@
+# Everyday targets. `make run` and `make test` do all set-up themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench zookeeper clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	PYTHON=$(PYTHON) scripts/bootstrap-venv.sh $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## run: a standalone node on 127.0.0.1:7000 (data in dkv-data/); ARGS="--port 7001" to change
+run: install
+	$(VENV)/bin/dkv serve $(ARGS)
+
+## test: the whole suite (installs a local ZooKeeper when needed and possible)
+test: install zookeeper
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## zookeeper: make sure the tests can get a ZooKeeper (Docker engine, local install, or DKV_TEST_ZK)
+zookeeper:
+	scripts/ensure-zookeeper.sh
+
+## bench: dkv bench against a fresh node (1 and 32 clients) and the bare zerorpc echo baseline
+bench: install
+	scripts/bench.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

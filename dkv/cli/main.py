@@ -1,0 +1,125 @@
+"""The ``dkv`` console command: argument parsing and dispatch to subcommands.
+
+Every flag also reads a ``DKV_<FLAG>`` environment variable (``--node-id`` ->
+``DKV_NODE_ID``); a flag given on the command line wins. Subcommand modules are
+imported only when chosen, so ``dkv bench`` can monkey-patch gevent first.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+
+def _env_flag(parser: argparse.ArgumentParser, flag: str, *, type: Callable[[str], Any] = str,
+              default: Any = None, help: str = "", **kw: Any) -> None:
+    """Add ``flag`` whose default comes from ``DKV_<FLAG>`` when set."""
+    var = "DKV_" + flag.lstrip("-").replace("-", "_").upper()
+    raw = os.environ.get(var)
+    if raw is not None:
+        try:
+            default = type(raw)
+        except ValueError:
+            parser.error(f"environment variable {var}={raw!r} is not a valid {flag} value")
+    parser.add_argument(flag, type=type, default=default, help=f"{help} [env {var}]", **kw)
+
+
+def _ratio(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+        if a < 0 or b < 0 or a + b == 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must look like SET:GET, e.g. 1:1 or 1:9, not {text!r}") from None
+    return a, b
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dkv", description="dkv: a distributed key-value store")
+    from dkv import __version__
+
+    p.add_argument("--version", action="version", version=f"dkv {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("serve", help="run a node", description="Run a dkv node (standalone).")
+    _env_flag(s, "--node-id", default="", help="node name (default node-PORT)")
+    _env_flag(s, "--host", default="127.0.0.1", help="address to listen on")
+    _env_flag(s, "--port", type=int, default=7000, help="port to listen on")
+    _env_flag(s, "--data-dir", default="", help="data directory (default dkv-data/NODE_ID)")
+    _env_flag(s, "--engine", default="leveldb", choices=["leveldb", "memory"],
+              help="storage engine; memory = diskless, nothing survives a restart")
+    _env_flag(s, "--log-level", default="INFO", type=str.upper,
+              choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    _env_flag(s, "--max-key-bytes", type=int, default=1024, help="largest key accepted")
+    _env_flag(s, "--max-value-bytes", type=int, default=1024 * 1024, help="largest value accepted")
+    _env_flag(s, "--wal-segment-bytes", type=int, default=64 * 1024 * 1024, help="WAL segment size")
+
+    c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin)",
+                       description="Interactive dkv prompt. When stdin is not a terminal, runs one "
+                                   "command per line and prints plain results.")
+    c.add_argument("addrs", nargs="*", metavar="ADDR", help="node HOST:PORT (default 127.0.0.1:7000) [env DKV_ADDR]")
+    _env_flag(c, "--timeout", type=float, default=5.0, help="seconds per command")
+
+    b = sub.add_parser("bench", help="measure throughput and latency of a node",
+                       description="Benchmark a dkv node with concurrent clients.")
+    b.add_argument("addrs", nargs="*", metavar="ADDR", help="node HOST:PORT (default 127.0.0.1:7000) [env DKV_ADDR]")
+    _env_flag(b, "--clients", type=int, default=32, help="concurrent clients")
+    _env_flag(b, "--ops", type=int, default=100_000, help="total operations")
+    _env_flag(b, "--value-size", type=int, default=100, help="value size in bytes")
+    _env_flag(b, "--ratio", type=_ratio, default=(1, 1), help="SET:GET mix, e.g. 1:1, 1:0, 0:1")
+    _env_flag(b, "--keys", type=int, default=100_000, help="size of the key space")
+    _env_flag(b, "--timeout", type=float, default=10.0, help="seconds per request")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _addrs(given: list[str]) -> list[str]:
+    if given:
+        return given
+    return os.environ.get("DKV_ADDR", "127.0.0.1:7000").split(",")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dkv.errors import DKVError
+
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "cli":
+            from dkv.cli.repl import run_cli
+
+            return run_cli(_addrs(args.addrs), timeout=args.timeout)
+        if args.command == "bench":
+            from dkv.cli.bench import run_bench
+
+            return run_bench(_addrs(args.addrs), clients=args.clients, ops=args.ops,
+                             value_size=args.value_size, ratio=args.ratio, keys=args.keys,
+                             timeout=args.timeout, progress=not args.no_progress)
+    except DKVError as e:
+        print(f"dkv {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dkv.node.config import NodeConfig
+    from dkv.node.server import serve
+
+    config = NodeConfig(node_id=args.node_id, host=args.host, port=args.port, data_dir=args.data_dir,
+                        engine=args.engine, log_level=args.log_level,
+                        max_key_bytes=args.max_key_bytes, max_value_bytes=args.max_value_bytes,
+                        wal_segment_bytes=args.wal_segment_bytes)
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
+    serve(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

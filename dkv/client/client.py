@@ -1,0 +1,230 @@
+"""``dkv.Client``: the public, thread-safe Python client.
+
+The engine (:class:`~dkv.client.core.ClientCore`) lives on one gevent hub, as
+zerorpc requires. In an ordinary program that hub runs on a private daemon
+thread: calls from any number of user threads are handed to it through a
+thread-safe queue plus a hub wake-up, run as greenlets there, and coalesced
+into batch RPCs. In a program that has gevent-monkey-patched ``threading``
+(the benchmark, a gevent server) the engine runs inline on the caller's hub
+instead, and concurrent greenlets are coalesced the same way.
+
+Thread-safety: one ``Client`` may be shared by every thread of a process; that
+is the intended use (coalescing works across threads). Do not use it after
+``close()`` or across ``fork()``.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+import gevent
+import gevent.event
+import gevent.monkey
+
+from dkv import protocol
+from dkv.client.core import ClientCore, iter_scan
+from dkv.errors import DKVError, InvalidArgument, WriteTimeout
+from dkv.keys import as_bytes
+from dkv.slots import slot_of
+
+T = TypeVar("T")
+Job = Callable[[ClientCore], Any]
+
+DEFAULT_ADDR = "127.0.0.1:7000"
+
+
+class _InlineRunner:
+    """Runs jobs on the caller's own hub (gevent-patched programs)."""
+
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
+
+    def run(self, job: Job) -> Any:
+        return job(self.core)
+
+    def close(self) -> None:
+        self.core.close()
+
+
+class _ThreadRunner:
+    """Runs jobs as greenlets on a private hub thread; callers block on a Future."""
+
+    def __init__(self, core_factory: Callable[[], ClientCore]) -> None:
+        self._jobs: deque[tuple[Job, Future[Any]]] = deque()
+        self._ready = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._main, args=(core_factory,),
+                                        name="dkv-client-io", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _main(self, core_factory: Callable[[], ClientCore]) -> None:
+        hub = gevent.get_hub()
+        self._stop = gevent.event.Event()
+        self._wakeup = hub.loop.async_()
+        self._wakeup.start(self._drain)
+        self._core = core_factory()
+        self._ready.set()
+        self._stop.wait()
+        self._core.close()
+        self._wakeup.stop()
+        self._wakeup.close()
+        hub.destroy(destroy_loop=True)
+
+    def _drain(self) -> None:  # hub callback: keep it short
+        while self._jobs:
+            gevent.spawn(self._run_job, *self._jobs.popleft())
+
+    def _run_job(self, job: Job, fut: Future[Any]) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(job(self._core))
+        except BaseException as e:  # delivered to the calling thread
+            fut.set_exception(e)
+
+    def run(self, job: Job) -> Any:
+        if self._closed:
+            raise DKVError("client is closed")
+        fut: Future[Any] = Future()
+        self._jobs.append((job, fut))
+        self._wakeup.send()  # thread-safe
+        return fut.result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.run(lambda core: self._stop.set())
+        self._closed = True
+        self._thread.join(5)
+
+
+def _parse_addrs(addrs: str | Sequence[str] | None) -> list[str]:
+    if addrs is None:
+        return [DEFAULT_ADDR]
+    items = addrs.split(",") if isinstance(addrs, str) else list(addrs)
+    out = [a.strip() for a in items if a and a.strip()]
+    for a in out:
+        host, _, port = a.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidArgument(f"bad node address {a!r}: expected HOST:PORT")
+    if not out:
+        raise InvalidArgument("no node address given")
+    return out
+
+
+class Client:
+    """A dkv client: ``Client("127.0.0.1:7000")`` or ``Client(["h1:7000", "h2:7000"])``.
+
+    Keys and values are ``bytes``, or ``str`` (encoded as UTF-8). ``timeout``
+    bounds each call, retries included.
+    """
+
+    def __init__(self, addrs: str | Sequence[str] | None = None, *, timeout: float = 10.0,
+                 max_inflight: int = 4) -> None:
+        if timeout <= 0:
+            raise InvalidArgument("timeout must be positive")
+        seeds = _parse_addrs(addrs)
+        factory = lambda: ClientCore(seeds, timeout, max_inflight)  # noqa: E731
+        if gevent.monkey.is_module_patched("threading"):
+            self._runner: _InlineRunner | _ThreadRunner = _InlineRunner(factory())
+        else:
+            self._runner = _ThreadRunner(factory)
+
+    # -- single keys ----------------------------------------------------------
+
+    def set(self, key: bytes | str, value: bytes | str) -> None:
+        self._one([protocol.SET, _key(key), as_bytes(value, "value")])
+
+    def get(self, key: bytes | str, consistency: str = "sequential") -> bytes | None:
+        return self._one([protocol.GET, _key(key), consistency])
+
+    def exists(self, key: bytes | str) -> bool:
+        return self._one([protocol.EXISTS, _key(key)])
+
+    def delete(self, key: bytes | str) -> bool:
+        """Delete ``key``; True if it existed. Deleting a missing key is not an error."""
+        return self._one([protocol.DEL, _key(key)])
+
+    # -- many keys ------------------------------------------------------------
+
+    def mset(self, mapping: Mapping[bytes | str, bytes | str]) -> None:
+        """Set many keys. Each key is set atomically; the call is not a transaction.
+
+        On failure raises the first indeterminate error (``WriteTimeout``) if any
+        op had one, else the first definite error.
+        """
+        ops = [[protocol.SET, _key(k), as_bytes(v, "value")] for k, v in mapping.items()]
+        errors = [e for e in self._many(ops) if isinstance(e, DKVError)]
+        if errors:
+            raise next((e for e in errors if isinstance(e, WriteTimeout)), errors[0])
+
+    def mget(self, keys: Iterable[bytes | str], consistency: str = "sequential") -> list[bytes | None]:
+        out = self._many([[protocol.GET, _key(k), consistency] for k in keys])
+        for r in out:
+            if isinstance(r, DKVError):
+                raise r
+        return out
+
+    def scan(self, prefix: bytes | str = b"", start: bytes | str | None = None,
+             limit: int | None = None, page_size: int = 1000) -> Iterator[tuple[bytes, bytes]]:
+        """Iterate ``(key, value)`` in key order over keys with ``prefix`` and ``>= start``.
+
+        Fetched lazily in pages; not a snapshot (concurrent writes may or may not show).
+        """
+        if limit is not None and limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        if not 0 < page_size <= 10_000:
+            raise InvalidArgument("page_size must be 1..10000")
+
+        def page(p: bytes, s: bytes | None, n: int) -> list[list[bytes]]:
+            return self._runner.run(lambda core: core.scan_page(p, s, n))
+
+        return iter_scan(page, as_bytes(prefix, "prefix"),
+                         None if start is None else as_bytes(start, "start"), limit, page_size)
+
+    # -- cluster -----------------------------------------------------------------
+
+    @staticmethod
+    def slot_of(key: bytes | str) -> int:
+        return slot_of(_key(key))
+
+    def cluster_info(self) -> dict[str, Any]:
+        return self._runner.run(lambda core: core.request_any("cluster_info"))
+
+    def info(self, addr: str | None = None) -> dict[str, Any]:
+        """One node's ``info`` (any node when ``addr`` is None)."""
+        if addr is None:
+            return self._runner.run(lambda core: core.request_any("info"))
+        return self._runner.run(lambda core: core.conn(addr).request("info"))
+
+    def close(self) -> None:
+        self._runner.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _one(self, op: list[Any]) -> Any:
+        return protocol.unwrap(self._runner.run(lambda core: core.execute([op]))[0])
+
+    def _many(self, ops: list[list[Any]]) -> list[Any]:
+        """Results per op, with errors as DKVError values (not raised)."""
+        replies = self._runner.run(lambda core: core.execute(ops))
+        out: list[Any] = []
+        for r in replies:
+            try:
+                out.append(protocol.unwrap(r))
+            except DKVError as e:
+                out.append(e)
+        return out
+
+
+def _key(key: Any) -> bytes:
+    return as_bytes(key, "key")

@@ -1,0 +1,112 @@
+"""One node's zerorpc connection, shared by the greenlets of one hub.
+
+Concurrent :meth:`Connection.call` s are coalesced: up to ``max_inflight``
+batch RPCs are in flight at once, and everything that arrives meanwhile is
+sent together in the next one, so many concurrent requests cost one round trip
+and the server one group commit.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import gevent
+import gevent.event
+import zerorpc
+import zmq
+
+from dkv import protocol
+from dkv.errors import DKVError, from_remote
+
+logger = logging.getLogger(__name__)
+
+#: Coalescing stops adding requests to a batch past these sizes.
+MAX_BATCH_OPS = 5_000
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+
+class TransportError(Exception):
+    """The node did not answer (timeout, lost connection): the outcome is unknown."""
+
+
+def _op_size(op: list[Any]) -> int:
+    return sum(len(a) for a in op[1:] if isinstance(a, bytes)) + 16
+
+
+class Connection:
+    def __init__(self, addr: str, timeout: float, max_inflight: int = 4) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self.max_inflight = max_inflight
+        self._rpc: zerorpc.Client | None = None
+        self._pending: deque[tuple[list[list[Any]], gevent.event.AsyncResult]] = deque()
+        self._inflight = 0
+
+    def _client(self) -> zerorpc.Client:
+        if self._rpc is None:
+            rpc = zerorpc.Client(timeout=self.timeout, heartbeat=5)
+            # Drop unsent requests on close: a request we gave up on must not be
+            # delivered later to a restarted node.
+            rpc._events.setsockopt(zmq.LINGER, 0)
+            rpc.connect(f"tcp://{self.addr}")
+            self._rpc = rpc
+        return self._rpc
+
+    def _reset(self) -> None:
+        if self._rpc is not None:
+            self._rpc.close()
+            self._rpc = None
+
+    def call(self, ops: list[list[Any]]) -> list[list[Any]]:
+        """Send ``ops`` (coalesced with concurrent calls); one wire reply per op."""
+        done = gevent.event.AsyncResult()
+        self._pending.append((ops, done))
+        self._kick()
+        return done.get()
+
+    def request(self, method: str, *args: Any) -> Any:
+        """A plain (non-batched) RPC; node errors re-raised as their DKVError class."""
+        try:
+            return self._client()(method, *args)
+        except zerorpc.RemoteError as e:
+            raise from_remote(e.name, e.msg) or DKVError(f"{e.name}: {e.msg}") from None
+        except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as e:
+            self._reset()
+            raise TransportError(f"{self.addr} did not answer {method} within {self.timeout:g}s") from e
+
+    def _kick(self) -> None:
+        while self._pending and self._inflight < self.max_inflight:
+            batch, n_ops, n_bytes = [], 0, 0
+            while self._pending:
+                ops = self._pending[0][0]
+                size = sum(_op_size(op) for op in ops)
+                if batch and (n_ops + len(ops) > MAX_BATCH_OPS or n_bytes + size > MAX_BATCH_BYTES):
+                    break
+                batch.append(self._pending.popleft())
+                n_ops += len(ops)
+                n_bytes += size
+            self._inflight += 1
+            gevent.spawn(self._send, batch)
+
+    def _send(self, batch: list[tuple[list[list[Any]], gevent.event.AsyncResult]]) -> None:
+        try:
+            flat = [op for ops, _ in batch for op in ops]
+            try:
+                replies = self.request("batch", flat)
+            except TransportError as e:
+                for _, done in batch:
+                    done.set_exception(e)
+                return
+            except DKVError as e:  # the node refused the whole batch: a definite answer
+                replies = [protocol.err(e)] * len(flat)
+            at = 0
+            for ops, done in batch:
+                done.set(replies[at:at + len(ops)])
+                at += len(ops)
+        finally:
+            self._inflight -= 1
+            self._kick()
+
+    def close(self) -> None:
+        self._reset()

@@ -1,0 +1,175 @@
+"""The node process: open storage, recover, serve the service over zerorpc, stop cleanly.
+
+This is the thin I/O adapter around :class:`~dkv.node.service.NodeService`:
+it owns the files (WAL, LevelDB), the zerorpc socket and the signal handlers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import gevent
+import gevent.event
+import zerorpc
+import zmq
+
+from dkv.errors import DKVError, InvalidArgument
+from dkv.node.config import NodeConfig
+from dkv.node.pipeline import WritePipeline
+from dkv.node.service import NodeService
+from dkv.protocol import unwrap
+from dkv.storage import Store
+from dkv.wal.log import WriteAheadLog
+from dkv.wal.memory import MemoryLog
+
+logger = logging.getLogger(__name__)
+
+#: Records replayed per apply call at recovery.
+REPLAY_CHUNK = 10_000
+
+
+class _RPCServer(zerorpc.Server):
+    """zerorpc server that logs expected errors quietly and real faults with a traceback."""
+
+    def _print_traceback(self, protocol_v1: bool, exc_infos: list[Any]) -> tuple[str, ...]:
+        exc_type, exc_value, _ = exc_infos
+        if isinstance(exc_value, DKVError):
+            logger.debug("request failed: %s: %s", exc_type.__name__, exc_value)
+            return (exc_type.__name__, str(exc_value), "")
+        return super()._print_traceback(protocol_v1, exc_infos)
+
+
+class RPC:
+    """The methods a node exposes over zerorpc."""
+
+    def __init__(self, service: NodeService) -> None:
+        self._svc = service
+
+    def batch(self, ops: list[Any]) -> list[list[Any]]:
+        """Run many get/exists/set/del ops; one [0, result] or [1, error] per op."""
+        return self._svc.batch(ops)
+
+    def get(self, key: Any, consistency: str = "sequential") -> bytes | None:
+        return self._svc.one(["get", key, consistency])
+
+    def set(self, key: Any, value: Any) -> None:
+        return self._svc.one(["set", key, value])
+
+    def delete(self, key: Any) -> bool:
+        return self._svc.one(["del", key])
+
+    def mset(self, mapping: dict[Any, Any]) -> None:
+        if not isinstance(mapping, dict):
+            raise InvalidArgument("mset takes a map of key -> value")
+        for reply in self._svc.batch([["set", k, v] for k, v in mapping.items()]):
+            unwrap(reply)
+
+    def mget(self, keys: list[Any]) -> list[bytes | None]:
+        return [unwrap(r) for r in self._svc.batch([["get", k] for k in keys])]
+
+    def scan(self, prefix: Any = b"", start: Any = None, limit: int = 1000) -> list[list[bytes]]:
+        """One page of [key, value] pairs in key order, keys >= start."""
+        return self._svc.scan(prefix, start, limit)
+
+    def info(self) -> dict[str, Any]:
+        return self._svc.info()
+
+    def cluster_info(self) -> dict[str, Any]:
+        return self._svc.cluster_info()
+
+    def ping(self) -> str:
+        return "pong"
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self._stopped = gevent.event.Event()
+        self._server: _RPCServer | None = None
+
+    def open(self) -> None:
+        """Open (and recover) the log and the store, start the pipeline, bind the socket."""
+        cfg = self.config
+        if cfg.durable:
+            os.makedirs(cfg.data_dir, exist_ok=True)
+            self.store = Store.open("leveldb", os.path.join(cfg.data_dir, "db"))
+            self.log: Any = WriteAheadLog(os.path.join(cfg.data_dir, "wal"), segment_bytes=cfg.wal_segment_bytes)
+            self._recover()
+        else:
+            self.store = Store.open("memory", None)
+            self.log = MemoryLog()
+        epoch = max(self.log.last_epoch, self.store.applied_epoch, 1)
+        self.pipeline = WritePipeline(self.log, self.store, epoch=epoch,
+                                      max_batch_records=cfg.max_batch_records, offload=cfg.durable)
+        self.service = NodeService(cfg, self.store, self.log, self.pipeline)
+        self._server = _RPCServer(RPC(self.service), heartbeat=5)
+        try:
+            self._server.bind(cfg.endpoint)
+        except zmq.ZMQError as e:
+            self._close_storage()
+            raise DKVError(f"cannot listen on {cfg.addr}: {e}") from e
+        logger.info("node %s serving on %s (engine=%s, data=%s, applied_lsn=%d)",
+                    cfg.node_id, cfg.addr, cfg.engine, cfg.data_dir if cfg.durable else "-",
+                    self.store.applied_lsn)
+
+    def _recover(self) -> None:
+        """Replay WAL records past the store's applied_lsn (DESIGN §3)."""
+        applied = self.store.applied_lsn
+        if applied > self.log.last_lsn:
+            # The log lost records the store already holds (a damaged tail was
+            # cut). The store is ahead, so restart the log after it.
+            logger.warning("WAL ends at lsn %d but storage applied %d; restarting the log at %d",
+                           self.log.last_lsn, applied, applied)
+            self.log.reset_to(applied)
+            return
+        replayed = 0
+        while self.store.applied_lsn < self.log.last_lsn:
+            chunk = list(self.log.read_from(self.store.applied_lsn + 1, limit=REPLAY_CHUNK))
+            if not chunk:
+                break
+            self.store.apply(chunk)
+            replayed += len(chunk)
+        if replayed:
+            logger.info("recovered %d WAL record(s); applied_lsn=%d", replayed, self.store.applied_lsn)
+
+    def serve_forever(self) -> None:
+        assert self._server is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(sig, self._on_signal, sig)
+        runner = gevent.spawn(self._server.run)
+        self._stopped.wait()
+        runner.kill()
+        self._shutdown()
+
+    def _on_signal(self, sig: int) -> None:
+        logger.info("received %s; shutting down", signal.Signals(sig).name)
+        self._stopped.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        self.pipeline.close()
+        if self._server is not None:
+            self._server.close()
+        self._close_storage()
+        logger.info("node %s stopped", self.config.node_id)
+
+    def _close_storage(self) -> None:
+        try:
+            if self.config.durable:
+                self.log.compact(self.store.checkpoint())
+        finally:
+            self.log.close()
+            self.store.close()
+
+
+def serve(config: NodeConfig) -> None:
+    """Run a node until SIGTERM/SIGINT."""
+    node = Node(config)
+    node.open()
+    node.serve_forever()

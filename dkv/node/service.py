@@ -1,0 +1,133 @@
+"""Request handling of one node: validate ops, serve reads, hand writes to the pipeline.
+
+Transport-free: :mod:`dkv.node.server` exposes these methods over zerorpc.
+Every op is validated before anything is queued, so bad input changes nothing
+(G6); one bad op in a batch fails alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+from dkv import __version__, protocol
+from dkv.errors import DKVError, InvalidArgument
+from dkv.keys import as_bytes
+from dkv.node.config import NodeConfig
+from dkv.node.pipeline import WriteOp, WritePipeline
+from dkv.slots import ALL_SLOTS
+from dkv.storage import Store
+from dkv.wal.record import Op
+
+logger = logging.getLogger(__name__)
+
+#: Most ops one batch call may carry.
+MAX_BATCH_OPS = 10_000
+#: Most keys one scan page returns.
+MAX_SCAN_PAGE = 10_000
+
+
+class NodeService:
+    def __init__(self, config: NodeConfig, store: Store, log: Any, pipeline: WritePipeline) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.store = store
+        self.log = log
+        self.pipeline = pipeline
+        self.started = time.time()
+
+    # -- key/value ops -------------------------------------------------------
+
+    def batch(self, ops: Any) -> list[list[Any]]:
+        if not isinstance(ops, (list, tuple)):
+            raise InvalidArgument("batch takes a list of ops")
+        if len(ops) > MAX_BATCH_OPS:
+            raise InvalidArgument(f"a batch carries at most {MAX_BATCH_OPS} ops, got {len(ops)}")
+        replies: list[list[Any] | None] = [None] * len(ops)
+        writes: list[WriteOp] = []
+        write_at: list[int] = []
+        for i, op in enumerate(ops):
+            try:
+                name, key, value = self._parse(op)
+                if name == protocol.GET:
+                    replies[i] = protocol.ok(self.store.get(key, None))
+                elif name == protocol.EXISTS:
+                    replies[i] = protocol.ok(self.store.exists(key))
+                else:
+                    writes.append((Op.PUT if name == protocol.SET else Op.DELETE, key, value))
+                    write_at.append(i)
+            except DKVError as e:
+                replies[i] = protocol.err(e)
+        if writes:
+            try:
+                results = self.pipeline.submit(writes)
+                for i, r in zip(write_at, results):
+                    replies[i] = protocol.ok(r)
+            except DKVError as e:
+                for i in write_at:
+                    replies[i] = protocol.err(e)
+        return replies  # type: ignore[return-value]
+
+    def _parse(self, op: Any) -> tuple[str, bytes, bytes]:
+        if not isinstance(op, (list, tuple)) or not op:
+            raise InvalidArgument("an op is a non-empty list [name, key, ...]")
+        name, args = op[0], op[1:]
+        arity = {protocol.GET: (1, 2), protocol.EXISTS: (1, 1), protocol.SET: (2, 2), protocol.DEL: (1, 1)}
+        if name not in arity:
+            raise InvalidArgument(f"unknown op {name!r}")
+        lo, hi = arity[name]
+        if not lo <= len(args) <= hi:
+            raise InvalidArgument(f"{name} takes {lo}..{hi} arguments, got {len(args)}")
+        key = self.limits.key(args[0])
+        if name == protocol.SET:
+            return name, key, self.limits.value(args[1])
+        if name == protocol.GET and len(args) == 2 and args[1] not in protocol.CONSISTENCY_LEVELS:
+            raise InvalidArgument(f"consistency must be one of {', '.join(protocol.CONSISTENCY_LEVELS)}")
+        return name, key, b""
+
+    def scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000) -> list[list[bytes]]:
+        """One page of ``(key, value)`` pairs in key order, keys >= ``start``."""
+        prefix_b = as_bytes(prefix, "prefix")
+        start_b = None if start is None else as_bytes(start, "start")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_SCAN_PAGE:
+            raise InvalidArgument(f"scan limit must be an integer in 1..{MAX_SCAN_PAGE}")
+        page = self.store.scan(prefix=prefix_b, start=start_b, limit=limit)
+        return [[k, v] for k, v in page]
+
+    # -- introspection ---------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "node_id": self.config.node_id,
+            "addr": self.config.addr,
+            "mode": "standalone",
+            "version": __version__,
+            "engine": self.config.engine,
+            "durable": self.config.durable,
+            "data_dir": self.config.data_dir if self.config.durable else None,
+            "epoch": self.pipeline.epoch,
+            "applied_lsn": self.store.applied_lsn,
+            "wal": self.log.stats,
+            "queued_writes": self.pipeline.queued,
+            "group_commits": self.pipeline.batches,
+            "records_written": self.pipeline.records,
+            "uptime_s": round(time.time() - self.started, 1),
+            "limits": {"max_key_bytes": self.limits.max_key_bytes,
+                       "max_value_bytes": self.limits.max_value_bytes},
+        }
+
+    def cluster_info(self) -> dict[str, Any]:
+        """The shard/node map; a standalone node is one shard owning every slot."""
+        shard = "shard-0"
+        return {
+            "mode": "standalone",
+            "shards": [{"id": shard, "epoch": self.pipeline.epoch, "writer": self.config.node_id,
+                        "replicas": [], "slots": [ALL_SLOTS.to_list()]}],
+            "nodes": [{"id": self.config.node_id, "addr": self.config.addr, "role": "writer",
+                       "shard": shard, "status": "up"}],
+        }
+
+    # -- single-key conveniences (for zerorpc users; the client uses batch) ---
+
+    def one(self, op: Sequence[Any]) -> Any:
+        return protocol.unwrap(self.batch([list(op)])[0])

@@ -1,0 +1,115 @@
+"""Encode and decode WAL records to and from their on-disk byte format.
+
+Every record is framed as (all integers little-endian)::
+
+    u32 body_len | u32 crc32(body) | body
+
+    body = u64 epoch | u64 lsn | u8 op | u32 key_len | key | u32 value_len | value
+
+``crc32`` is :func:`zlib.crc32` over the body bytes. ``body_len`` is at least
+:data:`MIN_BODY_BYTES` (a record with an empty key and value) and at most
+:data:`MAX_BODY_BYTES`; anything outside that range is treated as garbage.
+
+Decoding never raises on bad input: :func:`decode_from` answers ``None`` for
+anything that is not one complete, valid record, and :func:`iter_records` stops
+at the first such spot, so a caller finds a torn or corrupt tail by comparing
+the last end offset with the buffer length. :func:`find_lsn` locates a record
+in a known-good buffer by walking frame headers only.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from types import MappingProxyType
+from typing import Iterable, Iterator
+
+from dkv.wal.record import Op, Record
+
+_HEADER = struct.Struct("<II")  # body_len, crc32(body)
+_BODY_HEAD = struct.Struct("<QQBI")  # epoch, lsn, op, key_len
+_U32 = struct.Struct("<I")  # value_len
+_LSN = struct.Struct("<Q")
+_LSN_OFFSET = _HEADER.size + 8  # of the lsn in a frame: past the header and the epoch
+_OPS = MappingProxyType({int(op): op for op in Op})  # a dict lookup is ~10x faster than Op(code)
+
+#: Size of a body with an empty key and an empty value.
+MIN_BODY_BYTES = _BODY_HEAD.size + _U32.size
+#: Largest body accepted; a larger ``body_len`` is taken for garbage.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+def encode(rec: Record) -> bytes:
+    """The framed bytes of one record.
+
+    Raises ValueError if ``rec.op`` is not an :class:`Op` or the body would
+    exceed :data:`MAX_BODY_BYTES` (it could never be decoded again).
+    """
+    body_len = MIN_BODY_BYTES + len(rec.key) + len(rec.value)
+    if body_len > MAX_BODY_BYTES:
+        raise ValueError(f"record lsn {rec.lsn} is {body_len} bytes; the limit is {MAX_BODY_BYTES}")
+    body = b"".join((_BODY_HEAD.pack(rec.epoch, rec.lsn, Op(rec.op), len(rec.key)), rec.key,
+                     _U32.pack(len(rec.value)), rec.value))
+    return _HEADER.pack(body_len, zlib.crc32(body)) + body
+
+
+def encode_many(records: Iterable[Record]) -> bytes:
+    """The framed bytes of several records, back to back, as one bytes object."""
+    return b"".join(encode(rec) for rec in records)
+
+
+def decode_from(buf: bytes | memoryview, offset: int) -> tuple[Record, int] | None:
+    """The record framed at ``offset`` and the offset just past it.
+
+    ``None`` if ``buf[offset:]`` does not start with one complete, valid record
+    (short header or body, implausible length, CRC mismatch, unknown op, or
+    inner lengths that disagree with ``body_len``).
+    """
+    view = memoryview(buf)
+    body_start = offset + _HEADER.size
+    if offset < 0 or body_start > len(view):
+        return None
+    body_len, crc = _HEADER.unpack_from(view, offset)
+    end = body_start + body_len
+    if not MIN_BODY_BYTES <= body_len <= MAX_BODY_BYTES or end > len(view):
+        return None
+    if zlib.crc32(view[body_start:end]) != crc:
+        return None
+    epoch, lsn, op_code, key_len = _BODY_HEAD.unpack_from(view, body_start)
+    key_start = body_start + _BODY_HEAD.size
+    key_end = key_start + key_len
+    if key_end + _U32.size > end:
+        return None
+    value_start = key_end + _U32.size
+    if value_start + _U32.unpack_from(view, key_end)[0] != end:
+        return None
+    op = _OPS.get(op_code)
+    if op is None:
+        return None
+    return Record(epoch, lsn, op, bytes(view[key_start:key_end]), bytes(view[value_start:end])), end
+
+
+def iter_records(buf: bytes | memoryview, offset: int = 0) -> Iterator[tuple[Record, int, int]]:
+    """Yield ``(record, start_offset, end_offset)`` from ``offset`` (default: the start) of ``buf``.
+
+    Stops silently at the first spot that is not a valid record; the last
+    ``end_offset`` (``offset`` if nothing was yielded) is where the valid run ends.
+    """
+    view = memoryview(buf)
+    while (decoded := decode_from(view, offset)) is not None:
+        rec, end = decoded
+        yield rec, offset, end
+        offset = end
+
+
+def find_lsn(buf: bytes | memoryview, lsn: int) -> int:
+    """The offset of the first record in ``buf`` whose LSN is >= ``lsn`` (``len(buf)`` if none).
+
+    Walks the frame headers only, without checking CRCs or building records,
+    so ``buf`` must be a run of valid records (e.g. a recovered log segment).
+    """
+    offset = 0
+    while offset + _LSN_OFFSET + _LSN.size <= len(buf):
+        if _LSN.unpack_from(buf, offset + _LSN_OFFSET)[0] >= lsn:
+            return offset
+        offset += _HEADER.size + _HEADER.unpack_from(buf, offset)[0]
+    return len(buf)

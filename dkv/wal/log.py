@@ -1,0 +1,318 @@
+"""The durable write-ahead log: segmented, append-only record files in one directory.
+
+Layout: ``wal-{first_lsn:020d}.log`` files, each holding contiguous records
+(see :mod:`dkv.wal.codec`) starting at ``first_lsn``; LSNs continue from one
+segment to the next. Only the last (active) segment is appended to. An empty
+active segment is named by the next LSN to append, which is how an empty log
+remembers its base LSN durably (see :meth:`WriteAheadLog.reset_to`).
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from dkv.errors import CorruptLog, StorageClosed
+from dkv.wal.codec import encode_many, find_lsn, iter_records
+from dkv.wal.record import Record
+
+logger = logging.getLogger(__name__)
+
+_SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
+
+
+class WriteAheadLog:
+    """A segmented write-ahead log with group commit and crash recovery.
+
+    Opening runs recovery: segments are scanned in order; a torn or corrupt
+    tail of the last segment is cut off (with a warning), while damage in an
+    earlier segment raises :class:`~dkv.errors.CorruptLog`.
+
+    Not thread-safe: the node calls it from gevent's threadpool one call at a
+    time. :meth:`read_from` reads files lazily as it is iterated, so iterate it
+    within the same call (e.g. ``list(log.read_from(...))``), before any other
+    method runs.
+
+    An OSError from a call that changes the log closes it (later calls raise
+    StorageClosed): the on-disk state is then unknown, and reopening recovers.
+
+    With ``fsync=False`` no call syncs anything (tests, benchmarks): a crash of
+    the machine may then lose or tear any recent write.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], segment_bytes: int = 64 * 1024 * 1024,
+                 fsync: bool = True) -> None:
+        if segment_bytes < 1:
+            raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
+        self._dir = Path(directory)
+        self._segment_bytes = segment_bytes
+        self._fsync = fsync
+        self._segments: list[int] = []  # first_lsn of each segment, ascending
+        self._fd: int | None = None  # the active (last) segment, O_APPEND
+        self._active_bytes = 0
+        self._last_lsn = 0
+        self._last_epoch = 0
+        self._appends = 0
+        self._fsyncs = 0
+        self._closed = False
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._recover()
+        logger.info("opened WAL %s: %d segment(s), lsn %d..%d",
+                    self._dir, len(self._segments), self.first_lsn, self._last_lsn)
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def first_lsn(self) -> int:
+        """The lowest LSN in the log; 0 if the log holds no record."""
+        if self._segments and self._last_lsn >= self._segments[0]:
+            return self._segments[0]
+        return 0
+
+    @property
+    def last_lsn(self) -> int:
+        """The highest LSN in the log; for an empty log its base (0 unless set by reset_to)."""
+        return self._last_lsn
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch of the last record; 0 if the log holds no record."""
+        return self._last_epoch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Segment count, total bytes, append calls, data syncs (one per append) and LSN range."""
+        return {"segments": len(self._segments),
+                "bytes": sum(self._path(first).stat().st_size for first in self._segments),
+                "appends": self._appends, "fsyncs": self._fsyncs,
+                "first_lsn": self.first_lsn, "last_lsn": self._last_lsn}
+
+    # -- operations --------------------------------------------------------
+
+    def append(self, records: Sequence[Record]) -> None:
+        """Durably append a batch: one write and one fdatasync (group commit).
+
+        ``records[0].lsn`` must be ``last_lsn + 1`` (any LSN >= 1 for a new,
+        empty log) and the rest must follow one by one; otherwise ValueError
+        and nothing is written. A batch never spans two segments.
+
+        If it raises OSError the batch may or may not be durable.
+        """
+        self._check_open()
+        if not records:
+            return
+        expected = self._last_lsn + 1 if self._segments else max(records[0].lsn, 1)
+        for i, rec in enumerate(records):
+            if rec.lsn != expected + i:
+                raise ValueError(f"non-contiguous append: got lsn {rec.lsn}, expected {expected + i}")
+        data = encode_many(records)
+        with self._close_on_error(f"append at lsn {expected}"):
+            if not self._segments:
+                self._new_segment(expected)
+            elif self._active_bytes >= self._segment_bytes:
+                self._roll()
+            assert self._fd is not None
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if self._fsync:
+                os.fdatasync(self._fd)
+                self._fsyncs += 1
+        self._active_bytes += len(data)
+        self._last_lsn = records[-1].lsn
+        self._last_epoch = records[-1].epoch
+        self._appends += 1
+
+    def read_from(self, lsn: int, limit: int | None = None) -> Iterator[Record]:
+        """Records with ``record.lsn >= lsn`` in order, at most ``limit`` of them.
+
+        Raises ValueError if ``lsn`` is below the lowest LSN the log retains
+        (it was compacted away or reset past: the caller needs a snapshot).
+        Reading past ``last_lsn`` yields nothing.
+        """
+        self._check_open()
+        if self._segments and lsn < self._segments[0]:
+            raise ValueError(f"lsn {lsn} is no longer in the log; it starts at {self._segments[0]}")
+        if lsn > self._last_lsn:
+            return iter(())
+        start = bisect.bisect_right(self._segments, lsn) - 1
+        return itertools.islice(self._records_from(lsn, self._segments[start:]), limit)
+
+    def truncate_after(self, lsn: int) -> int:
+        """Durably remove every record with an LSN above ``lsn``; return how many.
+
+        A no-op (0) if ``lsn >= last_lsn``. The next append must be ``lsn + 1``.
+        Raises ValueError if ``lsn`` is below ``first_lsn - 1`` (those records
+        are compacted; use :meth:`reset_to`).
+        """
+        self._check_open()
+        if not self._segments or lsn >= self._last_lsn:
+            return 0
+        if lsn < self._segments[0] - 1:
+            raise ValueError(f"cannot truncate to lsn {lsn}: the log starts at {self._segments[0]}")
+        keep = max(bisect.bisect_right(self._segments, lsn) - 1, 0)
+        with self._close_on_error(f"truncate after lsn {lsn}"):
+            self._close_fd()
+            self._delete(self._segments[keep + 1:][::-1])  # newest first: a crash leaves a prefix
+            del self._segments[keep + 1:]
+            cut, epoch = 0, 0
+            for rec, _, end in iter_records(self._path(self._segments[keep]).read_bytes()):
+                if rec.lsn > lsn:
+                    break
+                cut, epoch = end, rec.epoch
+            self._open(self._segments[-1])
+            self._cut(cut)
+        removed = self._last_lsn - lsn
+        self._last_lsn = lsn
+        self._last_epoch = epoch
+        logger.info("WAL truncated after lsn %d: %d record(s) removed", lsn, removed)
+        return removed
+
+    def compact(self, checkpoint_lsn: int) -> int:
+        """Delete the segments whose records all have LSN <= ``checkpoint_lsn``; return how many.
+
+        The active (last) segment is never deleted.
+        """
+        self._check_open()
+        n = 0
+        while n + 1 < len(self._segments) and self._segments[n + 1] <= checkpoint_lsn + 1:
+            n += 1
+        if n:
+            with self._close_on_error(f"compact to lsn {checkpoint_lsn}"):
+                self._delete(self._segments[:n])  # oldest first: a crash leaves a suffix
+            del self._segments[:n]
+            logger.info("WAL compacted to checkpoint lsn %d: %d segment(s) deleted", checkpoint_lsn, n)
+        return n
+
+    def reset_to(self, lsn: int) -> None:
+        """Durably drop the whole log so that the next append must be ``lsn + 1``.
+
+        Used after installing a snapshot at ``lsn``. A crash during the call
+        leaves a prefix of the old log (or none); the caller redoes the reset.
+        """
+        self._check_open()
+        if lsn < 0:
+            raise ValueError(f"lsn must be >= 0, got {lsn}")
+        with self._close_on_error(f"reset to lsn {lsn}"):
+            self._close_fd()
+            self._delete(self._segments[::-1])
+            self._segments = []
+            self._new_segment(lsn + 1)
+        self._last_lsn = lsn
+        self._last_epoch = 0
+        logger.info("WAL reset: next lsn is %d", lsn + 1)
+
+    def close(self) -> None:
+        """Close the log; idempotent. Later calls other than properties raise StorageClosed."""
+        if not self._closed:
+            self._closed = True
+            self._close_fd()
+
+    # -- internals ---------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Load the segment list and cut a damaged tail of the last segment."""
+        self._segments = sorted(int(m.group(1)) for p in self._dir.iterdir()
+                                if (m := _SEGMENT_NAME.fullmatch(p.name)))
+        expected = 1  # the next LSN: where the following segment must start
+        for i, first in enumerate(self._segments):
+            path = self._path(first)
+            if i and first != expected:
+                raise CorruptLog(f"WAL segment {path} starts at lsn {first} but the previous "
+                                 f"segment ends at lsn {expected - 1}",
+                                 path=str(path), offset=0, last_good_lsn=expected - 1)
+            data = path.read_bytes()
+            expected, good_end = first, 0
+            for rec, _, end in iter_records(data):
+                if rec.lsn != expected:
+                    break
+                expected, good_end, self._last_epoch = expected + 1, end, rec.epoch
+            is_last = i == len(self._segments) - 1
+            if good_end != len(data) and not is_last:
+                raise CorruptLog(f"WAL segment {path} is damaged at offset {good_end} (last good "
+                                 f"lsn {expected - 1}) and later segments follow it",
+                                 path=str(path), offset=good_end, last_good_lsn=expected - 1)
+            if is_last:
+                self._open(first)
+                self._active_bytes = good_end
+                if good_end != len(data):
+                    self._cut(good_end)
+                    logger.warning("WAL segment %s: dropped %d damaged byte(s) at offset %d; "
+                                   "the log now ends at lsn %d",
+                                   path, len(data) - good_end, good_end, expected - 1)
+        self._last_lsn = expected - 1
+
+    @contextmanager
+    def _close_on_error(self, what: str) -> Iterator[None]:
+        """Close the log if the body raises OSError: its state is then unknown; reopening recovers."""
+        try:
+            yield
+        except OSError:
+            logger.exception("WAL %s failed; closing the log", what)
+            self.close()
+            raise
+
+    def _records_from(self, lsn: int, segments: list[int]) -> Iterator[Record]:
+        for first in segments:
+            data = self._path(first).read_bytes()
+            for rec, _, _ in iter_records(data, find_lsn(data, lsn)):
+                yield rec
+
+    def _path(self, first_lsn: int) -> Path:
+        return self._dir / f"wal-{first_lsn:020d}.log"
+
+    def _open(self, first_lsn: int) -> None:
+        """Open (creating if needed) segment ``first_lsn`` as the active one."""
+        self._fd = os.open(self._path(first_lsn), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _new_segment(self, first_lsn: int) -> None:
+        self._open(first_lsn)
+        self._segments.append(first_lsn)
+        self._active_bytes = 0
+        self._sync_dir()
+
+    def _roll(self) -> None:
+        assert self._fd is not None
+        if self._fsync:
+            os.fsync(self._fd)
+        self._close_fd()
+        self._new_segment(self._last_lsn + 1)
+        logger.debug("WAL rolled over to segment %d", self._last_lsn + 1)
+
+    def _cut(self, size: int) -> None:
+        """Truncate the active segment to ``size`` bytes, durably."""
+        assert self._fd is not None
+        os.ftruncate(self._fd, size)
+        if self._fsync:
+            os.fsync(self._fd)
+        self._active_bytes = size
+
+    def _delete(self, firsts: list[int]) -> None:
+        for first in firsts:
+            self._path(first).unlink()
+        if firsts:
+            self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        if not self._fsync:
+            return
+        fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosed("the write-ahead log is closed")
+

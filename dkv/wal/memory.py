@@ -1,0 +1,82 @@
+"""An in-memory log with the :class:`~dkv.wal.log.WriteAheadLog` interface.
+
+Used by diskless mode (``--engine memory``): nothing touches the disk, so a
+restart loses everything; a cluster relies on its replicas instead. Only the
+newest ``retain`` records are kept (older ones are compacted away, as a disk
+WAL's old segments are), so memory stays bounded.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from dkv.errors import StorageClosed
+from dkv.wal.record import Record
+
+
+class MemoryLog:
+    def __init__(self, retain: int = 100_000) -> None:
+        self._retain = retain
+        self._records: list[Record] = []
+        self._base = 0  # lsn of the record before the first retained one
+        self._closed = False
+        self._appends = 0
+
+    @property
+    def first_lsn(self) -> int:
+        return self._records[0].lsn if self._records else 0
+
+    @property
+    def last_lsn(self) -> int:
+        return self._records[-1].lsn if self._records else self._base
+
+    @property
+    def last_epoch(self) -> int:
+        return self._records[-1].epoch if self._records else 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"segments": 0, "bytes": 0, "appends": self._appends, "fsyncs": 0,
+                "first_lsn": self.first_lsn, "last_lsn": self.last_lsn}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosed("log is closed")
+
+    def append(self, records: Sequence[Record]) -> None:
+        self._check_open()
+        expect = self.last_lsn + 1
+        for i, rec in enumerate(records):
+            if rec.lsn != expect + i:
+                raise ValueError(f"non-contiguous append: got lsn {rec.lsn}, expected {expect + i}")
+        self._records.extend(records)
+        self._appends += 1
+        if len(self._records) > 2 * self._retain:  # trim in chunks: amortised O(1)
+            del self._records[: len(self._records) - self._retain]
+
+    def read_from(self, lsn: int, limit: int | None = None) -> Iterator[Record]:
+        self._check_open()
+        if self._records and lsn < self.first_lsn:
+            raise ValueError(f"lsn {lsn} was compacted; the log starts at {self.first_lsn}")
+        start = max(0, lsn - self.first_lsn) if self._records else 0
+        end = None if limit is None else start + limit
+        return iter(self._records[start:end])
+
+    def truncate_after(self, lsn: int) -> int:
+        self._check_open()
+        keep = [r for r in self._records if r.lsn <= lsn]
+        removed = len(self._records) - len(keep)
+        self._records = keep
+        return removed
+
+    def compact(self, checkpoint_lsn: int) -> int:
+        # The memory engine's applied state is not durable, so there is no
+        # durable checkpoint to compact below: keep everything.
+        return 0
+
+    def reset_to(self, lsn: int) -> None:
+        self._check_open()
+        self._records = []
+        self._base = lsn
+
+    def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,67 @@
+"""Shared fixtures: real node processes and a real ZooKeeper (see tests/support)."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.support import zookeeper
+from tests.support.procs import NodeProcess
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start real ``dkv serve`` processes; all are stopped after the test."""
+    nodes: list[NodeProcess] = []
+
+    def make(*extra: str, name: str = "n1", start: bool = True, **kw: object) -> NodeProcess:
+        n = NodeProcess(tmp_path / name / "data", None, *extra, node_id=name, **kw)  # type: ignore[arg-type]
+        nodes.append(n)
+        return n.start() if start else n
+
+    yield make
+    for n in nodes:
+        if n.running:
+            try:
+                n.stop()
+            except Exception:
+                n.kill()
+
+
+@pytest.fixture
+def node(node_factory: Callable[..., NodeProcess]) -> NodeProcess:
+    """One standalone node on LevelDB."""
+    return node_factory()
+
+
+@pytest.fixture(scope="session")
+def zk_server() -> Iterator[zookeeper.ZooKeeper]:
+    try:
+        server = zookeeper.provide()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield server
+    server.stop()
+
+
+def _chroot(hosts: str) -> Iterator[str]:
+    from kazoo.client import KazooClient
+
+    root = f"/dkv-test-{uuid.uuid4().hex[:12]}"
+    zk = KazooClient(hosts)
+    zk.start(timeout=30)
+    zk.ensure_path(root)
+    try:
+        yield hosts + root
+    finally:
+        zk.delete(root, recursive=True)
+        zk.stop()
+        zk.close()
+
+
+@pytest.fixture
+def zk(zk_server: zookeeper.ZooKeeper) -> Iterator[str]:
+    """A connection string with a fresh chroot for this test."""
+    yield from _chroot(zk_server.hosts)

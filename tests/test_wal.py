@@ -1,0 +1,466 @@
+"""Tests of the write-ahead log: the record codec, and WriteAheadLog's appends, recovery and maintenance."""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from dkv.errors import CorruptLog, StorageClosed
+from dkv.wal import Op, Record, WriteAheadLog
+from dkv.wal.codec import MAX_BODY_BYTES, decode_from, encode, encode_many, find_lsn, iter_records
+
+
+def recs(start: int, n: int, epoch: int = 1, tag: bytes = b"v") -> list[Record]:
+    return [Record(epoch, lsn, Op.PUT, b"key-%d" % lsn, tag + b"-%d" % lsn) for lsn in range(start, start + n)]
+
+
+def segments(d: Path) -> list[Path]:
+    return sorted(d.glob("wal-*.log"))
+
+
+def seg_name(first_lsn: int) -> str:
+    return f"wal-{first_lsn:020d}.log"
+
+
+def frame(body: bytes) -> bytes:
+    """A frame with a correct length and CRC around an arbitrary body."""
+    return struct.pack("<II", len(body), zlib.crc32(body)) + body
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def read_all(wal: WriteAheadLog) -> list[Record]:
+    return list(wal.read_from(wal.first_lsn)) if wal.first_lsn else []
+
+
+# -- codec -------------------------------------------------------------------
+
+@pytest.mark.parametrize("rec", [
+    Record(3, 7, Op.PUT, b"k", b"value"),
+    Record(0, 1, Op.DELETE, b"gone"),
+    Record(1, 2, Op.PUT, b"k", b""),
+    Record(2**64 - 1, 2**64 - 1, Op.PUT, b"", b""),
+    Record(9, 10, Op.PUT, b"big", os.urandom(1024 * 1024)),
+], ids=["put", "delete", "empty-value", "max-ints-empty-key", "1MiB-value"])
+def test_codec_roundtrip(rec: Record) -> None:
+    data = encode(rec)
+    assert decode_from(data, 0) == (rec, len(data))
+    assert decode_from(b"xx" + data, 2) == (rec, len(data) + 2)
+
+
+def test_encode_many_and_iter_records_give_offsets() -> None:
+    batch = recs(1, 3)
+    data = encode_many(batch)
+    assert data == b"".join(encode(r) for r in batch)
+    out = list(iter_records(data))
+    assert [r for r, _, _ in out] == batch
+    assert out[0][1] == 0 and out[-1][2] == len(data)
+    assert all(out[i][2] == out[i + 1][1] for i in range(len(out) - 1))
+
+
+def test_encode_rejects_oversized_record_and_unknown_op() -> None:
+    with pytest.raises(ValueError):
+        encode(Record(1, 1, Op.PUT, b"k", bytes(MAX_BODY_BYTES)))
+    with pytest.raises(ValueError):
+        encode(Record(1, 1, 7, b"k"))  # type: ignore[arg-type]
+
+
+def test_decode_from_returns_none_on_garbage_without_raising() -> None:
+    good = encode(Record(1, 1, Op.PUT, b"key", b"value"))
+    body = good[8:]
+    bad = {
+        "empty": b"",
+        "short-header": good[:7],
+        "short-body": good[:-1],
+        "crc-mismatch": good[:-1] + bytes([good[-1] ^ 0xFF]),
+        "len-too-small": frame(body[:20]),
+        "len-too-big": struct.pack("<II", MAX_BODY_BYTES + 1, 0) + body,
+        "unknown-op": frame(body[:16] + b"\x09" + body[17:]),
+        "key-len-overflows": frame(body[:17] + struct.pack("<I", 999) + body[21:]),
+        "value-len-short": frame(body[:-len(b"value") - 4] + struct.pack("<I", 4) + b"value"),
+        "zeros": bytes(64),
+    }
+    for name, data in bad.items():
+        assert decode_from(data, 0) is None, name
+    assert decode_from(good, len(good)) is None
+    assert decode_from(good, -1) is None
+    for cut in range(len(good)):
+        assert decode_from(good[:cut], 0) is None
+
+
+def test_iter_records_stops_at_first_invalid_record() -> None:
+    data = encode_many(recs(1, 3))
+    out = list(iter_records(data + b"\x00garbage" + encode_many(recs(4, 2))))
+    assert [r.lsn for r, _, _ in out] == [1, 2, 3]
+    assert out[-1][2] == len(data)
+
+
+def test_find_lsn_gives_offset_to_resume_iter_records() -> None:
+    batch = recs(10, 5)
+    data = encode_many(batch)
+    for i, rec in enumerate(batch):
+        offset = find_lsn(data, rec.lsn)
+        assert offset == len(encode_many(batch[:i]))
+        assert [r for r, _, _ in iter_records(data, offset)] == batch[i:]
+    assert find_lsn(data, 1) == 0
+    assert find_lsn(data, 15) == len(data)
+    assert find_lsn(b"", 1) == 0
+
+
+# -- append, reopen ----------------------------------------------------------
+
+def test_fresh_log_is_empty_and_first_append_may_start_anywhere(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path / "wal")
+    assert (wal.first_lsn, wal.last_lsn, wal.last_epoch) == (0, 0, 0)
+    assert list(wal.read_from(1)) == []
+    wal.append(recs(50, 3, epoch=4))
+    assert (wal.first_lsn, wal.last_lsn, wal.last_epoch) == (50, 52, 4)
+    assert [p.name for p in segments(tmp_path / "wal")] == [seg_name(50)]
+    wal.close()
+
+
+def test_append_then_reopen_returns_all_records(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    batches = [recs(1, 1), recs(2, 10, epoch=2), [Record(2, 12, Op.DELETE, b"key-3")]]
+    for batch in batches:
+        wal.append(batch)
+    wal.close()
+    wal = WriteAheadLog(tmp_path)
+    assert read_all(wal) == [r for b in batches for r in b]
+    assert (wal.first_lsn, wal.last_lsn, wal.last_epoch) == (1, 12, 2)
+    wal.append(recs(13, 1))
+    assert wal.last_lsn == 13
+    wal.close()
+
+
+def test_append_rejects_non_contiguous_lsns_and_writes_nothing(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    with pytest.raises(ValueError):
+        wal.append(recs(0, 2))  # lsn 0 is "no record"
+    wal.append(recs(1, 3))
+    size = segments(tmp_path)[0].stat().st_size
+    bad_batches = [recs(5, 2), recs(3, 2), recs(4, 2) + recs(7, 1), [recs(4, 1)[0]] * 2]
+    for batch in bad_batches:
+        with pytest.raises(ValueError):
+            wal.append(batch)
+    assert wal.last_lsn == 3
+    assert wal.stats["appends"] == 1
+    assert segments(tmp_path)[0].stat().st_size == size
+    wal.close()
+    wal = WriteAheadLog(tmp_path)
+    assert read_all(wal) == recs(1, 3)
+    wal.close()
+
+
+# -- recovery ----------------------------------------------------------------
+
+def test_torn_tail_at_every_offset_of_last_record_is_cut(tmp_path: Path) -> None:
+    originals = recs(1, 5)
+    wal = WriteAheadLog(tmp_path)
+    wal.append(originals)
+    wal.close()
+    seg = segments(tmp_path)[0]
+    data = seg.read_bytes()
+    last_start = len(data) - len(encode(originals[-1]))
+    replacement = Record(2, 5, Op.PUT, b"key-5", b"after-recovery")
+    for cut in range(last_start, len(data)):
+        seg.write_bytes(data[:cut])
+        wal = WriteAheadLog(tmp_path)
+        assert wal.last_lsn == 4, cut
+        assert read_all(wal) == originals[:4], cut
+        assert seg.stat().st_size == last_start, cut
+        wal.append([replacement])
+        wal.close()
+        wal = WriteAheadLog(tmp_path)
+        assert read_all(wal) == originals[:4] + [replacement], cut
+        assert wal.last_epoch == 2
+        wal.close()
+
+
+def test_bit_flip_in_last_record_value_drops_that_record(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 5))
+    wal.close()
+    seg = segments(tmp_path)[0]
+    flip(seg, seg.stat().st_size - 1)  # last byte of the last record's value
+    wal = WriteAheadLog(tmp_path)
+    assert wal.last_lsn == 4
+    assert read_all(wal) == recs(1, 4)
+    wal.close()
+
+
+def test_bit_flip_in_middle_record_of_last_segment_truncates_from_there(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 10))
+    wal.close()
+    seg = segments(tmp_path)[0]
+    size = seg.stat().st_size
+    fifth = len(encode_many(recs(1, 4)))
+    flip(seg, fifth + 20)
+    with caplog.at_level(logging.WARNING, logger="dkv.wal.log"):
+        wal = WriteAheadLog(tmp_path)
+    assert wal.last_lsn == 4
+    assert read_all(wal) == recs(1, 4)
+    assert seg.stat().st_size == fifth
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"dropped {size - fifth} damaged byte(s)" in warning.getMessage()
+    assert "ends at lsn 4" in warning.getMessage()
+    wal.close()
+
+
+def test_garbage_after_valid_records_is_dropped(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 3))
+    wal.close()
+    seg = segments(tmp_path)[0]
+    size = seg.stat().st_size
+    with seg.open("ab") as f:
+        f.write(b"\xff" * 5 + os.urandom(300))
+    wal = WriteAheadLog(tmp_path)
+    assert wal.last_lsn == 3
+    assert seg.stat().st_size == size
+    wal.append(recs(4, 1))
+    wal.close()
+    assert read_all(WriteAheadLog(tmp_path)) == recs(1, 4)
+
+
+def test_lsn_discontinuity_in_last_segment_is_cut(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 3))
+    wal.close()
+    seg = segments(tmp_path)[0]
+    size = seg.stat().st_size
+    with seg.open("ab") as f:
+        f.write(encode(recs(9, 1)[0]))  # valid frame, wrong lsn
+    wal = WriteAheadLog(tmp_path)
+    assert wal.last_lsn == 3
+    assert seg.stat().st_size == size
+    wal.close()
+
+
+def test_corruption_in_non_last_segment_raises_corrupt_log(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 30, 2):
+        wal.append(recs(lsn, 2))
+    wal.close()
+    assert len(segments(tmp_path)) >= 3
+    flip(segments(tmp_path)[0], 30)
+    with pytest.raises(CorruptLog) as info:
+        WriteAheadLog(tmp_path)
+    assert str(segments(tmp_path)[0]) in str(info.value)
+    assert info.value.data["offset"] == 0 and info.value.data["last_good_lsn"] == 0
+
+
+def test_missing_middle_segment_raises_corrupt_log(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 30, 2):
+        wal.append(recs(lsn, 2))
+    wal.close()
+    segs = segments(tmp_path)
+    segs[1].unlink()
+    with pytest.raises(CorruptLog):
+        WriteAheadLog(tmp_path)
+
+
+# -- truncate_after ----------------------------------------------------------
+
+def test_truncate_after_within_segment_then_append_and_reopen(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 5, epoch=1))
+    wal.append(recs(6, 5, epoch=2))
+    assert wal.truncate_after(3) == 7
+    assert (wal.last_lsn, wal.last_epoch) == (3, 1)
+    with pytest.raises(ValueError):
+        wal.append(recs(11, 1))
+    wal.append(recs(4, 2, epoch=3, tag=b"new"))
+    wal.close()
+    wal = WriteAheadLog(tmp_path)
+    assert read_all(wal) == recs(1, 3) + recs(4, 2, epoch=3, tag=b"new")
+    assert (wal.last_lsn, wal.last_epoch) == (5, 3)
+    wal.close()
+
+
+def test_truncate_after_across_segments_then_append_and_reopen(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 41, 4):
+        wal.append(recs(lsn, 4))
+    before = segments(tmp_path)
+    assert len(before) >= 4
+    second_first = int(before[1].name[4:24])
+    assert wal.truncate_after(second_first + 1) == 40 - (second_first + 1)
+    assert segments(tmp_path) == before[:2]
+    wal.append(recs(second_first + 2, 1, tag=b"new"))
+    wal.close()
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    assert read_all(wal) == recs(1, second_first + 1) + recs(second_first + 2, 1, tag=b"new")
+    wal.close()
+
+
+def test_truncate_after_segment_boundary_and_to_empty(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 41, 4):
+        wal.append(recs(lsn, 4))
+    second_first = int(segments(tmp_path)[1].name[4:24])
+    wal.truncate_after(second_first - 1)  # all of the second segment and later
+    assert wal.last_lsn == second_first - 1
+    assert read_all(wal) == recs(1, second_first - 1)
+    assert wal.truncate_after(0) == second_first - 1
+    assert (wal.first_lsn, wal.last_lsn, wal.last_epoch) == (0, 0, 0)
+    wal.close()
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    assert wal.last_lsn == 0
+    with pytest.raises(ValueError):
+        wal.append(recs(5, 1))
+    wal.append(recs(1, 1))
+    wal.close()
+
+
+def test_truncate_after_is_noop_at_or_past_end_and_rejects_compacted_lsn(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    assert wal.truncate_after(10) == 0
+    wal.append(recs(20, 5))
+    assert wal.truncate_after(24) == 0
+    assert wal.truncate_after(100) == 0
+    assert wal.last_lsn == 24
+    with pytest.raises(ValueError):
+        wal.truncate_after(10)
+    wal.close()
+
+
+# -- segments, read_from, compact --------------------------------------------
+
+def test_segment_rollover_creates_several_files_and_read_from_spans_them(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 61, 3):
+        wal.append(recs(lsn, 3))
+    segs = segments(tmp_path)
+    assert len(segs) >= 4
+    assert wal.stats["segments"] == len(segs)
+    assert wal.stats["bytes"] == sum(p.stat().st_size for p in segs)
+    for seg in segs:  # each file is named by its first record, and no batch is split
+        contents = [r for r, _, _ in iter_records(seg.read_bytes())]
+        assert seg.name == seg_name(contents[0].lsn)
+        assert contents[0].lsn % 3 == 1 and contents[-1].lsn % 3 == 0
+    assert list(wal.read_from(1)) == recs(1, 60)
+    assert list(wal.read_from(31)) == recs(31, 30)
+    assert list(wal.read_from(29, limit=5)) == recs(29, 5)
+    assert list(wal.read_from(61)) == []
+    assert list(wal.read_from(1, limit=0)) == []
+    wal.close()
+
+
+def test_batch_larger_than_a_segment_is_not_split(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    wal.append(recs(1, 2))
+    wal.append(recs(3, 40))
+    wal.append(recs(43, 1))
+    assert [p.name for p in segments(tmp_path)] == [seg_name(1), seg_name(43)]
+    wal.close()
+
+
+def test_compact_deletes_only_fully_covered_segments_never_the_active(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 61, 3):
+        wal.append(recs(lsn, 3))
+    firsts = [int(p.name[4:24]) for p in segments(tmp_path)]
+    assert wal.compact(firsts[1] - 2) == 0  # segment 0's last record is not covered
+    assert wal.compact(firsts[1] - 1) == 1
+    assert wal.first_lsn == firsts[1]
+    assert wal.compact(firsts[2] - 2) == 0  # segment 1 is only partly covered
+    with pytest.raises(ValueError):
+        list(wal.read_from(firsts[1] - 1))
+    assert list(wal.read_from(firsts[1])) == recs(firsts[1], 61 - firsts[1])
+    assert wal.compact(10_000) == len(firsts) - 2
+    assert [p.name for p in segments(tmp_path)] == [seg_name(firsts[-1])]
+    assert wal.last_lsn == 60
+    wal.close()
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    assert (wal.first_lsn, wal.last_lsn) == (firsts[-1], 60)
+    assert read_all(wal) == recs(firsts[-1], 61 - firsts[-1])
+    wal.close()
+
+
+# -- reset_to, stats, close, failures ----------------------------------------
+
+def test_reset_to_then_reopen(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 31, 3):
+        wal.append(recs(lsn, 3))
+    wal.reset_to(100)
+    assert (wal.first_lsn, wal.last_lsn, wal.last_epoch) == (0, 100, 0)
+    assert [p.name for p in segments(tmp_path)] == [seg_name(101)]
+    wal.close()
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    assert (wal.first_lsn, wal.last_lsn) == (0, 100)
+    with pytest.raises(ValueError):
+        list(wal.read_from(50))
+    assert list(wal.read_from(101)) == []
+    with pytest.raises(ValueError):
+        wal.append(recs(31, 1))
+    wal.append(recs(101, 2))
+    wal.close()
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    assert read_all(wal) == recs(101, 2)
+    wal.close()
+
+
+def test_stats_count_one_fsync_per_append_regardless_of_batch_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 1))
+    wal.append(recs(2, 1000))
+    wal.append(recs(1002, 10))
+    stats = wal.stats
+    assert (stats["appends"], stats["fsyncs"]) == (3, 3)
+    assert len(syncs) == 3
+    assert (stats["first_lsn"], stats["last_lsn"], stats["segments"]) == (1, 1011, 1)
+    wal.close()
+    nosync = WriteAheadLog(tmp_path / "nosync", fsync=False)
+    nosync.append(recs(1, 5))
+    assert (nosync.stats["appends"], nosync.stats["fsyncs"]) == (1, 0)
+    nosync.close()
+
+
+def test_close_is_idempotent_and_later_calls_raise_storage_closed(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 2))
+    wal.close()
+    wal.close()
+    for call in (lambda: wal.append(recs(3, 1)), lambda: wal.read_from(1), lambda: wal.truncate_after(1),
+                 lambda: wal.compact(1), lambda: wal.reset_to(5)):
+        with pytest.raises(StorageClosed):
+            call()
+    assert wal.last_lsn == 2
+
+
+def test_failed_write_closes_the_log_and_reopen_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 3))
+    real = os.write
+
+    def torn_write(fd: int, data: bytes) -> int:
+        real(fd, bytes(data)[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", torn_write)
+    with pytest.raises(OSError):
+        wal.append(recs(4, 2))
+    monkeypatch.undo()
+    with pytest.raises(StorageClosed):
+        wal.append(recs(4, 2))
+    wal = WriteAheadLog(tmp_path)
+    assert read_all(wal) == recs(1, 3)
+    wal.append(recs(4, 2))
+    wal.close()
