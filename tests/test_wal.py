@@ -136,9 +136,21 @@ def test_append_then_reopen_returns_all_records(tmp_path: Path) -> None:
     wal = WriteAheadLog(tmp_path)
     assert read_all(wal) == [r for b in batches for r in b]
     assert (wal.first_lsn, wal.last_lsn, wal.last_epoch) == (1, 12, 2)
-    wal.append(recs(13, 1))
+    wal.append(recs(13, 1, epoch=2))
     assert wal.last_lsn == 13
     wal.close()
+
+
+def test_append_rejects_an_epoch_going_backwards_and_writes_nothing(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 2, epoch=3))
+    with pytest.raises(ValueError, match="epoch"):
+        wal.append(recs(3, 1, epoch=2))
+    with pytest.raises(ValueError, match="epoch"):
+        wal.append([Record(4, 3, Op.PUT, b"a"), Record(3, 4, Op.PUT, b"b")])
+    assert wal.last_lsn == 2
+    wal.close()
+    assert WriteAheadLog(tmp_path).last_lsn == 2
 
 
 def test_append_rejects_non_contiguous_lsns_and_writes_nothing(tmp_path: Path) -> None:

@@ -77,9 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _addrs(given: list[str]) -> list[str]:
-    if given:
-        return given
-    return os.environ.get("DKV_ADDR", "127.0.0.1:7000").split(",")
+    """Addresses from the arguments (each may be comma-separated), else DKV_ADDR."""
+    return ",".join(given or [os.environ.get("DKV_ADDR", "127.0.0.1:7000")]).split(",")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -123,7 +123,7 @@ class Client:
     """
 
     def __init__(self, addrs: str | Sequence[str] | None = None, *, timeout: float = 10.0,
-                 max_inflight: int = 4) -> None:
+                 max_inflight: int = 2) -> None:
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
         seeds = _parse_addrs(addrs)

@@ -35,7 +35,7 @@ def _op_size(op: list[Any]) -> int:
 
 
 class Connection:
-    def __init__(self, addr: str, timeout: float, max_inflight: int = 4) -> None:
+    def __init__(self, addr: str, timeout: float, max_inflight: int = 2) -> None:
         self.addr = addr
         self.timeout = timeout
         self.max_inflight = max_inflight

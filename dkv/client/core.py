@@ -33,7 +33,7 @@ BACKOFF_MAX = 0.5
 
 
 class ClientCore:
-    def __init__(self, seeds: list[str], timeout: float, max_inflight: int = 4) -> None:
+    def __init__(self, seeds: list[str], timeout: float, max_inflight: int = 2) -> None:
         self.seeds = seeds
         self.timeout = timeout
         self.max_inflight = max_inflight

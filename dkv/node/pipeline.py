@@ -37,7 +37,7 @@ class Log(Protocol):
     """What the pipeline needs of a log (WriteAheadLog or MemoryLog)."""
 
     last_lsn: int
-    stats: dict[str, int]
+    segment_count: int
 
     def append(self, records: Sequence[Record]) -> None: ...
     def compact(self, checkpoint_lsn: int) -> int: ...
@@ -162,7 +162,7 @@ class WritePipeline:
         self.records += len(records)
         for p, res in zip(batch, results):
             p.done.set(res)
-        if self._log.stats["segments"] > 1:
+        if self._log.segment_count > 1:
             self._checkpoint()
 
     def _persist(self, records: list[Record]) -> None:

@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 
 from dkv.errors import CorruptLog, StorageClosed
 from dkv.wal.codec import encode_many, find_lsn, iter_records
-from dkv.wal.record import Record
+from dkv.wal.epochs import EpochIndex
+from dkv.wal.record import Record, check_continues
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class WriteAheadLog:
         self._appends = 0
         self._fsyncs = 0
         self._closed = False
+        #: epoch boundaries of the retained records (for replication)
+        self.epochs = EpochIndex()
         self._dir.mkdir(parents=True, exist_ok=True)
         self._recover()
         logger.info("opened WAL %s: %d segment(s), lsn %d..%d",
@@ -85,6 +88,10 @@ class WriteAheadLog:
         return self._last_epoch
 
     @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
     def stats(self) -> dict[str, int]:
         """Segment count, total bytes, append calls, data syncs (one per append) and LSN range."""
         return {"segments": len(self._segments),
@@ -107,9 +114,7 @@ class WriteAheadLog:
         if not records:
             return
         expected = self._last_lsn + 1 if self._segments else max(records[0].lsn, 1)
-        for i, rec in enumerate(records):
-            if rec.lsn != expected + i:
-                raise ValueError(f"non-contiguous append: got lsn {rec.lsn}, expected {expected + i}")
+        check_continues(records, expected, self._last_epoch)
         data = encode_many(records)
         with self._close_on_error(f"append at lsn {expected}"):
             if not self._segments:
@@ -124,6 +129,7 @@ class WriteAheadLog:
                 os.fdatasync(self._fd)
                 self._fsyncs += 1
         self._active_bytes += len(data)
+        self.epochs.note_all(records)
         self._last_lsn = records[-1].lsn
         self._last_epoch = records[-1].epoch
         self._appends += 1
@@ -168,6 +174,7 @@ class WriteAheadLog:
             self._open(self._segments[-1])
             self._cut(cut)
         removed = self._last_lsn - lsn
+        self.epochs.truncate_after(lsn)
         self._last_lsn = lsn
         self._last_epoch = epoch
         logger.info("WAL truncated after lsn %d: %d record(s) removed", lsn, removed)
@@ -203,6 +210,7 @@ class WriteAheadLog:
             self._delete(self._segments[::-1])
             self._segments = []
             self._new_segment(lsn + 1)
+        self.epochs.reset()
         self._last_lsn = lsn
         self._last_epoch = 0
         logger.info("WAL reset: next lsn is %d", lsn + 1)
@@ -229,8 +237,9 @@ class WriteAheadLog:
             data = path.read_bytes()
             expected, good_end = first, 0
             for rec, _, end in iter_records(data):
-                if rec.lsn != expected:
+                if rec.lsn != expected or rec.epoch < self._last_epoch:
                     break
+                self.epochs.note(rec.epoch, rec.lsn)
                 expected, good_end, self._last_epoch = expected + 1, end, rec.epoch
             is_last = i == len(self._segments) - 1
             if good_end != len(data) and not is_last:

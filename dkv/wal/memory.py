@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from dkv.errors import StorageClosed
-from dkv.wal.record import Record
+from dkv.wal.epochs import EpochIndex
+from dkv.wal.record import Record, check_continues
 
 
 class MemoryLog:
@@ -20,6 +21,7 @@ class MemoryLog:
         self._base = 0  # lsn of the record before the first retained one
         self._closed = False
         self._appends = 0
+        self.epochs = EpochIndex()
 
     @property
     def first_lsn(self) -> int:
@@ -34,6 +36,10 @@ class MemoryLog:
         return self._records[-1].epoch if self._records else 0
 
     @property
+    def segment_count(self) -> int:
+        return 0
+
+    @property
     def stats(self) -> dict[str, int]:
         return {"segments": 0, "bytes": 0, "appends": self._appends, "fsyncs": 0,
                 "first_lsn": self.first_lsn, "last_lsn": self.last_lsn}
@@ -44,11 +50,9 @@ class MemoryLog:
 
     def append(self, records: Sequence[Record]) -> None:
         self._check_open()
-        expect = self.last_lsn + 1
-        for i, rec in enumerate(records):
-            if rec.lsn != expect + i:
-                raise ValueError(f"non-contiguous append: got lsn {rec.lsn}, expected {expect + i}")
+        check_continues(records, self.last_lsn + 1, self.last_epoch)
         self._records.extend(records)
+        self.epochs.note_all(records)
         self._appends += 1
         if len(self._records) > 2 * self._retain:  # trim in chunks: amortised O(1)
             del self._records[: len(self._records) - self._retain]
@@ -66,6 +70,7 @@ class MemoryLog:
         keep = [r for r in self._records if r.lsn <= lsn]
         removed = len(self._records) - len(keep)
         self._records = keep
+        self.epochs.truncate_after(lsn)
         return removed
 
     def compact(self, checkpoint_lsn: int) -> int:
@@ -77,6 +82,7 @@ class MemoryLog:
         self._check_open()
         self._records = []
         self._base = lsn
+        self.epochs.reset()
 
     def close(self) -> None:
         self._closed = True

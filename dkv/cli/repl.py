@@ -1,0 +1,334 @@
+"""``dkv cli``: turn typed command lines into client calls and print their results.
+
+:func:`execute` runs one command line against a :class:`~dkv.client.Client`
+and returns ``(ok, text)``; it never raises for bad input or a failed
+request, so every caller (the prompt loop, the stdin loop, tests) shares it.
+:func:`run_cli` picks the front end: an interactive prompt_toolkit session when
+stdin is a terminal, else one command per stdin line with plain output.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from dkv.slots import slot_of
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import History
+
+    from dkv.client import Client
+
+#: ``(ok, text)``: whether the command succeeded, and what to print (may be empty).
+Result = tuple[bool, str]
+#: Where a front end sends each command's result.
+Emit = Callable[[bool, str], None]
+
+EXIT_WORDS = frozenset({"exit", "quit"})
+DEFAULT_SCAN_LIMIT = 100
+HISTORY_ENV = "DKV_HISTORY"
+DEFAULT_HISTORY = "~/.dkv_history"
+
+
+class UsageError(Exception):
+    """The arguments do not fit the command's usage line."""
+
+
+class CommandError(Exception):
+    """A command refused its input; the message is shown as ``(error) MESSAGE``."""
+
+
+def unknown_command(name: str) -> str:
+    return f"unknown command '{name}'; type 'help'"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: str  # usage after the name, e.g. "KEY VALUE"
+    summary: str
+    min_args: int
+    max_args: int | None  # None: no upper bound
+    run: Callable[["Client", list[str]], str] | None  # None: handled by the front end
+
+    @property
+    def usage(self) -> str:
+        return f"{self.name} {self.args}".rstrip()
+
+
+# -- formatting ------------------------------------------------------------------
+
+
+def format_value(value: bytes) -> str:
+    """``value`` as UTF-8 text when it is valid UTF-8, else as a bytes literal."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(value)
+
+
+def _nil_or(value: bytes | None) -> str:
+    return "(nil)" if value is None else format_value(value)
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bytes):
+        return format_value(value)
+    return str(value)
+
+
+def format_mapping(data: Mapping[str, Any], indent: int = 0) -> str:
+    """Aligned ``key: value`` lines; nested mappings indented below their key."""
+    width = max((len(str(k)) for k in data), default=0) + 1
+    pad = " " * indent
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            lines.append(f"{pad}{key}:")
+            if value:
+                lines.append(format_mapping(value, indent + 2))
+        else:
+            lines.append(f"{pad}{f'{key}:':<{width}} {_scalar(value)}")
+    return "\n".join(lines)
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A plain text table with left-aligned, space-separated columns."""
+    table = [list(headers), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def _slots(ranges: Iterable[Sequence[int]]) -> str:
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges]
+    return ",".join(parts) or "-"
+
+
+def format_cluster(cluster: Mapping[str, Any]) -> str:
+    """The shard and node tables of a ``cluster_info()`` answer."""
+    shards = format_table(
+        ["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"],
+        [[str(s.get("id")), str(s.get("epoch")), _scalar(s.get("writer")),
+          ",".join(map(str, s.get("replicas") or [])) or "-", _slots(s.get("slots") or [])]
+         for s in cluster.get("shards", [])])
+    nodes = format_table(
+        ["NODE", "ADDR", "ROLE", "SHARD", "STATUS"],
+        [[str(n.get("id")), str(n.get("addr")), _scalar(n.get("role")), _scalar(n.get("shard")),
+          _scalar(n.get("status"))]
+         for n in cluster.get("nodes", [])])
+    return f"{shards}\n\n{nodes}"
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+def _enc(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+def _get(client: "Client", args: list[str]) -> str:
+    return _nil_or(client.get(_enc(args[0])))
+
+
+def _set(client: "Client", args: list[str]) -> str:
+    client.set(_enc(args[0]), _enc(args[1]))
+    return "OK"
+
+
+def _del(client: "Client", args: list[str]) -> str:
+    deleted = sum(1 for key in args if client.delete(_enc(key)))
+    return f"(integer) {deleted}"
+
+
+def _exists(client: "Client", args: list[str]) -> str:
+    return f"(integer) {int(client.exists(_enc(args[0])))}"
+
+
+def _mget(client: "Client", args: list[str]) -> str:
+    values = client.mget([_enc(k) for k in args])
+    return "\n".join(f"{i}) {_nil_or(v)}" for i, v in enumerate(values, 1))
+
+
+def _mset(client: "Client", args: list[str]) -> str:
+    if len(args) % 2:
+        raise UsageError
+    client.mset({_enc(k): _enc(v) for k, v in zip(args[::2], args[1::2])})
+    return "OK"
+
+
+def _scan(client: "Client", args: list[str]) -> str:
+    prefix = _enc(args[0]) if args else b""
+    try:
+        limit = int(args[1]) if len(args) > 1 else DEFAULT_SCAN_LIMIT
+    except ValueError:
+        raise UsageError from None
+    lines = [f"{format_value(k)} {format_value(v)}" for k, v in client.scan(prefix, limit=limit)]
+    n = len(lines)
+    lines.append(f"({n} key{'' if n == 1 else 's'})")
+    return "\n".join(lines)
+
+
+def _slot(client: "Client", args: list[str]) -> str:
+    return f"(integer) {slot_of(_enc(args[0]))}"
+
+
+def _info(client: "Client", args: list[str]) -> str:
+    return f"{format_mapping(client.info())}\n\n{format_cluster(client.cluster_info())}"
+
+
+def _help(client: "Client", args: list[str]) -> str:
+    if args:
+        cmd = COMMANDS.get(args[0].lower())
+        if cmd is None:
+            raise CommandError(unknown_command(args[0]))
+        return f"usage: {cmd.usage}\n  {cmd.summary}"
+    width = max(len(c.usage) for c in COMMANDS.values())
+    return "\n".join(f"{c.usage:<{width}}  {c.summary}" for c in COMMANDS.values())
+
+
+COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
+    Command("get", "KEY", "the value of KEY, or (nil)", 1, 1, _get),
+    Command("set", "KEY VALUE", "set KEY to VALUE", 2, 2, _set),
+    Command("del", "KEY [KEY ...]", "delete keys; prints how many existed", 1, None, _del),
+    Command("exists", "KEY", "1 if KEY exists, else 0", 1, 1, _exists),
+    Command("mget", "KEY [KEY ...]", "the values of many keys", 1, None, _mget),
+    Command("mset", "KEY VALUE [KEY VALUE ...]", "set many keys", 2, None, _mset),
+    Command("scan", "[PREFIX] [LIMIT]", f"keys with PREFIX in key order (LIMIT default {DEFAULT_SCAN_LIMIT})",
+            0, 2, _scan),
+    Command("slot", "KEY", "the slot (0..1023) that owns KEY", 1, 1, _slot),
+    Command("info", "", "the node's status and the cluster's shards and nodes", 0, 0, _info),
+    Command("help", "[COMMAND]", "list the commands, or show one command's usage", 0, 1, _help),
+    Command("exit", "", "leave (also: quit, Ctrl-D)", 0, 0, None),
+    Command("quit", "", "leave", 0, 0, None),
+)})
+
+
+def is_exit(line: str) -> bool:
+    """Whether ``line`` is the ``exit``/``quit`` command."""
+    words = line.split()
+    return len(words) == 1 and words[0].lower() in EXIT_WORDS
+
+
+def execute(client: "Client", line: str) -> Result:
+    """Run one command line; ``(ok, text to print)``. Never raises for a failing command."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as e:  # e.g. "No closing quotation"
+        return False, f"(error) {str(e).lower()}"
+    if not argv:
+        return True, ""
+    cmd = COMMANDS.get(argv[0].lower())
+    if cmd is None:
+        return False, f"(error) {unknown_command(argv[0])}"
+    args = argv[1:]
+    if len(args) < cmd.min_args or (cmd.max_args is not None and len(args) > cmd.max_args):
+        return False, f"(error) usage: {cmd.usage}"
+    if cmd.run is None:  # exit/quit: the front end leaves before calling execute
+        return True, ""
+    try:
+        return True, cmd.run(client, args)
+    except UsageError:
+        return False, f"(error) usage: {cmd.usage}"
+    except CommandError as e:
+        return False, f"(error) {e}"
+    except Exception as e:  # a DKVError from the client (or, if ever, a bug): one line, no traceback
+        return False, f"(error) {type(e).__name__}: {e}"
+
+
+# -- front ends ------------------------------------------------------------------------
+
+
+def run_lines(client: "Client", lines: Iterable[str], emit: Emit) -> int:
+    """Run one command per line (blank and ``#`` lines skipped); 0 if all succeeded, else 1."""
+    failed = False
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if is_exit(line):
+            break
+        ok, text = execute(client, line)
+        failed = failed or not ok
+        emit(ok, text)
+    return 1 if failed else 0
+
+
+def _print_plain(ok: bool, text: str) -> None:
+    if text:
+        print(text, flush=True)
+
+
+def history_path() -> Path:
+    return Path(os.path.expanduser(os.environ.get(HISTORY_ENV) or DEFAULT_HISTORY))
+
+
+def open_history(path: Path) -> "History":
+    """A ``FileHistory`` at ``path`` (parent created), or in-memory if it cannot be written."""
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError:
+        return InMemoryHistory()
+    return FileHistory(str(path))
+
+
+def make_session(addr: str, history: "History") -> "PromptSession[str]":
+    """The interactive prompt: ``dkv ADDR> `` with command-name completion."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import NestedCompleter
+
+    names = {name: None for name in COMMANDS}
+    completer = NestedCompleter.from_nested_dict({**names, "help": dict(names)})
+    return PromptSession(f"dkv {addr}> ", history=history, completer=completer,
+                         complete_while_typing=True)
+
+
+def repl_loop(client: "Client", session: "PromptSession[str]", emit: Emit) -> int:
+    """Prompt until exit/quit/Ctrl-D; Ctrl-C clears the line (or abandons a running command)."""
+    while True:
+        try:
+            line = session.prompt()
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            return 0
+        if is_exit(line):
+            return 0
+        try:
+            ok, text = execute(client, line)
+        except KeyboardInterrupt:
+            ok, text = False, "(interrupted)"
+        emit(ok, text)
+
+
+def _print_styled(ok: bool, text: str) -> None:
+    from prompt_toolkit import print_formatted_text
+    from prompt_toolkit.formatted_text import FormattedText
+
+    if text:
+        print_formatted_text(FormattedText([("" if ok else "ansired", text)]))
+
+
+def run_cli(addrs: list[str], timeout: float) -> int:
+    """``dkv cli``: interactive on a terminal, else run commands from stdin."""
+    from dkv.client.client import DEFAULT_ADDR, Client
+
+    client = Client(addrs, timeout=timeout)
+    try:
+        if not sys.stdin.isatty():
+            return run_lines(client, sys.stdin, _print_plain)
+        addr = addrs[0] if addrs else DEFAULT_ADDR
+        print(f"dkv {addr}: type 'help' for commands, 'exit' or Ctrl-D to leave")
+        return repl_loop(client, make_session(addr, open_history(history_path())), _print_styled)
+    finally:
+        client.close()

@@ -1,0 +1,217 @@
+"""``dkv cli`` and ``dkv bench`` against a real node process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from dkv.cli.bench import LoadResult, format_report, percentile
+from dkv.cli.repl import execute, make_session, open_history, repl_loop
+from dkv.client import Client
+from tests.support.procs import NodeProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One standalone node for the whole module, ready when ``Client.info()`` answers."""
+    n = NodeProcess(tmp_path_factory.mktemp("cli") / "data")
+    n.start(wait=False)
+    probe = Client(n.addr, timeout=1)
+
+    def answers() -> bool:
+        if not n.running:
+            raise RuntimeError(f"node exited:\n{n.log()}")
+        try:
+            return bool(probe.info())
+        except Exception:
+            return False
+
+    try:
+        wait_until(answers, 30, "the node to answer info()")
+        yield n
+    finally:
+        probe.close()
+        n.stop()
+
+
+@pytest.fixture(scope="module")
+def client(node: NodeProcess) -> Iterator[Client]:
+    c = Client(node.addr, timeout=5)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def k() -> str:
+    """A key prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+def run(client: Client, line: str) -> str:
+    ok, out = execute(client, line)
+    assert ok, out
+    return out
+
+
+def test_set_get_del_exists(client: Client, k: str) -> None:
+    assert run(client, f"set {k}a 1") == "OK"
+    assert run(client, f"get {k}a") == "1"
+    assert run(client, f"exists {k}a") == "(integer) 1"
+    assert run(client, f"del {k}a {k}missing") == "(integer) 1"
+    assert run(client, f"exists {k}a") == "(integer) 0"
+    assert run(client, f"get {k}a") == "(nil)"
+
+
+def test_get_missing_is_nil(client: Client, k: str) -> None:
+    assert run(client, f"get {k}nope") == "(nil)"
+
+
+def test_quoted_value_with_spaces(client: Client, k: str) -> None:
+    assert run(client, f'set "{k}my key" "hello  world"') == "OK"
+    assert run(client, f"get '{k}my key'") == "hello  world"
+
+
+def test_binary_value_is_shown_as_bytes_repr(client: Client, k: str) -> None:
+    client.set(f"{k}bin", b"\x00\xff")
+    assert run(client, f"get {k}bin") == r"b'\x00\xff'"
+
+
+def test_mset_mget(client: Client, k: str) -> None:
+    assert run(client, f"mset {k}x 1 {k}y 2") == "OK"
+    assert run(client, f"mget {k}x {k}nope {k}y") == "1) 1\n2) (nil)\n3) 2"
+
+
+def test_mset_odd_count_is_usage_error(client: Client, k: str) -> None:
+    assert execute(client, f"mset {k}x 1 {k}y") == (False, "(error) usage: mset KEY VALUE [KEY VALUE ...]")
+
+
+def test_scan(client: Client, k: str) -> None:
+    run(client, f"mset {k}b 2 {k}a 1 {k}c 3")
+    assert run(client, f"scan {k}") == f"{k}a 1\n{k}b 2\n{k}c 3\n(3 keys)"
+    assert run(client, f"scan {k} 2") == f"{k}a 1\n{k}b 2\n(2 keys)"
+    assert run(client, f"scan {k}zz") == "(0 keys)"
+    assert execute(client, f"scan {k} many") == (False, "(error) usage: scan [PREFIX] [LIMIT]")
+
+
+def test_slot(client: Client) -> None:
+    assert run(client, "slot 123456789") == "(integer) 294"
+
+
+def test_info(client: Client, node: NodeProcess) -> None:
+    out = run(client, "info")
+    lines = out.splitlines()
+    assert any(line.split() == ["addr:", node.addr] for line in lines)
+    assert any(line.startswith("  max_key_bytes:") for line in lines)  # nested, indented
+    assert any(line.split()[:5] == ["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"] for line in lines)
+    assert any(line.split()[-1:] == ["0-1023"] for line in lines)
+    assert any(line.split()[:5] == ["NODE", "ADDR", "ROLE", "SHARD", "STATUS"] for line in lines)
+    assert any(node.addr in line and line.split()[-1] == "up" for line in lines)
+
+
+def test_help(client: Client) -> None:
+    out = run(client, "help")
+    assert "set KEY VALUE" in out and "scan [PREFIX] [LIMIT]" in out
+    assert run(client, "help get").startswith("usage: get KEY")
+
+
+def test_unknown_command(client: Client) -> None:
+    assert execute(client, "foo bar") == (False, "(error) unknown command 'foo'; type 'help'")
+
+
+def test_wrong_arity(client: Client) -> None:
+    assert execute(client, "set onlykey") == (False, "(error) usage: set KEY VALUE")
+    assert execute(client, "get") == (False, "(error) usage: get KEY")
+
+
+def test_unbalanced_quote_is_an_error_line(client: Client) -> None:
+    ok, out = execute(client, 'set a "b')
+    assert not ok and out.startswith("(error) ") and "\n" not in out
+
+
+def test_oversized_key_is_invalid_argument_and_node_keeps_serving(client: Client, k: str) -> None:
+    ok, out = execute(client, f"set {'k' * 2000} v")
+    assert not ok
+    assert out == "(error) InvalidArgument: key is 2000 bytes; the limit is 1024"
+    assert run(client, f"set {k}after 1") == "OK"
+    assert run(client, f"get {k}after") == "1"
+
+
+def test_stdin_mode_end_to_end(node: NodeProcess, k: str) -> None:
+    script = f"# a comment\n\nset {k}a 1\nget {k}a\nget {k}nope\nfoo\n"
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
+                          input=script, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines() == ["OK", "1", "(nil)", "(error) unknown command 'foo'; type 'help'"]
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_stdin_mode_exit_status_0_when_all_succeed(node: NodeProcess, k: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
+                          input=f"set {k}a 1\nexit\nfoo\n", capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "OK\n")
+
+
+def test_interactive_prompt(client: Client, k: str) -> None:
+    from prompt_toolkit.application import create_app_session
+    from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    results: list[tuple[bool, str]] = []
+    with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
+        # Ctrl-D after "exit" ends the loop even if "exit" were not honoured.
+        inp.send_text(f"set {k}x 1\rget {k}x\rnope\rexit\r\x04")
+        session = make_session("127.0.0.1:7000", InMemoryHistory())
+        status = repl_loop(client, session, lambda ok, text: results.append((ok, text)))
+    assert status == 0
+    assert results == [(True, "OK"), (True, "1"), (False, "(error) unknown command 'nope'; type 'help'")]
+
+
+def test_history_falls_back_to_memory_when_unwritable(tmp_path: Path) -> None:
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert isinstance(open_history(blocker / "sub" / "history"), InMemoryHistory)
+    assert isinstance(open_history(tmp_path / "new" / "history"), FileHistory)
+    assert (tmp_path / "new" / "history").exists()
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(i) for i in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 50) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_format_report_lists_params_latencies_and_errors() -> None:
+    from collections import Counter
+
+    result = LoadResult(ops=4, elapsed=2.0, latencies=[0.001, 0.002, 0.003],
+                        errors=Counter({"WriteTimeout": 1}))
+    report = format_report([("target", "x")], result)
+    assert report.splitlines()[0].split() == ["target:", "x"]
+    assert "throughput:  2 ops/s" in report
+    assert "latency p99: 3.000 ms" in report
+    assert "errors:      1 (WriteTimeout 1)" in report
+
+
+def test_bench_smoke(node: NodeProcess) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--clients", "4",
+                           "--ops", "400", "--keys", "1000", "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("throughput:") and line.endswith("ops/s") for line in lines)
+    assert any(line.startswith("latency p99:") and line.endswith("ms") for line in lines)
+    assert any(line.split() == ["errors:", "0"] for line in lines)
+    assert "Traceback" not in proc.stdout + proc.stderr
