@@ -34,3 +34,18 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+.PHONY: zk-up zk-down cluster
+
+## zk-up: a ZooKeeper on 127.0.0.1:2181 (Docker Compose if an engine answers, else Debian's package; data in .dkv-zk/)
+zk-up:
+	scripts/zk.sh up
+
+## zk-down: stop the ZooKeeper that zk-up started
+zk-down:
+	scripts/zk.sh down
+
+## cluster: a local cluster (2 shards x 3 nodes, ports 7101-7106) in the foreground; Ctrl-C stops it.
+##          ARGS="--fresh --shards 3" to change (see examples/cluster/README.md)
+cluster: install zk-up
+	$(PY) examples/cluster/run.py $(ARGS)

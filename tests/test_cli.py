@@ -1,6 +1,7 @@
 """``dkv cli`` and ``dkv bench`` against a real node process."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -8,11 +9,15 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from kazoo.client import KazooClient
 
 from dkv.cli.bench import LoadResult, format_report, percentile
-from dkv.cli.repl import execute, make_session, open_history, repl_loop
+from dkv.cli.repl import execute, format_nodes, format_shards, make_session, open_history, repl_loop
 from dkv.client import Client
+from dkv.cluster import layout
+from dkv.cluster.layout import Shard, SlotRanges
 from tests.support.procs import NodeProcess, wait_until
+from tests.test_client_zk import ALL, kz, publish  # noqa: F401 (kz: a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -108,10 +113,82 @@ def test_info(client: Client, node: NodeProcess) -> None:
     lines = out.splitlines()
     assert any(line.split() == ["addr:", node.addr] for line in lines)
     assert any(line.startswith("  max_key_bytes:") for line in lines)  # nested, indented
-    assert any(line.split()[:5] == ["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"] for line in lines)
-    assert any(line.split()[-1:] == ["0-1023"] for line in lines)
-    assert any(line.split()[:5] == ["NODE", "ADDR", "ROLE", "SHARD", "STATUS"] for line in lines)
-    assert any(node.addr in line and line.split()[-1] == "up" for line in lines)
+    assert lines[-2].split() == ["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"]
+    assert lines[-1].split() == ["shard-0", "1", node.node_id, "-", "0-1023"]
+
+
+def test_nodes(client: Client, node: NodeProcess) -> None:
+    assert [line.split() for line in run(client, "nodes").splitlines()] == [
+        ["ID", "ADDR", "ROLE", "SHARD", "STATUS"], [node.node_id, node.addr, "writer", "shard-0", "up"]]
+
+
+def example_cluster() -> dict[str, object]:
+    return layout.cluster_info(
+        [Shard("shard-1", 4, "w1", ["r1", "r2"]), Shard("shard-2", 2, "w2", ["r3"]),
+         Shard("shard-10", 1, "gone", ["r4"]), Shard("shard-3", 1, None, [])],
+        SlotRanges([(0, 511, "shard-1"), (700, 703, "shard-1"), (705, 705, "shard-1"), (512, 699, "shard-2"),
+                    (704, 704, "shard-10"), (706, 1023, "shard-10")]),
+        {"w1": "h:1", "r1": "h:2", "r2": "h:3", "w2": "h:4", "r3": "h:5"}, 9)
+
+
+def test_format_shards_lag_down_and_slot_ranges() -> None:
+    # w1 knows r1's lag but not yet r2's; w2 did not answer; "gone" and r4 are not registered.
+    infos = {"w1": {"replication": {"replicas": {"r1": {"lag": 3}, "r2": {"lag": None}}}}, "w2": None}
+    assert format_shards(example_cluster(), infos).splitlines() == [
+        "SHARD     EPOCH  WRITER       REPLICAS                SLOTS",
+        "shard-1   4      w1           r1 (lag 3), r2 (lag ?)  0-511, 700-703, 705",
+        "shard-2   2      w2 (down)    r3 (lag ?)              512-699",
+        "shard-3   1      -            -                       -",
+        "shard-10  1      gone (down)  r4 (down)               704, 706-1023",
+    ]
+
+
+def test_format_nodes() -> None:
+    assert format_nodes(example_cluster()).splitlines() == [
+        "ID    ADDR  ROLE     SHARD     STATUS",
+        "gone  -     writer   shard-10  down",
+        "r1    h:2   replica  shard-1   up",
+        "r2    h:3   replica  shard-1   up",
+        "r3    h:5   replica  shard-2   up",
+        "r4    -     replica  shard-10  down",
+        "w1    h:1   writer   shard-1   up",
+        "w2    h:4   writer   shard-2   up",
+    ]
+
+
+@pytest.mark.zk
+def test_info_and_nodes_through_zookeeper(zk: str, kz: KazooClient, node: NodeProcess, k: str) -> None:
+    # A fake-but-real map: the standalone node is shard-1's writer and also answers as replica r1.
+    publish(kz, {"w": node.addr, "r1": node.addr}, [Shard("shard-1", 5, "w", ["r1", "r2"])], ALL)
+    with Client(zk=zk, timeout=5) as zc:
+        assert run(zc, f"set {k}z 1") == "OK"
+        assert run(zc, f"get {k}z") == "1"
+        assert [line.split() for line in run(zc, "info").splitlines()] == [  # cluster mode: no node info
+            ["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"],
+            ["shard-1", "5", "w", "r1", "(lag", "?),", "r2", "(down)", "0-1023"]]  # no lag in a standalone's info
+        assert [line.split() for line in run(zc, "nodes").splitlines()] == [
+            ["ID", "ADDR", "ROLE", "SHARD", "STATUS"],
+            ["r1", node.addr, "replica", "shard-1", "up"],
+            ["r2", "-", "replica", "shard-1", "down"],
+            ["w", node.addr, "writer", "shard-1", "up"]]
+
+
+@pytest.mark.zk
+def test_stdin_mode_with_zk_from_env(zk: str, kz: KazooClient, node: NodeProcess, k: str) -> None:
+    publish(kz, {"w": node.addr}, [Shard("shard-1", 1, "w")], ALL)
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli"], env={**os.environ, "DKV_ZK": zk},
+                          input=f"set {k}a 1\nget {k}a\nnodes\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [line.split() for line in proc.stdout.splitlines()] == [
+        ["OK"], ["1"], ["ID", "ADDR", "ROLE", "SHARD", "STATUS"], ["w", node.addr, "writer", "shard-1", "up"]]
+
+
+def test_cli_with_unreachable_zk_fails_cleanly() -> None:
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", "--zk", "127.0.0.1:1", "--timeout", "1"],
+                          input="get a\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "dkv cli: Unavailable: ZooKeeper at 127.0.0.1:1 did not answer within 1s" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_help(client: Client) -> None:

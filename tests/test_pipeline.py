@@ -8,7 +8,7 @@ import gevent
 import pytest
 
 from dkv.errors import Unavailable, WriteTimeout
-from dkv.node.pipeline import WritePipeline
+from dkv.node.pipeline import LocalWriter, WritePipeline
 from dkv.storage import Store
 from dkv.wal.log import WriteAheadLog
 from dkv.wal.memory import MemoryLog
@@ -26,7 +26,7 @@ def durable(tmp_path: Path) -> Iterator[tuple[WriteAheadLog, Store]]:
 
 def test_concurrent_writes_share_fsyncs(durable: tuple[WriteAheadLog, Store]) -> None:
     log, store = durable
-    pipe = WritePipeline(log, store, epoch=3)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 3))
     jobs = [gevent.spawn(pipe.submit, [(Op.PUT, f"k{i}".encode(), b"v")]) for i in range(500)]
     gevent.joinall(jobs, raise_error=True)
     assert store.applied_lsn == log.last_lsn == 500
@@ -38,7 +38,7 @@ def test_concurrent_writes_share_fsyncs(durable: tuple[WriteAheadLog, Store]) ->
 
 def test_acknowledged_means_durable_and_applied(durable: tuple[WriteAheadLog, Store]) -> None:
     log, store = durable
-    pipe = WritePipeline(log, store, epoch=1)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1))
     assert pipe.submit([(Op.PUT, b"a", b"1"), (Op.PUT, b"b", b"2")]) == [None, None]
     # the moment submit returns, the record is in the log and in storage
     assert [r.key for r in log.read_from(1)] == [b"a", b"b"]
@@ -48,7 +48,7 @@ def test_acknowledged_means_durable_and_applied(durable: tuple[WriteAheadLog, St
 
 def test_delete_reports_existence_within_and_across_batches(durable: tuple[WriteAheadLog, Store]) -> None:
     log, store = durable
-    pipe = WritePipeline(log, store, epoch=1)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1))
     pipe.submit([(Op.PUT, b"x", b"1")])
     assert pipe.submit([(Op.DELETE, b"x", b""), (Op.DELETE, b"x", b""),
                         (Op.PUT, b"y", b"1"), (Op.DELETE, b"y", b"")]) == [True, False, None, True]
@@ -58,7 +58,7 @@ def test_delete_reports_existence_within_and_across_batches(durable: tuple[Write
 
 def test_batches_respect_the_record_cap(durable: tuple[WriteAheadLog, Store]) -> None:
     log, store = durable
-    pipe = WritePipeline(log, store, epoch=1, max_batch_records=10)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1), max_batch_records=10)
     jobs = [gevent.spawn(pipe.submit, [(Op.PUT, f"k{i}".encode(), b"v")] * 4) for i in range(20)]
     gevent.joinall(jobs, raise_error=True)
     assert store.applied_lsn == 80
@@ -68,7 +68,7 @@ def test_batches_respect_the_record_cap(durable: tuple[WriteAheadLog, Store]) ->
 
 def test_a_failed_log_fails_writes_honestly_and_refuses_more(durable: tuple[WriteAheadLog, Store]) -> None:
     log, store = durable
-    pipe = WritePipeline(log, store, epoch=1)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1))
     pipe.submit([(Op.PUT, b"before", b"1")])
     log.close()  # every later append fails, as on a dead disk
     with pytest.raises(WriteTimeout):  # it may have reached the disk: indeterminate
@@ -81,7 +81,7 @@ def test_a_failed_log_fails_writes_honestly_and_refuses_more(durable: tuple[Writ
 
 def test_checkpoint_compacts_old_segments(durable: tuple[WriteAheadLog, Store]) -> None:
     log, store = durable
-    pipe = WritePipeline(log, store, epoch=1)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1))
     for i in range(200):
         pipe.submit([(Op.PUT, f"k{i}".encode(), b"x" * 1000)])
     assert log.stats["segments"] <= 2, "segments below the checkpoint must be deleted"
@@ -92,7 +92,7 @@ def test_checkpoint_compacts_old_segments(durable: tuple[WriteAheadLog, Store]) 
 
 def test_close_finishes_queued_writes_then_refuses(durable: tuple[WriteAheadLog, Store]) -> None:
     log, store = durable
-    pipe = WritePipeline(log, store, epoch=1)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1))
     jobs = [gevent.spawn(pipe.submit, [(Op.PUT, f"k{i}".encode(), b"v")]) for i in range(50)]
     gevent.sleep(0)  # let them queue
     pipe.close()
@@ -104,7 +104,7 @@ def test_close_finishes_queued_writes_then_refuses(durable: tuple[WriteAheadLog,
 
 def test_diskless_pipeline_runs_on_the_hub() -> None:
     store = Store.open("memory", None)
-    pipe = WritePipeline(MemoryLog(), store, epoch=1, offload=False)
+    pipe = WritePipeline(log := MemoryLog(), store, LocalWriter(log, store, 1, offload=False), offload=False)
     gevent.joinall([gevent.spawn(pipe.submit, [(Op.PUT, f"k{i}".encode(), b"v")]) for i in range(100)],
                    raise_error=True)
     assert store.applied_lsn == 100 and store.get(b"k99") == b"v"

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(s, "--node-id", default="", help="node name (default node-PORT)")
     _env_flag(s, "--host", default="127.0.0.1", help="address to listen on")
     _env_flag(s, "--port", type=int, default=7000, help="port to listen on")
+    _env_flag(s, "--advertise", default="", help="HOST:PORT peers and clients use to reach this node "
+                                                 "(default HOST:PORT; needed with --host 0.0.0.0)")
     _env_flag(s, "--data-dir", default="", help="data directory (default dkv-data/NODE_ID)")
     _env_flag(s, "--engine", default="leveldb", choices=["leveldb", "memory"],
               help="storage engine; memory = diskless, nothing survives a restart")
@@ -56,12 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(s, "--max-key-bytes", type=int, default=1024, help="largest key accepted")
     _env_flag(s, "--max-value-bytes", type=int, default=1024 * 1024, help="largest value accepted")
     _env_flag(s, "--wal-segment-bytes", type=int, default=64 * 1024 * 1024, help="WAL segment size")
+    _env_flag(s, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot]: cluster mode "
+                                         "(without it the node is standalone)")
+    _env_flag(s, "--replication-factor", type=int, default=3, help="members per shard (cluster mode)")
+    _env_flag(s, "--write-quorum", type=int, default=2, help="members that must hold a write before "
+                                                             "it is acknowledged, writer included")
+    _env_flag(s, "--session-timeout", type=float, default=10.0, help="ZooKeeper session timeout, seconds")
+    _env_flag(s, "--write-timeout", type=float, default=5.0, help="seconds a write waits for its quorum")
+    _env_flag(s, "--max-replica-lag", type=int, default=1000,
+              help="records a replica may lag and still serve eventual reads")
 
     c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin)",
                        description="Interactive dkv prompt. When stdin is not a terminal, runs one "
                                    "command per line and prints plain results.")
-    c.add_argument("addrs", nargs="*", metavar="ADDR", help="node HOST:PORT (default 127.0.0.1:7000) [env DKV_ADDR]")
+    c.add_argument("addrs", nargs="*", metavar="ADDR",
+                   help="node HOST:PORT (default 127.0.0.1:7000 unless --zk) [env DKV_ADDR]")
     _env_flag(c, "--timeout", type=float, default=5.0, help="seconds per command")
+    _env_flag(c, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot]: take the cluster "
+                                         "map from ZooKeeper (ADDRs then optional)")
 
     b = sub.add_parser("bench", help="measure throughput and latency of a node",
                        description="Benchmark a dkv node with concurrent clients.")
@@ -91,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cli":
             from dkv.cli.repl import run_cli
 
-            return run_cli(_addrs(args.addrs), timeout=args.timeout)
+            addrs = _addrs(args.addrs) if args.addrs or not args.zk else []
+            return run_cli(addrs, timeout=args.timeout, zk=args.zk)
         if args.command == "bench":
             from dkv.cli.bench import run_bench
 
@@ -110,10 +125,14 @@ def _serve(args: argparse.Namespace) -> int:
     from dkv.node.config import NodeConfig
     from dkv.node.server import serve
 
-    config = NodeConfig(node_id=args.node_id, host=args.host, port=args.port, data_dir=args.data_dir,
+    config = NodeConfig(node_id=args.node_id, host=args.host, port=args.port, advertise=args.advertise,
+                        data_dir=args.data_dir,
                         engine=args.engine, log_level=args.log_level,
                         max_key_bytes=args.max_key_bytes, max_value_bytes=args.max_value_bytes,
-                        wal_segment_bytes=args.wal_segment_bytes)
+                        wal_segment_bytes=args.wal_segment_bytes, zk=args.zk,
+                        replication_factor=args.replication_factor, write_quorum=args.write_quorum,
+                        session_timeout=args.session_timeout, write_timeout=args.write_timeout,
+                        max_replica_lag=args.max_replica_lag)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
     serve(config)

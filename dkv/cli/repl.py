@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
+from dkv.errors import DKVError
 from dkv.slots import slot_of
 
 if TYPE_CHECKING:
@@ -106,24 +107,49 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
 
-def _slots(ranges: Iterable[Sequence[int]]) -> str:
-    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges]
-    return ",".join(parts) or "-"
+def format_slots(ranges: Iterable[Sequence[int]]) -> str:
+    """Inclusive slot ranges as ``0-511, 700-703`` (``-`` when there are none)."""
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges) or "-"
 
 
-def format_cluster(cluster: Mapping[str, Any]) -> str:
-    """The shard and node tables of a ``cluster_info()`` answer."""
-    shards = format_table(
-        ["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"],
-        [[str(s.get("id")), str(s.get("epoch")), _scalar(s.get("writer")),
-          ",".join(map(str, s.get("replicas") or [])) or "-", _slots(s.get("slots") or [])]
-         for s in cluster.get("shards", [])])
-    nodes = format_table(
-        ["NODE", "ADDR", "ROLE", "SHARD", "STATUS"],
-        [[str(n.get("id")), str(n.get("addr")), _scalar(n.get("role")), _scalar(n.get("shard")),
-          _scalar(n.get("status"))]
+def _lag(writer_info: Mapping[str, Any] | None, replica_id: str) -> str:
+    try:
+        lag = writer_info["replication"]["replicas"][replica_id]["lag"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return "?"
+    return "?" if lag is None else str(lag)
+
+
+def format_shards(cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """The shard table of a ``cluster_info()`` answer: shard, epoch, writer, replicas with lag, slots.
+
+    ``writer_infos`` maps a writer's id to its ``info()``, or to None when it
+    did not answer (shown ``(down)``, like a member whose status is down).
+    A replica's lag is read from its writer's ``info()["replication"]["replicas"]``;
+    ``?`` when the writer was not asked or does not report it.
+    """
+    down = {n.get("id") for n in cluster.get("nodes", []) if n.get("status") == "down"}
+    down |= {wid for wid, info in writer_infos.items() if info is None}
+
+    def member(nid: str, detail: str) -> str:
+        return f"{nid} (down)" if nid in down else f"{nid}{detail}"
+
+    rows = []
+    for s in cluster.get("shards", []):
+        writer = s.get("writer")
+        info = writer_infos.get(writer) if writer else None
+        replicas = [member(r, f" (lag {_lag(info, r)})") for r in s.get("replicas") or []]
+        rows.append([str(s.get("id")), str(s.get("epoch")), member(writer, "") if writer else "-",
+                     ", ".join(replicas) or "-", format_slots(s.get("slots") or [])])
+    return format_table(["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"], rows)
+
+
+def format_nodes(cluster: Mapping[str, Any]) -> str:
+    """The node table of a ``cluster_info()`` answer: id, addr, role, shard, status."""
+    return format_table(
+        ["ID", "ADDR", "ROLE", "SHARD", "STATUS"],
+        [[_scalar(n.get(f)) for f in ("id", "addr", "role", "shard", "status")]
          for n in cluster.get("nodes", [])])
-    return f"{shards}\n\n{nodes}"
 
 
 # -- commands ----------------------------------------------------------------------
@@ -179,8 +205,31 @@ def _slot(client: "Client", args: list[str]) -> str:
     return f"(integer) {slot_of(_enc(args[0]))}"
 
 
+def _writer_infos(client: "Client", cluster: Mapping[str, Any]) -> dict[str, Mapping[str, Any] | None]:
+    """``info()`` of the writer of every shard with replicas (for their lag); None if it does not answer."""
+    addr_of = {n.get("id"): n.get("addr") for n in cluster.get("nodes", []) if n.get("status") == "up"}
+    infos: dict[str, Mapping[str, Any] | None] = {}
+    for s in cluster.get("shards", []):
+        writer = s.get("writer")
+        if not writer or not s.get("replicas") or writer in infos or not addr_of.get(writer):
+            continue
+        try:
+            infos[writer] = client.info(addr_of[writer])
+        except DKVError:
+            infos[writer] = None
+    return infos
+
+
 def _info(client: "Client", args: list[str]) -> str:
-    return f"{format_mapping(client.info())}\n\n{format_cluster(client.cluster_info())}"
+    cluster = client.cluster_info()
+    shards = format_shards(cluster, _writer_infos(client, cluster))
+    if cluster.get("mode") == "standalone":
+        return f"{format_mapping(client.info())}\n\n{shards}"
+    return shards
+
+
+def _nodes(client: "Client", args: list[str]) -> str:
+    return format_nodes(client.cluster_info())
 
 
 def _help(client: "Client", args: list[str]) -> str:
@@ -203,7 +252,8 @@ COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
     Command("scan", "[PREFIX] [LIMIT]", f"keys with PREFIX in key order (LIMIT default {DEFAULT_SCAN_LIMIT})",
             0, 2, _scan),
     Command("slot", "KEY", "the slot (0..1023) that owns KEY", 1, 1, _slot),
-    Command("info", "", "the node's status and the cluster's shards and nodes", 0, 0, _info),
+    Command("info", "", "the cluster's shards (and the node's status when standalone)", 0, 0, _info),
+    Command("nodes", "", "the cluster's nodes: id, address, role, shard, status", 0, 0, _nodes),
     Command("help", "[COMMAND]", "list the commands, or show one command's usage", 0, 1, _help),
     Command("exit", "", "leave (also: quit, Ctrl-D)", 0, 0, None),
     Command("quit", "", "leave", 0, 0, None),
@@ -283,7 +333,7 @@ def open_history(path: Path) -> "History":
 
 
 def make_session(addr: str, history: "History") -> "PromptSession[str]":
-    """The interactive prompt: ``dkv ADDR> `` with command-name completion."""
+    """The interactive prompt: ``dkv ADDR> `` (ADDR: a node, or ``zk:HOSTS``) with command-name completion."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import NestedCompleter
 
@@ -319,16 +369,19 @@ def _print_styled(ok: bool, text: str) -> None:
         print_formatted_text(FormattedText([("" if ok else "ansired", text)]))
 
 
-def run_cli(addrs: list[str], timeout: float) -> int:
-    """``dkv cli``: interactive on a terminal, else run commands from stdin."""
+def run_cli(addrs: list[str], timeout: float, zk: str = "") -> int:
+    """``dkv cli``: interactive on a terminal, else run commands from stdin.
+
+    With ``zk`` the client takes the cluster map from ZooKeeper (``addrs`` may be empty).
+    """
     from dkv.client.client import DEFAULT_ADDR, Client
 
-    client = Client(addrs, timeout=timeout)
+    client = Client(addrs, zk=zk or None, timeout=timeout)
     try:
         if not sys.stdin.isatty():
             return run_lines(client, sys.stdin, _print_plain)
-        addr = addrs[0] if addrs else DEFAULT_ADDR
-        print(f"dkv {addr}: type 'help' for commands, 'exit' or Ctrl-D to leave")
-        return repl_loop(client, make_session(addr, open_history(history_path())), _print_styled)
+        target = f"zk:{zk}" if zk else (addrs[0] if addrs else DEFAULT_ADDR)
+        print(f"dkv {target}: type 'help' for commands, 'exit' or Ctrl-D to leave")
+        return repl_loop(client, make_session(target, open_history(history_path())), _print_styled)
     finally:
         client.close()

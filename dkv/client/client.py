@@ -8,12 +8,16 @@ into batch RPCs. In a program that has gevent-monkey-patched ``threading``
 (the benchmark, a gevent server) the engine runs inline on the caller's hub
 instead, and concurrent greenlets are coalesced the same way.
 
+With ``zk=`` the client reads the slot map from ZooKeeper and keeps it fresh
+with watches (:mod:`dkv.client.zkmap`), on the same hub.
+
 Thread-safety: one ``Client`` may be shared by every thread of a process; that
 is the intended use (coalescing works across threads). Do not use it after
 ``close()`` or across ``fork()``.
 """
 from __future__ import annotations
 
+import atexit
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -55,23 +59,35 @@ class _ThreadRunner:
         self._jobs: deque[tuple[Job, Future[Any]]] = deque()
         self._ready = threading.Event()
         self._closed = False
+        self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, args=(core_factory,),
                                         name="dkv-client-io", daemon=True)
         self._thread.start()
         self._ready.wait()
+        if self._start_error is not None:  # the engine could not start (e.g. ZooKeeper unreachable)
+            self._closed = True
+            self._thread.join(5)
+            raise self._start_error
+        atexit.register(self.close)  # a client left open still closes its sessions cleanly
 
     def _main(self, core_factory: Callable[[], ClientCore]) -> None:
         hub = gevent.get_hub()
         self._stop = gevent.event.Event()
         self._wakeup = hub.loop.async_()
         self._wakeup.start(self._drain)
-        self._core = core_factory()
-        self._ready.set()
-        self._stop.wait()
-        self._core.close()
-        self._wakeup.stop()
-        self._wakeup.close()
-        hub.destroy(destroy_loop=True)
+        try:
+            self._core = core_factory()
+        except BaseException as e:  # delivered to the constructing thread
+            self._start_error = e
+        else:
+            self._ready.set()
+            self._stop.wait()
+            self._core.close()
+        finally:
+            self._wakeup.stop()
+            self._wakeup.close()
+            self._ready.set()
+            hub.destroy(destroy_loop=True)
 
     def _drain(self) -> None:  # hub callback: keep it short
         while self._jobs:
@@ -96,6 +112,7 @@ class _ThreadRunner:
     def close(self) -> None:
         if self._closed:
             return
+        atexit.unregister(self.close)
         self.run(lambda core: self._stop.set())
         self._closed = True
         self._thread.join(5)
@@ -116,18 +133,27 @@ def _parse_addrs(addrs: str | Sequence[str] | None) -> list[str]:
 
 
 class Client:
-    """A dkv client: ``Client("127.0.0.1:7000")`` or ``Client(["h1:7000", "h2:7000"])``.
+    """A dkv client: ``Client("127.0.0.1:7000")``, ``Client(["h1:7000", "h2:7000"])``,
+    or ``Client(zk="zk1:2181,zk2:2181/my-cluster")``.
+
+    Without ``zk`` the slot map is learned from the nodes ``addrs``. With
+    ``zk`` (``HOST:PORT[,HOST:PORT...][/chroot]``) it is read from ZooKeeper
+    and kept fresh by watches; ``addrs`` are then optional extra nodes to ask
+    for :meth:`info`. Raises ``Unavailable`` if ZooKeeper does not answer
+    within ``timeout``.
 
     Keys and values are ``bytes``, or ``str`` (encoded as UTF-8). ``timeout``
     bounds each call, retries included.
     """
 
-    def __init__(self, addrs: str | Sequence[str] | None = None, *, timeout: float = 10.0,
-                 max_inflight: int = 2) -> None:
+    def __init__(self, addrs: str | Sequence[str] | None = None, *, zk: str | None = None,
+                 timeout: float = 10.0, max_inflight: int = 2) -> None:
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
-        seeds = _parse_addrs(addrs)
-        factory = lambda: ClientCore(seeds, timeout, max_inflight)  # noqa: E731
+        if zk is not None and not zk.strip():
+            raise InvalidArgument("zk must be HOST:PORT[,HOST:PORT...][/chroot]")
+        seeds = _parse_addrs(addrs) if addrs or not zk else []
+        factory = lambda: ClientCore(seeds, timeout, max_inflight, zk=zk)  # noqa: E731
         if gevent.monkey.is_module_patched("threading"):
             self._runner: _InlineRunner | _ThreadRunner = _InlineRunner(factory())
         else:
@@ -139,6 +165,8 @@ class Client:
         self._one([protocol.SET, _key(key), as_bytes(value, "value")])
 
     def get(self, key: bytes | str, consistency: str = "sequential") -> bytes | None:
+        """The value of ``key`` or None. ``consistency="eventual"`` may read from any up member
+        of the key's shard (a replica may lag); ``sequential``/``linearizable`` read the writer."""
         return self._one([protocol.GET, _key(key), consistency])
 
     def exists(self, key: bytes | str) -> bool:
@@ -192,13 +220,14 @@ class Client:
         return slot_of(_key(key))
 
     def cluster_info(self) -> dict[str, Any]:
-        return self._runner.run(lambda core: core.request_any("cluster_info"))
+        """The shard/node map: ZooKeeper's in ``zk`` mode, else any node's."""
+        return self._runner.run(lambda core: core.cluster_info())
 
     def info(self, addr: str | None = None) -> dict[str, Any]:
-        """One node's ``info`` (any node when ``addr`` is None)."""
+        """One node's ``info`` (any node when ``addr`` is None); ``Unavailable`` if it does not answer."""
         if addr is None:
             return self._runner.run(lambda core: core.request_any("info"))
-        return self._runner.run(lambda core: core.conn(addr).request("info"))
+        return self._runner.run(lambda core: core.request(addr, "info"))
 
     def close(self) -> None:
         self._runner.close()

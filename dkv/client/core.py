@@ -1,16 +1,21 @@
 """The client's engine: route ops by slot, send them per node, retry what may be retried.
 
 Runs on one gevent hub (see :mod:`dkv.client.client` for how threads reach
-it). Ops go to the writer of their slot, per the slot map learned from any
-node's ``cluster_info``. Ops refused with ``MOVED`` (map refreshed) or
-``TRYAGAIN``/``UNAVAILABLE`` (backoff) are retried until the deadline; those
-answers are definite, so a retry never applies a write twice. A node that does
-not answer makes a read ``Unavailable`` and a write ``WriteTimeout``
-(indeterminate, G5): a write is never retried after it may have arrived.
+it). Ops go to the writer of their slot, per the slot map read from ZooKeeper
+(:mod:`dkv.client.zkmap`) when the client was given one, else learned from any
+node's ``cluster_info``; an ``eventual`` get goes first to a random up member of
+its shard, and to the writer when retried. Ops refused with ``MOVED`` (map
+refreshed) or ``TRYAGAIN``/``UNAVAILABLE`` (backoff) are retried until the
+deadline; those answers are definite, so a retry never applies a write twice.
+A node that does not answer makes a read ``Unavailable`` and a write
+``WriteTimeout`` (indeterminate, G5): a write is never retried after it may
+have arrived.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import random
 import time
 from collections import defaultdict
 from typing import Any, Iterator
@@ -20,6 +25,7 @@ import gevent
 from dkv import protocol
 from dkv.client.connection import Connection, TransportError
 from dkv.client.routing import SlotMap
+from dkv.client.zkmap import ZkClusterMap
 from dkv.errors import DKVError, Moved, TryAgain, Unavailable, WriteTimeout
 from dkv.slots import slot_of
 
@@ -33,12 +39,17 @@ BACKOFF_MAX = 0.5
 
 
 class ClientCore:
-    def __init__(self, seeds: list[str], timeout: float, max_inflight: int = 2) -> None:
+    """Routing, connections and retries; ``zk`` (``HOST:PORT[/chroot]``) makes ZooKeeper the map source."""
+
+    def __init__(self, seeds: list[str], timeout: float, max_inflight: int = 2, zk: str | None = None) -> None:
         self.seeds = seeds
         self.timeout = timeout
         self.max_inflight = max_inflight
         self._conns: dict[str, Connection] = {}
         self._map: SlotMap | None = None
+        self._map_doc: dict[str, Any] | None = None  # the document _map was built from
+        self._rng = random.Random()
+        self._zkmap = ZkClusterMap(zk, timeout) if zk else None
 
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
@@ -46,23 +57,54 @@ class ClientCore:
             c = self._conns[addr] = Connection(addr, self.timeout, self.max_inflight)
         return c
 
+    def request(self, addr: str, method: str, *args: Any) -> Any:
+        """A plain RPC to one node; a node that does not answer raises ``Unavailable``."""
+        try:
+            return self.conn(addr).request(method, *args)
+        except TransportError as e:
+            raise Unavailable(str(e)) from None
+
     # -- slot map ------------------------------------------------------------
 
+    def cluster_info(self) -> dict[str, Any]:
+        """The cluster map: ZooKeeper's when configured (a copy), else a node's."""
+        if self._zkmap is not None:
+            return copy.deepcopy(self._zkmap.cluster_info())
+        return self.request_any("cluster_info")
+
     def slot_map(self) -> SlotMap:
-        if self._map is None:
+        if self._zkmap is not None:
+            doc = self._zkmap.cluster_info()  # the cached document unless a watch fired
+            if doc is not self._map_doc:
+                self._map, self._map_doc = SlotMap.from_cluster_info(doc), doc
+        elif self._map is None:
             self._map = SlotMap.from_cluster_info(self.request_any("cluster_info"))
+        assert self._map is not None
         return self._map
+
+    def _invalidate_map(self) -> None:
+        """The map may be out of date: relearn it before the next request."""
+        self._map = self._map_doc = None
+        if self._zkmap is not None:
+            self._zkmap.invalidate()
+
+    def _known_nodes(self) -> list[str]:
+        if self._zkmap is not None:
+            try:
+                return list(self.slot_map().nodes)
+            except DKVError:  # ZooKeeper unreachable: the seeds may still answer
+                return []
+        return list(self._map.nodes) if self._map else []
 
     def request_any(self, method: str, *args: Any) -> Any:
         """Ask the first node that answers: known nodes first, then the seeds."""
-        known = list(self._map.nodes) if self._map else []
         tried: list[str] = []
-        for addr in dict.fromkeys(known + self.seeds):
+        for addr in dict.fromkeys(self._known_nodes() + self.seeds):
             try:
                 return self.conn(addr).request(method, *args)
             except TransportError:
                 tried.append(addr)
-        raise Unavailable(f"no node answered ({', '.join(tried)})")
+        raise Unavailable(f"no node answered ({', '.join(tried) or 'no node known'})")
 
     # -- key/value ops ---------------------------------------------------------
 
@@ -72,8 +114,10 @@ class ClientCore:
         replies: list[list[Any] | None] = [None] * len(ops)
         todo = list(range(len(ops)))
         backoff = BACKOFF_START
+        first = True
         while todo:
-            retry = self._round(ops, todo, replies)
+            retry = self._round(ops, todo, replies, spread=first, deadline=deadline)
+            first = False
             if not retry or time.monotonic() + backoff > deadline:
                 break
             gevent.sleep(backoff)
@@ -81,7 +125,15 @@ class ClientCore:
             todo = retry
         return replies  # type: ignore[return-value]
 
-    def _round(self, ops: list[list[Any]], todo: list[int], replies: list[Any]) -> list[int]:
+    def _route(self, smap: SlotMap, op: list[Any], spread: bool) -> str:
+        """The node for ``op``: its slot's writer, or (``spread``) any candidate for an eventual get."""
+        slot = slot_of(op[1])
+        if spread and op[0] == protocol.GET and len(op) > 2:
+            return smap.reader(slot, op[2], self._rng)
+        return smap.writer(slot)
+
+    def _round(self, ops: list[list[Any]], todo: list[int], replies: list[Any], spread: bool,
+               deadline: float) -> list[int]:
         try:
             smap = self.slot_map()
         except DKVError as e:
@@ -89,18 +141,24 @@ class ClientCore:
                 replies[i] = protocol.err(e)
             return []
         by_addr: dict[str, list[int]] = defaultdict(list)
+        retry: list[int] = []
         for i in todo:
-            by_addr[smap.writer(slot_of(ops[i][1]))].append(i)
+            try:
+                by_addr[self._route(smap, ops[i], spread)].append(i)
+            except Unavailable as e:  # the slot has no writer right now (failover): retry
+                replies[i] = protocol.err(e)
+                retry.append(i)
+        if retry:
+            self._invalidate_map()
         # one request per node and chunk, all in parallel
         groups = [(addr, idxs[c:c + CHUNK]) for addr, idxs in by_addr.items()
                   for c in range(0, len(idxs), CHUNK)]
         jobs = [gevent.spawn(self.conn(addr).call, [ops[i] for i in idxs]) for addr, idxs in groups]
-        gevent.joinall(jobs)
-        retry: list[int] = []
+        gevent.joinall(jobs, timeout=max(0.0, deadline - time.monotonic()))
         for (addr, idxs), job in zip(groups, jobs):
             if not job.successful():
-                exc = job.exception
-                self._map = None  # the node may be gone: relearn the map next time
+                exc = job.exception if job.ready() else TransportError(f"no answer within {self.timeout:g}s")
+                self._invalidate_map()  # the node may be gone: relearn the map next time
                 for i in idxs:
                     replies[i] = protocol.err(self._transport_error(ops[i], addr, exc))
                 continue
@@ -108,7 +166,7 @@ class ClientCore:
                 replies[i] = reply
                 if reply[0] == protocol.ERR and reply[1][0] in RETRY_CODES:
                     if reply[1][0] == Moved.code:
-                        self._map = None
+                        self._invalidate_map()
                     retry.append(i)
         return retry
 
@@ -129,7 +187,7 @@ class ClientCore:
         pages: list[list[bytes]] = []
         for job in jobs:
             if not job.successful():
-                self._map = None
+                self._invalidate_map()
                 exc = job.exception
                 raise exc if isinstance(exc, DKVError) else Unavailable(str(exc))
             pages.extend(job.value)
@@ -140,6 +198,8 @@ class ClientCore:
         for c in self._conns.values():
             c.close()
         self._conns.clear()
+        if self._zkmap is not None:
+            self._zkmap.close()
 
 
 def iter_scan(page: Any, prefix: bytes, start: bytes | None, limit: int | None,

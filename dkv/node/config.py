@@ -16,6 +16,8 @@ class NodeConfig:
     node_id: str = ""
     host: str = "127.0.0.1"
     port: int = 7000
+    #: the HOST:PORT peers and clients use to reach this node (default host:port)
+    advertise: str = ""
     data_dir: str = ""
     engine: str = "leveldb"
     log_level: str = "INFO"
@@ -24,6 +26,17 @@ class NodeConfig:
     wal_segment_bytes: int = 64 * 1024 * 1024
     #: most records one group commit takes from the queue
     max_batch_records: int = 8192
+    # -- cluster mode (zk set) --
+    #: ZooKeeper connection string, optionally with a chroot: "h1:2181,h2:2181/my-cluster"
+    zk: str = ""
+    replication_factor: int = 3
+    write_quorum: int = 2
+    #: ZooKeeper session timeout (s): how long a silent node keeps its role
+    session_timeout: float = 10.0
+    #: how long a write waits for its quorum before it is rolled back (s)
+    write_timeout: float = 5.0
+    #: a replica further behind than this many records refuses reads
+    max_replica_lag: int = 1000
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -44,10 +57,22 @@ class NodeConfig:
             raise InvalidArgument("key/value limits must be positive")
         if self.wal_segment_bytes < 4096:
             raise InvalidArgument("--wal-segment-bytes must be at least 4096")
+        if self.replication_factor < 1:
+            raise InvalidArgument(f"--replication-factor must be at least 1, not {self.replication_factor}")
+        if not 1 <= self.write_quorum <= self.replication_factor:
+            raise InvalidArgument(f"--write-quorum must be between 1 and --replication-factor "
+                                  f"({self.replication_factor}), not {self.write_quorum}")
+        if self.session_timeout <= 0 or self.write_timeout <= 0:
+            raise InvalidArgument("--session-timeout and --write-timeout must be positive")
+        if self.cluster and not self.advertise and self.host in ("0.0.0.0", "::", ""):
+            raise InvalidArgument(f"--host {self.host} listens everywhere: give --advertise HOST:PORT, "
+                                  "the address peers and clients should use")
+        if self.max_replica_lag < 0:
+            raise InvalidArgument("--max-replica-lag must be >= 0")
 
     @property
     def addr(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.advertise or f"{self.host}:{self.port}"
 
     @property
     def endpoint(self) -> str:
@@ -56,6 +81,10 @@ class NodeConfig:
     @property
     def limits(self) -> Limits:
         return Limits(self.max_key_bytes, self.max_value_bytes)
+
+    @property
+    def cluster(self) -> bool:
+        return bool(self.zk)
 
     @property
     def durable(self) -> bool:

@@ -9,6 +9,11 @@ timer, so an idle node answers at once and a busy one spreads each fsync over
 many writes. A write is acknowledged only after its record is durable and
 applied (G1).
 
+*How* a batch becomes durable is the :class:`BatchWriter`'s job: standalone,
+:class:`LocalWriter` appends to the local WAL and applies; a shard writer
+plugs in the replicated writer (:mod:`dkv.cluster.leader`), which also waits
+for a quorum of replicas. The pipeline sequences, batches and answers.
+
 Diskless mode (memory log + memory engine) does no I/O, so it runs on the hub:
 the memory engine must not be mutated from another thread while the hub reads
 it.
@@ -23,7 +28,7 @@ from typing import Any, Protocol, Sequence
 import gevent
 import gevent.event
 
-from dkv.errors import DKVError, Unavailable, WriteTimeout
+from dkv.errors import DKVError, Moved, QuorumNotReached, Unavailable, WriteTimeout
 from dkv.storage import Store
 from dkv.wal.record import Op, Record
 
@@ -43,6 +48,44 @@ class Log(Protocol):
     def compact(self, checkpoint_lsn: int) -> int: ...
 
 
+class BatchWriter(Protocol):
+    """Makes a stamped batch durable and applied (or raises a DKVError saying how it failed)."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    def check(self) -> None:
+        """Raise a definite error if a write cannot succeed now (nothing is sequenced then)."""
+
+    def write(self, records: list[Record]) -> None: ...
+
+
+def offloaded(offload: bool, fn: Any, *args: Any) -> Any:
+    """Run ``fn`` in gevent's threadpool (file and bulk LevelDB work) or inline."""
+    return gevent.get_hub().threadpool.apply(fn, args) if offload else fn(*args)
+
+
+class LocalWriter:
+    """Standalone: durable in the local WAL (one write + one fdatasync), then applied."""
+
+    def __init__(self, log: Log, store: Store, epoch: int, offload: bool = True) -> None:
+        self._log, self._store, self._epoch, self._offload = log, store, epoch, offload
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def check(self) -> None:
+        pass
+
+    def write(self, records: list[Record]) -> None:
+        offloaded(self._offload, self._persist, records)
+
+    def _persist(self, records: list[Record]) -> None:
+        self._log.append(records)
+        self._store.apply(records)
+
+
 @dataclass
 class _Pending:
     ops: Sequence[WriteOp]
@@ -50,11 +93,11 @@ class _Pending:
 
 
 class WritePipeline:
-    def __init__(self, log: Log, store: Store, *, epoch: int, max_batch_records: int = 8192,
+    def __init__(self, log: Log, store: Store, writer: BatchWriter, *, max_batch_records: int = 8192,
                  offload: bool = True) -> None:
         self._log = log
         self._store = store
-        self._epoch = epoch
+        self.writer = writer
         self._max = max_batch_records
         self._offload = offload
         self._next_lsn = log.last_lsn + 1
@@ -89,7 +132,7 @@ class WritePipeline:
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        return self.writer.epoch
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking writes, finish those already queued."""
@@ -125,6 +168,7 @@ class WritePipeline:
         results: list[list[Any]] = []
         overlay: dict[bytes, bool] = {}  # key -> exists, within this batch
         lsn = self._next_lsn
+        epoch = self.writer.epoch
         for p in batch:
             res: list[Any] = []
             for op, key, value in p.ops:
@@ -134,18 +178,27 @@ class WritePipeline:
                 else:
                     res.append(None)
                     overlay[key] = True
-                records.append(Record(self._epoch, lsn, op, key, value))
+                records.append(Record(epoch, lsn, op, key, value))
                 lsn += 1
             results.append(res)
         return records, results
 
     def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            self.writer.check()
+        except DKVError as e:  # definite: nothing was sequenced
+            for p in batch:
+                p.done.set_exception(e)
+            return
+        self._next_lsn = self._log.last_lsn + 1  # a failed batch may have been rolled back
         records, results = self._sequence(batch)
         try:
-            if self._offload:
-                gevent.get_hub().threadpool.apply(self._persist, (records,))
-            else:
-                self._persist(records)
+            self.writer.write(records)
+        except (QuorumNotReached, WriteTimeout, Unavailable, Moved) as e:
+            # the replicated writer decided the outcome (definite or not) and cleaned up
+            for p in batch:
+                p.done.set_exception(e)
+            return
         except Exception as exc:
             # An I/O error in append or fsync leaves the log's durable state
             # unknown (a failed fsync may have dropped dirty pages), so the node
@@ -165,17 +218,13 @@ class WritePipeline:
         if self._log.segment_count > 1:
             self._checkpoint()
 
-    def _persist(self, records: list[Record]) -> None:
-        self._log.append(records)
-        self._store.apply(records)
-
     def _checkpoint(self) -> None:
         """Make the applied state durable, then drop WAL segments below it."""
         def work() -> int:
             return self._log.compact(self._store.checkpoint())
 
         try:
-            deleted = gevent.get_hub().threadpool.apply(work) if self._offload else work()
+            deleted = offloaded(self._offload, work)
             if deleted:
                 logger.info("checkpoint at lsn %d: deleted %d WAL segment(s)",
                             self._store.applied_lsn, deleted)

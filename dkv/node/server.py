@@ -15,9 +15,9 @@ import gevent.event
 import zerorpc
 import zmq
 
-from dkv.errors import DKVError, InvalidArgument
+from dkv.errors import DKVError, InvalidArgument, Unavailable
 from dkv.node.config import NodeConfig
-from dkv.node.pipeline import WritePipeline
+from dkv.node.pipeline import LocalWriter, WritePipeline
 from dkv.node.service import NodeService
 from dkv.protocol import unwrap
 from dkv.storage import Store
@@ -82,12 +82,36 @@ class RPC:
     def ping(self) -> str:
         return "pong"
 
+    # -- replication (cluster mode): called by the shard's writer and the controller --
+
+    def _rt(self) -> Any:
+        if self._svc.router is None:
+            raise Unavailable("this node runs standalone (no --zk)")
+        return self._svc.router
+
+    def repl_prepare(self, wire: list[Any]) -> list[Any]:
+        return self._rt().repl_prepare(wire)
+
+    def repl_truncate(self, wire: list[Any]) -> list[Any]:
+        return self._rt().repl_truncate(wire)
+
+    def repl_fence(self, epoch: int) -> list[Any]:
+        return self._rt().repl_fence(epoch)
+
+    def repl_snapshot(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
+                      lsn: int, last_epoch: int) -> list[Any]:
+        return self._rt().repl_snapshot(epoch, first, pairs, done, lsn, last_epoch)
+
+    def repl_release(self, version: int) -> bool:
+        return self._rt().release_slots(int(version))
+
 
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self._stopped = gevent.event.Event()
         self._server: _RPCServer | None = None
+        self.runtime: Any = None
 
     def open(self) -> None:
         """Open (and recover) the log and the store, start the pipeline, bind the socket."""
@@ -96,26 +120,37 @@ class Node:
             os.makedirs(cfg.data_dir, exist_ok=True)
             self.store = Store.open("leveldb", os.path.join(cfg.data_dir, "db"))
             self.log: Any = WriteAheadLog(os.path.join(cfg.data_dir, "wal"), segment_bytes=cfg.wal_segment_bytes)
-            self._recover()
+            self._recover(replay=not cfg.cluster)
         else:
             self.store = Store.open("memory", None)
             self.log = MemoryLog()
         epoch = max(self.log.last_epoch, self.store.applied_epoch, 1)
-        self.pipeline = WritePipeline(self.log, self.store, epoch=epoch,
+        self.pipeline = WritePipeline(self.log, self.store, LocalWriter(self.log, self.store, epoch, cfg.durable),
                                       max_batch_records=cfg.max_batch_records, offload=cfg.durable)
         self.service = NodeService(cfg, self.store, self.log, self.pipeline)
+        if cfg.cluster:
+            from dkv.cluster.follower import PromiseFile
+            from dkv.cluster.runtime import ClusterRuntime
+
+            promise = PromiseFile(os.path.join(cfg.data_dir, "promise") if cfg.durable else None)
+            self.runtime = ClusterRuntime(cfg, self.log, self.store, self.pipeline, promise)
+            self.service.router = self.runtime
         self._server = _RPCServer(RPC(self.service), heartbeat=5)
         try:
             self._server.bind(cfg.endpoint)
         except zmq.ZMQError as e:
             self._close_storage()
             raise DKVError(f"cannot listen on {cfg.addr}: {e}") from e
-        logger.info("node %s serving on %s (engine=%s, data=%s, applied_lsn=%d)",
+        logger.info("node %s serving on %s (engine=%s, data=%s, applied_lsn=%d, %s)",
                     cfg.node_id, cfg.addr, cfg.engine, cfg.data_dir if cfg.durable else "-",
-                    self.store.applied_lsn)
+                    self.store.applied_lsn, f"cluster via {cfg.zk}" if cfg.cluster else "standalone")
 
-    def _recover(self) -> None:
-        """Replay WAL records past the store's applied_lsn (DESIGN §3)."""
+    def _recover(self, replay: bool) -> None:
+        """Replay WAL records past the store's applied_lsn (DESIGN §3).
+
+        In cluster mode nothing is replayed: records past the applied LSN may
+        be uncommitted, and the shard's writer says how far to apply.
+        """
         applied = self.store.applied_lsn
         if applied > self.log.last_lsn:
             # The log lost records the store already holds (a damaged tail was
@@ -123,6 +158,8 @@ class Node:
             logger.warning("WAL ends at lsn %d but storage applied %d; restarting the log at %d",
                            self.log.last_lsn, applied, applied)
             self.log.reset_to(applied)
+            return
+        if not replay:
             return
         replayed = 0
         while self.store.applied_lsn < self.log.last_lsn:
@@ -139,6 +176,13 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self._on_signal, sig)
         runner = gevent.spawn(self._server.run)
+        if self.runtime is not None:
+            try:
+                self.runtime.start()
+            except DKVError:
+                runner.kill()
+                self._shutdown()
+                raise
         self._stopped.wait()
         runner.kill()
         self._shutdown()
@@ -151,6 +195,8 @@ class Node:
         self._stopped.set()
 
     def _shutdown(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()  # leave ZooKeeper first: peers see us go at once
         if self._server is not None:
             self._server.stop()
         self.pipeline.close()

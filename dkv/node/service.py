@@ -35,6 +35,8 @@ class NodeService:
         self.log = log
         self.pipeline = pipeline
         self.started = time.time()
+        #: cluster mode: the node's ClusterRuntime (routing, replication); None standalone
+        self.router: Any = None
 
     # -- key/value ops -------------------------------------------------------
 
@@ -44,20 +46,32 @@ class NodeService:
         if len(ops) > MAX_BATCH_OPS:
             raise InvalidArgument(f"a batch carries at most {MAX_BATCH_OPS} ops, got {len(ops)}")
         replies: list[list[Any] | None] = [None] * len(ops)
+        reads: list[tuple[int, str, bytes]] = []
         writes: list[WriteOp] = []
         write_at: list[int] = []
+        linearizable = False
         for i, op in enumerate(ops):
             try:
-                name, key, value = self._parse(op)
-                if name == protocol.GET:
-                    replies[i] = protocol.ok(self.store.get(key, None))
-                elif name == protocol.EXISTS:
-                    replies[i] = protocol.ok(self.store.exists(key))
+                name, key, value, consistency = self._parse(op)
+                if self.router is not None:
+                    self.router.route(name, key, consistency)
+                if name in protocol.READ_OPS:
+                    reads.append((i, name, key))
+                    linearizable = linearizable or consistency == "linearizable"
                 else:
                     writes.append((Op.PUT if name == protocol.SET else Op.DELETE, key, value))
                     write_at.append(i)
             except DKVError as e:
                 replies[i] = protocol.err(e)
+        if linearizable and self.router is not None:
+            try:
+                self.router.confirm_linearizable()  # one round for the whole batch
+            except DKVError as e:
+                for i, _, _ in reads:
+                    replies[i] = protocol.err(e)
+                reads = []
+        for i, name, key in reads:
+            replies[i] = protocol.ok(self.store.get(key, None) if name == protocol.GET else self.store.exists(key))
         if writes:
             try:
                 results = self.pipeline.submit(writes)
@@ -68,7 +82,8 @@ class NodeService:
                     replies[i] = protocol.err(e)
         return replies  # type: ignore[return-value]
 
-    def _parse(self, op: Any) -> tuple[str, bytes, bytes]:
+    def _parse(self, op: Any) -> tuple[str, bytes, bytes, str | None]:
+        """Validate one op: (name, key, value, consistency of a read)."""
         if not isinstance(op, (list, tuple)) or not op:
             raise InvalidArgument("an op is a non-empty list [name, key, ...]")
         name, args = op[0], op[1:]
@@ -80,10 +95,13 @@ class NodeService:
             raise InvalidArgument(f"{name} takes {lo}..{hi} arguments, got {len(args)}")
         key = self.limits.key(args[0])
         if name == protocol.SET:
-            return name, key, self.limits.value(args[1])
-        if name == protocol.GET and len(args) == 2 and args[1] not in protocol.CONSISTENCY_LEVELS:
+            return name, key, self.limits.value(args[1]), None
+        if name == protocol.DEL:
+            return name, key, b"", None
+        consistency = args[1] if len(args) == 2 else "sequential"
+        if consistency not in protocol.CONSISTENCY_LEVELS:
             raise InvalidArgument(f"consistency must be one of {', '.join(protocol.CONSISTENCY_LEVELS)}")
-        return name, key, b""
+        return name, key, b"", consistency
 
     def scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000) -> list[list[bytes]]:
         """One page of ``(key, value)`` pairs in key order, keys >= ``start``."""
@@ -97,7 +115,7 @@ class NodeService:
     # -- introspection ---------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        return {
+        out = {
             "node_id": self.config.node_id,
             "addr": self.config.addr,
             "mode": "standalone",
@@ -115,9 +133,14 @@ class NodeService:
             "limits": {"max_key_bytes": self.limits.max_key_bytes,
                        "max_value_bytes": self.limits.max_value_bytes},
         }
+        if self.router is not None:
+            out.update(self.router.info())
+        return out
 
     def cluster_info(self) -> dict[str, Any]:
         """The shard/node map; a standalone node is one shard owning every slot."""
+        if self.router is not None:
+            return self.router.cluster_info()
         shard = "shard-0"
         return {
             "mode": "standalone",

@@ -246,6 +246,22 @@ class Store(StoreView):
             self._lsn, self._epoch = lsn, epoch
         return lsn
 
+    def set_applied(self, lsn: int, epoch: int) -> None:
+        """Set the applied LSN/epoch directly (after installing a snapshot taken at ``lsn``)."""
+        self._engine.write(self._meta_ops(lsn, epoch))
+        self._lsn, self._epoch = lsn, epoch
+
+    def clear(self) -> int:
+        """Delete every key of every slot (metadata stays); return how many. Bulk: call off the hub."""
+        lo, hi = ALL_SLOTS.storage_bounds()
+        n = 0
+        while True:
+            keys = [k for k, _ in islice(self._engine.iterate(lo, hi), 10_000)]
+            if not keys:
+                return n
+            self._engine.write([(k, None) for k in keys])
+            n += len(keys)
+
     def checkpoint(self) -> int:
         """Make everything applied so far durable; return the durable applied LSN."""
         lsn = self._lsn

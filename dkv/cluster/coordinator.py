@@ -1,0 +1,165 @@
+"""A node's link to ZooKeeper: session, registration, the watched cluster view, epoch bumps.
+
+The thin kazoo adapter (``SequentialGeventHandler``, on the node's hub). Any
+watch firing marks the view dirty; one refresher greenlet re-reads the whole
+(small) map, re-arming one-shot watches on every znode it reads, and hands the
+new :class:`~dkv.cluster.layout.ClusterView` to the node. The connection
+listener only sets flags and wakes greenlets: it never calls ZooKeeper or
+blocks (kazoo's rule).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import gevent
+import gevent.event
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.handlers.gevent import SequentialGeventHandler
+from kazoo.retry import KazooRetry
+
+from dkv.cluster import layout
+from dkv.errors import DKVError, Unavailable
+from dkv.node.config import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, config: NodeConfig, on_view: Callable[[layout.ClusterView], None],
+                 on_connection: Callable[[bool], None]) -> None:
+        self.config = config
+        self._on_view = on_view
+        self._on_connection = on_connection
+        handler = SequentialGeventHandler()
+        self.zk = KazooClient(hosts=config.zk, timeout=config.session_timeout, handler=handler,
+                              connection_retry=KazooRetry(max_tries=-1, max_delay=1.0,
+                                                          sleep_func=handler.sleep_func),
+                              command_retry=KazooRetry(max_tries=3, max_delay=1.0,
+                                                       sleep_func=handler.sleep_func))
+        self.zk.add_listener(self._listener)
+        self.connected = False
+        self.view = layout.ClusterView()
+        #: bumped whenever a new view is published (waiters use view_changed)
+        self.view_changed = gevent.event.Event()
+        self._dirty = gevent.event.Event()
+        self._session_lost = False
+        self._refresher: gevent.Greenlet | None = None
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self.zk.start(timeout=max(self.config.session_timeout, 5.0))
+        except Exception as e:
+            raise Unavailable(f"cannot reach ZooKeeper at {self.config.zk}: {e}") from e
+        for path in (layout.NODES, layout.SHARDS):
+            self.zk.ensure_path(path)
+        self._register()
+        self._refresher = gevent.spawn(self._refresh_loop)
+        self._dirty.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._refresher is not None:
+            self._refresher.kill()
+        try:
+            self.zk.stop()
+            self.zk.close()
+        except KazooException:
+            pass
+
+    def _register(self) -> None:
+        """Create our ephemeral registration, waiting out a previous session's copy."""
+        path = layout.node_path(self.config.node_id)
+        data = layout.encode({"addr": self.config.addr})
+        deadline = time.monotonic() + 3 * self.config.session_timeout
+        while True:
+            try:
+                self.zk.create(path, data, ephemeral=True)
+                logger.info("registered as %s in ZooKeeper", path)
+                return
+            except NodeExistsError:
+                try:
+                    _, stat = self.zk.get(path)
+                except NoNodeError:
+                    continue
+                if stat.ephemeralOwner == self.zk.client_id[0]:
+                    return
+                if time.monotonic() > deadline:
+                    raise DKVError(f"node id {self.config.node_id!r} is registered by another live "
+                                   f"process ({path}); pick another --node-id") from None
+                logger.info("waiting for the previous session's %s to expire", path)
+                gevent.sleep(0.5)
+
+    # -- connection state (kazoo listener: flags only) ------------------------------
+
+    def _listener(self, state: str) -> None:
+        if state == KazooState.CONNECTED:
+            self.connected = True
+            gevent.spawn(self._on_reconnected)
+        else:
+            self.connected = False
+            if state == KazooState.LOST:
+                self._session_lost = True
+        gevent.spawn(self._on_connection, self.connected)
+
+    def _on_reconnected(self) -> None:
+        if self._session_lost and not self._stopping:
+            self._session_lost = False
+            logger.warning("ZooKeeper session was lost; registering again")
+            try:
+                self._register()
+            except Exception:
+                logger.exception("re-registration failed")
+        self._dirty.set()
+
+    # -- the view ------------------------------------------------------------------
+
+    def _poke(self, event: Any = None) -> None:
+        self._dirty.set()
+
+    def _refresh_loop(self) -> None:
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            try:
+                view = layout.read_view(self.zk, watch=self._poke)
+            except KazooException as e:
+                logger.debug("view refresh failed (%s); retrying", e)
+                gevent.sleep(0.2)
+                self._dirty.set()
+                continue
+            self.view = view
+            self.view_changed.set()
+            self.view_changed = gevent.event.Event()
+            try:
+                self._on_view(view)
+            except Exception:
+                logger.exception("applying the cluster view failed")
+
+    def refresh(self) -> None:
+        """Ask for a fresh view soon."""
+        self._dirty.set()
+
+    # -- writes ----------------------------------------------------------------------
+
+    def bump_epoch(self, shard_id: str) -> int:
+        """Raise the shard's epoch by one with a version-checked write; return the new epoch."""
+        path = layout.shard_path(shard_id)
+        while True:
+            raw, stat = self.zk.get(path)
+            shard = layout.Shard.from_bytes(shard_id, raw)
+            if shard.writer != self.config.node_id:
+                raise Unavailable(f"{self.config.node_id} is no longer the writer of {shard_id}")
+            shard.epoch += 1
+            try:
+                self.zk.set(path, shard.to_bytes(), version=stat.version)
+            except BadVersionError:
+                continue
+            logger.info("%s epoch is now %d", shard_id, shard.epoch)
+            self._dirty.set()
+            return shard.epoch

@@ -1,0 +1,143 @@
+"""The replica side's I/O adapter: runs :class:`~dkv.cluster.replication.Follower` on real files.
+
+Writer messages arrive as zerorpc calls (one greenlet each); they are handled
+one at a time, and each message's actions (promise, truncate, append, apply)
+are executed in gevent's threadpool, in order, before the reply goes back.
+Snapshots (when the writer's WAL no longer holds what this member needs) are
+installed chunk by chunk: the first chunk clears the store, the last sets the
+applied LSN and restarts the log after it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import gevent
+import gevent.lock
+
+from dkv.cluster.replication import (Action, AppendLog, ApplyUpTo, Follower, PersistPromise, Prepare,
+                                     Reply, Truncate, TruncateLog)
+from dkv.storage import Store
+
+logger = logging.getLogger(__name__)
+
+#: Records applied per store batch when catching up the store from the log.
+APPLY_CHUNK = 5000
+
+
+class PromiseFile:
+    """The highest epoch this member promised, kept durably (fencing survives restarts)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.epoch = 0
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.epoch = int(f.read().strip() or 0)
+
+    def save(self, epoch: int) -> None:
+        self.epoch = epoch
+        if not self.path:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(epoch))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def apply_actions(actions: Sequence[Action], log: Any, store: Store, promise: PromiseFile) -> None:
+    """Execute a follower's actions in order (synchronous: call it off the hub)."""
+    for a in actions:
+        if isinstance(a, PersistPromise):
+            promise.save(a.epoch)
+        elif isinstance(a, TruncateLog):
+            log.truncate_after(a.after_lsn)
+        elif isinstance(a, AppendLog):
+            log.append(a.records)
+        elif isinstance(a, ApplyUpTo):
+            apply_log(log, store, a.lsn)
+
+
+def apply_log(log: Any, store: Store, up_to: int) -> None:
+    """Apply the log's records after the store's applied LSN, up to ``up_to``."""
+    while store.applied_lsn < up_to:
+        chunk = list(log.read_from(store.applied_lsn + 1, limit=min(APPLY_CHUNK, up_to - store.applied_lsn)))
+        if not chunk:
+            raise RuntimeError(f"log ends at {log.last_lsn}; cannot apply up to {up_to}")
+        store.apply(chunk)
+
+
+class FollowerDriver:
+    """Serialises a shard writer's messages to this replica and executes them."""
+
+    def __init__(self, log: Any, store: Store, promise: PromiseFile, offload: bool = True) -> None:
+        self.log = log
+        self.store = store
+        self.promise = promise
+        self.offload = offload
+        self.state = Follower(log, promised=promise.epoch, applied_lsn=store.applied_lsn)
+        self._lock = gevent.lock.Semaphore()
+        #: monotonic time of the last message from a writer in the current epoch
+        self.last_contact = 0.0
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return gevent.get_hub().threadpool.apply(fn, args) if self.offload else fn(*args)
+
+    def _handle(self, decide: Callable[[], tuple[Reply, list[Action]]]) -> list[Any]:
+        with self._lock:
+            reply, actions = decide()
+            if actions:
+                self._run(apply_actions, actions, self.log, self.store, self.promise)
+            if reply.ok:
+                self.last_contact = time.monotonic()
+            return reply.to_wire()
+
+    def prepare(self, wire: list[Any]) -> list[Any]:
+        m = Prepare.from_wire(wire)
+        return self._handle(lambda: self.state.on_prepare(m))
+
+    def truncate(self, wire: list[Any]) -> list[Any]:
+        m = Truncate.from_wire(wire)
+        return self._handle(lambda: self.state.on_truncate(m))
+
+    def fence(self, epoch: int) -> list[Any]:
+        return self._handle(lambda: self.state.on_fence(int(epoch)))
+
+    def snapshot_chunk(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
+                       lsn: int, last_epoch: int) -> list[Any]:
+        """Install one chunk of the writer's storage snapshot taken at ``lsn``."""
+        with self._lock:
+            if epoch < self.state.promised:
+                return self.state.on_fence(epoch)[0].to_wire()  # STALE_EPOCH reply
+            self._run(self._install, first, pairs, done, lsn, last_epoch)
+            if done:
+                self.state.applied_lsn = lsn
+                self.state.commit_lsn = max(self.state.commit_lsn, lsn)
+                logger.info("installed a snapshot at lsn %d", lsn)
+            self.last_contact = time.monotonic()
+            return Reply("", self.state.promised, self.log.last_lsn, self.log.last_epoch,
+                         self.log.last_lsn if done else 0, self.store.applied_lsn).to_wire()
+
+    def _install(self, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int) -> None:
+        if first:
+            self.store.clear()
+        with self.store.batch() as b:
+            for k, v in pairs:
+                b.put(k, v)
+        if done:
+            self.store.set_applied(lsn, last_epoch)
+            self.store.checkpoint()
+            self.log.reset_to(lsn)
+
+    def lag(self) -> int:
+        """Committed records this replica has not applied, as far as it knows."""
+        return max(0, self.state.commit_lsn - self.store.applied_lsn)

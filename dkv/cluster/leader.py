@@ -1,0 +1,394 @@
+"""The shard writer's replication driver: the I/O around :class:`~dkv.cluster.replication.Leader`.
+
+It is the pipeline's :class:`~dkv.node.pipeline.BatchWriter` on a writer. For
+each batch it appends locally (threadpool) while sending one ``prepare`` to
+every in-sync replica, in parallel; once the local copy and
+``write_quorum - 1`` replica acks are in, the batch is committed: applied and
+answered. If the quorum is not reached within ``write_timeout`` it rolls back
+(DESIGN §4.5): truncates its own tail, asks every replica that got the prepare
+to truncate, answers a *definite* ``QuorumNotReached`` only if they all
+confirmed (else ``WriteTimeout``), and bumps the epoch before writing again.
+
+Replicas that are behind get a catch-up greenlet each: committed records from
+the WAL in chunks, a cut of a divergent tail, or a storage snapshot when the
+WAL no longer holds what they need. The commit point reaches replicas with the
+next prepare, or with a heartbeat once the writer is idle.
+"""
+from __future__ import annotations
+
+import logging
+from itertools import islice
+from typing import Any, Callable
+
+import gevent
+import gevent.event
+
+from dkv.client.connection import Connection, TransportError
+from dkv.cluster.follower import apply_log
+from dkv.cluster.replication import (DOWN, IN_SYNC, CutTo, Leader, Prepare, Reply, SendFrom, SendSnapshot,
+                                     Synced, Truncate)
+from dkv.errors import DKVError, QuorumNotReached, Unavailable, WriteTimeout
+from dkv.node.config import NodeConfig
+from dkv.node.pipeline import offloaded
+from dkv.slots import ALL_SLOTS
+from dkv.storage import Store
+from dkv.wal.record import Record
+
+logger = logging.getLogger(__name__)
+
+#: Records per catch-up prepare, pairs per snapshot chunk.
+CATCHUP_CHUNK = 2000
+SNAPSHOT_CHUNK = 2000
+#: An idle writer tells replicas the commit point after this long (s).
+COMMIT_NOTICE_DELAY = 0.02
+HEARTBEAT_INTERVAL = 1.0
+
+
+class ReplicatedWriter:
+    def __init__(self, config: NodeConfig, shard_id: str, epoch: int, log: Any, store: Store,
+                 addr_of: Callable[[str], str | None], bump_epoch: Callable[[], int],
+                 is_current: Callable[[], bool]) -> None:
+        self.config = config
+        self.shard_id = shard_id
+        self.log = log
+        self.store = store
+        self._addr_of = addr_of
+        self._bump_epoch = bump_epoch
+        self._is_current = is_current
+        self._offload = config.durable
+        self.leader = Leader(epoch, log, config.write_quorum, commit_lsn=store.applied_lsn)
+        self._conns: dict[str, Connection] = {}
+        self._catchups: dict[str, gevent.Greenlet] = {}
+        self._busy = False
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        #: set (and replaced) whenever a replica reaches sync
+        self._synced = gevent.event.Event()
+        self._need_bump = False
+        self._notified_lsn = self.leader.commit_lsn
+        self._notice: gevent.Greenlet | None = None
+        self._confirm_next: gevent.event.AsyncResult | None = None
+        self._confirming = False
+        self._active = True
+        self._greenlets = [gevent.spawn(self._heartbeat_loop)]
+        #: records past the commit point after a restart: committed before any new write
+        self._tail_pending = log.last_lsn > self.leader.commit_lsn
+        if self._tail_pending:
+            self._greenlets.append(gevent.spawn(self._commit_tail))
+
+    @property
+    def epoch(self) -> int:
+        return self.leader.epoch
+
+    # -- membership --------------------------------------------------------------
+
+    def set_replicas(self, replicas: list[str], live: set[str]) -> None:
+        """Follow the shard's replica list and which of them are registered (alive)."""
+        self.leader.set_replicas(replicas)
+        for rid in replicas:
+            p = self.leader.replicas[rid]
+            if rid not in live:
+                if p.state != DOWN:
+                    logger.info("%s: replica %s is down", self.shard_id, rid)
+                self.leader.mark_down(rid)
+                self._drop_conn(rid)
+            elif p.state == DOWN:
+                self._lagging(rid)
+            elif p.state != IN_SYNC:
+                self._ensure_catchup(rid)
+
+    def stop(self) -> None:
+        self._active = False
+        gevent.killall([g for g in [*self._greenlets, self._notice, *self._catchups.values()] if g],
+                       block=False)
+        for c in self._conns.values():
+            c.close()
+        self._conns.clear()
+
+    # -- BatchWriter ------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Refuse a write up front (definite) when it cannot reach a quorum now."""
+        if not self._is_current():
+            raise Unavailable(f"{self.config.node_id} cannot confirm it is the writer of {self.shard_id} "
+                              "(ZooKeeper connection or role lost)")
+        if self.leader.deposed_by is not None:
+            raise Unavailable(f"{self.shard_id} has a newer epoch {self.leader.deposed_by}; this writer is fenced")
+        if self._tail_pending:
+            raise Unavailable(f"{self.shard_id}: the writer is committing its log tail after a restart")
+        if self._need_bump:
+            try:
+                self.leader.epoch = self._bump_epoch()
+                self._need_bump = False
+            except Exception as e:
+                raise Unavailable(f"cannot start a new epoch after a rollback: {e}") from e
+        # Replicas that are alive but still catching up get a moment to join.
+        if len(self.leader.in_sync()) < self.leader.needed <= len(self.leader.alive()):
+            self._synced.wait(timeout=self.config.write_timeout)
+        n = len(self.leader.in_sync())
+        if n < self.leader.needed:
+            raise QuorumNotReached(f"{self.shard_id}: {n} replica(s) in sync, {self.leader.needed} "
+                                   "needed; nothing was written")
+
+    def write(self, records: list[Record]) -> None:
+        self._busy = True
+        self._idle.clear()
+        try:
+            prev = records[0].lsn - 1
+            m = self.leader.prepare(records, prev, self._epoch_at(prev))
+            targets = self.leader.in_sync()
+            local = gevent.spawn(offloaded, self._offload, self.log.append, records)
+            acked = self._replicate(m, targets, local)
+            if not local.successful():
+                raise local.exception  # type: ignore[misc]  # the pipeline's log-failure path
+            if len(acked) < self.leader.needed:
+                self._rollback(m, targets, acked)
+            self._commit(records[-1].lsn, records)
+            if not self._is_current():
+                raise WriteTimeout("committed, but this writer lost ZooKeeper meanwhile: "
+                                   "the write may or may not survive a failover")
+        finally:
+            self._busy = False
+            self._idle.set()
+
+    def _commit(self, lsn: int, records: list[Record] | None = None) -> None:
+        self.leader.commit_lsn = lsn
+        if records is not None:
+            offloaded(self._offload, self.store.apply, records)
+        else:
+            offloaded(self._offload, apply_log, self.log, self.store, lsn)
+        if self._notice is None or self._notice.dead:
+            self._notice = gevent.spawn_later(COMMIT_NOTICE_DELAY, self._send_notice)
+
+    def _replicate(self, m: Prepare, targets: list[str], local: gevent.Greenlet | None) -> set[str]:
+        """Send ``m`` to ``targets``; return who acked once the local append and a quorum
+        are in, everyone answered, or ``write_timeout`` passed."""
+        last = m.records[-1].lsn
+        acked: set[str] = set()
+        answered: set[str] = set()
+        done = gevent.event.Event()
+
+        def settle(_: Any = None) -> None:
+            if local is None or local.ready():
+                if len(acked) >= self.leader.needed or len(answered) == len(targets):
+                    done.set()
+
+        def send(rid: str) -> None:
+            try:
+                reply = self._call(rid, "repl_prepare", m.to_wire())
+                self.leader.on_reply(rid, reply)
+                if reply.ok and reply.match_lsn >= last:
+                    acked.add(rid)
+                else:
+                    self._lagging(rid)
+            except (TransportError, DKVError) as e:
+                logger.info("%s: prepare to %s failed: %s", self.shard_id, rid, e)
+                self._lagging(rid)
+            answered.add(rid)
+            settle()
+
+        if local is not None:
+            local.link(settle)
+        senders = [gevent.spawn(send, rid) for rid in targets]
+        settle()
+        done.wait(timeout=self.config.write_timeout)
+        if local is not None:
+            local.join()
+        if len(acked) < self.leader.needed:
+            gevent.killall(senders, block=False)
+        return acked
+
+    def _rollback(self, m: Prepare, targets: list[str], acked: set[str]) -> None:
+        """The quorum was not reached: undo the batch everywhere it may be, then raise."""
+        offloaded(self._offload, self.log.truncate_after, m.prev_lsn)
+        confirmed = True
+        for rid in targets:  # uncommitted records reach replicas only through prepares
+            try:
+                reply = self._call(rid, "repl_truncate", Truncate(self.epoch, m.prev_lsn).to_wire())
+                confirmed = confirmed and reply.ok
+            except (TransportError, DKVError):
+                confirmed = False
+            self._lagging(rid)
+        self._need_bump = True  # never reuse an lsn with other content inside one epoch
+        what = (f"{self.shard_id}: {len(acked)} of {self.leader.needed} replica acks within "
+                f"{self.config.write_timeout:g}s")
+        logger.warning("%s; batch %d..%d rolled back (%s)", what, m.records[0].lsn, m.records[-1].lsn,
+                       "definite" if confirmed else "indeterminate")
+        if confirmed:
+            raise QuorumNotReached(f"{what}; the write was not applied")
+        raise WriteTimeout(f"{what}; a replica that did not answer may still hold it")
+
+    def _commit_tail(self) -> None:
+        """After a restart: replicate and commit the records past our commit point, then serve."""
+        while self._active:
+            if len(self.leader.in_sync()) >= self.leader.needed:
+                records = offloaded(self._offload, lambda: list(self.log.read_from(self.leader.commit_lsn + 1)))
+                prev = records[0].lsn - 1
+                m = self.leader.prepare(records, prev, self._epoch_at(prev))
+                if len(self._replicate(m, self.leader.in_sync(), None)) >= self.leader.needed:
+                    self._commit(records[-1].lsn)
+                    self._tail_pending = False
+                    logger.info("%s: committed the log tail up to lsn %d", self.shard_id, records[-1].lsn)
+                    return
+            self._synced.wait(timeout=1.0)
+
+    # -- catch-up -----------------------------------------------------------------------
+
+    def _lagging(self, rid: str) -> None:
+        self.leader.mark_lagging(rid)
+        self._ensure_catchup(rid)
+
+    def _ensure_catchup(self, rid: str) -> None:
+        g = self._catchups.get(rid)
+        if self._active and (g is None or g.dead):
+            self._catchups[rid] = gevent.spawn(self._catchup, rid)
+
+    def _catchup(self, rid: str) -> None:
+        backoff = 0.05
+        while self._active and rid in self.leader.replicas:
+            p = self.leader.replicas[rid]
+            if p.state in (IN_SYNC, DOWN):
+                return
+            try:
+                if p.match_lsn is None:
+                    self._probe(rid)
+                    if self.leader.deposed_by is not None:
+                        return
+                step = self.leader.catchup_step(rid, self._busy)
+                if step is None:
+                    self._idle.wait()
+                elif isinstance(step, Synced):
+                    logger.info("%s: replica %s is in sync at lsn %s", self.shard_id, rid, p.match_lsn)
+                    self._synced.set()
+                    self._synced = gevent.event.Event()
+                    return
+                elif isinstance(step, SendFrom):
+                    self._send_from(rid, step.lsn)
+                elif isinstance(step, CutTo):
+                    logger.info("%s: replica %s has a divergent tail; cutting it after lsn %d",
+                                self.shard_id, rid, step.lsn)
+                    self.leader.on_reply(rid, self._call(rid, "repl_truncate",
+                                                         Truncate(self.epoch, step.lsn).to_wire()))
+                elif isinstance(step, SendSnapshot):
+                    self._send_snapshot(rid)
+                backoff = 0.05
+            except (TransportError, DKVError) as e:
+                logger.debug("%s: catch-up of %s: %s", self.shard_id, rid, e)
+                p.match_lsn = None
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    def _probe(self, rid: str) -> None:
+        """Learn the member's log position (a fence at our own epoch)."""
+        self.leader.on_reply(rid, self._call(rid, "repl_fence", self.epoch), position_only=True)
+
+    def _send_from(self, rid: str, lsn: int) -> None:
+        upto = self.leader.commit_lsn
+        records = offloaded(self._offload,
+                            lambda: list(self.log.read_from(lsn, limit=min(CATCHUP_CHUNK, upto - lsn + 1))))
+        m = self.leader.prepare(records, lsn - 1, self._epoch_at(lsn - 1))
+        self.leader.on_reply(rid, self._call(rid, "repl_prepare", m.to_wire()))
+
+    def _send_snapshot(self, rid: str) -> None:
+        snap = self.store.snapshot()
+        try:
+            lsn, epoch = snap.applied_lsn, snap.applied_epoch
+            logger.info("%s: sending replica %s a snapshot at lsn %d", self.shard_id, rid, lsn)
+            pairs = snap.iter_slots(ALL_SLOTS)
+            first = True
+            while True:
+                chunk = offloaded(self._offload, lambda: [[k, v] for k, v in islice(pairs, SNAPSHOT_CHUNK)])
+                done = len(chunk) < SNAPSHOT_CHUNK
+                reply = Reply.from_wire(self._conn(rid).request(
+                    "repl_snapshot", self.epoch, first, chunk, done, lsn, epoch))
+                first = False
+                if done or not reply.ok:
+                    self.leader.on_reply(rid, reply)
+                    return
+        finally:
+            snap.close()
+
+    # -- commit notices, heartbeats, read confirmation --------------------------------------
+
+    def _send_notice(self) -> None:
+        if not self._busy and self.leader.commit_lsn > self._notified_lsn:
+            self._notified_lsn = self.leader.commit_lsn
+            self._heartbeat_round()
+
+    def _heartbeat_loop(self) -> None:
+        while self._active:
+            gevent.sleep(HEARTBEAT_INTERVAL)
+            if not self._busy:
+                self._heartbeat_round()
+
+    def _heartbeat_round(self) -> int:
+        """An empty prepare (carrying the commit point) to every in-sync replica; how many accepted."""
+        commit = self.leader.commit_lsn
+        m = self.leader.prepare([], commit, self._epoch_at(commit))
+
+        def send(rid: str) -> bool:
+            try:
+                reply = self._call(rid, "repl_prepare", m.to_wire())
+            except (TransportError, DKVError):
+                self._lagging(rid)
+                return False
+            if not reply.ok:
+                self.leader.on_reply(rid, reply)
+                self._lagging(rid)
+            return reply.ok
+
+        jobs = [gevent.spawn(send, rid) for rid in self.leader.in_sync()]
+        gevent.joinall(jobs, timeout=self.config.write_timeout)
+        return sum(1 for j in jobs if j.successful() and j.value)
+
+    def confirm(self) -> None:
+        """Linearizable reads: confirm with ``write_quorum - 1`` replicas that our epoch is current.
+
+        Concurrent callers share one round that starts after they asked.
+        """
+        if self._confirm_next is None:
+            self._confirm_next = gevent.event.AsyncResult()
+        waiter = self._confirm_next
+        if not self._confirming:
+            gevent.spawn(self._confirm_rounds)
+        waiter.get()
+
+    def _confirm_rounds(self) -> None:
+        self._confirming = True
+        try:
+            while self._confirm_next is not None:
+                waiter, self._confirm_next = self._confirm_next, None
+                if not self._is_current() or self.leader.deposed_by is not None:
+                    waiter.set_exception(Unavailable("this writer cannot confirm its epoch"))
+                elif self.leader.needed == 0 or self._heartbeat_round() >= self.leader.needed:
+                    waiter.set(True)
+                else:
+                    waiter.set_exception(Unavailable(f"{self.shard_id}: too few replicas confirmed "
+                                                     "the writer's epoch for a linearizable read"))
+        finally:
+            self._confirming = False
+
+    def lag(self) -> dict[str, Any]:
+        return {"commit_lsn": self.leader.commit_lsn, "epoch": self.epoch, "replicas": self.leader.lag()}
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _epoch_at(self, lsn: int) -> int:
+        return (self.log.epochs.epoch_at(lsn) or 0) if lsn > 0 else 0
+
+    def _conn(self, rid: str) -> Connection:
+        addr = self._addr_of(rid)
+        if addr is None:
+            raise TransportError(f"replica {rid} is not registered")
+        c = self._conns.get(rid)
+        if c is None or c.addr != addr:
+            c = self._conns[rid] = Connection(addr, self.config.write_timeout, max_inflight=8)
+        return c
+
+    def _drop_conn(self, rid: str) -> None:
+        c = self._conns.pop(rid, None)
+        if c is not None:
+            c.close()
+
+    def _call(self, rid: str, method: str, *args: Any) -> Reply:
+        return Reply.from_wire(self._conn(rid).request(method, *args))

@@ -1,0 +1,376 @@
+"""The replication protocol of a shard, sans I/O: messages in, replies and actions out.
+
+DESIGN §4. The writer (:class:`Leader`) sends :class:`Prepare` messages
+``(epoch, prev_lsn, prev_epoch, records, commit_lsn)``; a replica
+(:class:`Follower`) accepts one only if ``epoch`` is at least the highest epoch
+it has promised and its own log holds ``prev_lsn`` with ``prev_epoch`` (log
+matching, as in Raft), appends the records durably and acknowledges. Records
+identified by the same ``(epoch, lsn)`` are identical everywhere, because an
+LSN is never reused inside an epoch (a writer bumps its epoch after a rollback).
+
+Neither class does I/O. A follower decides from its log's in-memory state
+(``last_lsn``, ``last_epoch``, ``epochs``, ``first_lsn``) and the store's
+``applied_lsn``, and returns :class:`Action` s for its adapter to execute, in
+order, before the reply is sent and before the next message is handled. The
+leader tracks each replica's progress and decides what to send next.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from dkv.wal.epochs import EpochIndex
+from dkv.wal.record import Op, Record
+
+# -- messages ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Append ``records`` after ``(prev_lsn, prev_epoch)``; learn ``commit_lsn``.
+
+    With no records it is a heartbeat that carries the commit point (a ``commit``).
+    """
+
+    epoch: int
+    prev_lsn: int
+    prev_epoch: int
+    records: tuple[Record, ...]
+    commit_lsn: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.epoch, self.prev_lsn, self.prev_epoch, self.commit_lsn,
+                [[r.epoch, r.lsn, int(r.op), r.key, r.value] for r in self.records]]
+
+    @classmethod
+    def from_wire(cls, w: Sequence[Any]) -> "Prepare":
+        epoch, prev_lsn, prev_epoch, commit_lsn, recs = w
+        return cls(int(epoch), int(prev_lsn), int(prev_epoch),
+                   tuple(Record(int(e), int(n), Op(o), bytes(k), bytes(v)) for e, n, o, k, v in recs),
+                   int(commit_lsn))
+
+
+@dataclass(frozen=True)
+class Truncate:
+    """Drop every record after ``after_lsn`` (a rollback, or the repair of a divergent tail)."""
+
+    epoch: int
+    after_lsn: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.epoch, self.after_lsn]
+
+    @classmethod
+    def from_wire(cls, w: Sequence[Any]) -> "Truncate":
+        return cls(int(w[0]), int(w[1]))
+
+
+OK = ""
+STALE_EPOCH = "stale_epoch"  # the sender's epoch is below the one this member promised
+GAP = "gap"                  # prev_lsn is past this member's log end
+MISMATCH = "mismatch"        # this member's record at prev_lsn has another epoch
+COMMITTED = "committed"      # asked to drop a committed record: refused
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A member's answer: ``match_lsn`` on success, else its log end and the reason."""
+
+    reason: str
+    promised: int
+    last_lsn: int
+    last_epoch: int
+    match_lsn: int = 0
+    applied_lsn: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.reason == OK
+
+    def to_wire(self) -> list[Any]:
+        return [self.reason, self.promised, self.last_lsn, self.last_epoch, self.match_lsn, self.applied_lsn]
+
+    @classmethod
+    def from_wire(cls, w: Sequence[Any]) -> "Reply":
+        return cls(str(w[0]), *(int(x) for x in w[1:6]))
+
+
+# -- actions a follower's adapter executes -----------------------------------------
+
+
+@dataclass(frozen=True)
+class PersistPromise:
+    """Durably remember ``epoch`` as the highest promised (before replying)."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class TruncateLog:
+    after_lsn: int
+
+
+@dataclass(frozen=True)
+class AppendLog:
+    """Append durably (fsync) before replying."""
+
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True)
+class ApplyUpTo:
+    """Apply committed records from the log to storage, up to ``lsn``."""
+
+    lsn: int
+
+
+Action = PersistPromise | TruncateLog | AppendLog | ApplyUpTo
+
+
+class LogState(Protocol):
+    """The in-memory state of a log the protocol reads (WriteAheadLog, MemoryLog)."""
+
+    @property
+    def first_lsn(self) -> int: ...
+    @property
+    def last_lsn(self) -> int: ...
+    @property
+    def last_epoch(self) -> int: ...
+    epochs: EpochIndex
+
+
+class ProtocolError(Exception):
+    """A message that a correct peer can never send (e.g. dropping a committed record)."""
+
+
+# -- replica side ----------------------------------------------------------------------
+
+
+class Follower:
+    """The replica side. Call one ``on_*`` at a time; execute its actions before the next."""
+
+    def __init__(self, log: LogState, *, promised: int, applied_lsn: int) -> None:
+        self.log = log
+        self.promised = promised
+        self.applied_lsn = applied_lsn
+        #: highest commit point learned from a writer (for replica lag)
+        self.commit_lsn = applied_lsn
+
+    def _epoch_at(self, lsn: int) -> int | None:
+        if lsn == 0:
+            return 0
+        if lsn > self.log.last_lsn:
+            return None
+        return self.log.epochs.epoch_at(lsn)
+
+    def _reply(self, reason: str, match: int = 0) -> Reply:
+        return Reply(reason, self.promised, self.log.last_lsn, self.log.last_epoch, match, self.applied_lsn)
+
+    def _check_epoch(self, epoch: int, actions: list[Action]) -> bool:
+        if epoch < self.promised:
+            return False
+        if epoch > self.promised:
+            self.promised = epoch
+            actions.append(PersistPromise(epoch))
+        return True
+
+    def on_fence(self, epoch: int) -> tuple[Reply, list[Action]]:
+        """Promise to refuse every epoch below ``epoch``; report the log end (failover)."""
+        actions: list[Action] = []
+        if not self._check_epoch(epoch, actions):
+            return self._reply(STALE_EPOCH), actions
+        return self._reply(OK), actions
+
+    def on_prepare(self, m: Prepare) -> tuple[Reply, list[Action]]:
+        actions: list[Action] = []
+        if not self._check_epoch(m.epoch, actions):
+            return self._reply(STALE_EPOCH), actions
+        if m.prev_lsn > self.log.last_lsn:
+            return self._reply(GAP), actions
+        if m.prev_lsn > self.applied_lsn and self._epoch_at(m.prev_lsn) != m.prev_epoch:
+            return self._reply(MISMATCH), actions
+        last = self.log.last_lsn
+        new: list[Record] = []
+        for r in m.records:
+            if new or r.lsn > last:
+                new.append(r)
+            elif r.lsn <= self.applied_lsn or self._epoch_at(r.lsn) == r.epoch:
+                continue  # already held (a duplicate or re-sent record)
+            else:  # a divergent uncommitted record: cut there, take the writer's
+                actions.append(TruncateLog(r.lsn - 1))
+                new.append(r)
+        if new:
+            actions.append(AppendLog(tuple(new)))
+        match = m.records[-1].lsn if m.records else m.prev_lsn
+        self.commit_lsn = max(self.commit_lsn, m.commit_lsn)
+        commit = min(m.commit_lsn, match)
+        if commit > self.applied_lsn:
+            actions.append(ApplyUpTo(commit))
+            self.applied_lsn = commit
+        return Reply(OK, self.promised, new[-1].lsn if new else last,
+                     new[-1].epoch if new else self.log.last_epoch, match, self.applied_lsn), actions
+
+    def on_truncate(self, m: Truncate) -> tuple[Reply, list[Action]]:
+        actions: list[Action] = []
+        if not self._check_epoch(m.epoch, actions):
+            return self._reply(STALE_EPOCH), actions
+        if m.after_lsn < self.applied_lsn:
+            return self._reply(COMMITTED), actions
+        if m.after_lsn >= self.log.last_lsn:
+            return self._reply(OK, self.log.last_lsn), actions
+        epoch = self._epoch_at(m.after_lsn) or 0
+        actions.append(TruncateLog(m.after_lsn))
+        return Reply(OK, self.promised, m.after_lsn, epoch, m.after_lsn, self.applied_lsn), actions
+
+
+# -- writer side -----------------------------------------------------------------------
+
+IN_SYNC = "in_sync"      # holds our whole log: gets every prepare
+CATCHING_UP = "catching_up"
+DOWN = "down"            # not answering / not registered
+
+
+@dataclass
+class Progress:
+    state: str = CATCHING_UP
+    #: highest lsn known to be identical to ours (None: not known yet)
+    match_lsn: int | None = None
+    #: the member's last reported log end
+    last_lsn: int = 0
+    last_epoch: int = 0
+    applied_lsn: int = 0
+
+
+@dataclass(frozen=True)
+class SendFrom:
+    """Send our records from ``lsn`` (prev = lsn - 1)."""
+
+    lsn: int
+
+
+@dataclass(frozen=True)
+class CutTo:
+    """Tell the member to drop its records after ``lsn`` (divergent tail)."""
+
+    lsn: int
+
+
+@dataclass(frozen=True)
+class SendSnapshot:
+    """Our log no longer holds what the member needs: send a storage snapshot."""
+
+
+@dataclass(frozen=True)
+class Synced:
+    """The member holds our whole log: it can join prepares."""
+
+
+Step = SendFrom | CutTo | SendSnapshot | Synced
+
+
+@dataclass
+class Leader:
+    """The writer side: per-replica progress, quorum counting and catch-up decisions."""
+
+    epoch: int
+    log: LogState
+    write_quorum: int
+    commit_lsn: int
+    replicas: dict[str, Progress] = field(default_factory=dict)
+    #: set when a member reports a higher epoch: this writer is deposed
+    deposed_by: int | None = None
+
+    def set_replicas(self, ids: Sequence[str]) -> None:
+        for rid in ids:
+            self.replicas.setdefault(rid, Progress())
+        for rid in list(self.replicas):
+            if rid not in ids:
+                del self.replicas[rid]
+
+    @property
+    def needed(self) -> int:
+        """Replica acks a write needs (the writer's own copy counts as one)."""
+        return self.write_quorum - 1
+
+    def in_sync(self) -> list[str]:
+        return [rid for rid, p in self.replicas.items() if p.state == IN_SYNC]
+
+    def prepare(self, records: Sequence[Record], prev_lsn: int, prev_epoch: int) -> Prepare:
+        return Prepare(self.epoch, prev_lsn, prev_epoch, tuple(records), self.commit_lsn)
+
+    def on_reply(self, rid: str, reply: Reply, position_only: bool = False) -> None:
+        """Take a member's reply to anything we sent (``position_only``: a fence's reply)."""
+        p = self.replicas.get(rid)
+        if p is None:
+            return
+        p.last_lsn, p.last_epoch, p.applied_lsn = reply.last_lsn, reply.last_epoch, reply.applied_lsn
+        if reply.reason == STALE_EPOCH and reply.promised > self.epoch:
+            self.deposed_by = reply.promised
+        if reply.ok and not position_only:
+            p.match_lsn = reply.match_lsn
+        else:
+            p.match_lsn = None
+            p.state = CATCHING_UP if p.state != DOWN else DOWN
+
+    def mark_down(self, rid: str) -> None:
+        """The member is gone (not registered): no prepares, no catch-up."""
+        p = self.replicas.get(rid)
+        if p is not None:
+            p.state, p.match_lsn = DOWN, None
+
+    def mark_lagging(self, rid: str) -> None:
+        """The member missed something (or came back): catch it up from its reported position."""
+        p = self.replicas.get(rid)
+        if p is not None:
+            p.state, p.match_lsn = CATCHING_UP, None
+
+    def alive(self) -> list[str]:
+        return [rid for rid, p in self.replicas.items() if p.state != DOWN]
+
+    def acked(self, lsn: int) -> list[str]:
+        return [rid for rid, p in self.replicas.items() if p.match_lsn is not None and p.match_lsn >= lsn]
+
+    def catchup_step(self, rid: str, busy: bool) -> Step | None:
+        """What to send a lagging member next; None while it must wait for a batch in flight.
+
+        Catch-up carries committed records only (up to ``commit_lsn``), so
+        uncommitted records reach a member only through prepares, and a
+        rollback knows exactly who may hold them. A member that matches us up
+        to the commit point joins the prepares once no batch is in flight
+        (``busy``).
+        """
+        p = self.replicas[rid]
+        last = self.log.last_lsn
+        if p.match_lsn is not None:
+            if p.match_lsn >= self.commit_lsn:
+                if busy:
+                    return None
+                p.state = IN_SYNC
+                return Synced()
+            return SendFrom(p.match_lsn + 1)
+        # Unknown match: place the member's reported log end against ours. Its
+        # records up to its applied LSN are committed, hence identical to ours.
+        if p.last_lsn <= p.applied_lsn and p.last_lsn <= last:
+            if p.last_lsn < self.log.first_lsn - 1:
+                return SendSnapshot()  # we no longer hold what follows its log
+            p.match_lsn = p.last_lsn
+            return self.catchup_step(rid, busy)
+        if p.last_lsn < self.log.first_lsn:
+            return SendSnapshot()  # we can't check its records, nor send what follows them
+        ours = self.log.epochs.epoch_at(p.last_lsn) if p.last_lsn <= last else None
+        if ours == p.last_epoch:
+            p.match_lsn = p.last_lsn
+            return self.catchup_step(rid, busy)
+        # Divergent (or longer than ours): cut back to where its last epoch ends in
+        # our log, never below what it has applied (committed).
+        cut = max(min(self.log.epochs.end_of(p.last_epoch, last), p.last_lsn - 1), p.applied_lsn)
+        if cut < self.log.first_lsn - 1:
+            return SendSnapshot()
+        return CutTo(cut)
+
+    def lag(self) -> dict[str, dict[str, Any]]:
+        """Per replica: state, match_lsn and lag in records behind our log end."""
+        last = self.log.last_lsn
+        return {rid: {"state": p.state, "match_lsn": p.match_lsn,
+                      "lag": None if p.match_lsn is None else max(0, last - p.match_lsn)}
+                for rid, p in self.replicas.items()}

@@ -1,0 +1,282 @@
+"""The sans-I/O replication core, driven deterministically (no sockets, no threads).
+
+Members are real in-memory logs and stores (diskless mode); messages are
+delivered by hand, so loss, duplication and reordering are exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from dkv.cluster.follower import PromiseFile, apply_actions, apply_log
+from dkv.cluster.replication import (COMMITTED, GAP, IN_SYNC, MISMATCH, STALE_EPOCH, CutTo, Follower,
+                                     Leader, Prepare, Reply, SendFrom, SendSnapshot, Synced, Truncate)
+from dkv.storage import Store
+from dkv.wal.memory import MemoryLog
+from dkv.wal.record import Op, Record
+
+
+@dataclass
+class Member:
+    log: MemoryLog = field(default_factory=MemoryLog)
+    store: Store = field(default_factory=lambda: Store.open("memory"))
+    promise: PromiseFile = field(default_factory=lambda: PromiseFile(None))
+
+    def __post_init__(self) -> None:
+        self.f = Follower(self.log, promised=self.promise.epoch, applied_lsn=self.store.applied_lsn)
+
+    def prepare(self, m: Prepare) -> Reply:
+        reply, actions = self.f.on_prepare(m)
+        apply_actions(actions, self.log, self.store, self.promise)
+        return reply
+
+    def truncate(self, m: Truncate) -> Reply:
+        reply, actions = self.f.on_truncate(m)
+        apply_actions(actions, self.log, self.store, self.promise)
+        return reply
+
+    def keys(self) -> dict[bytes, bytes]:
+        return dict(self.store.scan())
+
+
+def recs(epoch: int, first: int, n: int, tag: str = "v") -> list[Record]:
+    return [Record(epoch, lsn, Op.PUT, f"k{lsn}".encode(), f"{tag}{lsn}".encode()) for lsn in range(first, first + n)]
+
+
+class Writer:
+    """A writer: its own log/store plus the Leader state machine."""
+
+    def __init__(self, epoch: int = 1, replicas: tuple[str, ...] = ("a", "b"), quorum: int = 2,
+                 log: MemoryLog | None = None) -> None:
+        self.log = log or MemoryLog()
+        self.store = Store.open("memory")
+        self.leader = Leader(epoch, self.log, quorum, commit_lsn=0)
+        self.leader.set_replicas(list(replicas))
+
+    def write(self, n: int, tag: str = "v") -> Prepare:
+        prev = self.log.last_lsn
+        batch = recs(self.leader.epoch, prev + 1, n, tag)
+        m = self.leader.prepare(batch, prev, self.log.epochs.epoch_at(prev) or 0 if prev else 0)
+        self.log.append(batch)
+        return m
+
+    def commit(self, lsn: int) -> None:
+        assert len(self.leader.acked(lsn)) >= self.leader.needed
+        self.leader.commit_lsn = lsn
+        apply_log(self.log, self.store, lsn)
+
+    def heartbeat(self, rid: str) -> Prepare:
+        match = self.leader.replicas[rid].match_lsn or 0
+        return self.leader.prepare([], match, self.log.epochs.epoch_at(match) or 0 if match else 0)
+
+
+def prepare_tail(w: Writer, rid: str) -> Prepare:
+    """What the writer sends an in-sync member: every record past its match point."""
+    match = w.leader.replicas[rid].match_lsn or 0
+    return w.leader.prepare(list(w.log.read_from(match + 1)), match,
+                            w.log.epochs.epoch_at(match) or 0 if match else 0)
+
+
+def catch_up(w: Writer, rid: str, m: Member, busy: bool = False, max_steps: int = 20) -> list[object]:
+    """Drive the leader's catch-up decisions for one member until it is in sync."""
+    steps: list[object] = []
+    for _ in range(max_steps):
+        step = w.leader.catchup_step(rid, busy)
+        steps.append(step)
+        if isinstance(step, Synced) or step is None:
+            return steps
+        if isinstance(step, SendFrom):
+            batch = list(w.log.read_from(step.lsn))
+            prev = step.lsn - 1
+            reply = m.prepare(w.leader.prepare(batch, prev, w.log.epochs.epoch_at(prev) or 0 if prev else 0))
+        elif isinstance(step, CutTo):
+            reply = m.truncate(Truncate(w.leader.epoch, step.lsn))
+        else:
+            raise AssertionError(f"unexpected step {step}")
+        w.leader.on_reply(rid, reply)
+    raise AssertionError(f"no convergence: {steps}")
+
+
+def test_happy_path_quorum_commit_and_apply() -> None:
+    w, a, b = Writer(), Member(), Member()
+    m = w.write(3)
+    ra, rb = a.prepare(m), b.prepare(m)
+    assert ra.ok and rb.ok and ra.match_lsn == rb.match_lsn == 3
+    w.leader.on_reply("a", ra)
+    w.commit(3)
+    assert a.keys() == {}  # replicas learn the commit point with the next message
+    w.leader.on_reply("a", a.prepare(w.heartbeat("a")))
+    assert a.store.applied_lsn == 3 and a.keys() == dict(w.store.scan())
+    assert a.store.digest() == w.store.digest()
+
+
+def test_stale_epoch_prepare_is_refused_and_changes_nothing() -> None:
+    a = Member()
+    assert a.prepare(Prepare(5, 0, 0, tuple(recs(5, 1, 1)), 0)).ok
+    reply = a.prepare(Prepare(4, 1, 5, tuple(recs(4, 2, 1)), 1))
+    assert reply.reason == STALE_EPOCH and reply.promised == 5
+    assert a.log.last_lsn == 1 and a.store.applied_lsn == 0
+    w = Writer(epoch=4, replicas=("a",))
+    w.leader.on_reply("a", reply)
+    assert w.leader.deposed_by == 5
+
+
+def test_duplicate_prepare_is_idempotent() -> None:
+    w, a = Writer(), Member()
+    m = w.write(2)
+    first, again = a.prepare(m), a.prepare(m)
+    assert first.ok and again.ok and again.match_lsn == 2
+    assert [r.lsn for r in a.log.read_from(1)] == [1, 2]
+
+
+def test_reordered_prepares_gap_then_catch_up() -> None:
+    w, a = Writer(replicas=("a",)), Member()
+    m1, m2 = w.write(2), w.write(2)
+    r2 = a.prepare(m2)
+    assert r2.reason == GAP and a.log.last_lsn == 0
+    w.leader.on_reply("a", r2)
+    r1 = a.prepare(m1)
+    assert r1.ok
+    w.leader.on_reply("a", r1)
+    assert catch_up(w, "a", a) == [Synced()]  # it matches us up to the commit point (0)
+    w.leader.on_reply("a", a.prepare(prepare_tail(w, "a")))  # the next prepare carries the rest
+    w.commit(4)
+    assert w.leader.replicas["a"].state == IN_SYNC and a.log.last_lsn == 4
+
+
+def test_lost_prepare_quorum_still_reached_and_laggard_catches_up() -> None:
+    w, a, b = Writer(), Member(), Member()
+    m1 = w.write(2)
+    w.leader.on_reply("a", a.prepare(m1))  # the prepare to b is lost
+    assert w.leader.acked(2) == ["a"]
+    w.commit(2)  # write_quorum=2: the writer and a
+    m2 = w.write(1)
+    rb = b.prepare(m2)
+    assert rb.reason == GAP
+    w.leader.on_reply("b", rb)
+    w.leader.on_reply("a", a.prepare(m2))
+    w.commit(3)
+    assert catch_up(w, "b", b) == [SendFrom(1), Synced()]  # committed records only
+    w.leader.on_reply("b", b.prepare(w.heartbeat("b")))
+    assert b.log.last_lsn == 3 and b.store.applied_lsn == 3
+    assert b.store.digest() == w.store.digest()
+
+
+def test_divergent_uncommitted_tail_is_cut_and_replaced() -> None:
+    # b accepted lsn 3-4 in epoch 1 that never committed; the writer rolled them
+    # back, moved to epoch 2, and wrote other records at 3-5.
+    w, b = Writer(replicas=("b",)), Member()
+    w.leader.on_reply("b", b.prepare(w.write(2)))
+    w.commit(2)
+    b.prepare(Prepare(1, 2, 1, tuple(recs(1, 3, 2, tag="lost")), 2))
+    w.leader.epoch = 2
+    w.write(3, tag="new")
+    gap = b.prepare(w.leader.prepare([], 5, 2))  # b is behind our log end: it reports its position
+    assert gap.reason == GAP and (gap.last_lsn, gap.last_epoch, gap.applied_lsn) == (4, 1, 2)
+    w.leader.on_reply("b", gap)
+    steps = catch_up(w, "b", b)
+    assert steps == [CutTo(2), Synced()]
+    w.leader.on_reply("b", b.prepare(prepare_tail(w, "b")))
+    assert [(r.epoch, r.value) for r in b.log.read_from(3)] == [(2, b"new3"), (2, b"new4"), (2, b"new5")]
+
+
+def test_prepare_overwrites_conflicting_records_in_its_range() -> None:
+    b = Member()
+    b.prepare(Prepare(1, 0, 0, tuple(recs(1, 1, 4, tag="old")), 2))
+    reply = b.prepare(Prepare(2, 2, 1, tuple(recs(2, 3, 2, tag="new")), 2))
+    assert reply.ok and reply.last_epoch == 2
+    assert [r.value for r in b.log.read_from(1)] == [b"old1", b"old2", b"new3", b"new4"]
+
+
+def test_mismatch_at_prev_is_detected() -> None:
+    b = Member()
+    b.prepare(Prepare(1, 0, 0, tuple(recs(1, 1, 3)), 0))
+    reply = b.prepare(Prepare(2, 3, 2, tuple(recs(2, 4, 1)), 0))
+    assert reply.reason == MISMATCH and b.log.last_lsn == 3
+
+
+def test_committed_records_are_never_dropped() -> None:
+    b = Member()
+    b.prepare(Prepare(1, 0, 0, tuple(recs(1, 1, 3)), 3))
+    assert b.store.applied_lsn == 3
+    reply = b.truncate(Truncate(1, 1))
+    assert reply.reason == COMMITTED and b.log.last_lsn == 3
+
+
+def test_rollback_truncates_uncommitted_tail() -> None:
+    b = Member()
+    b.prepare(Prepare(1, 0, 0, tuple(recs(1, 1, 3)), 1))
+    reply = b.truncate(Truncate(1, 1))
+    assert reply.ok and reply.last_lsn == 1 and b.log.last_lsn == 1
+
+
+def test_fence_promises_durably_and_refuses_older_epochs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "promise")
+    a = Member(promise=PromiseFile(path))
+    reply, actions = a.f.on_fence(7)
+    apply_actions(actions, a.log, a.store, a.promise)
+    assert reply.ok and PromiseFile(path).epoch == 7
+    restarted = Member(promise=PromiseFile(path))
+    assert restarted.prepare(Prepare(6, 0, 0, tuple(recs(6, 1, 1)), 0)).reason == STALE_EPOCH
+
+
+def test_snapshot_needed_when_the_log_was_compacted() -> None:
+    w = Writer(replicas=("a",), quorum=1, log=MemoryLog(retain=2))
+    for _ in range(4):
+        w.write(2)
+    assert w.log.first_lsn > 1
+    assert w.leader.catchup_step("a", busy=False) == SendSnapshot()
+
+
+def test_busy_writer_delays_sync_until_the_batch_is_decided() -> None:
+    w, a = Writer(replicas=("a",)), Member()
+    w.write(2)
+    w.leader.on_reply("a", Reply("", 1, 0, 0, 0, 0))
+    assert catch_up(w, "a", a, busy=True)[-1] is None
+    assert w.leader.replicas["a"].state != IN_SYNC
+    assert w.leader.catchup_step("a", busy=False) == Synced()
+
+
+def test_messages_survive_the_wire() -> None:
+    m = Prepare(3, 10, 2, tuple(recs(3, 11, 2)) + (Record(3, 13, Op.DELETE, b"x"),), 9)
+    assert Prepare.from_wire(m.to_wire()) == m
+    assert Truncate.from_wire(Truncate(4, 8).to_wire()) == Truncate(4, 8)
+    r = Reply(GAP, 4, 8, 3, 0, 7)
+    assert Reply.from_wire(r.to_wire()) == r
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_loss_duplication_and_reordering_converge(seed: int) -> None:
+    """Any delivery schedule ends with every member holding the writer's committed data."""
+    import random
+
+    rnd = random.Random(seed)
+    w = Writer(replicas=("a", "b"))
+    members = {"a": Member(), "b": Member()}
+    sent: list[tuple[str, Prepare]] = []
+    for _ in range(15):
+        m = w.write(rnd.randint(1, 3))
+        for rid in members:
+            sent.append((rid, m))
+        rnd.shuffle(sent)
+        # deliver a random subset, some twice, in shuffled order
+        for rid, msg in list(sent):
+            if rnd.random() < 0.3:
+                continue
+            for _ in range(rnd.choice([1, 1, 2])):
+                w.leader.on_reply(rid, members[rid].prepare(msg))
+        sent = [x for x in sent if rnd.random() < 0.5]
+        acked = w.leader.acked(w.log.last_lsn)
+        if len(acked) >= w.leader.needed:
+            w.commit(w.log.last_lsn)
+    for rid, m in members.items():  # probe, catch up to the commit point, then the tail
+        probe = m.prepare(w.leader.prepare([], w.log.last_lsn, w.leader.epoch))
+        w.leader.on_reply(rid, probe)
+        if not probe.ok:
+            catch_up(w, rid, m)
+            w.leader.on_reply(rid, m.prepare(prepare_tail(w, rid)))
+    w.commit(w.log.last_lsn)
+    for rid, m in members.items():
+        w.leader.on_reply(rid, m.prepare(w.heartbeat(rid)))
+        assert m.store.digest() == w.store.digest(), rid
