@@ -19,6 +19,7 @@ import gevent.lock
 
 from dkv.cluster.replication import (Action, AppendLog, ApplyUpTo, Follower, PersistPromise, Prepare,
                                      Reply, Truncate, TruncateLog)
+from dkv.node.pipeline import checkpoint
 from dkv.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class FollowerDriver:
             reply, actions = decide()
             if actions:
                 self._run(apply_actions, actions, self.log, self.store, self.promise)
+                checkpoint(self.log, self.store, self.offload)
             if reply.ok:
                 self.last_contact = time.monotonic()
             return reply.to_wire()

@@ -65,6 +65,22 @@ def offloaded(offload: bool, fn: Any, *args: Any) -> Any:
     return gevent.get_hub().threadpool.apply(fn, args) if offload else fn(*args)
 
 
+def checkpoint(log: Log, store: Store, offload: bool) -> None:
+    """Once the WAL has rolled over: make the applied state durable, drop segments below it."""
+    if log.segment_count <= 1:
+        return
+
+    def work() -> int:
+        return log.compact(store.checkpoint())
+
+    try:
+        deleted = offloaded(offload, work)
+        if deleted:
+            logger.info("checkpoint at lsn %d: deleted %d WAL segment(s)", store.applied_lsn, deleted)
+    except Exception:  # compaction is an optimisation; never fail writes for it
+        logger.exception("checkpoint/compaction failed")
+
+
 class LocalWriter:
     """Standalone: durable in the local WAL (one write + one fdatasync), then applied."""
 
@@ -215,21 +231,7 @@ class WritePipeline:
         self.records += len(records)
         for p, res in zip(batch, results):
             p.done.set(res)
-        if self._log.segment_count > 1:
-            self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        """Make the applied state durable, then drop WAL segments below it."""
-        def work() -> int:
-            return self._log.compact(self._store.checkpoint())
-
-        try:
-            deleted = offloaded(self._offload, work)
-            if deleted:
-                logger.info("checkpoint at lsn %d: deleted %d WAL segment(s)",
-                            self._store.applied_lsn, deleted)
-        except Exception:  # compaction is an optimisation; never fail writes for it
-            logger.exception("checkpoint/compaction failed")
+        checkpoint(self._log, self._store, self._offload)
 
     def _fail_queued(self, error: DKVError) -> None:
         while self._queue:

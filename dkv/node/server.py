@@ -82,6 +82,10 @@ class RPC:
     def ping(self) -> str:
         return "pong"
 
+    def digest(self, start: int = 0, end: int = 1023) -> list[Any]:
+        """[applied_lsn, sha256] of slots start..end, to compare the members of a shard."""
+        return self._svc.digest(int(start), int(end))
+
     # -- replication (cluster mode): called by the shard's writer and the controller --
 
     def _rt(self) -> Any:

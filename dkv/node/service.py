@@ -14,8 +14,8 @@ from dkv import __version__, protocol
 from dkv.errors import DKVError, InvalidArgument
 from dkv.keys import as_bytes
 from dkv.node.config import NodeConfig
-from dkv.node.pipeline import WriteOp, WritePipeline
-from dkv.slots import ALL_SLOTS
+from dkv.node.pipeline import WriteOp, WritePipeline, offloaded
+from dkv.slots import ALL_SLOTS, SlotRange
 from dkv.storage import Store
 from dkv.wal.record import Op
 
@@ -113,6 +113,18 @@ class NodeService:
         return [[k, v] for k, v in page]
 
     # -- introspection ---------------------------------------------------------
+
+    def digest(self, start: int, end: int) -> list[Any]:
+        """[applied_lsn, sha256] of a slot range, read from one consistent snapshot."""
+        try:
+            slots = SlotRange(start, end)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        def work() -> list[Any]:
+            with self.store.snapshot() as snap:
+                return [snap.applied_lsn, snap.digest(slots)]
+
+        return offloaded(self.config.durable, work)  # bulk read: off the hub
 
     def info(self) -> dict[str, Any]:
         out = {

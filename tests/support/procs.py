@@ -76,11 +76,13 @@ class NodeProcess:
 
         wait_until(up, timeout, f"node {self.node_id} to answer")
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 4000) -> str:
+        """The node's log output (its last ``tail`` characters; None for all of it)."""
         try:
-            return self.log_path.read_text(errors="replace")[-4000:]
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        return text if tail is None else text[-tail:]
 
     def _signal(self, sig: int) -> None:
         assert self.proc is not None
