@@ -35,7 +35,7 @@ bench: install
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
-.PHONY: zk-up zk-down cluster
+.PHONY: zk-up zk-down cluster bench-cluster
 
 ## zk-up: a ZooKeeper on 127.0.0.1:2181 (Docker Compose if an engine answers, else Debian's package; data in .dkv-zk/)
 zk-up:
@@ -49,3 +49,7 @@ zk-down:
 ##          ARGS="--fresh --shards 3" to change (see examples/cluster/README.md)
 cluster: install zk-up
 	$(PY) examples/cluster/run.py $(ARGS)
+
+## bench-cluster: write throughput of a 1x3 cluster (write_quorum 2) beside a standalone node
+bench-cluster: install zk-up
+	$(PY) benchmarks/cluster_bench.py $(ARGS)

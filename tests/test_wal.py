@@ -6,11 +6,13 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
 from dkv.errors import CorruptLog, StorageClosed
 from dkv.wal import Op, Record, WriteAheadLog
+from dkv.wal import log as wal_log
 from dkv.wal.codec import MAX_BODY_BYTES, decode_from, encode, encode_many, find_lsn, iter_records
 
 
@@ -475,4 +477,226 @@ def test_failed_write_closes_the_log_and_reopen_recovers(tmp_path: Path, monkeyp
     wal = WriteAheadLog(tmp_path)
     assert read_all(wal) == recs(1, 3)
     wal.append(recs(4, 2))
+    wal.close()
+
+
+# -- sparse index and bounded reads ------------------------------------------
+
+def index_of(wal: WriteAheadLog) -> dict[int, list[tuple[int, int]]]:
+    """The sparse index as {segment first_lsn: [(lsn, offset), ...]}."""
+    return {first: list(zip(ix.lsns, ix.offsets)) for first, ix in wal._index.items()}
+
+
+def check_index(wal: WriteAheadLog, d: Path, **kwargs: int) -> None:
+    """Every entry points at its record, segments match, and recovery builds the very same index."""
+    index = index_of(wal)
+    assert sorted(index) == [int(p.name[4:24]) for p in segments(d)]
+    for first, entries in index.items():
+        data = (d / seg_name(first)).read_bytes()
+        assert entries[0] == (first, 0)
+        for lsn, offset in entries:
+            if offset < len(data):
+                decoded = decode_from(data, offset)
+                assert decoded is not None and decoded[0].lsn == lsn
+            else:  # only an empty segment's first entry points at the end
+                assert (lsn, offset, len(data)) == (first, 0, 0)
+    reopened = WriteAheadLog(d, **kwargs)
+    assert index_of(reopened) == index
+    reopened.close()
+
+
+def check_reads(wal: WriteAheadLog, model: list[Record], lsns: list[int] | None = None) -> None:
+    """read_from at each LSN (default: all) with several limits equals slicing the model."""
+    first = model[0].lsn if model else wal.last_lsn + 1
+    assert [r.lsn for r in model] == list(range(first, first + len(model)))
+    for lsn in lsns if lsns is not None else range(first, first + len(model) + 2):
+        tail = model[lsn - first:]
+        for limit in (1, 3, 17):
+            assert list(wal.read_from(lsn, limit=limit)) == tail[:limit], (lsn, limit)
+    if model:
+        assert list(wal.read_from(first)) == model
+
+
+@pytest.fixture
+def small_strides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Index and read in tiny steps so that small logs cross many entries and chunk boundaries."""
+    monkeypatch.setattr(wal_log, "INDEX_EVERY_RECORDS", 5)
+    monkeypatch.setattr(wal_log, "INDEX_EVERY_BYTES", 300)
+    monkeypatch.setattr(wal_log, "READ_CHUNK_BYTES", 64)
+
+
+def test_sparse_index_follows_the_documented_rule(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, fsync=False)
+    wal.append(recs(1, 2500))  # small records: an entry every INDEX_EVERY_RECORDS records
+    big = [Record(1, lsn, Op.PUT, b"k", bytes(400 * 1024)) for lsn in range(2501, 2511)]
+    wal.append(big)  # 400 KiB records: an entry for each first one starting >= 1 MiB past the last entry
+    wal.append(recs(2511, 10))
+    [(first, entries)] = index_of(wal).items()
+    # 2501 starts ~24 KiB past entry 2001, 2504 ~1.2 MiB past it; 2507 and 2510 are 1.2 MiB apart
+    assert first == 1 and [lsn for lsn, _ in entries] == [1, 1001, 2001, 2504, 2507, 2510]
+    gaps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(entries, entries[1:])]
+    assert all(n == 1000 or (n < 1000 and nbytes >= 1024 * 1024) for n, nbytes in gaps)
+    check_index(wal, tmp_path)
+    wal.close()
+
+
+def test_read_from_equals_naive_slice_across_segments_and_index_entries(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=150_000, fsync=False)
+    model = recs(1, 12_000)
+    for i in range(0, len(model), 700):
+        wal.append(model[i:i + 700])
+    assert wal.segment_count >= 3
+    check_index(wal, tmp_path, segment_bytes=150_000)
+    entry_lsns = {lsn for entries in index_of(wal).values() for lsn, _ in entries}
+    assert len(entry_lsns) > 12
+    probes = sorted({1, 2, 6000, 11_999, 12_000, 12_001, 12_002}
+                    | {lsn + d for lsn in entry_lsns for d in (-1, 0, 1)} - {0})
+    check_reads(wal, model, probes)
+    for lsn in (1, 999, 1000, 1001, 5000, 10_500):
+        assert list(wal.read_from(lsn, limit=2000)) == model[lsn - 1:lsn - 1 + 2000]
+    wal.close()
+    wal = WriteAheadLog(tmp_path, segment_bytes=150_000)
+    check_reads(wal, model, probes)
+    wal.close()
+
+
+@pytest.mark.usefixtures("small_strides")
+def test_reads_straddle_chunk_boundaries_and_records_bigger_than_a_chunk(tmp_path: Path) -> None:
+    model: list[Record] = []
+    wal = WriteAheadLog(tmp_path, segment_bytes=2000, fsync=False)
+    for lsn in range(1, 121, 4):
+        batch = [Record(1, lsn + i, Op.PUT, b"k%d" % (lsn + i), bytes([lsn % 251]) * ((lsn + i) * 37 % 300))
+                 for i in range(4)]
+        wal.append(batch)
+        model += batch
+    assert wal.segment_count >= 4
+    check_index(wal, tmp_path, segment_bytes=2000)
+    check_reads(wal, model)
+    wal.close()
+
+
+@pytest.mark.usefixtures("small_strides")
+def test_reads_stay_right_after_truncate_compact_reset_and_reopen(tmp_path: Path) -> None:
+    kw = {"segment_bytes": 700, "fsync": False}
+    wal = WriteAheadLog(tmp_path, **kw)
+    model = recs(1, 150)
+    for i in range(0, 150, 6):
+        wal.append(model[i:i + 6])
+    firsts = sorted(index_of(wal))
+    assert len(firsts) >= 5
+    check_index(wal, tmp_path, **kw)
+    check_reads(wal, model)
+    # into the middle of a segment, right at an index entry, just past one, at a segment boundary
+    entry = index_of(wal)[firsts[-2]][2][0]
+    for cut, tag in [(140, b"a"), (entry, b"b"), (entry + 1, b"c"), (firsts[-2] - 1, b"d")]:
+        assert wal.truncate_after(cut) == len(model) - cut
+        del model[cut:]
+        check_index(wal, tmp_path, **kw)
+        check_reads(wal, model, list(range(max(cut - 12, 1), cut + 3)))
+        more = recs(cut + 1, 13, tag=tag)
+        wal.append(more[:5])
+        wal.append(more[5:])
+        model += more
+        check_index(wal, tmp_path, **kw)
+        check_reads(wal, model, list(range(max(cut - 12, 1), len(model) + 2)))
+    assert wal.compact(firsts[2] - 1) == 2
+    model = model[firsts[2] - 1:]
+    check_index(wal, tmp_path, **kw)
+    check_reads(wal, model)
+    with pytest.raises(ValueError):
+        wal.read_from(firsts[2] - 1)
+    wal.close()
+    wal = WriteAheadLog(tmp_path, **kw)
+    check_reads(wal, model)
+    wal.reset_to(500)
+    assert index_of(wal) == {501: [(501, 0)]}
+    check_reads(wal, [])
+    model = recs(501, 40, tag=b"r")
+    wal.append(model)
+    check_index(wal, tmp_path, **kw)
+    check_reads(wal, model)
+    wal.close()
+
+
+def test_truncate_to_before_the_first_record_empties_the_index(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, fsync=False)
+    wal.append(recs(1, 3000))
+    assert len(index_of(wal)[1]) == 3
+    assert wal.truncate_after(0) == 3000
+    assert index_of(wal) == {1: [(1, 0)]}
+    check_index(wal, tmp_path)
+    wal.append(recs(1, 1500, tag=b"again"))
+    check_reads(wal, recs(1, 1500, tag=b"again"), [1, 1000, 1001, 1500, 1501])
+    check_index(wal, tmp_path)
+    wal.close()
+
+
+def test_read_from_never_yields_past_last_lsn_or_garbage(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, fsync=False)
+    wal.append(recs(1, 5))
+    seg = segments(tmp_path)[0]
+    with seg.open("ab") as f:  # bytes the log does not own: a valid frame past last_lsn, then a torn one
+        f.write(encode(recs(6, 1)[0]) + encode(recs(7, 1)[0])[:-3])
+    assert list(wal.read_from(1)) == recs(1, 5)
+    assert list(wal.read_from(5)) == recs(5, 1)
+    assert list(wal.read_from(6)) == []
+    wal.close()
+
+
+class CountingReads:
+    """Wraps a real segment file and counts the bytes read from it."""
+
+    def __init__(self, f: BinaryIO, counter: list[int]) -> None:
+        self._f, self._counter = f, counter
+        self.calls = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._counter[0] += len(data)
+        self.calls += 1
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def __enter__(self) -> "CountingReads":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+def test_read_from_reads_a_bounded_part_of_a_big_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal = WriteAheadLog(tmp_path, fsync=False)
+    for lsn in range(1, 200_001, 10_000):
+        wal.append(recs(lsn, 10_000))
+    assert wal.segment_count == 1
+    size = segments(tmp_path)[0].stat().st_size
+    assert size > 6 * 1024 * 1024
+    read = [0]
+    real_open = WriteAheadLog._open_segment
+    monkeypatch.setattr(WriteAheadLog, "_open_segment", lambda self, first: CountingReads(real_open(self, first), read))
+
+    assert list(wal.read_from(150_000, limit=10)) == recs(150_000, 10)
+    assert 0 < read[0] <= 2 * 1024 * 1024
+    read[0] = 0
+    assert list(wal.read_from(199_990, limit=2000)) == recs(199_990, 11)
+    assert 0 < read[0] <= 2 * 1024 * 1024
+    read[0] = 0
+    assert len(list(wal.read_from(1))) == 200_000  # the counter does see whole-file reads
+    assert read[0] == size
+    wal.close()
+
+
+def test_a_record_bigger_than_a_read_chunk_is_read_in_one_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal = WriteAheadLog(tmp_path, fsync=False)
+    model = [Record(1, lsn, Op.PUT, b"k", bytes([lsn]) * (5 * 1024 * 1024 + lsn)) for lsn in range(1, 4)]
+    wal.append(model)
+    opened: list[CountingReads] = []
+    real_open = WriteAheadLog._open_segment
+    monkeypatch.setattr(WriteAheadLog, "_open_segment",
+                        lambda self, first: opened.append(CountingReads(real_open(self, first), [0])) or opened[-1])
+    assert list(wal.read_from(2, limit=1)) == model[1:2]
+    assert opened[-1].calls <= 3  # the chunk with its start, then the rest of it at once
+    assert list(wal.read_from(1)) == model
     wal.close()

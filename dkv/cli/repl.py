@@ -8,6 +8,7 @@ stdin is a terminal, else one command per stdin line with plain output.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -376,6 +377,8 @@ def run_cli(addrs: list[str], timeout: float, zk: str = "") -> int:
     """
     from dkv.client.client import DEFAULT_ADDR, Client
 
+    # kazoo reports reconnects as warnings; the CLI reports failed commands itself.
+    logging.getLogger("kazoo").setLevel(logging.ERROR)
     client = Client(addrs, zk=zk or None, timeout=timeout)
     try:
         if not sys.stdin.isatty():

@@ -153,11 +153,11 @@ class ClientCore:
         # one request per node and chunk, all in parallel
         groups = [(addr, idxs[c:c + CHUNK]) for addr, idxs in by_addr.items()
                   for c in range(0, len(idxs), CHUNK)]
-        jobs = [gevent.spawn(self.conn(addr).call, [ops[i] for i in idxs]) for addr, idxs in groups]
+        jobs = [gevent.spawn(_outcome, self.conn(addr).call, [ops[i] for i in idxs]) for addr, idxs in groups]
         gevent.joinall(jobs, timeout=max(0.0, deadline - time.monotonic()))
         for (addr, idxs), job in zip(groups, jobs):
-            if not job.successful():
-                exc = job.exception if job.ready() else TransportError(f"no answer within {self.timeout:g}s")
+            if not job.ready() or isinstance(job.value, BaseException):
+                exc = job.value if job.ready() else TransportError(f"no answer within {self.timeout:g}s")
                 self._invalidate_map()  # the node may be gone: relearn the map next time
                 for i in idxs:
                     replies[i] = protocol.err(self._transport_error(ops[i], addr, exc))
@@ -182,13 +182,13 @@ class ClientCore:
     def scan_page(self, prefix: bytes, start: bytes | None, limit: int) -> list[list[bytes]]:
         """One page of the key-ordered scan, merged over every writer."""
         writers = sorted({a for a in self.slot_map().writers if a is not None})
-        jobs = [gevent.spawn(self.conn(a).request, "scan", prefix, start, limit) for a in writers]
+        jobs = [gevent.spawn(_outcome, self.conn(a).request, "scan", prefix, start, limit) for a in writers]
         gevent.joinall(jobs)
         pages: list[list[bytes]] = []
         for job in jobs:
-            if not job.successful():
+            if isinstance(job.value, BaseException):
                 self._invalidate_map()
-                exc = job.exception
+                exc = job.value
                 raise exc if isinstance(exc, DKVError) else Unavailable(str(exc))
             pages.extend(job.value)
         pages.sort(key=lambda kv: kv[0])
@@ -216,3 +216,12 @@ def iter_scan(page: Any, prefix: bytes, start: bytes | None, limit: int | None,
         if len(items) < n:
             return
         start = items[-1][0] + b"\x00"  # the smallest key after the last one
+
+
+def _outcome(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised as the value (a greenlet that dies
+    with an exception gets its traceback printed by gevent)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e

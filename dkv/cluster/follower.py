@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 import time
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,7 @@ from dkv.cluster.replication import (Action, AppendLog, ApplyUpTo, Follower, Per
                                      Reply, Truncate, TruncateLog)
 from dkv.node.pipeline import checkpoint
 from dkv.storage import Store
+from dkv.wal.record import Record
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +57,33 @@ class PromiseFile:
             os.close(dfd)
 
 
-def apply_actions(actions: Sequence[Action], log: Any, store: Store, promise: PromiseFile) -> None:
-    """Execute a follower's actions in order (synchronous: call it off the hub)."""
+def apply_actions(actions: Sequence[Action], log: Any, store: Store, promise: PromiseFile,
+                  unapplied: deque[Record] | None = None) -> None:
+    """Execute a follower's actions in order (synchronous: call it off the hub).
+
+    ``unapplied`` holds the records appended but not applied yet, so applying
+    takes them from memory instead of reading the log back.
+    """
+    buf: deque[Record] = deque() if unapplied is None else unapplied
     for a in actions:
         if isinstance(a, PersistPromise):
             promise.save(a.epoch)
         elif isinstance(a, TruncateLog):
             log.truncate_after(a.after_lsn)
+            while buf and buf[-1].lsn > a.after_lsn:
+                buf.pop()
         elif isinstance(a, AppendLog):
             log.append(a.records)
+            buf.extend(a.records)
         elif isinstance(a, ApplyUpTo):
-            apply_log(log, store, a.lsn)
+            while buf and buf[0].lsn <= store.applied_lsn:
+                buf.popleft()
+            if buf and buf[0].lsn == store.applied_lsn + 1:
+                chunk = []
+                while buf and buf[0].lsn <= a.lsn:
+                    chunk.append(buf.popleft())
+                store.apply(chunk)
+            apply_log(log, store, a.lsn)  # whatever memory did not cover (after a restart)
 
 
 def apply_log(log: Any, store: Store, up_to: int) -> None:
@@ -86,6 +104,7 @@ class FollowerDriver:
         self.promise = promise
         self.offload = offload
         self.state = Follower(log, promised=promise.epoch, applied_lsn=store.applied_lsn)
+        self._unapplied: deque[Record] = deque()
         self._lock = gevent.lock.Semaphore()
         #: monotonic time of the last message from a writer in the current epoch
         self.last_contact = 0.0
@@ -97,7 +116,7 @@ class FollowerDriver:
         with self._lock:
             reply, actions = decide()
             if actions:
-                self._run(apply_actions, actions, self.log, self.store, self.promise)
+                self._run(apply_actions, actions, self.log, self.store, self.promise, self._unapplied)
                 checkpoint(self.log, self.store, self.offload)
             if reply.ok:
                 self.last_contact = time.monotonic()
@@ -131,6 +150,7 @@ class FollowerDriver:
 
     def _install(self, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int) -> None:
         if first:
+            self._unapplied.clear()
             self.store.clear()
         with self.store.batch() as b:
             for k, v in pairs:

@@ -164,24 +164,30 @@ def read_view(zk: Any, watch: Any = None) -> ClusterView:
             continue
         view.shards[sid] = Shard.from_bytes(sid, raw)
         view.shard_versions[sid] = stat.version
-    try:
-        raw, stat = zk.get(SLOTS, watch=watch)
+    raw, stat = _read(zk, lambda: zk.get(SLOTS, watch=watch), SLOTS, watch, (None, None))
+    if stat is not None:
         view.slots, view.slot_version = SlotRanges.from_bytes(raw), stat.version
-    except NoNodeError:
-        if watch is not None:
-            zk.exists(SLOTS, watch=watch)
     return view
 
 
-def _children(zk: Any, path: str, watch: Any) -> list[str]:
+def _read(zk: Any, read: Any, path: str, watch: Any, missing: Any) -> Any:
+    """``read()``, or ``missing`` with an existence watch if ``path`` is absent.
+
+    If the znode appears between the failed read and the watch, read again:
+    otherwise its first data would go unseen until it changed.
+    """
     from kazoo.exceptions import NoNodeError
 
-    try:
-        return zk.get_children(path, watch=watch)
-    except NoNodeError:
-        if watch is not None:
-            zk.exists(path, watch=watch)
-        return []
+    while True:
+        try:
+            return read()
+        except NoNodeError:
+            if watch is None or zk.exists(path, watch=watch) is None:
+                return missing
+
+
+def _children(zk: Any, path: str, watch: Any) -> list[str]:
+    return _read(zk, lambda: zk.get_children(path, watch=watch), path, watch, [])
 
 
 def read_cluster_info(zk: Any) -> dict[str, Any]:

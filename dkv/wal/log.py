@@ -5,6 +5,15 @@ Layout: ``wal-{first_lsn:020d}.log`` files, each holding contiguous records
 segment to the next. Only the last (active) segment is appended to. An empty
 active segment is named by the next LSN to append, which is how an empty log
 remembers its base LSN durably (see :meth:`WriteAheadLog.reset_to`).
+
+Each segment has a sparse in-memory index (LSN -> byte offset), built by
+recovery and kept up to date by every call that changes the log. It holds the
+segment's first record (offset 0) and then a record whenever one starts at
+least :data:`INDEX_EVERY_RECORDS` records *or* :data:`INDEX_EVERY_BYTES` bytes
+after the previous entry, whichever comes first. :meth:`WriteAheadLog.read_from`
+seeks to the nearest entry at or before the requested LSN and reads forward in
+:data:`READ_CHUNK_BYTES` chunks, so a read touches the records it returns plus
+less than one index stride and one chunk, never the whole segment.
 """
 from __future__ import annotations
 
@@ -13,18 +22,61 @@ import itertools
 import logging
 import os
 import re
-from contextlib import contextmanager
+import struct
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 from dkv.errors import CorruptLog, StorageClosed
-from dkv.wal.codec import encode_many, find_lsn, iter_records
+from dkv.wal.codec import MAX_BODY_BYTES, MIN_BODY_BYTES, decode_from, encode, iter_records
 from dkv.wal.epochs import EpochIndex
 from dkv.wal.record import Record, check_continues
 
 logger = logging.getLogger(__name__)
 
 _SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
+_FRAME_LEN = struct.Struct("<I")  # a frame's leading body_len (see dkv.wal.codec)
+_FRAME_HEADER_BYTES = 8  # body_len and crc32
+
+#: A segment's sparse index gets an entry for a record that starts at least this
+#: many records ...
+INDEX_EVERY_RECORDS = 1000
+#: ... or at least this many bytes after the previous entry, whichever comes first.
+INDEX_EVERY_BYTES = 1024 * 1024
+#: Reads go forward through a segment this many bytes at a time (more for a bigger record).
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+class _SparseIndex:
+    """LSN -> byte offset of some records of one segment, both ascending.
+
+    Always holds the segment's first LSN at offset 0 (also while the segment is
+    empty: its first record will go there); see the module docstring for which
+    other records get an entry.
+    """
+
+    __slots__ = ("lsns", "offsets")
+
+    def __init__(self, first_lsn: int) -> None:
+        self.lsns = [first_lsn]
+        self.offsets = [0]
+
+    def note(self, lsn: int, offset: int) -> None:
+        """Record ``lsn`` starts at ``offset``; called for each record in order."""
+        if lsn - self.lsns[-1] >= INDEX_EVERY_RECORDS or offset - self.offsets[-1] >= INDEX_EVERY_BYTES:
+            self.lsns.append(lsn)
+            self.offsets.append(offset)
+
+    def floor(self, lsn: int) -> tuple[int, int]:
+        """The ``(lsn, offset)`` entry with the highest LSN <= ``lsn`` (the first entry if none)."""
+        i = max(bisect.bisect_right(self.lsns, lsn) - 1, 0)
+        return self.lsns[i], self.offsets[i]
+
+    def truncate_after(self, lsn: int) -> None:
+        """Drop the entries above ``lsn`` (never the first)."""
+        keep = max(bisect.bisect_right(self.lsns, lsn), 1)
+        del self.lsns[keep:]
+        del self.offsets[keep:]
 
 
 class WriteAheadLog:
@@ -35,9 +87,9 @@ class WriteAheadLog:
     earlier segment raises :class:`~dkv.errors.CorruptLog`.
 
     Not thread-safe: the node calls it from gevent's threadpool one call at a
-    time. :meth:`read_from` reads files lazily as it is iterated, so iterate it
-    within the same call (e.g. ``list(log.read_from(...))``), before any other
-    method runs.
+    time. :meth:`read_from` reads files lazily as it is iterated (a chunk at a
+    time, starting from the segment's sparse index), so iterate it within the
+    same call (e.g. ``list(log.read_from(...))``), before any other method runs.
 
     An OSError from a call that changes the log closes it (later calls raise
     StorageClosed): the on-disk state is then unknown, and reopening recovers.
@@ -54,6 +106,7 @@ class WriteAheadLog:
         self._segment_bytes = segment_bytes
         self._fsync = fsync
         self._segments: list[int] = []  # first_lsn of each segment, ascending
+        self._index: dict[int, _SparseIndex] = {}  # by first_lsn, one per segment
         self._fd: int | None = None  # the active (last) segment, O_APPEND
         self._active_bytes = 0
         self._last_lsn = 0
@@ -115,7 +168,8 @@ class WriteAheadLog:
             return
         expected = self._last_lsn + 1 if self._segments else max(records[0].lsn, 1)
         check_continues(records, expected, self._last_epoch)
-        data = encode_many(records)
+        frames = [encode(rec) for rec in records]
+        data = b"".join(frames)
         with self._close_on_error(f"append at lsn {expected}"):
             if not self._segments:
                 self._new_segment(expected)
@@ -128,7 +182,11 @@ class WriteAheadLog:
             if self._fsync:
                 os.fdatasync(self._fd)
                 self._fsyncs += 1
-        self._active_bytes += len(data)
+        index, offset = self._index[self._segments[-1]], self._active_bytes
+        for rec, frame in zip(records, frames):
+            index.note(rec.lsn, offset)
+            offset += len(frame)
+        self._active_bytes = offset
         self.epochs.note_all(records)
         self._last_lsn = records[-1].lsn
         self._last_epoch = records[-1].epoch
@@ -140,6 +198,10 @@ class WriteAheadLog:
         Raises ValueError if ``lsn`` is below the lowest LSN the log retains
         (it was compacted away or reset past: the caller needs a snapshot).
         Reading past ``last_lsn`` yields nothing.
+
+        Lazy: seeks to the sparse-index entry at or before ``lsn`` and reads
+        forward a chunk at a time, on into later segments, only as far as the
+        records taken; it never yields a record past the ``last_lsn`` of the call.
         """
         self._check_open()
         if self._segments and lsn < self._segments[0]:
@@ -147,7 +209,7 @@ class WriteAheadLog:
         if lsn > self._last_lsn:
             return iter(())
         start = bisect.bisect_right(self._segments, lsn) - 1
-        return itertools.islice(self._records_from(lsn, self._segments[start:]), limit)
+        return itertools.islice(self._records_from(lsn, self._segments[start:], self._last_lsn), limit)
 
     def truncate_after(self, lsn: int) -> int:
         """Durably remove every record with an LSN above ``lsn``; return how many.
@@ -165,12 +227,18 @@ class WriteAheadLog:
         with self._close_on_error(f"truncate after lsn {lsn}"):
             self._close_fd()
             self._delete(self._segments[keep + 1:][::-1])  # newest first: a crash leaves a prefix
+            for first in self._segments[keep + 1:]:
+                del self._index[first]
             del self._segments[keep + 1:]
-            cut, epoch = 0, 0
-            for rec, _, end in iter_records(self._path(self._segments[keep]).read_bytes()):
-                if rec.lsn > lsn:
-                    break
-                cut, epoch = end, rec.epoch
+            index = self._index[self._segments[keep]]
+            _, cut = index.floor(lsn)
+            epoch = 0
+            with closing(self._scan(self._segments[keep], cut)) as scan:
+                for rec, _, end in scan:
+                    if rec.lsn > lsn:
+                        break
+                    cut, epoch = end, rec.epoch
+            index.truncate_after(lsn)
             self._open(self._segments[-1])
             self._cut(cut)
         removed = self._last_lsn - lsn
@@ -192,6 +260,8 @@ class WriteAheadLog:
         if n:
             with self._close_on_error(f"compact to lsn {checkpoint_lsn}"):
                 self._delete(self._segments[:n])  # oldest first: a crash leaves a suffix
+            for first in self._segments[:n]:
+                del self._index[first]
             del self._segments[:n]
             logger.info("WAL compacted to checkpoint lsn %d: %d segment(s) deleted", checkpoint_lsn, n)
         return n
@@ -209,6 +279,7 @@ class WriteAheadLog:
             self._close_fd()
             self._delete(self._segments[::-1])
             self._segments = []
+            self._index = {}
             self._new_segment(lsn + 1)
         self.epochs.reset()
         self._last_lsn = lsn
@@ -227,6 +298,7 @@ class WriteAheadLog:
         """Load the segment list and cut a damaged tail of the last segment."""
         self._segments = sorted(int(m.group(1)) for p in self._dir.iterdir()
                                 if (m := _SEGMENT_NAME.fullmatch(p.name)))
+        self._index = {first: _SparseIndex(first) for first in self._segments}
         expected = 1  # the next LSN: where the following segment must start
         for i, first in enumerate(self._segments):
             path = self._path(first)
@@ -235,11 +307,12 @@ class WriteAheadLog:
                                  f"segment ends at lsn {expected - 1}",
                                  path=str(path), offset=0, last_good_lsn=expected - 1)
             data = path.read_bytes()
-            expected, good_end = first, 0
-            for rec, _, end in iter_records(data):
+            expected, good_end, index = first, 0, self._index[first]
+            for rec, start, end in iter_records(data):
                 if rec.lsn != expected or rec.epoch < self._last_epoch:
                     break
                 self.epochs.note(rec.epoch, rec.lsn)
+                index.note(rec.lsn, start)
                 expected, good_end, self._last_epoch = expected + 1, end, rec.epoch
             is_last = i == len(self._segments) - 1
             if good_end != len(data) and not is_last:
@@ -266,11 +339,53 @@ class WriteAheadLog:
             self.close()
             raise
 
-    def _records_from(self, lsn: int, segments: list[int]) -> Iterator[Record]:
+    def _records_from(self, lsn: int, segments: list[int], last_lsn: int) -> Iterator[Record]:
+        """Records ``lsn..last_lsn`` from ``segments`` (the first holds ``lsn``), read lazily."""
+        _, offset = self._index[segments[0]].floor(lsn)
         for first in segments:
-            data = self._path(first).read_bytes()
-            for rec, _, _ in iter_records(data, find_lsn(data, lsn)):
-                yield rec
+            with closing(self._scan(first, offset)) as scan:
+                for rec, _, _ in scan:
+                    if rec.lsn > last_lsn:
+                        return
+                    if rec.lsn >= lsn:
+                        yield rec
+            offset = 0
+
+    def _scan(self, first_lsn: int, offset: int) -> Iterator[tuple[Record, int, int]]:
+        """Yield ``(record, start, end)`` (file offsets) from ``offset`` of segment ``first_lsn``.
+
+        Reads :data:`READ_CHUNK_BYTES` at a time (or the rest of a record that
+        is bigger); stops silently at end of file or at the first spot that is
+        not a valid record, as :func:`~dkv.wal.codec.iter_records` does.
+        """
+        with self._open_segment(first_lsn) as f:
+            f.seek(offset)
+            buf, pos = b"", 0  # buf holds the file from offset - pos on
+            while True:
+                decoded = decode_from(buf, pos)
+                if decoded is not None:
+                    rec, end = decoded
+                    yield rec, offset, offset + end - pos
+                    offset += end - pos
+                    pos = end
+                    continue
+                have, want = len(buf) - pos, READ_CHUNK_BYTES
+                if have >= _FRAME_HEADER_BYTES:
+                    body_len = _FRAME_LEN.unpack_from(buf, pos)[0]
+                    if not MIN_BODY_BYTES <= body_len <= MAX_BODY_BYTES:
+                        return  # garbage: more bytes cannot make it a record
+                    missing = _FRAME_HEADER_BYTES + body_len - have
+                    if missing <= 0:
+                        return  # a complete frame that is not a valid record
+                    want = max(want, missing)  # a record bigger than a chunk: read all of it
+                chunk = f.read(want)
+                if not chunk:
+                    return
+                buf, pos = buf[pos:] + chunk, 0
+
+    def _open_segment(self, first_lsn: int) -> BinaryIO:
+        """Open segment ``first_lsn`` for reading (unbuffered: :meth:`_scan` reads in chunks)."""
+        return open(self._path(first_lsn), "rb", buffering=0)
 
     def _path(self, first_lsn: int) -> Path:
         return self._dir / f"wal-{first_lsn:020d}.log"
@@ -282,6 +397,7 @@ class WriteAheadLog:
     def _new_segment(self, first_lsn: int) -> None:
         self._open(first_lsn)
         self._segments.append(first_lsn)
+        self._index[first_lsn] = _SparseIndex(first_lsn)
         self._active_bytes = 0
         self._sync_dir()
 

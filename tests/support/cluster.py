@@ -96,7 +96,9 @@ class Cluster:
         return self.shard_members()[shard_id]["writer"]
 
     def in_sync(self, shard_id: str) -> bool:
-        sh = self.shard_members()[shard_id]
+        sh = self.shard_members().get(shard_id)  # absent while a restarted node loads its view
+        if sh is None or not sh["writer"]:
+            return False
         info = self.info(sh["writer"])
         if not info or "replication" not in info:
             return False
