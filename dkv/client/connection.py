@@ -21,6 +21,10 @@ from dkv.errors import DKVError, from_remote
 
 logger = logging.getLogger(__name__)
 
+#: zerorpc heartbeat (s): a silent peer is declared lost after two missed beats.
+#: Nodes use the same value (zerorpc expects both ends to agree).
+HEARTBEAT = 1.0
+
 #: Coalescing stops adding requests to a batch past these sizes.
 MAX_BATCH_OPS = 5_000
 MAX_BATCH_BYTES = 4 * 1024 * 1024
@@ -45,7 +49,7 @@ class Connection:
 
     def _client(self) -> zerorpc.Client:
         if self._rpc is None:
-            rpc = zerorpc.Client(timeout=self.timeout, heartbeat=5)
+            rpc = zerorpc.Client(timeout=self.timeout, heartbeat=HEARTBEAT)
             # Drop unsent requests on close: a request we gave up on must not be
             # delivered later to a restarted node.
             rpc._events.setsockopt(zmq.LINGER, 0)

@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Any, Iterator
 
 import gevent
+import gevent.event
 
 from dkv import protocol
 from dkv.client.connection import Connection, TransportError
@@ -46,6 +47,8 @@ class ClientCore:
         self.timeout = timeout
         self.max_inflight = max_inflight
         self._conns: dict[str, Connection] = {}
+        #: nodes that stopped answering -> the greenlet pinging them back
+        self._suspects: dict[str, gevent.Greenlet] = {}
         self._map: SlotMap | None = None
         self._map_doc: dict[str, Any] | None = None  # the document _map was built from
         self._rng = random.Random()
@@ -97,14 +100,30 @@ class ClientCore:
         return list(self._map.nodes) if self._map else []
 
     def request_any(self, method: str, *args: Any) -> Any:
-        """Ask the first node that answers: known nodes first, then the seeds."""
-        tried: list[str] = []
-        for addr in dict.fromkeys(self._known_nodes() + self.seeds):
-            try:
-                return self.conn(addr).request(method, *args)
-            except TransportError:
-                tried.append(addr)
-        raise Unavailable(f"no node answered ({', '.join(tried) or 'no node known'})")
+        """The first answer from any node: known nodes and seeds are asked in parallel,
+        so a dead node (likely in the map right after a failover) costs nothing."""
+        addrs = list(dict.fromkeys(self._known_nodes() + self.seeds))
+        if not addrs:
+            raise Unavailable("no node known")
+        first = gevent.event.AsyncResult()
+        failed: list[str] = []
+
+        def ask(addr: str) -> None:
+            outcome = _outcome(self.conn(addr).request, method, *args)
+            if first.ready():
+                return
+            if isinstance(outcome, TransportError):
+                failed.append(addr)
+                if len(failed) == len(addrs):
+                    first.set_exception(Unavailable(f"no node answered ({', '.join(failed)})"))
+            elif isinstance(outcome, BaseException):
+                first.set_exception(outcome)  # a node answered with an error
+            else:
+                first.set(outcome)
+
+        for addr in addrs:
+            gevent.spawn(ask, addr)  # the slower asks finish within their own timeout
+        return first.get()
 
     # -- key/value ops ---------------------------------------------------------
 
@@ -144,8 +163,11 @@ class ClientCore:
         retry: list[int] = []
         for i in todo:
             try:
-                by_addr[self._route(smap, ops[i], spread)].append(i)
-            except Unavailable as e:  # the slot has no writer right now (failover): retry
+                addr = self._route(smap, ops[i], spread)
+                if addr in self._suspects:  # not sent: the error stays definite
+                    raise Unavailable(f"{addr} is not answering; waiting for it or for a new writer")
+                by_addr[addr].append(i)
+            except Unavailable as e:  # no live writer right now (failover): retry
                 replies[i] = protocol.err(e)
                 retry.append(i)
         if retry:
@@ -159,8 +181,11 @@ class ClientCore:
             if not job.ready() or isinstance(job.value, BaseException):
                 exc = job.value if job.ready() else TransportError(f"no answer within {self.timeout:g}s")
                 self._invalidate_map()  # the node may be gone: relearn the map next time
+                self._suspect(addr)
                 for i in idxs:
                     replies[i] = protocol.err(self._transport_error(ops[i], addr, exc))
+                    if not protocol.is_write(ops[i]):
+                        retry.append(i)  # reads are safe to repeat; a write may have arrived
                 continue
             for i, reply in zip(idxs, job.value):
                 replies[i] = reply
@@ -169,6 +194,19 @@ class ClientCore:
                         self._invalidate_map()
                     retry.append(i)
         return retry
+
+    def _suspect(self, addr: str) -> None:
+        """Send nothing more to ``addr`` until it answers a ping (a dead writer is often
+        still in the map until its session expires)."""
+        if addr in self._suspects:
+            return
+
+        def probe() -> None:
+            while _outcome(self.conn(addr).request, "ping") != "pong":
+                gevent.sleep(0.2)
+            self._suspects.pop(addr, None)
+
+        self._suspects[addr] = gevent.spawn(probe)
 
     def _transport_error(self, op: list[Any], addr: str, exc: BaseException | None) -> DKVError:
         if not isinstance(exc, TransportError):
@@ -195,6 +233,7 @@ class ClientCore:
         return pages[:limit]
 
     def close(self) -> None:
+        gevent.killall(list(self._suspects.values()), block=False)
         for c in self._conns.values():
             c.close()
         self._conns.clear()

@@ -19,7 +19,8 @@ import gevent
 import gevent.lock
 
 from dkv.cluster.replication import (Action, AppendLog, ApplyUpTo, Follower, PersistPromise, Prepare,
-                                     Reply, Truncate, TruncateLog)
+                                     Reply, Truncate, TruncateLog, records_to_wire)
+from dkv.errors import Unavailable
 from dkv.node.pipeline import checkpoint
 from dkv.storage import Store
 from dkv.wal.record import Record
@@ -159,6 +160,29 @@ class FollowerDriver:
             self.store.set_applied(lsn, last_epoch)
             self.store.checkpoint()
             self.log.reset_to(lsn)
+
+    def adopt(self, records: list[Record]) -> None:
+        """Failover: replace our log past the applied (committed) prefix with ``records``."""
+        def work() -> None:
+            self.log.truncate_after(self.store.applied_lsn)
+            self.log.append(records)
+
+        with self._lock:
+            self._run(work)
+            self._unapplied.clear()
+            self._unapplied.extend(records)
+
+    def read(self, start: int, limit: int) -> list[list[Any]]:
+        """Our log from ``start`` (committed or not), for a candidate adopting it."""
+        if self.log.last_lsn and start < self.log.first_lsn:
+            raise Unavailable(f"lsn {start} was compacted; this log starts at {self.log.first_lsn}")
+        return records_to_wire(self._run(lambda: list(self.log.read_from(start, limit=limit))))
+
+    def reset(self) -> None:
+        """Become a replica again (after being the writer): take the store's state as ours."""
+        self.state.applied_lsn = self.store.applied_lsn
+        self.state.commit_lsn = max(self.state.commit_lsn, self.store.applied_lsn)
+        self._unapplied.clear()
 
     def lag(self) -> int:
         """Committed records this replica has not applied, as far as it knows."""

@@ -25,6 +25,14 @@ from dkv.wal.record import Op, Record
 # -- messages ------------------------------------------------------------------
 
 
+def records_to_wire(records: Sequence[Record]) -> list[list[Any]]:
+    return [[r.epoch, r.lsn, int(r.op), r.key, r.value] for r in records]
+
+
+def records_from_wire(wire: Sequence[Sequence[Any]]) -> tuple[Record, ...]:
+    return tuple(Record(int(e), int(n), Op(o), bytes(k), bytes(v)) for e, n, o, k, v in wire)
+
+
 @dataclass(frozen=True)
 class Prepare:
     """Append ``records`` after ``(prev_lsn, prev_epoch)``; learn ``commit_lsn``.
@@ -39,15 +47,12 @@ class Prepare:
     commit_lsn: int
 
     def to_wire(self) -> list[Any]:
-        return [self.epoch, self.prev_lsn, self.prev_epoch, self.commit_lsn,
-                [[r.epoch, r.lsn, int(r.op), r.key, r.value] for r in self.records]]
+        return [self.epoch, self.prev_lsn, self.prev_epoch, self.commit_lsn, records_to_wire(self.records)]
 
     @classmethod
     def from_wire(cls, w: Sequence[Any]) -> "Prepare":
         epoch, prev_lsn, prev_epoch, commit_lsn, recs = w
-        return cls(int(epoch), int(prev_lsn), int(prev_epoch),
-                   tuple(Record(int(e), int(n), Op(o), bytes(k), bytes(v)) for e, n, o, k, v in recs),
-                   int(commit_lsn))
+        return cls(int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dkv.cluster.coordinator import Coordinator
 from dkv.cluster.follower import FollowerDriver, PromiseFile
 from dkv.cluster.layout import ClusterView, Shard
 from dkv.cluster.leader import ReplicatedWriter
+from dkv.cluster.promotion import Promoter
 from dkv.cluster.replication import STALE_EPOCH, Reply
 from dkv.errors import DKVError, Moved, TryAgain, Unavailable
 from dkv.node.config import NodeConfig
@@ -68,6 +69,7 @@ class ClusterRuntime:
         self.shard: Shard | None = None
         self.writer: ReplicatedWriter | None = None
         self._not_writer = _NotWriter(self)
+        self.promoter: Promoter | None = None
         pipeline.writer = self._not_writer
         #: the controller is moving our (empty) slots: refuse writes until this map version
         self._frozen_until: tuple[int, float] | None = None
@@ -78,6 +80,8 @@ class ClusterRuntime:
 
     def stop(self) -> None:
         self.controller.stop()
+        if self.promoter is not None:
+            self.promoter.stop()
         if self.writer is not None:
             self.writer.stop()
         self.coord.stop()
@@ -96,23 +100,34 @@ class ClusterRuntime:
             logger.info("role: %s of %s (epoch %s)", role, shard.id if shard else "-", shard.epoch if shard else "-")
         if role == WRITER:
             assert shard is not None
-            if self.writer is None or self.writer.shard_id != shard.id:
-                self._stop_writer()
-                if shard.epoch > self.promise.epoch:
-                    self.promise.save(shard.epoch)
-                    self.follower.state.promised = shard.epoch
-                self.writer = ReplicatedWriter(
-                    self.config, shard.id, shard.epoch, self.log, self.store,
-                    addr_of=lambda rid: self.coord.view.nodes.get(rid),
-                    bump_epoch=lambda sid=shard.id: self.coord.bump_epoch(sid),
-                    is_current=lambda: self.coord.connected and self.role == WRITER)
-                self.pipeline.writer = self.writer
+            if self.writer is None or self.writer.shard_id != shard.id or shard.epoch > self.writer.epoch:
+                self._start_writer(shard)
+            assert self.writer is not None
             self.writer.set_replicas(shard.replicas, set(view.nodes))
-        else:
+        elif self.writer is not None:
             self._stop_writer()
+            self.follower.reset()  # our log may hold an uncommitted tail: the new writer cuts it
+        if self.promoter is not None and self.promoter.dead:
+            self.promoter = None
+        writer_gone = shard is not None and (shard.writer is None or shard.writer not in view.nodes)
+        if role == REPLICA and writer_gone and self.promoter is None:
+            assert shard is not None
+            self.promoter = Promoter(self, shard.id)
         self.role, self.shard = role, shard
         if self._frozen_until and view.slot_version >= self._frozen_until[0]:
             self._frozen_until = None
+
+    def _start_writer(self, shard: Shard) -> None:
+        self._stop_writer()
+        if shard.epoch > self.promise.epoch:
+            self.promise.save(shard.epoch)
+            self.follower.state.promised = shard.epoch
+        self.writer = ReplicatedWriter(
+            self.config, shard.id, shard.epoch, self.log, self.store,
+            addr_of=lambda rid: self.coord.view.nodes.get(rid),
+            bump_epoch=lambda sid=shard.id: self.coord.bump_epoch(sid),
+            is_current=lambda: self.coord.connected and self.role == WRITER)
+        self.pipeline.writer = self.writer
 
     def _stop_writer(self) -> None:
         if self.writer is not None:
@@ -127,9 +142,15 @@ class ClusterRuntime:
 
     def not_writer_error(self) -> DKVError:
         if self.role == REPLICA and self.shard is not None:
-            return Moved(f"{self.config.node_id} is a replica of {self.shard.id}",
-                         addr=self.view.writer_addr(self.shard.id))
+            return self._to_writer_of(self.shard.id, f"{self.config.node_id} is a replica of {self.shard.id}")
         return Unavailable(f"{self.config.node_id} is not a shard writer ({self.role})")
+
+    def _to_writer_of(self, shard_id: str, why: str, **data: Any) -> DKVError:
+        """MOVED to the shard's writer, or Unavailable while it has none (failover)."""
+        addr = self.view.writer_addr(shard_id)
+        if addr is None:
+            return Unavailable(f"{why}; {shard_id} has no live writer (failover in progress)", **data)
+        return Moved(why, addr=addr, **data)
 
     # -- routing (before anything is read or queued) -----------------------------------------
 
@@ -140,7 +161,7 @@ class ClusterRuntime:
         if owner is None:
             raise Unavailable(f"slot {slot} has no owner yet (the cluster is forming)")
         if self.shard is None or owner != self.shard.id:
-            raise Moved(f"slot {slot} is served by {owner}", addr=view.writer_addr(owner), slot=slot)
+            raise self._to_writer_of(owner, f"slot {slot} is served by {owner}", slot=slot)
         if op in protocol.WRITE_OPS or consistency != "eventual":
             if self.role != WRITER:
                 raise self.not_writer_error()
@@ -177,6 +198,9 @@ class ClusterRuntime:
 
     def repl_snapshot(self, *args: Any) -> list[Any]:
         return self._as_replica(self.follower.snapshot_chunk, *args)
+
+    def repl_read(self, start: int, limit: int) -> list[list[Any]]:
+        return self.follower.read(int(start), int(limit))
 
     # -- slot release (the controller spreading slots over an empty cluster) -----------------
 

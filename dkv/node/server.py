@@ -15,6 +15,7 @@ import gevent.event
 import zerorpc
 import zmq
 
+from dkv.client.connection import HEARTBEAT
 from dkv.errors import DKVError, InvalidArgument, Unavailable
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import LocalWriter, WritePipeline
@@ -106,6 +107,9 @@ class RPC:
                       lsn: int, last_epoch: int) -> list[Any]:
         return self._rt().repl_snapshot(epoch, first, pairs, done, lsn, last_epoch)
 
+    def repl_read(self, start: int, limit: int) -> list[list[Any]]:
+        return self._rt().repl_read(start, limit)
+
     def repl_release(self, version: int) -> bool:
         return self._rt().release_slots(int(version))
 
@@ -139,7 +143,7 @@ class Node:
             promise = PromiseFile(os.path.join(cfg.data_dir, "promise") if cfg.durable else None)
             self.runtime = ClusterRuntime(cfg, self.log, self.store, self.pipeline, promise)
             self.service.router = self.runtime
-        self._server = _RPCServer(RPC(self.service), heartbeat=5)
+        self._server = _RPCServer(RPC(self.service), heartbeat=HEARTBEAT)
         try:
             self._server.bind(cfg.endpoint)
         except zmq.ZMQError as e:

@@ -1,0 +1,172 @@
+"""Failover: promote a replica when its shard's writer is gone (DESIGN §5).
+
+When the writer's registration vanishes, the shard's live replicas contend for
+a ZooKeeper lock; the holder runs one attempt:
+
+1. reserve the next epoch with a version-checked write (writer set to none),
+   so the epoch is unique even if this candidate dies half way;
+2. *fence*: ask every member to promise to refuse any lower epoch, and report
+   its log end ``(last_epoch, last_lsn)``; at least
+   ``replication_factor - write_quorum + 1`` members (itself included) must
+   answer, so the answers include every acknowledged write;
+3. adopt the most advanced log (fetching the missing tail from that member);
+4. publish itself as writer with a version-checked write. Its writer driver
+   then commits the adopted tail before taking new writes, and members with a
+   divergent uncommitted tail cut it when the new writer first contacts them.
+
+If too few members answer, nobody is promoted: the shard stays unavailable
+(never an unsafe promotion). :func:`pick_source` and :func:`needed` are the
+pure rules; :class:`Promoter` is the I/O around them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gevent
+from kazoo.exceptions import BadVersionError, KazooException, LockTimeout, NoNodeError
+
+from dkv.client.connection import Connection, TransportError
+from dkv.cluster import layout
+from dkv.cluster.replication import Reply, records_from_wire
+from dkv.errors import DKVError
+
+logger = logging.getLogger(__name__)
+
+#: Records fetched per call when adopting another member's log.
+FETCH_CHUNK = 5000
+
+
+def needed(replication_factor: int, write_quorum: int) -> int:
+    """Members that must answer a promotion: any such set meets every write quorum."""
+    return replication_factor - write_quorum + 1
+
+
+def pick_source(positions: dict[str, Reply]) -> str:
+    """The member whose log is the most advanced: highest (last_epoch, last_lsn); ties by id."""
+    return max(positions, key=lambda m: (positions[m].last_epoch, positions[m].last_lsn, m))
+
+
+class Promoter:
+    """Runs promotion attempts for one shard while its writer is down and we are a replica."""
+
+    def __init__(self, runtime: Any, shard_id: str) -> None:
+        self.rt = runtime
+        self.shard_id = shard_id
+        self.config = runtime.config
+        self._greenlet = gevent.spawn(self._run)
+
+    @property
+    def dead(self) -> bool:
+        return self._greenlet.dead
+
+    def stop(self) -> None:
+        self._greenlet.kill(block=False)
+
+    def _writer_down(self) -> bool:
+        sh = self.rt.view.shards.get(self.shard_id)
+        return (sh is not None and self.config.node_id in sh.replicas
+                and (sh.writer is None or sh.writer not in self.rt.view.nodes))
+
+    def _run(self) -> None:
+        lock = self.rt.coord.zk.Lock(f"{layout.shard_path(self.shard_id)}/promotion", self.config.node_id)
+        while self._writer_down() and self.rt.coord.connected:
+            try:
+                if lock.acquire(timeout=self.config.session_timeout):
+                    try:
+                        if self._writer_down() and self._attempt():
+                            return
+                    finally:
+                        lock.release()
+            except (LockTimeout, KazooException) as e:
+                logger.debug("promotion of %s: %s", self.shard_id, e)
+            gevent.sleep(0.5)
+
+    def _attempt(self) -> bool:
+        zk = self.rt.coord.zk
+        me = self.config.node_id
+        path = layout.shard_path(self.shard_id)
+        try:
+            raw, stat = zk.get(path)
+        except NoNodeError:
+            return False
+        shard = layout.Shard.from_bytes(self.shard_id, raw)
+        if shard.writer is not None and zk.exists(layout.node_path(shard.writer)):
+            return True  # the writer is back (or someone else won): nothing to do
+        members = shard.members
+        epoch = shard.epoch + 1
+        reserved = layout.Shard(self.shard_id, epoch, None, members)
+        try:
+            stat = zk.set(path, reserved.to_bytes(), version=stat.version)
+        except BadVersionError:
+            return False
+        logger.warning("%s: writer %s is gone; %s reserved epoch %d and fences the members",
+                       self.shard_id, shard.writer, me, epoch)
+        positions = self._fence(members, epoch)
+        need = needed(self.config.replication_factor, self.config.write_quorum)
+        if len(positions) < need:
+            logger.error("%s: only %d of %d members answered the promotion (need %d); no writer until "
+                         "more return", self.shard_id, len(positions), len(members), need)
+            return False
+        source = pick_source(positions)
+        if source != me and not self._adopt(source, positions[source]):
+            return False
+        new = layout.Shard(self.shard_id, epoch, me, [m for m in members if m != me])
+        try:
+            zk.set(path, new.to_bytes(), version=stat.version)
+        except BadVersionError:
+            return False
+        logger.warning("%s: %s promoted to writer in epoch %d (log end %d, from %d answering members)",
+                       self.shard_id, me, epoch, self.rt.log.last_lsn, len(positions))
+        self.rt.coord.refresh()
+        return True
+
+    def _fence(self, members: list[str], epoch: int) -> dict[str, Reply]:
+        """Every reachable member promises ``epoch`` and reports its log end."""
+        def ask(member: str) -> Reply | None:
+            try:
+                if member == self.config.node_id:
+                    raw = self.rt.follower.fence(epoch)
+                else:
+                    addr = self.rt.view.nodes.get(member)
+                    if addr is None:
+                        return None
+                    raw = self._request(addr, "repl_fence", epoch)
+                reply = Reply.from_wire(raw)
+                return reply if reply.ok else None
+            except (TransportError, DKVError):
+                return None
+
+        jobs = {m: gevent.spawn(ask, m) for m in members}
+        gevent.joinall(list(jobs.values()), timeout=self.config.write_timeout)
+        return {m: j.value for m, j in jobs.items() if j.successful() and j.value is not None}
+
+    def _adopt(self, source: str, pos: Reply) -> bool:
+        """Replace our log past our applied (committed) prefix with ``source``'s."""
+        addr = self.rt.view.nodes.get(source)
+        if addr is None:
+            return False
+        start = self.rt.store.applied_lsn + 1
+        records: list[Any] = []
+        try:
+            while start <= pos.last_lsn:
+                chunk = records_from_wire(self._request(addr, "repl_read", start, FETCH_CHUNK))
+                if not chunk or chunk[0].lsn != start:
+                    logger.error("%s: %s cannot serve its log from %d; not promoting", self.shard_id, source, start)
+                    return False
+                records.extend(chunk)
+                start = chunk[-1].lsn + 1
+        except (TransportError, DKVError) as e:
+            logger.error("%s: fetching the log tail from %s failed: %s", self.shard_id, source, e)
+            return False
+        self.rt.follower.adopt(records)
+        logger.info("%s: adopted %d record(s) from %s (log end %d, epoch %d)", self.shard_id, len(records),
+                    source, pos.last_lsn, pos.last_epoch)
+        return True
+
+    def _request(self, addr: str, method: str, *args: Any) -> Any:
+        conn = Connection(addr, self.config.write_timeout)
+        try:
+            return conn.request(method, *args)
+        finally:
+            conn.close()

@@ -1,0 +1,182 @@
+"""Record what clients did: a thread-safe log of operations with their real-time windows and outcomes.
+
+This module's single job is *recording*. Every operation is an :class:`Op`
+invoked at ``time.monotonic()`` and completed with one of three outcomes:
+
+``"ok"``
+    The operation took effect (a set was acknowledged; a get returned ``value``).
+``"fail"``
+    Definite: the operation had no effect. A set that got a *definite* ``DKVError``
+    (DESIGN G5: "not applied") and every get that failed, whatever the error
+    (a read has no effect either way).
+``"info"``
+    Indeterminate, sets only: the write may or may not have been applied, now or
+    later (``WriteTimeout``, a transport error, or anything unexpected). For the
+    checkers an ``info`` set's window never closes.
+
+The checkers (:mod:`tests.faults.checkers`) judge a history; this module only
+records it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, TypeVar
+
+import zerorpc
+
+from dkv.client.connection import TransportError
+from dkv.errors import DKVError
+
+Kind = Literal["set", "get"]
+Outcome = Literal["ok", "fail", "info"]
+T = TypeVar("T")
+
+#: Errors a client may legitimately see while nodes crash, pause or are cut off.
+#: Anything else raised by a client call is a bug in the harness or the client.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    DKVError, TransportError, OSError, zerorpc.TimeoutExpired, zerorpc.LostRemote)
+
+
+def is_expected_error(error: BaseException) -> bool:
+    """True for the errors faults are expected to cause (dkv errors and transport errors)."""
+    return isinstance(error, EXPECTED_ERRORS)
+
+
+def _text(value: str | bytes | None) -> str | None:
+    """Values are recorded as ``str``; the client returns ``bytes`` (UTF-8)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value
+
+
+@dataclass
+class Op:
+    """One client operation on one key.
+
+    ``value`` is the written value for a set, and the value read (filled at
+    completion; ``None`` for an absent key) for a get. ``complete`` and
+    ``outcome`` are ``None`` while the operation is in flight.
+    """
+
+    index: int
+    process: int
+    kind: Kind
+    key: str
+    value: str | None
+    invoke: float
+    complete: float | None = None
+    outcome: Outcome | None = None
+    error: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.outcome is None
+
+    def __str__(self) -> str:
+        done = "…" if self.complete is None else f"{self.complete:.6f}"
+        err = f" ({self.error})" if self.error else ""
+        return (f"#{self.index} p{self.process} {self.kind}({self.key!r}, {self.value!r}) "
+                f"[{self.invoke:.6f}, {done}] {self.outcome or 'pending'}{err}")
+
+
+class History:
+    """A thread-safe, append-only list of :class:`Op` s.
+
+    Any number of threads may invoke and complete operations concurrently. One
+    ``process`` must have at most one operation in flight at a time (the usual
+    history model: a process is a sequential client thread).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ops: list[Op] = []
+
+    # -- recording -----------------------------------------------------------------
+
+    def invoke(self, process: int, kind: Kind, key: str, value: str | bytes | None = None) -> Op:
+        """Record the start of an operation; ``value`` is the value a set writes."""
+        if kind not in ("set", "get"):
+            raise ValueError(f"unknown op kind {kind!r}")
+        if kind == "set" and value is None:
+            raise ValueError("a set needs a value")
+        with self._lock:
+            op = Op(len(self._ops), process, kind, key, _text(value) if kind == "set" else None, self._clock())
+            self._ops.append(op)
+            return op
+
+    def ok(self, op: Op, value: str | bytes | None = None) -> None:
+        """The operation took effect; for a get, ``value`` is what it read."""
+        self._complete(op, "ok", None, value)
+
+    def fail(self, op: Op, error: BaseException | str | None = None) -> None:
+        """The operation certainly had no effect (a definite error)."""
+        self._complete(op, "fail", error)
+
+    def info(self, op: Op, error: BaseException | str | None = None) -> None:
+        """The outcome is unknown (a set that may or may not be applied).
+
+        A get has no effect either way, so a get recorded here becomes ``"fail"``.
+        """
+        self._complete(op, "info" if op.kind == "set" else "fail", error)
+
+    def _complete(self, op: Op, outcome: Outcome, error: BaseException | str | None,
+                  value: str | bytes | None = None) -> None:
+        with self._lock:
+            if op.outcome is not None:
+                raise ValueError(f"op #{op.index} already completed: {op}")
+            op.complete = self._clock()
+            op.outcome = outcome
+            if error is not None:
+                op.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            if outcome == "ok" and op.kind == "get":
+                op.value = _text(value)
+
+    def record(self, process: int, kind: Kind, key: str, value: str | bytes | None,
+               fn: Callable[[], T]) -> T:
+        """Invoke, run ``fn()``, complete with the classified outcome, return ``fn``'s result.
+
+        A get's result is recorded as the value read. On an exception the outcome
+        is classified, then the exception is re-raised for the caller to judge:
+        a set gets ``"fail"`` only for a *definite* ``DKVError``; ``WriteTimeout``,
+        transport errors and any other exception make it ``"info"`` (it may have
+        been applied). Any error on a get makes it ``"fail"``.
+        """
+        op = self.invoke(process, kind, key, value)
+        try:
+            result = fn()
+        except BaseException as e:
+            if kind == "set" and isinstance(e, DKVError) and e.definite:
+                self.fail(op, e)
+            else:
+                self.info(op, e)  # a get becomes "fail"
+            raise
+        self.ok(op, result if kind == "get" else None)  # type: ignore[arg-type]
+        return result
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def ops(self) -> list[Op]:
+        """A consistent snapshot: copies of every op, in invocation order."""
+        with self._lock:
+            return [dataclasses.replace(op) for op in self._ops]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ops)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts: ops, sets_ok, sets_fail, sets_info, gets_ok, gets_fail, pending."""
+        counts = {"ops": 0, "sets_ok": 0, "sets_fail": 0, "sets_info": 0,
+                  "gets_ok": 0, "gets_fail": 0, "pending": 0}
+        for op in self.ops:
+            counts["ops"] += 1
+            if op.outcome is None:
+                counts["pending"] += 1
+            else:
+                counts[f"{op.kind}s_{op.outcome}"] += 1
+        return counts

@@ -1,0 +1,567 @@
+"""Tests of the fault harness's history recorder, workload and checkers.
+
+Synthetic histories (no cluster, fully deterministic) pin down what the
+checkers accept and reject; one integration test runs the workload against a
+real standalone ``dkv serve`` node and checks its history.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from typing import Any
+
+import pytest
+
+import dkv
+from dkv.client.connection import TransportError
+from dkv.errors import InvalidArgument, QuorumNotReached, Unavailable, WriteTimeout
+from tests.faults.checkers import CheckResult, check_acknowledged, check_converged, check_linearizable
+from tests.faults.history import History, Op
+from tests.faults.workload import Workload, WorkloadError
+from tests.support.procs import NodeProcess
+
+
+# -- building synthetic histories -------------------------------------------------------------------
+
+
+class Builder:
+    """Hand-written histories: ``b.set(p, key, value, invoke, complete, outcome)``."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def _add(self, process: int, kind: str, key: str, value: str | None, invoke: float,
+             complete: float | None, outcome: str | None) -> Op:
+        op = Op(len(self.ops), process, kind, key, value, invoke, complete, outcome)  # type: ignore[arg-type]
+        self.ops.append(op)
+        return op
+
+    def set(self, p: int, value: str, invoke: float, complete: float | None, outcome: str = "ok",
+            key: str = "k") -> Op:
+        return self._add(p, "set", key, value, invoke, complete, outcome)
+
+    def get(self, p: int, value: str | None, invoke: float, complete: float | None, outcome: str = "ok",
+            key: str = "k") -> Op:
+        return self._add(p, "get", key, value, invoke, complete, outcome)
+
+
+def final(values: dict[str, str | None]) -> Any:
+    """A ``final_read`` answering from a dict."""
+    return lambda keys: [values.get(k) for k in keys]
+
+
+def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: float = 0.5,
+                   p_fail: float = 0.05, p_info: float = 0.1, p_get_fail: float = 0.02) -> list[Op]:
+    """A history produced by a real sequential register per key.
+
+    Op ``k`` takes effect at time ``k``; its window is ``[k - U(0, width), k + U(0, width)]``
+    (so about ``2 * width`` ops overlap), on the first process free at its invocation.
+    Failed sets never take effect; info sets take effect (at ``k``, possibly after their
+    recorded completion) or not, by a coin flip; failed gets read nothing.
+    """
+    rng = random.Random(seed)
+    state: dict[str, str | None] = {}
+    free_at: list[float] = []
+    ops: list[Op] = []
+    for k in range(n):
+        key = f"k{rng.randrange(keys)}"
+        invoke = k - rng.uniform(0, width)
+        complete = k + rng.uniform(0, width)
+        process = next((p for p, t in enumerate(free_at) if t < invoke), len(free_at))
+        if process == len(free_at):
+            free_at.append(0.0)
+        if rng.random() < p_set:
+            value, r = f"v{k}", rng.random()
+            if r < p_fail:
+                outcome = "fail"
+            elif r < p_fail + p_info:
+                outcome = "info"
+                complete = invoke + rng.uniform(0, width)  # the timeout may come before the effect
+                if rng.random() < 0.5:
+                    state[key] = value
+            else:
+                outcome = "ok"
+                state[key] = value
+            op = Op(k, process, "set", key, value, invoke, complete, outcome)  # type: ignore[arg-type]
+        elif rng.random() < p_get_fail:
+            op = Op(k, process, "get", key, None, invoke, complete, "fail")
+        else:
+            op = Op(k, process, "get", key, state.get(key), invoke, complete, "ok")
+        free_at[process] = op.complete or complete
+        ops.append(op)
+    return sorted(ops, key=lambda o: o.invoke)
+
+
+# -- History --------------------------------------------------------------------------------------------------
+
+
+def test_record_classifies_outcomes() -> None:
+    h = History()
+
+    def boom(e: BaseException) -> Any:
+        def fn() -> None:
+            raise e
+        return fn
+
+    assert h.record(0, "set", "a", "1", lambda: None) is None
+    assert h.record(0, "get", "a", None, lambda: b"1") == b"1"
+    for err in (WriteTimeout("t"), TransportError("gone"), QuorumNotReached("q"), InvalidArgument("bad")):
+        with pytest.raises(type(err)):
+            h.record(1, "set", "a", f"x-{type(err).__name__}", boom(err))
+    for err in (Unavailable("u"), WriteTimeout("t")):
+        with pytest.raises(type(err)):
+            h.record(2, "get", "a", None, boom(err))
+    ops = h.ops
+    assert [(o.kind, o.outcome) for o in ops] == [
+        ("set", "ok"), ("get", "ok"), ("set", "info"), ("set", "info"), ("set", "fail"), ("set", "fail"),
+        ("get", "fail"), ("get", "fail")]
+    assert ops[1].value == "1"  # bytes read are recorded as str
+    assert ops[2].error == "WriteTimeout: t"
+    assert all(o.complete is not None and o.complete >= o.invoke for o in ops)
+    assert h.summary() == {"ops": 8, "sets_ok": 1, "sets_fail": 2, "sets_info": 2, "gets_ok": 1,
+                           "gets_fail": 2, "pending": 0}
+
+
+def test_history_api_and_snapshot() -> None:
+    h = History()
+    s = h.invoke(0, "set", "k", b"v")
+    g = h.invoke(1, "get", "k")
+    snapshot = h.ops
+    h.ok(s)
+    h.info(g, "lost")  # a read has no effect: recorded as a failure
+    assert snapshot[0].pending and snapshot[1].pending  # a snapshot does not change afterwards
+    assert [(o.value, o.outcome) for o in h.ops] == [("v", "ok"), (None, "fail")]
+    with pytest.raises(ValueError):
+        h.ok(s)
+    with pytest.raises(ValueError):
+        h.invoke(0, "set", "k")
+    assert h.summary()["pending"] == 0 and len(h) == 2
+
+
+def test_history_is_thread_safe() -> None:
+    h = History()
+    start = threading.Barrier(8)
+
+    def worker(p: int) -> None:
+        start.wait()
+        for i in range(500):
+            h.record(p, "set", f"k{i % 3}", f"{p}-{i}", lambda: None)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ops = h.ops
+    assert len(ops) == 4000 and sorted(o.index for o in ops) == list(range(4000))
+    assert h.summary()["sets_ok"] == 4000
+
+
+# -- check_linearizable: small histories -------------------------------------------------------------------------
+
+
+def test_sequential_history_is_linearizable() -> None:
+    b = Builder()
+    b.get(0, None, 0, 1)
+    b.set(0, "a", 2, 3)
+    b.get(1, "a", 4, 5)
+    b.set(1, "b", 6, 7)
+    b.get(0, "b", 8, 9)
+    r = check_linearizable(b.ops)
+    assert r.ok, r.format()
+    assert r.details["per_key"]["k"]["ok"] is True
+
+
+def test_stale_read_after_acknowledged_write_is_not_linearizable() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(0, "b", 2, 3)
+    b.get(1, "a", 4, 5)  # "b" was acknowledged before this read began
+    r = check_linearizable(b.ops)
+    assert not r.ok
+    assert r.details["failed_keys"] == ["k"]
+    assert "key 'k'" in r.format() and "get('k', 'a')" in r.format()
+
+
+def test_read_of_a_value_never_written_is_not_linearizable() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.get(1, "zzz", 2, 3)
+    assert not check_linearizable(b.ops).ok
+
+
+@pytest.mark.parametrize("seen", ["a", "b"])
+def test_concurrent_set_and_get_may_read_either_value(seen: str) -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(0, "b", 2, 6)
+    b.get(1, seen, 3, 5)  # overlaps the set of "b"
+    assert check_linearizable(b.ops).ok
+
+
+def test_reads_cannot_go_back_in_time() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(0, "b", 2, 10)
+    b.get(1, "b", 3, 4)
+    b.get(1, "a", 5, 6)  # "b" was already visible: "a" cannot come back
+    assert not check_linearizable(b.ops).ok
+
+
+def test_concurrent_sets_may_take_effect_in_either_order() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 5)
+    b.set(1, "b", 1, 4)
+    b.get(2, "a", 6, 7)
+    b.get(2, "a", 8, 9)
+    assert check_linearizable(b.ops).ok
+
+
+@pytest.mark.parametrize("later", [True, False])
+def test_info_set_may_show_up_later_or_never(later: bool) -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(0, "b", 2, 3, outcome="info")  # timed out
+    b.get(1, "a", 4, 5)
+    b.get(1, "b" if later else "a", 6, 7)
+    assert check_linearizable(b.ops).ok
+    assert check_acknowledged(b.ops, final({"k": "b" if later else "a"})).ok
+
+
+def test_info_set_once_seen_stays_applied() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(0, "b", 2, 3, outcome="info")
+    b.get(1, "b", 4, 5)
+    b.get(1, "a", 6, 7)
+    assert not check_linearizable(b.ops).ok
+
+
+def test_pending_set_counts_as_info() -> None:
+    b = Builder()
+    b.set(0, "a", 0, None, outcome=None)  # type: ignore[arg-type]
+    b.get(1, "a", 4, 5)
+    b.get(2, None, 1, 2, outcome=None)  # type: ignore[arg-type]
+    assert check_linearizable(b.ops).ok
+
+
+def test_failed_set_whose_value_is_read_is_not_linearizable() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(0, "b", 2, 3, outcome="fail")  # definite: "not applied"
+    b.get(1, "b", 4, 5)
+    r = check_linearizable(b.ops)
+    assert not r.ok and r.details["failed_keys"] == ["k"]
+    acked = check_acknowledged(b.ops, final({"k": "b"}))
+    assert not acked.ok and acked.details["lost"][0]["reason"] == "failed write applied"
+
+
+def test_failed_gets_are_ignored() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.get(1, None, 2, 3, outcome="fail")
+    assert check_linearizable(b.ops).ok
+
+
+def test_keys_are_independent_registers() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1, key="x")
+    b.get(0, None, 2, 3, key="y")
+    b.get(0, "a", 4, 5, key="x")
+    b.get(1, "a", 6, 7, key="y")  # never written to y
+    r = check_linearizable(b.ops)
+    assert r.details["failed_keys"] == ["y"] and r.details["per_key"]["x"]["ok"] is True
+
+
+def test_budget_exhaustion_is_inconclusive_not_ok() -> None:
+    ops = random_history(seed=7, n=200, width=4.0)
+    r = check_linearizable(ops, budget=5)
+    assert not r.ok and r.details["inconclusive_keys"] == ["k0"]
+    assert "inconclusive" in r.format()
+
+
+def brute_force_linearizable(ops: list[Op]) -> bool:
+    """The definition, by exhaustion (tiny histories only): some subset of the info sets and
+    some order of the remaining ops respects real time and register semantics."""
+    sets = [o for o in ops if o.kind == "set" and o.outcome != "fail"]
+    must = [o for o in sets if o.outcome == "ok"] + [o for o in ops if o.kind == "get" and o.outcome == "ok"]
+    maybe = [o for o in sets if o.outcome != "ok"]
+
+    def end(o: Op) -> float:
+        return o.complete if o.outcome == "ok" and o.complete is not None else float("inf")
+
+    for r in range(len(maybe) + 1):
+        for extra in itertools.combinations(maybe, r):
+            for order in itertools.permutations(must + list(extra)):
+                if any(end(b) < a.invoke for i, a in enumerate(order) for b in order[i + 1:]):
+                    continue  # b finished before a began, yet comes after it
+                state: str | None = None
+                for o in order:
+                    if o.kind == "set":
+                        state = o.value
+                    elif o.value != state:
+                        break
+                else:
+                    return True
+    return False
+
+
+def tiny_random_history(rng: random.Random) -> list[Op]:
+    """Up to 6 arbitrary ops (not from a real register) on small integer times, so ties happen."""
+    ops: list[Op] = []
+    written: list[str] = []
+    unique = rng.random() < 0.7
+    for i in range(rng.randint(1, 6)):
+        start = rng.randint(0, 10)
+        complete = start + rng.randint(0, 5)
+        outcome = rng.choices(["ok", "fail", "info"], [6, 1, 2])[0]
+        if rng.random() < 0.5:
+            value = f"v{i}" if unique else rng.choice(["x", "y"])
+            written.append(value)
+            ops.append(Op(i, i, "set", "k", value, float(start), float(complete), outcome))  # type: ignore[arg-type]
+        else:
+            value = rng.choice([*written, None])
+            ops.append(Op(i, i, "get", "k", value, float(start), float(complete),
+                          "fail" if outcome == "fail" else "ok"))
+    return ops
+
+
+def test_search_agrees_with_brute_force_on_tiny_histories() -> None:
+    rng = random.Random(2024)
+    verdicts = {True: 0, False: 0}
+    for _ in range(600):
+        ops = tiny_random_history(rng)
+        expected = brute_force_linearizable(ops)
+        verdicts[expected] += 1
+        assert check_linearizable(ops).ok == expected, "\n".join(map(str, ops))
+    assert min(verdicts.values()) > 100  # both verdicts well exercised
+
+
+# -- check_linearizable: large random histories ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_large_random_history_is_linearizable(seed: int) -> None:
+    ops = random_history(seed, n=2000)
+    r = check_linearizable(ops)
+    assert r.ok, r.format()
+    # efficiency, deterministically: the memoized search stays close to one state per op
+    assert r.details["states"] <= 2 * len(ops), r.details["states"]
+
+
+def test_large_random_multi_key_history_is_linearizable() -> None:
+    ops = random_history(11, n=5000, keys=10, width=8.0)
+    r = check_linearizable(ops)
+    assert r.ok, r.format()
+    assert r.details["keys"] == 10
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_large_random_history_with_one_corrupted_read_is_caught(seed: int) -> None:
+    ops = random_history(seed, n=2000)
+    acked = [o for o in ops if o.kind == "set" and o.outcome == "ok"]
+    first = acked[0]
+    rng = random.Random(seed)
+    gets = [o for o in ops if o.kind == "get" and o.outcome == "ok" and o.invoke > 1000 and o.value != first.value]
+    victim = rng.choice(gets)
+    # "first" was certainly overwritten before the victim began: some acked set came strictly between
+    assert any(t.invoke > first.complete and t.complete < victim.invoke for t in acked)  # type: ignore[operator]
+    victim.value = first.value
+    r = check_linearizable(ops)
+    assert not r.ok
+    assert r.details["failed_keys"] == ["k0"]
+    assert f"#{victim.index} " in r.format()
+
+
+# -- check_acknowledged -------------------------------------------------------------------------------------------
+
+
+def test_acknowledged_write_readable_passes() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1, key="x")
+    b.set(0, "b", 2, 3, key="x")
+    b.set(1, "c", 0, 1, key="y")
+    b.set(1, "d", 2, 3, key="z", outcome="fail")
+    r = check_acknowledged(b.ops, final({"x": "b", "y": "c"}))
+    assert r.ok, r.format()
+    assert r.details["keys"] == 2 and r.details["acked_sets"] == 3
+
+
+def test_lost_acknowledged_write_is_caught() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    r = check_acknowledged(b.ops, final({}))
+    assert not r.ok
+    assert r.details["lost"] == [{"key": "k", "expected one of": ["a"], "actual": None, "reason": "missing"}]
+    assert "lost 'k'" in r.format()
+
+
+def test_overwritten_value_as_final_is_caught() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(0, "b", 2, 3)
+    r = check_acknowledged(b.ops, final({"k": "a"}))
+    assert not r.ok and r.details["lost"][0]["reason"] == "overwritten value"
+
+
+def test_concurrent_acknowledged_sets_either_may_win() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 5)
+    b.set(1, "b", 1, 4)
+    for winner in ("a", "b"):
+        assert check_acknowledged(b.ops, final({"k": winner})).ok
+
+
+def test_info_set_may_be_the_final_value_unless_overwritten() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1, outcome="info")
+    b.set(1, "b", 2, 3)
+    b.set(1, "c", 4, 5, outcome="info")
+    assert check_acknowledged(b.ops, final({"k": "b"})).ok  # c never applied
+    assert check_acknowledged(b.ops, final({"k": "c"})).ok  # c applied
+    # a timed out, but it may still be applied after b was acknowledged
+    assert check_acknowledged(b.ops, final({"k": "a"})).ok
+    b2 = Builder()
+    b2.set(0, "a", 0, 1)
+    b2.set(0, "b", 2, 3, outcome="fail")
+    b2.set(1, "c", 4, 5)
+    assert not check_acknowledged(b2.ops, final({"k": "a"})).ok
+
+
+def test_unknown_final_value_is_caught() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    r = check_acknowledged(b.ops, final({"k": "nobody-wrote-this"}))
+    assert not r.ok and r.details["lost"][0]["reason"] == "unknown value"
+
+
+def test_final_read_may_return_bytes() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    assert check_acknowledged(b.ops, lambda keys: [b"a" for _ in keys]).ok
+
+
+# -- check_converged ---------------------------------------------------------------------------------------------
+
+
+def test_check_converged() -> None:
+    same = {"n1": [[10, "abc"]], "n2": [[10, "abc"]], "n3": [[10, "abc"]]}
+    assert check_converged(same).ok
+    r = check_converged({**same, "n3": [[9, "abd"]]})
+    assert not r.ok and r.details["distinct"] == 2 and "n3: [[9, 'abd']]" in r.format()
+    assert not check_converged({}).ok
+    assert not check_converged({"n1": [[1, "x"]]}, min_members=2).ok
+
+
+def test_check_result_format_cuts_long_lists() -> None:
+    r = CheckResult(False, {"xs": list(range(100))}, "demo", ["why"])
+    text = r.format(max_items=3)
+    assert text.splitlines()[0] == "demo: FAILED" and "97 more" in text and "why" in text
+    assert not r
+
+
+# -- Workload ---------------------------------------------------------------------------------------------------
+
+
+class MemoryClient:
+    """A linearizable in-memory stand-in for ``dkv.Client``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.data: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        with self._lock:
+            self.data[key] = value.encode()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            return self.data.get(key)
+
+    def mget(self, keys: list[str]) -> list[bytes | None]:
+        with self._lock:
+            return [self.data.get(k) for k in keys]
+
+
+def test_workload_stops_at_max_ops_and_records_everything() -> None:
+    client, h = MemoryClient(), History()
+    w = Workload(client, h, [f"k{i}" for i in range(5)], threads=4, read_ratio=0.5, seed=1,
+                 max_ops=400, max_duration=60)
+    w.run(timeout=30)
+    s = h.summary()
+    assert s["ops"] == 400 and s["pending"] == 0 and s["sets_ok"] + s["gets_ok"] == 400
+    values = [o.value for o in h.ops if o.kind == "set"]
+    assert len(values) == len(set(values))  # unique per op
+    acked = w.acked_writes()
+    assert sum(len(v) for v in acked.values()) == s["sets_ok"]
+    assert check_linearizable(h).ok
+    assert check_acknowledged(h, client.mget).ok
+
+
+def test_workload_stops_at_max_duration() -> None:
+    h = History()
+    w = Workload(MemoryClient(), h, ["a"], threads=2, read_ratio=0.5, seed=2,
+                 max_ops=10**9, max_duration=0.2, pause=0.001)
+    w.run(timeout=30)
+    assert not w.running and 0 < len(h) < 10**9
+
+
+def test_workload_stop_ends_it_early() -> None:
+    h = History()
+    w = Workload(MemoryClient(), h, ["a"], threads=2, read_ratio=0.5, seed=3,
+                 max_ops=10**9, max_duration=3600, pause=0.001).start()
+    w.stop(timeout=30)
+    assert not w.running
+
+
+def test_workload_records_expected_errors_and_carries_on() -> None:
+    class Flaky(MemoryClient):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def set(self, key: str, value: str) -> None:
+            with self._lock:
+                self.n += 1
+                n = self.n
+            if n % 3 == 0:
+                raise WriteTimeout("maybe")
+            if n % 3 == 1:
+                raise QuorumNotReached("no")
+            super().set(key, value)
+
+    h = History()
+    Workload(Flaky(), h, ["a", "b"], threads=3, read_ratio=0.0, seed=4, max_ops=90, max_duration=60).run(30)
+    s = h.summary()
+    assert s["ops"] == 90 and s["sets_info"] == 30 and s["sets_fail"] == 30 and s["sets_ok"] == 30
+
+
+def test_workload_surfaces_unexpected_errors() -> None:
+    class Broken(MemoryClient):
+        def get(self, key: str) -> bytes | None:
+            raise ZeroDivisionError("bug")
+
+    w = Workload(Broken(), History(), ["a"], threads=2, read_ratio=1.0, seed=5, max_ops=10, max_duration=60)
+    with pytest.raises(WorkloadError, match="ZeroDivisionError"):
+        w.run(timeout=30)
+
+
+@pytest.mark.integration
+def test_workload_against_a_real_node_passes_both_checkers(node: NodeProcess) -> None:
+    client = dkv.Client(node.addr, timeout=5)
+    try:
+        h = History()
+        keys = [f"key-{i}" for i in range(8)]
+        w = Workload(client, h, keys, threads=4, read_ratio=0.5, seed=42, max_ops=300, max_duration=120)
+        w.run(timeout=180)
+        s = h.summary()
+        assert s["ops"] == 300 and s["sets_ok"] + s["gets_ok"] == 300, s
+        acked = check_acknowledged(h, lambda ks: client.mget(ks))
+        assert acked.ok, acked.format()
+        assert acked.details["acked_sets"] == s["sets_ok"]
+        lin = check_linearizable(h)
+        assert lin.ok, lin.format()
+        assert lin.details["keys"] == len(keys)
+    finally:
+        client.close()
