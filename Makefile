@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench zookeeper clean
+.PHONY: install run test test-soak bench zookeeper clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ run: install
 ## test: the whole suite (installs a local ZooKeeper when needed and possible)
 test: install zookeeper
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## test-soak: the long fault scenarios too (e.g. five kill -9 failovers in a row)
+test-soak: install zookeeper
+	DKV_SOAK=1 $(PY) -m pytest -q tests/test_failover.py $(PYTEST_ARGS)
 
 ## zookeeper: make sure the tests can get a ZooKeeper (Docker engine, local install, or DKV_TEST_ZK)
 zookeeper:

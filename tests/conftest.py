@@ -1,6 +1,7 @@
 """Shared fixtures: real node processes and a real ZooKeeper (see tests/support)."""
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -65,3 +66,13 @@ def _chroot(hosts: str) -> Iterator[str]:
 def zk(zk_server: zookeeper.ZooKeeper) -> Iterator[str]:
     """A connection string with a fresh chroot for this test."""
     yield from _chroot(zk_server.hosts)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests run only with DKV_SOAK=1 (`make test-soak`)."""
+    if os.environ.get("DKV_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="soak test: run with DKV_SOAK=1 (make test-soak)")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

@@ -30,6 +30,13 @@ MAX_BATCH_OPS = 5_000
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
+def quiet_lost_remote(hub: Any) -> None:
+    """Don't print zerorpc's LostRemote from its internal greenlets: it is an expected
+    outcome (a peer died), reported to the caller as a TransportError."""
+    if zerorpc.LostRemote not in hub.NOT_ERROR:
+        hub.NOT_ERROR = (*hub.NOT_ERROR, zerorpc.LostRemote)
+
+
 class TransportError(Exception):
     """The node did not answer (timeout, lost connection): the outcome is unknown."""
 
@@ -40,10 +47,14 @@ def _op_size(op: list[Any]) -> int:
 
 class Connection:
     def __init__(self, addr: str, timeout: float, max_inflight: int = 2) -> None:
+        quiet_lost_remote(gevent.get_hub())
         self.addr = addr
         self.timeout = timeout
         self.max_inflight = max_inflight
         self._rpc: zerorpc.Client | None = None
+        #: calls in flight per zerorpc client; a retired client closes when its count is 0
+        self._users: dict[zerorpc.Client, int] = {}
+        self._retired: set[zerorpc.Client] = set()
         self._pending: deque[tuple[list[list[Any]], gevent.event.AsyncResult]] = deque()
         self._inflight = 0
 
@@ -58,9 +69,25 @@ class Connection:
         return self._rpc
 
     def _reset(self) -> None:
-        if self._rpc is not None:
-            self._rpc.close()
-            self._rpc = None
+        """Retire the current zerorpc client: new requests get a fresh socket.
+
+        Other requests may still be in flight on the old one; closing it under
+        them would kill their heartbeats (so they would wait for the full
+        timeout instead of failing fast). It is closed when the last one ends,
+        so nothing queued on it reaches the node later (e.g. once restarted).
+        """
+        rpc, self._rpc = self._rpc, None
+        if rpc is not None:
+            self._retired.add(rpc)
+            self._release(rpc, 0)
+
+    def _release(self, rpc: zerorpc.Client, n: int) -> None:
+        left = self._users.get(rpc, 0) - n
+        self._users[rpc] = left
+        if left <= 0 and rpc in self._retired:
+            self._retired.discard(rpc)
+            self._users.pop(rpc, None)
+            rpc.close()
 
     def call(self, ops: list[list[Any]]) -> list[list[Any]]:
         """Send ``ops`` (coalesced with concurrent calls); one wire reply per op."""
@@ -71,13 +98,18 @@ class Connection:
 
     def request(self, method: str, *args: Any) -> Any:
         """A plain (non-batched) RPC; node errors re-raised as their DKVError class."""
+        rpc = self._client()
+        self._users[rpc] = self._users.get(rpc, 0) + 1
         try:
-            return self._client()(method, *args)
+            return rpc(method, *args)
         except zerorpc.RemoteError as e:
             raise from_remote(e.name, e.msg) or DKVError(f"{e.name}: {e.msg}") from None
         except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as e:
-            self._reset()
+            if rpc is self._rpc:
+                self._reset()
             raise TransportError(f"{self.addr} did not answer {method} within {self.timeout:g}s") from e
+        finally:
+            self._release(rpc, 1)
 
     def _kick(self) -> None:
         while self._pending and self._inflight < self.max_inflight:
@@ -113,4 +145,9 @@ class Connection:
             self._kick()
 
     def close(self) -> None:
-        self._reset()
+        for rpc in [self._rpc, *self._retired]:
+            if rpc is not None:
+                rpc.close()
+        self._rpc = None
+        self._retired.clear()
+        self._users.clear()

@@ -202,9 +202,19 @@ class ClientCore:
             return
 
         def probe() -> None:
-            while _outcome(self.conn(addr).request, "ping") != "pong":
-                gevent.sleep(0.2)
-            self._suspects.pop(addr, None)
+            # zerorpc reports a lost peer by killing the calling greenlet, and that can
+            # land after the call ended (here, in the sleep): tolerate anything, and
+            # always clear the mark on the way out (a dead node is simply marked again).
+            try:
+                while True:
+                    try:
+                        if self.conn(addr).request("ping") == "pong":
+                            return
+                        gevent.sleep(0.2)
+                    except Exception:
+                        continue
+            finally:
+                self._suspects.pop(addr, None)
 
         self._suspects[addr] = gevent.spawn(probe)
 

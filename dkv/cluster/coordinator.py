@@ -29,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 class Coordinator:
     def __init__(self, config: NodeConfig, on_view: Callable[[layout.ClusterView], None],
-                 on_connection: Callable[[bool], None]) -> None:
+                 on_connection: Callable[[bool], None],
+                 on_session_lost: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self._on_view = on_view
         self._on_connection = on_connection
+        self._on_session_lost = on_session_lost
         handler = SequentialGeventHandler()
         self.zk = KazooClient(hosts=config.zk, timeout=config.session_timeout, handler=handler,
                               connection_retry=KazooRetry(max_tries=-1, max_delay=1.0,
@@ -112,6 +114,7 @@ class Coordinator:
             self._session_lost = False
             logger.warning("ZooKeeper session was lost; registering again")
             try:
+                self._on_session_lost()  # e.g. a writer steps down: its session did not survive
                 self._register()
             except Exception:
                 logger.exception("re-registration failed")
@@ -147,19 +150,45 @@ class Coordinator:
 
     # -- writes ----------------------------------------------------------------------
 
-    def bump_epoch(self, shard_id: str) -> int:
-        """Raise the shard's epoch by one with a version-checked write; return the new epoch."""
+    def _update_shard(self, shard_id: str, change: Callable[[layout.Shard], layout.Shard | None]) -> layout.Shard | None:
+        """Read-modify-write the shard znode, checked against its version (retried on conflict).
+
+        ``change`` returns the new shard, or None to leave it as it is.
+        """
         path = layout.shard_path(shard_id)
         while True:
             raw, stat = self.zk.get(path)
-            shard = layout.Shard.from_bytes(shard_id, raw)
-            if shard.writer != self.config.node_id:
-                raise Unavailable(f"{self.config.node_id} is no longer the writer of {shard_id}")
-            shard.epoch += 1
+            new = change(layout.Shard.from_bytes(shard_id, raw))
+            if new is None:
+                return None
             try:
-                self.zk.set(path, shard.to_bytes(), version=stat.version)
+                self.zk.set(path, new.to_bytes(), version=stat.version)
             except BadVersionError:
                 continue
-            logger.info("%s epoch is now %d", shard_id, shard.epoch)
             self._dirty.set()
-            return shard.epoch
+            return new
+
+    def step_down(self, shard_id: str) -> None:
+        """Give up the writer role of ``shard_id``: the replicas promote one of them.
+
+        The next epoch is reserved with it: a shard without a writer never
+        carries an epoch somebody wrote in (promotion reuses it).
+        """
+        me = self.config.node_id
+        if self._update_shard(shard_id, lambda sh: layout.Shard(sh.id, sh.epoch + 1, None, sh.members)
+                              if sh.writer == me else None):
+            logger.warning("%s: stepped down as writer (our ZooKeeper session was lost)", shard_id)
+
+    def bump_epoch(self, shard_id: str) -> int:
+        """Raise the shard's epoch by one (after a rollback); return the new epoch."""
+        me = self.config.node_id
+
+        def bump(sh: layout.Shard) -> layout.Shard:
+            if sh.writer != me:
+                raise Unavailable(f"{me} is no longer the writer of {shard_id}")
+            return layout.Shard(sh.id, sh.epoch + 1, sh.writer, sh.replicas)
+
+        shard = self._update_shard(shard_id, bump)
+        assert shard is not None
+        logger.info("%s epoch is now %d", shard_id, shard.epoch)
+        return shard.epoch

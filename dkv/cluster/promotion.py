@@ -4,7 +4,8 @@ When the writer's registration vanishes, the shard's live replicas contend for
 a ZooKeeper lock; the holder runs one attempt:
 
 1. reserve the next epoch with a version-checked write (writer set to none),
-   so the epoch is unique even if this candidate dies half way;
+   so the epoch is unique even if this candidate dies half way (a shard with
+   no writer already carries such a reserved epoch, and it is reused);
 2. *fence*: ask every member to promise to refuse any lower epoch, and report
    its log end ``(last_epoch, last_lsn)``; at least
    ``replication_factor - write_quorum + 1`` members (itself included) must
@@ -21,6 +22,7 @@ pure rules; :class:`Promoter` is the I/O around them.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import gevent
@@ -50,10 +52,12 @@ def pick_source(positions: dict[str, Reply]) -> str:
 class Promoter:
     """Runs promotion attempts for one shard while its writer is down and we are a replica."""
 
-    def __init__(self, runtime: Any, shard_id: str) -> None:
+    def __init__(self, runtime: Any, shard_id: str, not_before: float = 0.0) -> None:
         self.rt = runtime
         self.shard_id = shard_id
         self.config = runtime.config
+        #: monotonic time before which we do not contend (a writer that just stepped down)
+        self.not_before = not_before
         self._greenlet = gevent.spawn(self._run)
 
     @property
@@ -70,6 +74,7 @@ class Promoter:
 
     def _run(self) -> None:
         lock = self.rt.coord.zk.Lock(f"{layout.shard_path(self.shard_id)}/promotion", self.config.node_id)
+        gevent.sleep(max(0.0, self.not_before - time.monotonic()))
         while self._writer_down() and self.rt.coord.connected:
             try:
                 if lock.acquire(timeout=self.config.session_timeout):
@@ -94,12 +99,17 @@ class Promoter:
         if shard.writer is not None and zk.exists(layout.node_path(shard.writer)):
             return True  # the writer is back (or someone else won): nothing to do
         members = shard.members
-        epoch = shard.epoch + 1
-        reserved = layout.Shard(self.shard_id, epoch, None, members)
-        try:
-            stat = zk.set(path, reserved.to_bytes(), version=stat.version)
-        except BadVersionError:
-            return False
+        if shard.writer is None:
+            # Invariant: a shard without a writer carries an epoch reserved for the next one
+            # (by an earlier attempt, or by a writer stepping down) that nobody wrote in.
+            epoch = shard.epoch
+        else:
+            epoch = shard.epoch + 1
+            reserved = layout.Shard(self.shard_id, epoch, None, members)
+            try:
+                stat = zk.set(path, reserved.to_bytes(), version=stat.version)
+            except BadVersionError:
+                return False
         logger.warning("%s: writer %s is gone; %s reserved epoch %d and fences the members",
                        self.shard_id, shard.writer, me, epoch)
         positions = self._fence(members, epoch)

@@ -63,13 +63,14 @@ class ClusterRuntime:
         self.pipeline = pipeline
         self.promise = promise
         self.follower = FollowerDriver(log, store, promise, offload=config.durable)
-        self.coord = Coordinator(config, self._on_view, self._on_connection)
+        self.coord = Coordinator(config, self._on_view, self._on_connection, self._on_session_lost)
         self.controller = Controller(self.coord, config.replication_factor, self._release_on)
         self.role = UNASSIGNED
         self.shard: Shard | None = None
         self.writer: ReplicatedWriter | None = None
         self._not_writer = _NotWriter(self)
         self.promoter: Promoter | None = None
+        self._no_promotion_until = 0.0
         pipeline.writer = self._not_writer
         #: the controller is moving our (empty) slots: refuse writes until this map version
         self._frozen_until: tuple[int, float] | None = None
@@ -112,7 +113,7 @@ class ClusterRuntime:
         writer_gone = shard is not None and (shard.writer is None or shard.writer not in view.nodes)
         if role == REPLICA and writer_gone and self.promoter is None:
             assert shard is not None
-            self.promoter = Promoter(self, shard.id)
+            self.promoter = Promoter(self, shard.id, not_before=self._no_promotion_until)
         self.role, self.shard = role, shard
         if self._frozen_until and view.slot_version >= self._frozen_until[0]:
             self._frozen_until = None
@@ -134,6 +135,18 @@ class ClusterRuntime:
             self.writer.stop()
             self.writer = None
         self.pipeline.writer = self._not_writer
+
+    def _on_session_lost(self) -> None:
+        """A writer whose session expired must not resume (another may have been promoted):
+        step down, and sit out the next election so a replica takes over."""
+        if self.role == WRITER and self.shard is not None:
+            self._stop_writer()
+            self.follower.reset()
+            self._no_promotion_until = time.monotonic() + 2 * self.config.session_timeout
+            try:
+                self.coord.step_down(self.shard.id)
+            except Exception:
+                logger.exception("stepping down failed")
 
     def _on_connection(self, connected: bool) -> None:
         if not connected:

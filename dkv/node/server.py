@@ -110,6 +110,14 @@ class RPC:
     def repl_read(self, start: int, limit: int) -> list[list[Any]]:
         return self._rt().repl_read(start, limit)
 
+    def debug_zk_session(self) -> list[Any]:
+        """Test hook (only with DKV_FAULT_HOOKS=1): our ZooKeeper session id and password,
+        so a fault test can expire the session by closing it from another client."""
+        if os.environ.get("DKV_FAULT_HOOKS") != "1":
+            raise Unavailable("fault hooks are disabled (set DKV_FAULT_HOOKS=1)")
+        session_id, password = self._rt().coord.zk.client_id
+        return [session_id, password]
+
     def repl_release(self, version: int) -> bool:
         return self._rt().release_slots(int(version))
 

@@ -31,7 +31,12 @@ def rpc(addr: str, method: str, *args: Any, timeout: float = 5) -> Any:
 class Cluster:
     def __init__(self, zk: str, root: Path, *, shards: int = 2, replication_factor: int = 3,
                  write_quorum: int = 2, session_timeout: float = 4.0, write_timeout: float = 2.0,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), lab: Any = None) -> None:
+        #: with a NetLab, each node runs in its own network namespace (partition tests)
+        self.lab = lab
+        self.hosts: dict[str, Any] = {}
+        if lab is not None:  # the nodes reach ZooKeeper through the bridge
+            zk = zk.replace("127.0.0.1", lab.gateway)
         self.zk = zk
         self.root = root
         self.shards = shards
@@ -52,7 +57,12 @@ class Cluster:
         return self
 
     def add_node(self, node_id: str) -> NodeProcess:
-        n = NodeProcess(self.root / node_id / "data", None, *self.flags, node_id=node_id, log_level="INFO")
+        if self.lab is not None:
+            host = self.hosts[node_id] = self.lab.add_host()
+            n = NodeProcess(self.root / node_id / "data", None, *self.flags, node_id=node_id,
+                            log_level="INFO", host=host.ip, prefix=host.prefix())
+        else:
+            n = NodeProcess(self.root / node_id / "data", None, *self.flags, node_id=node_id, log_level="INFO")
         self.nodes[node_id] = n
         n.start()
         wait_until(lambda: self.role_of(node_id) not in (None, "unassigned"), 30, f"{node_id} to be assigned")
@@ -170,3 +180,17 @@ class Cluster:
         wait_until(gone, 4 * self.session_timeout, f"{node_id}'s session to expire", interval=0.2)
 
 
+
+
+def expire_session(zk_hosts: str, addr: str) -> None:
+    """Expire a node's ZooKeeper session for real: close it from a second client.
+
+    Needs the node started with DKV_FAULT_HOOKS=1 (it reveals its session id).
+    """
+    from kazoo.client import KazooClient
+
+    session_id, password = rpc(addr, "debug_zk_session")
+    other = KazooClient(hosts=zk_hosts.split("/", 1)[0], client_id=(session_id, password))
+    other.start(timeout=10)
+    other.stop()  # closing a session ends it for every client holding it
+    other.close()

@@ -35,9 +35,13 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: flo
 
 class NodeProcess:
     def __init__(self, data_dir: Path, port: int | None = None, *extra: str,
-                 node_id: str | None = None, log_level: str = "WARNING") -> None:
+                 node_id: str | None = None, log_level: str = "WARNING", host: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
         self.port = port or free_port()
-        self.addr = f"127.0.0.1:{self.port}"
+        self.host = host
+        self.addr = f"{host}:{self.port}"
+        #: runs the node inside another network namespace (tests/support/netns.py)
+        self.prefix = prefix or []
         self.data_dir = Path(data_dir)
         self.node_id = node_id or f"node-{self.port}"
         self.extra = list(extra)
@@ -46,8 +50,8 @@ class NodeProcess:
         self.log_path = self.data_dir.parent / f"{self.node_id}.log"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", self.node_id,
-                "--port", str(self.port), "--data-dir", str(self.data_dir),
+        return [*self.prefix, sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", self.node_id,
+                "--host", self.host, "--port", str(self.port), "--data-dir", str(self.data_dir),
                 "--log-level", self.log_level, *self.extra]
 
     def start(self, wait: bool = True) -> "NodeProcess":
