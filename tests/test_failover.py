@@ -44,6 +44,17 @@ def workload(client: dkv.Client, history: History, seed: int) -> Workload:
                     max_ops=20_000, max_duration=90, pause=0.005, first_process=seed * 10)
 
 
+def under_load(cluster: Cluster, seed: int) -> tuple[dkv.Client, History, Workload]:
+    """A recorded workload running against the cluster, past its first acknowledged writes."""
+    history = History()
+    client = cluster.client(timeout=15)
+    wl = workload(client, history, seed)
+    wl.start()
+    t0 = time.monotonic()
+    wait_until(lambda: acked_after(history, t0) >= 20, 60, "acknowledged writes")
+    return client, history, wl
+
+
 def acked_after(history: History, t: float) -> int:
     return sum(1 for op in history.ops if op.kind == "set" and op.outcome == "ok" and op.invoke > t)
 
@@ -122,12 +133,7 @@ def test_writer_kill9_promotes_a_replica_repeatedly_without_losing_writes(cluste
 
 def _stale_writer_scenario(cluster: Cluster, isolate: Any, heal: Any) -> None:
     """The writer is cut off past its session; it must not get one write acknowledged."""
-    history = History()
-    client = cluster.client(timeout=15)
-    wl = workload(client, history, 1)
-    wl.start()
-    t0 = time.monotonic()
-    wait_until(lambda: acked_after(history, t0) >= 20, 60, "acknowledged writes")
+    client, history, wl = under_load(cluster, 1)
     old = cluster.writer_of(SID)
     old_addr = cluster.nodes[old].addr
     old_epoch = cluster.shard_members()[SID]["epoch"]

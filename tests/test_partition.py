@@ -14,11 +14,10 @@ from typing import Iterator
 
 import pytest
 
-from tests.faults.history import History
 from tests.support.cluster import Cluster
 from tests.support.netns import NetLab
 from tests.support.procs import wait_until
-from tests.test_failover import SID, acked_after, new_writer, verify, workload
+from tests.test_failover import SID, acked_after, new_writer, under_load, verify
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not NetLab.available(), reason="needs root and ip netns")]
@@ -39,12 +38,7 @@ def lab_cluster(zk: str, tmp_path: Path) -> Iterator[Cluster]:
 
 def test_partitioned_writer_is_replaced_and_rejoins(lab_cluster: Cluster) -> None:
     c = lab_cluster
-    history = History()
-    client = c.client(timeout=15)
-    wl = workload(client, history, 7)
-    wl.start()
-    t0 = time.monotonic()
-    wait_until(lambda: acked_after(history, t0) >= 20, 60, "acknowledged writes")
+    client, history, wl = under_load(c, 7)
     old = c.writer_of(SID)
     old_epoch = c.shard_members()[SID]["epoch"]
     c.lab.isolate(c.hosts[old])

@@ -173,17 +173,16 @@ class ReplicatedWriter:
                 if len(acked) >= self.leader.needed or len(answered) == len(targets):
                     done.set()
 
+        wire = m.to_wire()  # encoded once for every replica
+
         def send(rid: str) -> None:
-            try:
-                reply = self._call(rid, "repl_prepare", m.to_wire())
+            reply = self._send_prepare(rid, wire)
+            if reply is not None and reply.ok:
                 self.leader.on_reply(rid, reply)
-                if reply.ok and reply.match_lsn >= last:
+                if reply.match_lsn >= last:
                     acked.add(rid)
                 else:
                     self._lagging(rid)
-            except (TransportError, DKVError) as e:
-                logger.info("%s: prepare to %s failed: %s", self.shard_id, rid, e)
-                self._lagging(rid)
             answered.add(rid)
             settle()
 
@@ -324,22 +323,29 @@ class ReplicatedWriter:
     def _heartbeat_round(self) -> int:
         """An empty prepare (carrying the commit point) to every in-sync replica; how many accepted."""
         commit = self.leader.commit_lsn
-        m = self.leader.prepare([], commit, self._epoch_at(commit))
+        wire = self.leader.prepare([], commit, self._epoch_at(commit)).to_wire()
 
         def send(rid: str) -> bool:
-            try:
-                reply = self._call(rid, "repl_prepare", m.to_wire())
-            except (TransportError, DKVError):
-                self._lagging(rid)
-                return False
-            if not reply.ok:
-                self.leader.on_reply(rid, reply)
-                self._lagging(rid)
-            return reply.ok
+            reply = self._send_prepare(rid, wire)
+            return reply is not None and reply.ok
 
         jobs = [gevent.spawn(send, rid) for rid in self.leader.in_sync()]
         gevent.joinall(jobs, timeout=self.config.write_timeout)
         return sum(1 for j in jobs if j.successful() and j.value)
+
+    def _send_prepare(self, rid: str, wire: list[Any]) -> Reply | None:
+        """One prepare to a replica (None: no answer). A failed or refused prepare
+        sends the replica back to catch-up."""
+        try:
+            reply = self._call(rid, "repl_prepare", wire)
+        except (TransportError, DKVError) as e:
+            logger.info("%s: prepare to %s failed: %s", self.shard_id, rid, e)
+            self._lagging(rid)
+            return None
+        if not reply.ok:
+            self.leader.on_reply(rid, reply)
+            self._lagging(rid)
+        return reply
 
     def confirm(self) -> None:
         """Linearizable reads: confirm with ``write_quorum - 1`` replicas that our epoch is current.

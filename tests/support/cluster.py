@@ -8,7 +8,6 @@ convergence, killing and restarting members.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
