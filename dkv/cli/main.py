@@ -135,9 +135,6 @@ def _serve(args: argparse.Namespace) -> int:
                         max_replica_lag=args.max_replica_lag)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
-    # zerorpc warns for every heartbeat that reaches a channel its client already
-    # closed (routine when clients give up on a dead peer): not worth a log line.
-    logging.getLogger("zerorpc.channel").setLevel(logging.ERROR)
     serve(config)
     return 0
 

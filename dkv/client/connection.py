@@ -18,23 +18,13 @@ import zmq
 
 from dkv import protocol
 from dkv.errors import DKVError, from_remote
+from dkv.transport import HEARTBEAT, harden, quiet_lost_remote
 
 logger = logging.getLogger(__name__)
-
-#: zerorpc heartbeat (s): a silent peer is declared lost after two missed beats.
-#: Nodes use the same value (zerorpc expects both ends to agree).
-HEARTBEAT = 1.0
 
 #: Coalescing stops adding requests to a batch past these sizes.
 MAX_BATCH_OPS = 5_000
 MAX_BATCH_BYTES = 4 * 1024 * 1024
-
-
-def quiet_lost_remote(hub: Any) -> None:
-    """Don't print zerorpc's LostRemote from its internal greenlets: it is an expected
-    outcome (a peer died), reported to the caller as a TransportError."""
-    if zerorpc.LostRemote not in hub.NOT_ERROR:
-        hub.NOT_ERROR = (*hub.NOT_ERROR, zerorpc.LostRemote)
 
 
 class TransportError(Exception):
@@ -64,6 +54,7 @@ class Connection:
             # Drop unsent requests on close: a request we gave up on must not be
             # delivered later to a restarted node.
             rpc._events.setsockopt(zmq.LINGER, 0)
+            harden(rpc)
             rpc.connect(f"tcp://{self.addr}")
             self._rpc = rpc
         return self._rpc

@@ -12,16 +12,15 @@ from typing import Any
 
 import gevent
 import gevent.event
-import zerorpc
 import zmq
 
-from dkv.client.connection import HEARTBEAT
 from dkv.errors import DKVError, InvalidArgument, Unavailable
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import LocalWriter, WritePipeline
 from dkv.node.service import NodeService
 from dkv.protocol import unwrap
 from dkv.storage import Store
+from dkv.transport import RPCServer
 from dkv.wal.log import WriteAheadLog
 from dkv.wal.memory import MemoryLog
 
@@ -29,17 +28,6 @@ logger = logging.getLogger(__name__)
 
 #: Records replayed per apply call at recovery.
 REPLAY_CHUNK = 10_000
-
-
-class _RPCServer(zerorpc.Server):
-    """zerorpc server that logs expected errors quietly and real faults with a traceback."""
-
-    def _print_traceback(self, protocol_v1: bool, exc_infos: list[Any]) -> tuple[str, ...]:
-        exc_type, exc_value, _ = exc_infos
-        if isinstance(exc_value, DKVError):
-            logger.debug("request failed: %s: %s", exc_type.__name__, exc_value)
-            return (exc_type.__name__, str(exc_value), "")
-        return super()._print_traceback(protocol_v1, exc_infos)
 
 
 class RPC:
@@ -126,7 +114,7 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self._stopped = gevent.event.Event()
-        self._server: _RPCServer | None = None
+        self._server: RPCServer | None = None
         self.runtime: Any = None
 
     def open(self) -> None:
@@ -151,7 +139,7 @@ class Node:
             promise = PromiseFile(os.path.join(cfg.data_dir, "promise") if cfg.durable else None)
             self.runtime = ClusterRuntime(cfg, self.log, self.store, self.pipeline, promise)
             self.service.router = self.runtime
-        self._server = _RPCServer(RPC(self.service), heartbeat=HEARTBEAT)
+        self._server = RPCServer(RPC(self.service))
         try:
             self._server.bind(cfg.endpoint)
         except zmq.ZMQError as e:
@@ -191,6 +179,7 @@ class Node:
         assert self._server is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self._on_signal, sig)
+        gevent.signal_handler(signal.SIGUSR1, self._dump_stacks)
         runner = gevent.spawn(self._server.run)
         if self.runtime is not None:
             try:
@@ -206,6 +195,12 @@ class Node:
     def _on_signal(self, sig: int) -> None:
         logger.info("received %s; shutting down", signal.Signals(sig).name)
         self._stopped.set()
+
+    def _dump_stacks(self) -> None:
+        """``kill -USR1 <pid>``: log every thread's and greenlet's stack, to see what a stuck node waits on."""
+        from gevent.util import format_run_info
+
+        logger.warning("stack dump on SIGUSR1:\n%s", "\n".join(format_run_info()))
 
     def stop(self) -> None:
         self._stopped.set()
