@@ -24,7 +24,7 @@ run: install
 test: install zookeeper
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-## test-soak: the long fault scenarios too (e.g. five kill -9 failovers in a row)
+## test-soak: the long fault scenarios too (e.g. twenty kill -9 failovers in a row)
 test-soak: install zookeeper
 	DKV_SOAK=1 $(PY) -m pytest -q tests/test_failover.py $(PYTEST_ARGS)
 
