@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(s, "--write-timeout", type=float, default=5.0, help="seconds a write waits for its quorum")
     _env_flag(s, "--max-replica-lag", type=int, default=1000,
               help="records a replica may lag and still serve eventual reads")
+    _env_flag(s, "--migration-rate", type=int, default=0,
+              help="records per second a slot migration into this node's shard imports at most "
+                   "(0: unlimited); throttles resharding to spare foreground traffic")
 
     c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin)",
                        description="Interactive dkv prompt. When stdin is not a terminal, runs one "
@@ -132,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
                         wal_segment_bytes=args.wal_segment_bytes, zk=args.zk,
                         replication_factor=args.replication_factor, write_quorum=args.write_quorum,
                         session_timeout=args.session_timeout, write_timeout=args.write_timeout,
-                        max_replica_lag=args.max_replica_lag)
+                        max_replica_lag=args.max_replica_lag, migration_rate=args.migration_rate)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
     serve(config)

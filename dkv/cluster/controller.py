@@ -1,31 +1,27 @@
-"""The cluster controller: turns joining nodes into shard members and spreads the slots.
+"""The cluster controller: turns joining nodes into shard members and balances the slots.
 
 One node at a time is the controller (kazoo ``Election`` on ``/election``).
 :func:`plan` is pure: from a :class:`~dkv.cluster.layout.ClusterView` it
 decides the changes (a new node joins the emptiest shard that lacks members,
-or starts a new shard; slots are spread evenly over the shards that have a
-writer). :class:`Controller` applies them with version-checked writes and
-re-plans whenever the view changes.
-
-Spreading slots moves ownership, so it is only done while the cluster holds no
-data: before it flips the map, the controller asks every writer that would lose
-slots to *release* them, which a writer grants only if it has never written and
-has nothing queued, and then refuses writes (``TRYAGAIN``) until it sees the
-new map. Moving slots that hold data is the migration protocol (DESIGN §6),
-not this.
+or starts a new shard; the first slot map spreads the slots evenly over the
+shards that have a writer; afterwards, one migration at a time moves a slot
+range from the fullest shard to the emptiest until they are balanced).
+:class:`Controller` applies them with version-checked writes and re-plans
+whenever the view changes. Moving the data is the migration protocol
+(:mod:`dkv.cluster.migration`), driven by the target shard's writer.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import gevent
 from kazoo.exceptions import KazooException, NodeExistsError
 
 from dkv.cluster import layout
 from dkv.cluster.layout import ClusterView, Shard, SlotRanges
-from dkv.slots import split_even
+from dkv.slots import NUM_SLOTS, split_even
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +39,39 @@ class NewShard:
 
 
 @dataclass(frozen=True)
-class SetSlots:
+class CreateSlots:
     ranges: tuple[tuple[int, int, str], ...]
-    #: writers that lose slots and must release them first (empty on first assignment)
-    releasing: tuple[str, ...]
 
 
-Change = AddReplica | NewShard | SetSlots
+@dataclass(frozen=True)
+class StartMigration:
+    start: int
+    end: int
+    source: str
+    target: str
+
+
+Change = AddReplica | NewShard | CreateSlots | StartMigration
+
+
+def plan_move(slots: SlotRanges, shard_ids: list[str]) -> StartMigration | None:
+    """The next move towards even slot counts over ``shard_ids`` (shards that can serve), if any.
+
+    It moves the top of the fullest shard's last range to the emptiest shard,
+    as many slots as neither passes its fair share.
+    """
+    if len(shard_ids) < 2:
+        return None
+    counts = {sid: slots.count(sid) for sid in shard_ids}
+    donor = max(shard_ids, key=lambda s: (counts[s], layout.shard_sort_key(s)))
+    receiver = min(shard_ids, key=lambda s: (counts[s], layout.shard_sort_key(s)))
+    low, high = NUM_SLOTS // len(shard_ids), -(-NUM_SLOTS // len(shard_ids))
+    k = min(counts[donor] - low, high - counts[receiver])
+    if counts[donor] - counts[receiver] <= 1 or k <= 0:
+        return None
+    a, b = [r for r in slots.of_shard(donor)][-1]
+    k = min(k, b - a + 1)
+    return StartMigration(b - k + 1, b, donor, receiver)
 
 
 def plan(view: ClusterView, replication_factor: int) -> list[Change]:
@@ -73,24 +95,24 @@ def plan(view: ClusterView, replication_factor: int) -> list[Change]:
             shards[sid] = Shard(sid, 1, nid, [])
             changes.append(NewShard(sid, nid))
     with_writer = sorted((s for s in shards.values() if s.writer), key=lambda s: layout.shard_sort_key(s.id))
-    owners = {s for _, _, s in view.slots.ranges}
-    if with_writer and (view.slot_version < 0 or any(s.id not in owners for s in with_writer)):
-        ranges = tuple((r.start, r.end, sh.id) for r, sh in zip(split_even(len(with_writer)), with_writer))
-        releasing = {shards[s].writer for a, b, s in view.slots.ranges
-                     if (a, b, s) not in ranges and s in shards and shards[s].writer}
-        changes.append(SetSlots(ranges, tuple(sorted(releasing))))  # type: ignore[arg-type]
+    if view.slot_version < 0:
+        if with_writer:
+            changes.append(CreateSlots(tuple((r.start, r.end, sh.id)
+                                             for r, sh in zip(split_even(len(with_writer)), with_writer))))
+    elif not view.migrations:
+        serving = [sid for sid, sh in view.shards.items() if sh.writer and sh.writer in view.nodes]
+        move = plan_move(view.slots, serving)
+        if move is not None:
+            changes.append(move)
     return changes
 
 
 class Controller:
     """Runs :func:`plan` while this node holds the controller election."""
 
-    def __init__(self, coordinator: Any, replication_factor: int,
-                 release: Callable[[str, int], bool]) -> None:
+    def __init__(self, coordinator: Any, replication_factor: int) -> None:
         self.coord = coordinator
         self.rf = replication_factor
-        #: ask writer ``node_id`` to release its slots until map version ``v``: granted?
-        self.release = release
         self._greenlet: gevent.Greenlet | None = None
 
     def start(self) -> None:
@@ -140,19 +162,13 @@ class Controller:
                 shard_versions[sh.id] += 1
                 view.shards[sh.id] = sh
                 logger.info("controller: %s joins %s as a replica", ch.node_id, sh.id)
-            elif isinstance(ch, SetSlots):
-                self._set_slots(ch, view)
-
-    def _set_slots(self, ch: SetSlots, view: ClusterView) -> None:
-        zk = self.coord.zk
-        data = SlotRanges(list(ch.ranges)).to_bytes()
-        if view.slot_version < 0:
-            zk.create(layout.SLOTS, data)
-            logger.info("controller: slot map created: %s", ch.ranges)
-            return
-        for writer in ch.releasing:
-            if not self.release(writer, view.slot_version + 1):
-                logger.info("controller: %s holds data; its slots stay (slot migration moves data)", writer)
-                return
-        zk.set(layout.SLOTS, data, version=view.slot_version)
-        logger.info("controller: slots spread over %d shard(s): %s", len(ch.ranges), ch.ranges)
+            elif isinstance(ch, CreateSlots):
+                zk.create(layout.SLOTS, SlotRanges(list(ch.ranges)).to_bytes())
+                logger.info("controller: slot map created: %s", ch.ranges)
+            elif isinstance(ch, StartMigration):
+                if zk.get_children(layout.MIGRATIONS):
+                    return  # one move at a time (our view is behind)
+                m = layout.Migration("", ch.start, ch.end, ch.source, ch.target)
+                path = zk.create(layout.MIGRATIONS + "/m-", m.to_bytes(), sequence=True)
+                logger.info("controller: moving slots %d..%d from %s to %s (%s)",
+                            ch.start, ch.end, ch.source, ch.target, path.rsplit("/", 1)[-1])

@@ -58,7 +58,7 @@ class Coordinator:
             self.zk.start(timeout=max(self.config.session_timeout, 5.0))
         except Exception as e:
             raise Unavailable(f"cannot reach ZooKeeper at {self.config.zk}: {e}") from e
-        for path in (layout.NODES, layout.SHARDS):
+        for path in (layout.NODES, layout.SHARDS, layout.MIGRATIONS):
             self.zk.ensure_path(path)
         self._register()
         self._refresher = gevent.spawn(self._refresh_loop)

@@ -11,10 +11,18 @@ All paths are relative to the connection string's chroot
                           every change is a write checked against the znode's version
     /slots                PERSISTENT  {"ranges": [[start, end, shard_id], ...]}
                           the slot map; its znode version is the map's version
+    /migrations/m-<seq>   PERSISTENT  {"start": int, "end": int, "source": shard_id, "target": shard_id,
+                                       "state": "copying" | "frozen", "from_lsn": int | null}
+                          a slot range moving between shards (DESIGN §6); created by the
+                          controller, driven by the target's writer, deleted in the same
+                          multi-op that flips the range's owner in /slots
 
 Rules: a change that must be atomic is one version-checked ``set`` or one
 multi-op transaction; the controller is the only writer of ``/shards`` and
-``/slots`` except for a writer bumping its own shard's epoch.
+``/slots`` except for a writer bumping its own shard's epoch and a migration's
+target writer flipping its range. :func:`read_view` reads ``/migrations``
+before ``/slots``: a reader that finds a migration gone is sure to read the
+slot map it flipped.
 """
 from __future__ import annotations
 
@@ -26,6 +34,10 @@ NODES = "/nodes"
 ELECTION = "/election"
 SHARDS = "/shards"
 SLOTS = "/slots"
+MIGRATIONS = "/migrations"
+
+#: migration states: the target copies while the source serves; then the source refuses the range
+COPYING, FROZEN = "copying", "frozen"
 
 
 def node_path(node_id: str) -> str:
@@ -34,6 +46,10 @@ def node_path(node_id: str) -> str:
 
 def shard_path(shard_id: str) -> str:
     return f"{SHARDS}/{shard_id}"
+
+
+def migration_path(migration_id: str) -> str:
+    return f"{MIGRATIONS}/{migration_id}"
 
 
 def shard_sort_key(shard_id: str) -> tuple[int, str]:
@@ -93,9 +109,52 @@ class SlotRanges:
                 return s
         return None
 
+    def count(self, shard_id: str) -> int:
+        return sum(b - a + 1 for a, b, s in self.ranges if s == shard_id)
+
+    def moved(self, start: int, end: int, shard_id: str) -> "SlotRanges":
+        """The map with slots ``start..end`` owned by ``shard_id`` (neighbours of one owner merged)."""
+        owner = {slot: s for a, b, s in self.ranges for slot in range(a, b + 1)}
+        for slot in range(start, end + 1):
+            owner[slot] = shard_id
+        out: list[tuple[int, int, str]] = []
+        for slot in sorted(owner):
+            if out and out[-1][1] == slot - 1 and out[-1][2] == owner[slot]:
+                out[-1] = (out[-1][0], slot, owner[slot])
+            else:
+                out.append((slot, slot, owner[slot]))
+        return SlotRanges(out)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A slot range moving from shard ``source`` to shard ``target`` (``/migrations/<id>``)."""
+
+    id: str
+    start: int
+    end: int
+    source: str
+    target: str
+    state: str = COPYING
+    #: the source's applied LSN when the target began copying: its WAL is kept from here
+    from_lsn: int | None = None
+
+    def __contains__(self, slot: object) -> bool:
+        return isinstance(slot, int) and self.start <= slot <= self.end
+
+    def to_bytes(self) -> bytes:
+        return encode({"start": self.start, "end": self.end, "source": self.source, "target": self.target,
+                       "state": self.state, "from_lsn": self.from_lsn})
+
+    @classmethod
+    def from_bytes(cls, migration_id: str, raw: bytes) -> "Migration":
+        d = decode(raw) or {}
+        return cls(migration_id, int(d["start"]), int(d["end"]), str(d["source"]), str(d["target"]),
+                   str(d.get("state", COPYING)), d.get("from_lsn"))
+
 
 def cluster_info(shards: list[Shard], slots: SlotRanges, nodes: dict[str, str],
-                 slot_map_version: int) -> dict[str, Any]:
+                 slot_map_version: int, migrations: list[Migration] | None = None) -> dict[str, Any]:
     """The ``cluster_info`` document (as a node, the client and the CLI show it).
 
     ``nodes`` maps every *live* node id to its address. A shard member without
@@ -118,6 +177,8 @@ def cluster_info(shards: list[Shard], slots: SlotRanges, nodes: dict[str, str],
         "shards": [{"id": sh.id, "epoch": sh.epoch, "writer": sh.writer, "replicas": list(sh.replicas),
                     "slots": slots.of_shard(sh.id)} for sh in sorted(shards, key=lambda s: shard_sort_key(s.id))],
         "nodes": out_nodes,
+        "migrations": [{"id": m.id, "slots": [m.start, m.end], "source": m.source, "target": m.target,
+                        "state": m.state} for m in migrations or []],
     }
 
 
@@ -132,6 +193,15 @@ class ClusterView:
     nodes: dict[str, str] = field(default_factory=dict)
     #: znode version of each shard (for version-checked updates)
     shard_versions: dict[str, int] = field(default_factory=dict)
+    #: slot ranges being moved, by id; and each one's znode version
+    migrations: dict[str, Migration] = field(default_factory=dict)
+    migration_versions: dict[str, int] = field(default_factory=dict)
+
+    def migration_of(self, slot: int) -> Migration | None:
+        for m in self.migrations.values():
+            if slot in m:
+                return m
+        return None
 
     def shard_of(self, node_id: str) -> Shard | None:
         for sh in self.shards.values():
@@ -144,7 +214,8 @@ class ClusterView:
         return self.nodes.get(sh.writer) if sh and sh.writer else None
 
     def info(self) -> dict[str, Any]:
-        return cluster_info(list(self.shards.values()), self.slots, self.nodes, self.slot_version)
+        return cluster_info(list(self.shards.values()), self.slots, self.nodes, self.slot_version,
+                            sorted(self.migrations.values(), key=lambda m: m.id))
 
 
 def read_view(zk: Any, watch: Any = None) -> ClusterView:
@@ -164,6 +235,13 @@ def read_view(zk: Any, watch: Any = None) -> ClusterView:
             continue
         view.shards[sid] = Shard.from_bytes(sid, raw)
         view.shard_versions[sid] = stat.version
+    for mid in _children(zk, MIGRATIONS, watch):  # before /slots (see the module doc)
+        try:
+            raw, stat = zk.get(migration_path(mid), watch=watch)
+        except NoNodeError:
+            continue
+        view.migrations[mid] = Migration.from_bytes(mid, raw)
+        view.migration_versions[mid] = stat.version
     raw, stat = _read(zk, lambda: zk.get(SLOTS, watch=watch), SLOTS, watch, (None, None))
     if stat is not None:
         view.slots, view.slot_version = SlotRanges.from_bytes(raw), stat.version

@@ -5,10 +5,13 @@ From it this node learns its shard and role: the *writer* runs a
 :class:`~dkv.cluster.leader.ReplicatedWriter` as the pipeline's batch writer; a
 *replica* answers the writer through its
 :class:`~dkv.cluster.follower.FollowerDriver`; an *unassigned* node serves
-nothing. :meth:`ClusterRuntime.route` is the per-op check the service runs
-before anything is read or queued: ``MOVED`` to the owning shard's writer,
-``TRYAGAIN`` while the controller moves an empty slot, replica reads only when
-the replica is close enough to the writer.
+nothing. A writer also drives a slot migration into its shard
+(:class:`~dkv.cluster.migrator.Migrator`), answers one out of it
+(:class:`~dkv.cluster.migrator.MigrationSource`), and deletes the ranges
+that moved away. :meth:`ClusterRuntime.route` is the per-op check the
+service runs before anything is read or queued: ``MOVED`` to the owning
+shard's writer, ``TRYAGAIN`` while a migration has frozen the slot, replica
+reads only when the replica is close enough to the writer.
 """
 from __future__ import annotations
 
@@ -16,19 +19,23 @@ import logging
 import time
 from typing import Any
 
+import gevent
+from kazoo.exceptions import NoNodeError
+
 from dkv import protocol
-from dkv.client.connection import Connection, TransportError
 from dkv.cluster.controller import Controller
 from dkv.cluster.coordinator import Coordinator
 from dkv.cluster.follower import FollowerDriver, PromiseFile
-from dkv.cluster.layout import ClusterView, Shard
+from dkv.cluster import layout
+from dkv.cluster.layout import FROZEN, ClusterView, Migration, Shard
 from dkv.cluster.leader import ReplicatedWriter
+from dkv.cluster.migrator import MigrationSource, Migrator, delete_range, frozen_error
 from dkv.cluster.promotion import Promoter
 from dkv.cluster.replication import STALE_EPOCH, Reply
-from dkv.errors import DKVError, Moved, TryAgain, Unavailable
+from dkv.errors import DKVError, Moved, Unavailable
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import WritePipeline
-from dkv.slots import slot_of
+from dkv.slots import SlotRange, merge_ranges, slot_of
 from dkv.storage import Store
 from dkv.wal.record import Record
 
@@ -64,7 +71,7 @@ class ClusterRuntime:
         self.promise = promise
         self.follower = FollowerDriver(log, store, promise, offload=config.durable)
         self.coord = Coordinator(config, self._on_view, self._on_connection, self._on_session_lost)
-        self.controller = Controller(self.coord, config.replication_factor, self._release_on)
+        self.controller = Controller(self.coord, config.replication_factor)
         self.role = UNASSIGNED
         self.shard: Shard | None = None
         self.writer: ReplicatedWriter | None = None
@@ -72,8 +79,12 @@ class ClusterRuntime:
         self.promoter: Promoter | None = None
         self._no_promotion_until = 0.0
         pipeline.writer = self._not_writer
-        #: the controller is moving our (empty) slots: refuse writes until this map version
-        self._frozen_until: tuple[int, float] | None = None
+        self.source = MigrationSource(log, store, pipeline, config.durable, self._confirm_frozen)
+        #: migrations out of our shard that we confirmed frozen (before our view shows it)
+        self._frozen_here: set[str] = set()
+        self.migrator: Migrator | None = None
+        self._migrated: set[str] = set()
+        self._janitor: gevent.Greenlet | None = None
 
     def start(self) -> None:
         self.coord.start()
@@ -81,6 +92,9 @@ class ClusterRuntime:
 
     def stop(self) -> None:
         self.controller.stop()
+        self._stop_migrator()
+        if self._janitor is not None:
+            self._janitor.kill()
         if self.promoter is not None:
             self.promoter.stop()
         if self.writer is not None:
@@ -115,8 +129,14 @@ class ClusterRuntime:
             assert shard is not None
             self.promoter = Promoter(self, shard.id, not_before=self._no_promotion_until)
         self.role, self.shard = role, shard
-        if self._frozen_until and view.slot_version >= self._frozen_until[0]:
-            self._frozen_until = None
+        self._frozen_here &= set(view.migrations)
+        self.log.retain_from = min((m.from_lsn + 1 for m in view.migrations.values()
+                                    if shard and m.source == shard.id and m.from_lsn is not None), default=None)
+        if role == WRITER:
+            self._drive_migration(view)
+            self._tidy(view)
+        else:
+            self._stop_migrator()
 
     def _start_writer(self, shard: Shard) -> None:
         self._stop_writer()
@@ -175,11 +195,13 @@ class ClusterRuntime:
             raise Unavailable(f"slot {slot} has no owner yet (the cluster is forming)")
         if self.shard is None or owner != self.shard.id:
             raise self._to_writer_of(owner, f"slot {slot} is served by {owner}", slot=slot)
+        if view.migrations:
+            m = view.migration_of(slot)
+            if m is not None and m.source == owner and (m.state == FROZEN or m.id in self._frozen_here):
+                raise frozen_error(slot, m.id)
         if op in protocol.WRITE_OPS or consistency != "eventual":
             if self.role != WRITER:
                 raise self.not_writer_error()
-            if op in protocol.WRITE_OPS and self._frozen_until and time.monotonic() < self._frozen_until[1]:
-                raise TryAgain(f"slot {slot} is being moved; retry shortly", slot=slot)
             return
         if self.role == REPLICA:  # an eventual read on a replica
             fresh = time.monotonic() - self.follower.last_contact < 2 * self.config.session_timeout
@@ -215,30 +237,75 @@ class ClusterRuntime:
     def repl_read(self, start: int, limit: int) -> list[list[Any]]:
         return self.follower.read(int(start), int(limit))
 
-    # -- slot release (the controller spreading slots over an empty cluster) -----------------
+    # -- slot migration ------------------------------------------------------------------
 
-    def release_slots(self, version: int) -> bool:
-        """Grant the controller our slots if we never wrote anything; then refuse writes until
-        the slot map reaches ``version`` (or a deadline passes)."""
-        empty = self.log.last_lsn == 0 and self.store.applied_lsn == 0 and self.pipeline.queued == 0
-        if self.role != WRITER or not empty:
-            return False
-        self._frozen_until = (version, time.monotonic() + 2 * self.config.session_timeout)
-        return True
+    def migration_source(self) -> MigrationSource:
+        """The source side's RPCs, served only by the writer."""
+        if self.role != WRITER:
+            raise self.not_writer_error()
+        return self.source
 
-    def _release_on(self, node_id: str, version: int) -> bool:
-        if node_id == self.config.node_id:
-            return self.release_slots(version)
-        addr = self.view.nodes.get(node_id)
-        if addr is None:
-            return False
-        conn = Connection(addr, self.config.write_timeout)
+    def _confirm_frozen(self, migration_id: str) -> tuple[Migration, int]:
+        zk = self.coord.zk
         try:
-            return bool(conn.request("repl_release", version))
-        except (TransportError, DKVError):
-            return False
-        finally:
-            conn.close()
+            m = Migration.from_bytes(migration_id, zk.get(layout.migration_path(migration_id))[0])
+        except NoNodeError:
+            raise Unavailable(f"no migration {migration_id}") from None
+        if m.state != FROZEN or self.shard is None or m.source != self.shard.id:
+            raise Unavailable(f"migration {migration_id} is not frozen out of our shard")
+        self._frozen_here.add(migration_id)
+        raw, stat = zk.get(layout.shard_path(m.source))
+        shard = Shard.from_bytes(m.source, raw)
+        if self.writer is None or shard.writer != self.config.node_id or shard.epoch != self.writer.epoch:
+            raise Unavailable(f"{self.config.node_id} no longer writes {m.source}")
+        return m, stat.version
+
+    def _drive_migration(self, view: ClusterView) -> None:
+        assert self.shard is not None and self.writer is not None
+        mine = [m for m in view.migrations.values() if m.target == self.shard.id and m.id not in self._migrated]
+        cur = self.migrator
+        if cur is not None and (cur.dead or not mine or cur.migration.id != mine[0].id
+                                or cur.epoch != self.writer.epoch):
+            if cur.dead and cur.importer.done:
+                self._migrated.add(cur.migration.id)
+            self._stop_migrator()
+            mine = [m for m in mine if m.id not in self._migrated]
+        if self.migrator is None and mine:
+            m = mine[0]
+            self.migrator = Migrator(m, self.coord.zk, self.pipeline, self.store, self.config.durable,
+                                     source_addr=lambda sid=m.source: self.view.writer_addr(sid),
+                                     node_id=self.config.node_id, epoch=self.writer.epoch,
+                                     rate=self.config.migration_rate)
+
+    def _stop_migrator(self) -> None:
+        if self.migrator is not None:
+            self.migrator.stop()
+            self.migrator = None
+
+    def _tidy(self, view: ClusterView) -> None:
+        """Delete what we hold of slots another shard owns (a range that moved away), unless
+        we are importing them."""
+        if self._janitor is not None and not self._janitor.dead:
+            return
+        assert self.shard is not None
+        me = self.shard.id
+        foreign = {slot for a, b, owner in view.slots.ranges if owner != me for slot in range(a, b + 1)}
+        foreign -= {slot for m in view.migrations.values() if m.target == me for slot in range(m.start, m.end + 1)}
+        if foreign:
+            self._janitor = gevent.spawn(self._delete_foreign, merge_ranges(foreign))
+
+    def _delete_foreign(self, ranges: list[SlotRange]) -> None:
+        for r in ranges:
+            try:
+                after = delete_range(self.pipeline, self.store, r, self.config.durable)
+                if after is None:
+                    continue
+                while after is not None:
+                    after = delete_range(self.pipeline, self.store, r, self.config.durable, after)
+                logger.info("deleted our copy of slots %d..%d (they moved to another shard)", r.start, r.end)
+            except DKVError as e:
+                logger.info("deleting moved-away slots %d..%d failed (%s); the next view retries", r.start, r.end, e)
+                return
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -37,6 +37,8 @@ class NodeConfig:
     write_timeout: float = 5.0
     #: a replica further behind than this many records refuses reads
     max_replica_lag: int = 1000
+    #: records per second a slot migration imports at most (0: as fast as it can)
+    migration_rate: int = 0
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -69,6 +71,8 @@ class NodeConfig:
                                   "the address peers and clients should use")
         if self.max_replica_lag < 0:
             raise InvalidArgument("--max-replica-lag must be >= 0")
+        if self.migration_rate < 0:
+            raise InvalidArgument("--migration-rate must be >= 0")
 
     @property
     def addr(self) -> str:

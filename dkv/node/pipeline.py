@@ -142,6 +142,13 @@ class WritePipeline:
         self._wake.set()
         return pending.done.get()
 
+    def barrier(self) -> None:
+        """Return once every write queued before this call is settled (committed or failed)."""
+        try:
+            self.submit(())
+        except DKVError:
+            pass  # a failed turn settles the writes in it too
+
     @property
     def queued(self) -> int:
         return sum(len(p.ops) for p in self._queue)
@@ -208,6 +215,10 @@ class WritePipeline:
             return
         self._next_lsn = self._log.last_lsn + 1  # a failed batch may have been rolled back
         records, results = self._sequence(batch)
+        if not records:  # only barriers
+            for p, res in zip(batch, results):
+                p.done.set(res)
+            return
         try:
             self.writer.write(records)
         except (QuorumNotReached, WriteTimeout, Unavailable, Moved) as e:

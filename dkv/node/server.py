@@ -106,8 +106,19 @@ class RPC:
         session_id, password = self._rt().coord.zk.client_id
         return [session_id, password]
 
-    def repl_release(self, version: int) -> bool:
-        return self._rt().release_slots(int(version))
+    # -- slot migration: called by the writer of the shard a range moves to --
+
+    def mig_position(self) -> int:
+        return self._rt().migration_source().position()
+
+    def mig_scan(self, start: int, end: int, after: bytes | None, limit: int) -> list[Any]:
+        return self._rt().migration_source().scan(start, end, after, limit)
+
+    def mig_tail(self, start: int, end: int, after_lsn: int, limit: int) -> dict[str, Any]:
+        return self._rt().migration_source().tail(start, end, int(after_lsn), limit)
+
+    def mig_freeze(self, migration_id: str) -> list[int]:
+        return self._rt().migration_source().freeze(str(migration_id))
 
 
 class Node:

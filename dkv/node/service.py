@@ -70,6 +70,16 @@ class NodeService:
                 for i, _, _ in reads:
                     replies[i] = protocol.err(e)
                 reads = []
+            # That round yielded: route the writes again (a migration may have frozen their
+            # slots meanwhile), with no yield from here until they are queued.
+            routed = []
+            for i, w in zip(write_at, writes):
+                try:
+                    self.router.route(protocol.SET if w[0] is Op.PUT else protocol.DEL, w[1], None)
+                    routed.append((i, w))
+                except DKVError as e:
+                    replies[i] = protocol.err(e)
+            write_at, writes = [i for i, _ in routed], [w for _, w in routed]
         for i, name, key in reads:
             replies[i] = protocol.ok(self.store.get(key, None) if name == protocol.GET else self.store.exists(key))
         if writes:

@@ -119,6 +119,13 @@ class StoreView:
         lo, hi = slots.storage_bounds()
         return ((k[SLOT_PREFIX_LEN:], v) for k, v in self._src.iterate(lo, hi))
 
+    def page_slots(self, slots: SlotRange, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` ``(storage key, value)`` pairs of a slot range, after storage key ``after``."""
+        lo, hi = slots.storage_bounds()
+        if after is not None:
+            lo = max(lo, after + b"\x00")
+        return list(islice(self._src.iterate(lo, hi), limit)) if lo < hi else []
+
     def count_slot(self, slot: int) -> int:
         return sum(1 for _ in self.iter_slots(SlotRange(slot, slot)))
 

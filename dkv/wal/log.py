@@ -114,6 +114,8 @@ class WriteAheadLog:
         self._appends = 0
         self._fsyncs = 0
         self._closed = False
+        #: compaction keeps every record from this LSN on (a slot migration reads them)
+        self.retain_from: int | None = None
         #: epoch boundaries of the retained records (for replication)
         self.epochs = EpochIndex()
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -251,9 +253,11 @@ class WriteAheadLog:
     def compact(self, checkpoint_lsn: int) -> int:
         """Delete the segments whose records all have LSN <= ``checkpoint_lsn``; return how many.
 
-        The active (last) segment is never deleted.
+        The active (last) segment is never deleted, nor one holding ``retain_from`` or later.
         """
         self._check_open()
+        if self.retain_from is not None:
+            checkpoint_lsn = min(checkpoint_lsn, self.retain_from - 1)
         n = 0
         while n + 1 < len(self._segments) and self._segments[n + 1] <= checkpoint_lsn + 1:
             n += 1

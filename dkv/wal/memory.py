@@ -21,6 +21,8 @@ class MemoryLog:
         self._base = 0  # lsn of the record before the first retained one
         self._closed = False
         self._appends = 0
+        #: keep records from this LSN on (a slot migration reads them), up to 10 x ``retain``
+        self.retain_from: int | None = None
         self.epochs = EpochIndex()
 
     @property
@@ -55,7 +57,10 @@ class MemoryLog:
         self.epochs.note_all(records)
         self._appends += 1
         if len(self._records) > 2 * self._retain:  # trim in chunks: amortised O(1)
-            del self._records[: len(self._records) - self._retain]
+            cut = len(self._records) - self._retain
+            if self.retain_from is not None and len(self._records) <= 10 * self._retain:
+                cut = min(cut, max(0, self.retain_from - self.first_lsn))
+            del self._records[:cut]
 
     def read_from(self, lsn: int, limit: int | None = None) -> Iterator[Record]:
         self._check_open()

@@ -121,11 +121,20 @@ class Cluster:
             except RuntimeError:
                 return False
             covered = sum(b - a + 1 for s in shards.values() for a, b in s["slots"])
-            return (len(shards) == self.shards and covered == 1024
+            return (len(shards) == self.shards and covered == 1024 and self.balanced()
                     and all(len(s["replicas"]) == self.rf - 1 for s in shards.values())
                     and all(self.in_sync(sid) for sid in shards))
 
         wait_until(formed, timeout, "the cluster to form with every replica in sync", interval=0.2)
+
+    def balanced(self) -> bool:
+        """No migration under way, and every shard owns its share of the slots (within one)."""
+        try:
+            info = self.cluster_info()
+        except RuntimeError:
+            return False
+        counts = [sum(b - a + 1 for a, b in sh["slots"]) for sh in info["shards"] if sh["writer"]]
+        return not info.get("migrations") and bool(counts) and max(counts) - min(counts) <= 1
 
     def digests(self, shard_id: str) -> dict[str, list[Any]]:
         """member id -> [applied_lsn, digest] over the shard's slots, for live members."""

@@ -1,0 +1,199 @@
+"""Moving a slot range between shards (DESIGN §6), sans-I/O: the target writer's importer.
+
+The target shard's writer drives the move; the source keeps serving the range
+until the freeze. :class:`Importer` takes results and returns the next
+:data:`Action`; :mod:`dkv.cluster.migrator` carries actions out (RPCs to the
+source's writer, ZooKeeper writes, the target's own write pipeline).
+
+1. **clear**: delete what the target holds in the range (a previous attempt's
+   partial copy), through its own log.
+2. **begin**: learn the source's applied LSN ``S``; every later write to the
+   range is in the source's WAL after ``S``. ``S`` is recorded in the migration
+   znode (``from_lsn``), so every member of the source keeps its WAL from there.
+3. **copy**: page through the range on the source's writer and import each
+   page through the target's log. The scan is live, not a snapshot: a value
+   that changes meanwhile is written again by step 4.
+4. **tail**: import the source's *committed* WAL records after ``S`` for the
+   range, in LSN order. Replaying them over the copy converges to the source's
+   state: the last write to each key wins, deletes included.
+5. **freeze**: once the tail is short, mark the migration frozen in ZooKeeper
+   and ask the source's writer to confirm: it refuses the range (``TRYAGAIN``)
+   from then on, waits out the writes it already queued, and answers its
+   applied LSN ``F`` with its shard znode's version.
+6. **drain**: tail up to ``F``.
+7. **flip**: one ZooKeeper multi-op checks the source shard's znode version
+   (the writer that answered ``F`` is still the writer, in the same epoch),
+   gives the range to the target in ``/slots`` and deletes the migration.
+
+Every import goes through the target's log, so its replicas get it too. If the
+source's WAL no longer holds the records after ``S`` (compacted), the move
+starts again at step 1; if the flip's check fails (the source failed over or
+bumped its epoch), it goes back to step 5 and asks the new writer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dkv.wal.record import Op
+
+#: Freeze once the source's committed log is at most this many records ahead of our tail.
+FREEZE_LAG = 500
+
+#: one write as the target's pipeline takes it: (op, key, value)
+ImportOp = tuple[Op, bytes, bytes]
+
+
+@dataclass(frozen=True)
+class Clear:
+    """Delete one page of the target's own keys in the range after storage key ``after``;
+    answer with the last storage key deleted (None: nothing left)."""
+    after: bytes | None
+
+
+@dataclass(frozen=True)
+class Begin:
+    """Ask the source's writer for its applied LSN."""
+
+
+@dataclass(frozen=True)
+class RecordStart:
+    """Write ``from_lsn`` into the migration znode."""
+    from_lsn: int
+
+
+@dataclass(frozen=True)
+class CopyPage:
+    """Read one page of the range from the source's writer, after storage key ``after``;
+    answer with a :class:`Page`."""
+    after: bytes | None
+
+
+@dataclass(frozen=True)
+class Import:
+    """Write ``ops`` through the target's log (answer with None)."""
+    ops: list[ImportOp] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Tail:
+    """Read the source's committed WAL records after ``after_lsn``; answer with a :class:`TailPage`."""
+    after_lsn: int
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """Mark the migration frozen and get the source writer's final LSN; answer with a :class:`Frozen`."""
+
+
+@dataclass(frozen=True)
+class Flip:
+    """The multi-op, checked against the source shard's znode version; answer True if it committed."""
+    source_version: int
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+Action = Clear | Begin | RecordStart | CopyPage | Import | Tail | Freeze | Flip | Done
+
+
+@dataclass(frozen=True)
+class Page:
+    pairs: list[tuple[bytes, bytes]]
+    #: storage key of the last pair; None once the range is exhausted
+    next_after: bytes | None
+
+
+@dataclass(frozen=True)
+class TailPage:
+    #: the range's records, in LSN order
+    ops: list[ImportOp]
+    #: every record up to here was read (and ``ops`` holds those of the range)
+    scanned_to: int
+    #: the source's applied (committed) LSN
+    committed: int
+    #: the source no longer holds the records after ``after_lsn``
+    compacted: bool = False
+
+
+@dataclass(frozen=True)
+class Frozen:
+    final_lsn: int
+    source_version: int
+
+
+class Importer:
+    """The target side of one slot-range move (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._next: Action = Clear(None)
+        self._after_import: Action | None = None
+        self._tail_at = 0
+        self._final: Frozen | None = None
+        self.restarts = 0
+        self.imported = 0
+
+    @property
+    def done(self) -> bool:
+        return isinstance(self._next, Done)
+
+    def next(self) -> Action:
+        return self._next
+
+    def on(self, result: Any) -> Action:
+        """The result of the action :meth:`next` returned; returns the next action."""
+        act = self._next
+        if isinstance(act, Clear):
+            self._next = Begin() if result is None else Clear(result)
+        elif isinstance(act, Begin):
+            self._tail_at = int(result)
+            self._next = RecordStart(self._tail_at)
+        elif isinstance(act, RecordStart):
+            self._next = CopyPage(None)
+        elif isinstance(act, CopyPage):
+            page: Page = result
+            then: Action = Tail(self._tail_at) if page.next_after is None else CopyPage(page.next_after)
+            self._import([(Op.PUT, k, v) for k, v in page.pairs], then)
+        elif isinstance(act, Import):
+            self.imported += len(act.ops)
+            assert self._after_import is not None
+            self._next, self._after_import = self._after_import, None
+        elif isinstance(act, Tail):
+            self._on_tail(result)
+        elif isinstance(act, Freeze):
+            self._final = result
+            self._next = self._after_tail()
+        elif isinstance(act, Flip):
+            if result:
+                self._next = Done()
+            else:  # the source changed writer or epoch since it answered: ask again
+                self._final = None
+                self._next = Freeze()
+        return self._next
+
+    def _import(self, ops: list[ImportOp], then: Action) -> None:
+        if ops:
+            self._next, self._after_import = Import(ops), then
+        else:
+            self._next = then
+
+    def _on_tail(self, page: TailPage) -> None:
+        if page.compacted:
+            self.restarts += 1
+            self._final = None
+            self._next = Clear(None)
+            return
+        self._tail_at = max(self._tail_at, page.scanned_to)
+        if self._final is None and page.committed - self._tail_at <= FREEZE_LAG:
+            then: Action = Freeze()
+        else:
+            then = self._after_tail()
+        self._import(page.ops, then)
+
+    def _after_tail(self) -> Action:
+        if self._final is not None and self._tail_at >= self._final.final_lsn:
+            return Flip(self._final.source_version)
+        return Tail(self._tail_at)
