@@ -1,0 +1,134 @@
+"""Unit tests of slot migration's pure parts: the controller's planning, the slot-map flip,
+and the sans-I/O importer (dkv.cluster.migration), driven deterministically without sockets."""
+from __future__ import annotations
+
+import pytest
+
+from dkv.cluster.controller import AddReplica, CreateSlots, NewShard, StartMigration, plan, plan_move
+from dkv.cluster.layout import ClusterView, Migration, Shard, SlotRanges
+from dkv.cluster.migration import (FREEZE_LAG, Begin, Clear, CopyPage, Done, Flip, Freeze, Frozen, Import,
+                                   Importer, Page, RecordStart, Tail, TailPage)
+from dkv.wal.record import Op
+
+
+def view(shards: dict[str, tuple[str | None, list[str]]], slots: SlotRanges | None,
+         migrations: dict[str, Migration] | None = None, down: tuple[str, ...] = ()) -> ClusterView:
+    v = ClusterView()
+    for sid, (writer, replicas) in shards.items():
+        v.shards[sid] = Shard(sid, 1, writer, replicas)
+        v.shard_versions[sid] = 0
+        for n in ([writer] if writer else []) + replicas:
+            if n not in down:
+                v.nodes[n] = f"{n}:1"
+    if slots is not None:
+        v.slots, v.slot_version = slots, 0
+    v.migrations = migrations or {}
+    return v
+
+
+# -- planning -------------------------------------------------------------------------------
+
+def test_first_map_spreads_slots_over_the_writers() -> None:
+    v = view({"shard-1": ("n1", []), "shard-2": ("n4", [])}, None)
+    (create,) = [c for c in plan(v, 3) if isinstance(c, CreateSlots)]
+    assert create.ranges == ((0, 511, "shard-1"), (512, 1023, "shard-2"))
+
+
+def test_a_new_empty_shard_gets_half_the_slots_by_migration() -> None:
+    v = view({"shard-1": ("n1", ["n2", "n3"]), "shard-2": ("n4", [])}, SlotRanges([(0, 1023, "shard-1")]))
+    changes = plan(v, 3)
+    assert StartMigration(512, 1023, "shard-1", "shard-2") in changes
+    assert not any(isinstance(c, CreateSlots) for c in changes)
+
+
+def test_one_migration_at_a_time() -> None:
+    m = Migration("m-1", 512, 1023, "shard-1", "shard-2")
+    v = view({"shard-1": ("n1", []), "shard-2": ("n4", []), "shard-3": ("n7", [])},
+             SlotRanges([(0, 1023, "shard-1")]), {"m-1": m})
+    assert not [c for c in plan(v, 1) if isinstance(c, StartMigration)]
+
+
+def test_no_move_from_or_to_a_shard_whose_writer_is_down() -> None:
+    v = view({"shard-1": ("n1", ["n2"]), "shard-2": ("n4", [])}, SlotRanges([(0, 1023, "shard-1")]), down=("n1",))
+    assert not [c for c in plan(v, 3) if isinstance(c, StartMigration)]
+
+
+def test_new_nodes_still_join_while_slots_move() -> None:
+    v = view({"shard-1": ("n1", [])}, SlotRanges([(0, 1023, "shard-1")]))
+    v.nodes["n2"] = "n2:1"
+    assert plan(v, 3) == [AddReplica("shard-1", "n2")]
+    v.nodes["n9"] = "n9:1"
+    assert NewShard("shard-2", "n2") in plan(v, 1)
+
+
+@pytest.mark.parametrize("n_shards", [2, 3, 4, 5, 7])
+def test_repeated_moves_balance_the_slots(n_shards: int) -> None:
+    ids = [f"shard-{i}" for i in range(1, n_shards + 1)]
+    slots = SlotRanges([(0, 1023, "shard-1")])
+    moves = 0
+    while (mv := plan_move(slots, ids)) is not None:
+        assert slots.owner(mv.start) == mv.source and slots.owner(mv.end) == mv.source
+        slots = slots.moved(mv.start, mv.end, mv.target)
+        moves += 1
+        assert moves < 3 * n_shards, "planning does not converge"
+    counts = [slots.count(s) for s in ids]
+    assert sum(counts) == 1024 and max(counts) - min(counts) <= 1, counts
+
+
+def test_moved_rewrites_and_merges_the_slot_map() -> None:
+    s = SlotRanges([(0, 511, "a"), (512, 1023, "b")])
+    assert s.moved(256, 511, "b").ranges == [(0, 255, "a"), (256, 1023, "b")]
+    assert s.moved(600, 700, "a").ranges == [(0, 511, "a"), (512, 599, "b"), (600, 700, "a"), (701, 1023, "b")]
+    assert s.moved(0, 1023, "c").ranges == [(0, 1023, "c")]
+
+
+# -- the importer -----------------------------------------------------------------------------
+
+def run_to_freeze(imp: Importer, pairs: list[tuple[bytes, bytes]]) -> None:
+    assert imp.next() == Clear(None)
+    assert imp.on(b"\x00\x01k") == Clear(b"\x00\x01k")  # one page deleted: clear on
+    assert imp.on(None) == Begin()
+    assert imp.on(100) == RecordStart(100)
+    assert imp.on(None) == CopyPage(None)
+    act = imp.on(Page(pairs, None))
+    if pairs:
+        assert act == Import([(Op.PUT, k, v) for k, v in pairs])
+        act = imp.on(None)
+    assert act == Tail(100)  # an empty page imports nothing
+
+
+def test_importer_happy_path() -> None:
+    imp = Importer()
+    run_to_freeze(imp, [(b"k1", b"v1"), (b"k2", b"v2")])
+    ops = [(Op.PUT, b"k1", b"v9"), (Op.DELETE, b"k2", b"")]
+    assert imp.on(TailPage(ops, 150, 150)) == Import(ops)  # caught up: import, then freeze
+    assert imp.on(None) == Freeze()
+    assert imp.on(Frozen(160, 7)) == Tail(150)  # the source settled up to 160
+    assert imp.on(TailPage([], 160, 160)) == Flip(7)
+    assert imp.on(True) == Done()
+    assert imp.done and imp.imported == 4
+
+
+def test_importer_keeps_tailing_while_far_behind() -> None:
+    imp = Importer()
+    run_to_freeze(imp, [])
+    assert imp.on(TailPage([], 2100, 100 + 2000 + FREEZE_LAG + 1)) == Tail(2100)
+    assert imp.on(TailPage([], 4100, 4100)) == Freeze()
+
+
+def test_importer_starts_over_when_the_source_compacted_its_log() -> None:
+    imp = Importer()
+    run_to_freeze(imp, [(b"k", b"v")])
+    assert imp.on(TailPage([], 100, 5000, compacted=True)) == Clear(None)
+    assert imp.restarts == 1
+
+
+def test_importer_asks_again_when_the_flip_is_refused() -> None:
+    imp = Importer()
+    run_to_freeze(imp, [])
+    assert imp.on(TailPage([], 120, 120)) == Freeze()
+    assert imp.on(Frozen(120, 3)) == Flip(3)  # already at the final lsn
+    assert imp.on(False) == Freeze()  # the source failed over meanwhile
+    assert imp.on(Frozen(130, 5)) == Tail(120)
+    assert imp.on(TailPage([(Op.PUT, b"x", b"1")], 130, 130)) == Import([(Op.PUT, b"x", b"1")])
+    assert imp.on(None) == Flip(5)
