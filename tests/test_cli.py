@@ -143,6 +143,18 @@ def test_format_shards_lag_down_and_slot_ranges() -> None:
     ]
 
 
+def test_format_shards_lists_migrations_under_way() -> None:
+    cluster = dict(example_cluster())
+    cluster["migrations"] = [{"id": "m-0000000003", "slots": [512, 767], "source": "shard-1",
+                              "target": "shard-2", "state": "frozen"}]
+    lines = format_shards(cluster, {}).splitlines()
+    assert lines[-2:] == [
+        "MIGRATION     SLOTS    FROM     TO       STATE",
+        "m-0000000003  512-767  shard-1  shard-2  frozen",
+    ]
+    assert "MIGRATION" not in format_shards(example_cluster(), {})
+
+
 def test_format_nodes() -> None:
     assert format_nodes(example_cluster()).splitlines() == [
         "ID    ADDR  ROLE     SHARD     STATUS",

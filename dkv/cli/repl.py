@@ -142,7 +142,12 @@ def format_shards(cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping
         replicas = [member(r, f" (lag {_lag(info, r)})") for r in s.get("replicas") or []]
         rows.append([str(s.get("id")), str(s.get("epoch")), member(writer, "") if writer else "-",
                      ", ".join(replicas) or "-", format_slots(s.get("slots") or [])])
-    return format_table(["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"], rows)
+    table = format_table(["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"], rows)
+    moving = [[str(m.get("id")), format_slots([m.get("slots")]), str(m.get("source")), str(m.get("target")),
+               str(m.get("state"))] for m in cluster.get("migrations") or []]
+    if moving:
+        table += "\n\n" + format_table(["MIGRATION", "SLOTS", "FROM", "TO", "STATE"], moving)
+    return table
 
 
 def format_nodes(cluster: Mapping[str, Any]) -> str:

@@ -272,6 +272,11 @@ class ClusterRuntime:
             mine = [m for m in mine if m.id not in self._migrated]
         if self.migrator is None and mine:
             m = mine[0]
+            if self._janitor is not None:
+                # It may be about to delete keys of this range that it read as foreign. Its
+                # deletes already queued commit before any import (the pipeline is FIFO).
+                self._janitor.kill()
+                self._janitor = None
             self.migrator = Migrator(m, self.coord.zk, self.pipeline, self.store, self.config.durable,
                                      source_addr=lambda sid=m.source: self.view.writer_addr(sid),
                                      node_id=self.config.node_id, epoch=self.writer.epoch,
