@@ -58,6 +58,18 @@ def bench(addr: str, clients: int, ops: int, value_size: int) -> None:
                    check=True)
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]], data: str) -> None:
+    """SIGTERM every node (kill one that does not stop in 15 s), then delete their data."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shutil.rmtree(data, ignore_errors=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--zk", default="127.0.0.1:2181")
@@ -89,14 +101,7 @@ def main() -> int:
                 bench(addr, clients, ops, args.value_size)
         return 0
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(data, ignore_errors=True)
+        stop_all(procs, data)
 
 
 if __name__ == "__main__":

@@ -304,3 +304,30 @@ def test_bench_smoke(node: NodeProcess) -> None:
     assert any(line.startswith("latency p99:") and line.endswith("ms") for line in lines)
     assert any(line.split() == ["errors:", "0"] for line in lines)
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_admin_refuses_bad_invocations_with_clear_errors(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from dkv.cli.main import main
+
+    monkeypatch.delenv("DKV_ZK", raising=False)
+    assert main(["admin", "status"]) == 1
+    assert "needs --zk" in capsys.readouterr().err
+    assert main(["admin", "drain", "--zk", "127.0.0.1:1"]) == 1
+    assert "needs a SHARD" in capsys.readouterr().err
+
+
+@pytest.mark.zk
+def test_admin_status_and_drain_flag_through_zookeeper(zk: str, kz: KazooClient) -> None:  # noqa: F811
+    from dkv.cli.main import main
+
+    publish(kz, {"w": "h:1", "w2": "h:2"}, [Shard("shard-1", 1, "w", []), Shard("shard-2", 1, "w2", [])], ALL)
+    out = subprocess.run([sys.executable, "-m", "dkv.cli.main", "admin", "--zk", zk, "drain", "shard-2"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "shard-2 is draining" in out.stdout, out
+    assert Shard.from_bytes("shard-2", kz.get(layout.shard_path("shard-2"))[0]).draining
+    status = subprocess.run([sys.executable, "-m", "dkv.cli.main", "admin", "--zk", zk, "status"],
+                            capture_output=True, text=True, timeout=60)
+    assert "shard-2 (draining)" in status.stdout and "shard-1 " in status.stdout, status
+    assert main(["admin", "--zk", zk, "undrain", "shard-2"]) == 0
+    assert not Shard.from_bytes("shard-2", kz.get(layout.shard_path("shard-2"))[0]).draining

@@ -132,3 +132,25 @@ def test_importer_asks_again_when_the_flip_is_refused() -> None:
     assert imp.on(Frozen(130, 5)) == Tail(120)
     assert imp.on(TailPage([(Op.PUT, b"x", b"1")], 130, 130)) == Import([(Op.PUT, b"x", b"1")])
     assert imp.on(None) == Flip(5)
+
+
+def test_a_draining_shard_gives_all_its_slots_away_spread_over_the_others() -> None:
+    ids = ["shard-1", "shard-2", "shard-3"]
+    slots = SlotRanges([(0, 340, "shard-1"), (341, 681, "shard-2"), (682, 1023, "shard-3")])
+    moves = 0
+    while (mv := plan_move(slots, ids, {"shard-2"})) is not None:
+        assert mv.source == "shard-2" and mv.target != "shard-2"
+        slots = slots.moved(mv.start, mv.end, mv.target)
+        moves += 1
+        assert moves < 10
+    assert slots.count("shard-2") == 0
+    assert abs(slots.count("shard-1") - slots.count("shard-3")) <= 1
+
+
+def test_nobody_joins_a_draining_shard_and_the_last_shard_keeps_its_slots() -> None:
+    v = view({"shard-1": ("n1", []), "shard-2": ("n4", [])}, SlotRanges([(0, 1023, "shard-1")]))
+    v.shards["shard-2"].draining = True
+    v.nodes["n9"] = "n9:1"
+    changes = plan(v, 3)
+    assert AddReplica("shard-1", "n9") in changes and not any(isinstance(c, StartMigration) for c in changes)
+    assert plan_move(SlotRanges([(0, 1023, "shard-1")]), ["shard-1"], {"shard-1"}) is None

@@ -9,6 +9,8 @@ source's or the target's writer in the middle of the move.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -68,6 +70,11 @@ def _check(cluster: Cluster, client: dkv.Client, history: History, deleted: set[
     info = cluster.cluster_info()
     owned = {sh["id"]: sh["slots"] for sh in info["shards"]}
     assert set(owned) == {"shard-1", "shard-2"} and all(owned.values()), owned
+    _check_data(cluster, client, history, deleted, owned)
+
+
+def _check_data(cluster: Cluster, client: dkv.Client, history: History, deleted: set[str],
+                owned: dict[str, list[list[int]]]) -> None:
     # G1/G4: every acknowledged write is readable from its new owner; deletes stay deleted.
     acked = check_acknowledged(history, lambda keys: [None if v is None else v.decode()
                                                       for v in client.mget(keys)])
@@ -81,16 +88,18 @@ def _check(cluster: Cluster, client: dkv.Client, history: History, deleted: set[
     assert not wrong, f"{len(wrong)} bulk keys wrong after the move, e.g. {wrong[:5]}"
     # G3 per shard, and the source kept nothing of what it gave away.
     for sid in owned:
-        wait_until(lambda: cluster.in_sync(sid), 60, f"{sid} in sync")
-        conv = check_converged(cluster.wait_converged(sid, timeout=60))
-        assert conv.ok, conv.format()
-    for sid, other in (("shard-1", "shard-2"), ("shard-2", "shard-1")):
+        if owned[sid]:
+            wait_until(lambda: cluster.in_sync(sid), 60, f"{sid} in sync")
+            conv = check_converged(cluster.wait_converged(sid, timeout=60))
+            assert conv.ok, conv.format()
+    for sid in owned:
+        foreign = [r for other, ranges in owned.items() if other != sid for r in ranges]
         sh = cluster.shard_members()[sid]
         for member in [sh["writer"], *sh["replicas"]]:
             if cluster.nodes[member].running:
                 wait_until(lambda: all(rpc(cluster.nodes[member].addr, "digest", a, b)[1] == EMPTY_DIGEST
-                                       for a, b in owned[other]), 60,
-                           f"{member} ({sid}) to hold nothing of {other}'s slots")
+                                       for a, b in foreign), 60,
+                           f"{member} ({sid}) to hold nothing of other shards' slots")
 
 
 def _under_load(cluster: Cluster) -> tuple[dkv.Client, History, Workload, set[str]]:
@@ -132,3 +141,37 @@ def test_writer_killed_in_the_middle_of_a_move(cluster: Cluster, side: str) -> N
     wl.stop()
     _check(cluster, client, history, deleted)
     client.close()
+
+
+def admin(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dkv.cli.main", "admin", "--zk", cluster.zk, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_drained_shard_hands_its_slots_and_data_to_the_others_under_load(zk: str, tmp_path: Path) -> None:
+    cluster = Cluster(zk, tmp_path, shards=2, replication_factor=3, write_quorum=2, session_timeout=4.0)
+    try:
+        cluster.start()
+        client, history, wl, deleted = _under_load(cluster)
+        assert "no other shard" not in admin(cluster, "drain", "shard-2").stdout
+        wait_until(lambda: not cluster.cluster_info().get("migrations")
+                   and not cluster.shard_members()["shard-2"]["slots"], 120, "shard-2 to be drained", interval=0.2)
+        status = admin(cluster, "status")
+        assert status.returncode == 0 and "shard-2 (draining)" in status.stdout, status
+        # The last shard taking slots cannot be drained; an unknown shard is a clear error.
+        last = admin(cluster, "drain", "shard-1")
+        assert last.returncode == 1 and "InvalidArgument" in last.stderr and "no other shard" in last.stderr
+        unknown = admin(cluster, "drain", "shard-9")
+        assert unknown.returncode == 1 and "no shard 'shard-9'" in unknown.stderr
+        wl.stop()
+        owned = {sh["id"]: sh["slots"] for sh in cluster.cluster_info()["shards"]}
+        assert sum(b - a + 1 for a, b in owned["shard-1"]) == 1024, owned
+        _check_data(cluster, client, history, deleted, owned)
+        # Undrained, it takes its share back.
+        assert admin(cluster, "undrain", "shard-2").returncode == 0
+        wait_until(cluster.balanced, 120, "slots balanced again", interval=0.2)
+        _check_data(cluster, client, history, deleted,
+                    {sh["id"]: sh["slots"] for sh in cluster.cluster_info()["shards"]})
+        client.close()
+    finally:
+        cluster.stop()

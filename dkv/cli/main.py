@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(b, "--keys", type=int, default=100_000, help="size of the key space")
     _env_flag(b, "--timeout", type=float, default=10.0, help="seconds per request")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    a = sub.add_parser("admin", help="cluster administration: status, drain, undrain",
+                       description="Administer a cluster through ZooKeeper. drain SHARD moves the "
+                                   "shard's slots (with their data) to the other shards; undrain "
+                                   "SHARD lets it take slots again.")
+    a.add_argument("action", choices=["status", "drain", "undrain"])
+    a.add_argument("shard", nargs="?", metavar="SHARD", help="the shard to drain or undrain, e.g. shard-2")
+    _env_flag(a, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot] of the cluster")
+    _env_flag(a, "--timeout", type=float, default=10.0, help="seconds to reach ZooKeeper")
     return p
 
 
@@ -116,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_bench(_addrs(args.addrs), clients=args.clients, ops=args.ops,
                              value_size=args.value_size, ratio=args.ratio, keys=args.keys,
                              timeout=args.timeout, progress=not args.no_progress)
+        if args.command == "admin":
+            from dkv.cli.admin import run_admin
+
+            return run_admin(args.zk, args.action, args.shard, timeout=args.timeout)
     except DKVError as e:
         print(f"dkv {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -140,7 +140,7 @@ def format_shards(cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping
         writer = s.get("writer")
         info = writer_infos.get(writer) if writer else None
         replicas = [member(r, f" (lag {_lag(info, r)})") for r in s.get("replicas") or []]
-        rows.append([str(s.get("id")), str(s.get("epoch")), member(writer, "") if writer else "-",
+        rows.append([str(s.get("id")) + (" (draining)" if s.get("draining") else ""), str(s.get("epoch")), member(writer, "") if writer else "-",
                      ", ".join(replicas) or "-", format_slots(s.get("slots") or [])])
     table = format_table(["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"], rows)
     moving = [[str(m.get("id")), format_slots([m.get("slots")]), str(m.get("source")), str(m.get("target")),

@@ -13,7 +13,7 @@ whenever the view changes. Moving the data is the migration protocol
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gevent
@@ -54,29 +54,40 @@ class StartMigration:
 Change = AddReplica | NewShard | CreateSlots | StartMigration
 
 
-def plan_move(slots: SlotRanges, shard_ids: list[str]) -> StartMigration | None:
+def plan_move(slots: SlotRanges, shard_ids: list[str], draining: set[str] = frozenset()) -> StartMigration | None:
     """The next move towards even slot counts over ``shard_ids`` (shards that can serve), if any.
 
-    It moves the top of the fullest shard's last range to the emptiest shard,
-    as many slots as neither passes its fair share.
+    A draining shard's last range moves to the emptiest other shard (as much
+    of it as that shard's fair share takes).
+    Otherwise it moves the top of the fullest shard's last range to the
+    emptiest shard, as many slots as neither passes its fair share.
     """
+    counts = {sid: slots.count(sid) for sid in shard_ids}
+    receivers = [s for s in shard_ids if s not in draining]
+    donors = [s for s in shard_ids if s in draining and counts[s]]
+    if donors and receivers:
+        donor = min(donors, key=layout.shard_sort_key)
+        receiver = min(receivers, key=lambda s: (counts[s], layout.shard_sort_key(s)))
+        a, b = slots.of_shard(donor)[-1]
+        k = min(b - a + 1, max(1, -(-NUM_SLOTS // len(receivers)) - counts[receiver]))
+        return StartMigration(b - k + 1, b, donor, receiver)
+    shard_ids = receivers
     if len(shard_ids) < 2:
         return None
-    counts = {sid: slots.count(sid) for sid in shard_ids}
     donor = max(shard_ids, key=lambda s: (counts[s], layout.shard_sort_key(s)))
     receiver = min(shard_ids, key=lambda s: (counts[s], layout.shard_sort_key(s)))
     low, high = NUM_SLOTS // len(shard_ids), -(-NUM_SLOTS // len(shard_ids))
     k = min(counts[donor] - low, high - counts[receiver])
     if counts[donor] - counts[receiver] <= 1 or k <= 0:
         return None
-    a, b = [r for r in slots.of_shard(donor)][-1]
+    a, b = slots.of_shard(donor)[-1]
     k = min(k, b - a + 1)
     return StartMigration(b - k + 1, b, donor, receiver)
 
 
 def plan(view: ClusterView, replication_factor: int) -> list[Change]:
     """The changes that bring ``view`` to the target assignment (pure)."""
-    shards = {sid: Shard(sh.id, sh.epoch, sh.writer, list(sh.replicas)) for sid, sh in view.shards.items()}
+    shards = {sid: replace(sh, replicas=list(sh.replicas)) for sid, sh in view.shards.items()}
     assigned = {m for sh in shards.values() for m in sh.members}
     changes: list[Change] = []
     next_no = 1 + max((layout.shard_sort_key(s)[0] for s in shards if layout.shard_sort_key(s)[0] < 1 << 30),
@@ -84,7 +95,8 @@ def plan(view: ClusterView, replication_factor: int) -> list[Change]:
     for nid in sorted(view.nodes):
         if nid in assigned:
             continue
-        open_shards = [sh for sh in shards.values() if sh.writer and len(sh.members) < replication_factor]
+        open_shards = [sh for sh in shards.values()
+                       if sh.writer and not sh.draining and len(sh.members) < replication_factor]
         if open_shards:
             sh = min(open_shards, key=lambda s: (len(s.members), layout.shard_sort_key(s.id)))
             sh.replicas.append(nid)
@@ -101,7 +113,7 @@ def plan(view: ClusterView, replication_factor: int) -> list[Change]:
                                              for r, sh in zip(split_even(len(with_writer)), with_writer))))
     elif not view.migrations:
         serving = [sid for sid, sh in view.shards.items() if sh.writer and sh.writer in view.nodes]
-        move = plan_move(view.slots, serving)
+        move = plan_move(view.slots, serving, {sid for sid, sh in view.shards.items() if sh.draining})
         if move is not None:
             changes.append(move)
     return changes
@@ -157,7 +169,7 @@ class Controller:
                     return
             elif isinstance(ch, AddReplica):
                 sh = view.shards[ch.shard_id]
-                sh = Shard(sh.id, sh.epoch, sh.writer, sh.replicas + [ch.node_id])
+                sh = replace(sh, replicas=sh.replicas + [ch.node_id])
                 zk.set(layout.shard_path(sh.id), sh.to_bytes(), version=shard_versions[sh.id])
                 shard_versions[sh.id] += 1
                 view.shards[sh.id] = sh

@@ -10,6 +10,7 @@ blocks (kazoo's rule).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import time
 from typing import Any, Callable
 
@@ -175,7 +176,7 @@ class Coordinator:
         carries an epoch somebody wrote in (promotion reuses it).
         """
         me = self.config.node_id
-        if self._update_shard(shard_id, lambda sh: layout.Shard(sh.id, sh.epoch + 1, None, sh.members)
+        if self._update_shard(shard_id, lambda sh: replace(sh, epoch=sh.epoch + 1, writer=None, replicas=sh.members)
                               if sh.writer == me else None):
             logger.warning("%s: stepped down as writer (our ZooKeeper session was lost)", shard_id)
 
@@ -186,7 +187,7 @@ class Coordinator:
         def bump(sh: layout.Shard) -> layout.Shard:
             if sh.writer != me:
                 raise Unavailable(f"{me} is no longer the writer of {shard_id}")
-            return layout.Shard(sh.id, sh.epoch + 1, sh.writer, sh.replicas)
+            return replace(sh, epoch=sh.epoch + 1)
 
         shard = self._update_shard(shard_id, bump)
         assert shard is not None

@@ -6,9 +6,11 @@ All paths are relative to the connection string's chroot
     /nodes/<node_id>      EPHEMERAL   {"addr": "host:port"}
                           present while the node's session lives: its loss is the node's death
     /election/...         kazoo Election recipe: the winner is the controller
-    /shards/<shard_id>    PERSISTENT  {"epoch": int, "writer": node_id | null, "replicas": [node_id, ...]}
+    /shards/<shard_id>    PERSISTENT  {"epoch": int, "writer": node_id | null, "replicas": [node_id, ...],
+                                       "draining": bool}
                           membership survives a member's death (it returns as the same member);
-                          every change is a write checked against the znode's version
+                          every change is a write checked against the znode's version;
+                          ``draining`` (set by ``dkv admin drain``): its slots move away, no node joins it
     /slots                PERSISTENT  {"ranges": [[start, end, shard_id], ...]}
                           the slot map; its znode version is the map's version
     /migrations/m-<seq>   PERSISTENT  {"start": int, "end": int, "source": shard_id, "target": shard_id,
@@ -19,8 +21,9 @@ All paths are relative to the connection string's chroot
 
 Rules: a change that must be atomic is one version-checked ``set`` or one
 multi-op transaction; the controller is the only writer of ``/shards`` and
-``/slots`` except for a writer bumping its own shard's epoch and a migration's
-target writer flipping its range. :func:`read_view` reads ``/migrations``
+``/slots`` except for a writer bumping its own shard's epoch, a migration's
+target writer flipping its range, and ``dkv admin`` (drain flags; deleting an
+empty shard none of whose members is alive). :func:`read_view` reads ``/migrations``
 before ``/slots``: a reader that finds a migration gone is sure to read the
 slot map it flipped.
 """
@@ -72,18 +75,22 @@ class Shard:
     epoch: int = 1
     writer: str | None = None
     replicas: list[str] = field(default_factory=list)
+    #: being emptied: its slots move to other shards, and no node joins it
+    draining: bool = False
 
     @property
     def members(self) -> list[str]:
         return ([self.writer] if self.writer else []) + list(self.replicas)
 
     def to_bytes(self) -> bytes:
-        return encode({"epoch": self.epoch, "writer": self.writer, "replicas": self.replicas})
+        return encode({"epoch": self.epoch, "writer": self.writer, "replicas": self.replicas,
+                       "draining": self.draining})
 
     @classmethod
     def from_bytes(cls, shard_id: str, raw: bytes) -> "Shard":
         d = decode(raw) or {}
-        return cls(shard_id, int(d.get("epoch", 1)), d.get("writer"), list(d.get("replicas", [])))
+        return cls(shard_id, int(d.get("epoch", 1)), d.get("writer"), list(d.get("replicas", [])),
+                   bool(d.get("draining", False)))
 
 
 @dataclass
@@ -175,7 +182,7 @@ def cluster_info(shards: list[Shard], slots: SlotRanges, nodes: dict[str, str],
         "mode": "cluster",
         "slot_map_version": slot_map_version,
         "shards": [{"id": sh.id, "epoch": sh.epoch, "writer": sh.writer, "replicas": list(sh.replicas),
-                    "slots": slots.of_shard(sh.id)} for sh in sorted(shards, key=lambda s: shard_sort_key(s.id))],
+                    "slots": slots.of_shard(sh.id), "draining": sh.draining} for sh in sorted(shards, key=lambda s: shard_sort_key(s.id))],
         "nodes": out_nodes,
         "migrations": [{"id": m.id, "slots": [m.start, m.end], "source": m.source, "target": m.target,
                         "state": m.state} for m in migrations or []],
@@ -228,20 +235,12 @@ def read_view(zk: Any, watch: Any = None) -> ClusterView:
             view.nodes[nid] = (decode(zk.get(node_path(nid))[0]) or {}).get("addr")
         except NoNodeError:
             pass
-    for sid in _children(zk, SHARDS, watch):
-        try:
-            raw, stat = zk.get(shard_path(sid), watch=watch)
-        except NoNodeError:
-            continue
+    for sid, raw, version in _entries(zk, SHARDS, watch):
         view.shards[sid] = Shard.from_bytes(sid, raw)
-        view.shard_versions[sid] = stat.version
-    for mid in _children(zk, MIGRATIONS, watch):  # before /slots (see the module doc)
-        try:
-            raw, stat = zk.get(migration_path(mid), watch=watch)
-        except NoNodeError:
-            continue
+        view.shard_versions[sid] = version
+    for mid, raw, version in _entries(zk, MIGRATIONS, watch):  # before /slots (see the module doc)
         view.migrations[mid] = Migration.from_bytes(mid, raw)
-        view.migration_versions[mid] = stat.version
+        view.migration_versions[mid] = version
     raw, stat = _read(zk, lambda: zk.get(SLOTS, watch=watch), SLOTS, watch, (None, None))
     if stat is not None:
         view.slots, view.slot_version = SlotRanges.from_bytes(raw), stat.version
@@ -262,6 +261,20 @@ def _read(zk: Any, read: Any, path: str, watch: Any, missing: Any) -> Any:
         except NoNodeError:
             if watch is None or zk.exists(path, watch=watch) is None:
                 return missing
+
+
+def _entries(zk: Any, parent: str, watch: Any) -> list[tuple[str, bytes, int]]:
+    """(name, data, version) of each child of ``parent`` (children deleted meanwhile left out)."""
+    from kazoo.exceptions import NoNodeError
+
+    out = []
+    for name in _children(zk, parent, watch):
+        try:
+            raw, stat = zk.get(f"{parent}/{name}", watch=watch)
+        except NoNodeError:
+            continue
+        out.append((name, raw, stat.version))
+    return out
 
 
 def _children(zk: Any, path: str, watch: Any) -> list[str]:

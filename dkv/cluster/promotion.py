@@ -22,6 +22,7 @@ pure rules; :class:`Promoter` is the I/O around them.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import time
 from typing import Any
 
@@ -105,7 +106,7 @@ class Promoter:
             epoch = shard.epoch
         else:
             epoch = shard.epoch + 1
-            reserved = layout.Shard(self.shard_id, epoch, None, members)
+            reserved = replace(shard, epoch=epoch, writer=None, replicas=members)
             try:
                 stat = zk.set(path, reserved.to_bytes(), version=stat.version)
             except BadVersionError:
@@ -121,7 +122,7 @@ class Promoter:
         source = pick_source(positions)
         if source != me and not self._adopt(source, positions[source]):
             return False
-        new = layout.Shard(self.shard_id, epoch, me, [m for m in members if m != me])
+        new = replace(shard, epoch=epoch, writer=me, replicas=[m for m in members if m != me])
         try:
             zk.set(path, new.to_bytes(), version=stat.version)
         except BadVersionError:
