@@ -114,7 +114,7 @@ def test_cluster_info_is_zookeepers_document(zk: str, kz: KazooClient, start: Ca
         assert info == layout.read_cluster_info(kz)
         assert info["mode"] == "cluster"
         assert info["shards"] == [{"id": "shard-1", "epoch": 3, "writer": "n1", "replicas": ["n9"],
-                                   "slots": [[0, NUM_SLOTS - 1]]}]
+                                   "slots": [[0, NUM_SLOTS - 1]], "draining": False}]
         assert {n["id"]: n["status"] for n in info["nodes"]} == {"n1": "up", "n9": "down"}
         info["shards"].clear()  # a copy: the client's own map is untouched
         assert c.cluster_info()["shards"]
