@@ -403,6 +403,24 @@ def test_compact_deletes_only_fully_covered_segments_never_the_active(tmp_path: 
     wal.close()
 
 
+def test_compact_keeps_what_a_migration_reads_up_to_a_bound(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 61, 3):
+        wal.append(recs(lsn, 3))
+    firsts = [int(p.name[4:24]) for p in segments(tmp_path)]
+    assert len(firsts) >= 6
+    wal.retain_from = firsts[2] + 1  # a move reads from here: segment 2 on stays
+    assert wal.compact(10_000) == 2
+    assert wal.first_lsn == firsts[2]
+    wal.max_retained_segments = 2  # a stalled move may hold no more than two deletable segments
+    assert wal.compact(10_000) == len(firsts) - 5
+    assert wal.first_lsn == firsts[-3]
+    wal.retain_from = None
+    assert wal.compact(10_000) == 2
+    assert [p.name for p in segments(tmp_path)] == [seg_name(firsts[-1])]
+    wal.close()
+
+
 # -- reset_to, stats, close, failures ----------------------------------------
 
 def test_reset_to_then_reopen(tmp_path: Path) -> None:

@@ -45,6 +45,8 @@ INDEX_EVERY_RECORDS = 1000
 INDEX_EVERY_BYTES = 1024 * 1024
 #: Reads go forward through a segment this many bytes at a time (more for a bigger record).
 READ_CHUNK_BYTES = 1024 * 1024
+#: compaction keeps at most this many otherwise-deletable segments for a slot migration (1 GiB at 64 MiB)
+MAX_RETAINED_SEGMENTS = 16
 
 
 class _SparseIndex:
@@ -114,8 +116,11 @@ class WriteAheadLog:
         self._appends = 0
         self._fsyncs = 0
         self._closed = False
-        #: compaction keeps every record from this LSN on (a slot migration reads them)
+        #: compaction keeps every record from this LSN on (a slot migration reads them) ...
         self.retain_from: int | None = None
+        #: ... in at most this many segments it could otherwise delete: a move that stalls must
+        #: not fill the disk (past this it finds its records gone and starts over)
+        self.max_retained_segments = MAX_RETAINED_SEGMENTS
         #: epoch boundaries of the retained records (for replication)
         self.epochs = EpochIndex()
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -250,17 +255,27 @@ class WriteAheadLog:
         logger.info("WAL truncated after lsn %d: %d record(s) removed", lsn, removed)
         return removed
 
+    def _covered(self, lsn: int) -> int:
+        """How many leading segments hold only records with LSN <= ``lsn`` (never the active one)."""
+        n = 0
+        while n + 1 < len(self._segments) and self._segments[n + 1] <= lsn + 1:
+            n += 1
+        return n
+
     def compact(self, checkpoint_lsn: int) -> int:
         """Delete the segments whose records all have LSN <= ``checkpoint_lsn``; return how many.
 
-        The active (last) segment is never deleted, nor one holding ``retain_from`` or later.
+        The active (last) segment is never deleted, nor one holding ``retain_from`` or later
+        (up to ``max_retained_segments`` of them).
         """
         self._check_open()
+        n = self._covered(checkpoint_lsn)
         if self.retain_from is not None:
-            checkpoint_lsn = min(checkpoint_lsn, self.retain_from - 1)
-        n = 0
-        while n + 1 < len(self._segments) and self._segments[n + 1] <= checkpoint_lsn + 1:
-            n += 1
+            kept = n - self._covered(min(checkpoint_lsn, self.retain_from - 1))
+            if kept > self.max_retained_segments:
+                logger.warning("WAL: a slot migration holds %d segment(s) from lsn %d; releasing the oldest "
+                               "(the move restarts its copy)", kept, self.retain_from)
+            n -= min(kept, self.max_retained_segments)
         if n:
             with self._close_on_error(f"compact to lsn {checkpoint_lsn}"):
                 self._delete(self._segments[:n])  # oldest first: a crash leaves a suffix
