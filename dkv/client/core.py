@@ -112,8 +112,8 @@ class ClientCore:
             outcome = _outcome(self.conn(addr).request, method, *args)
             if first.ready():
                 return
-            if isinstance(outcome, TransportError):
-                failed.append(addr)
+            if isinstance(outcome, (TransportError, Unavailable)):  # e.g. a node just starting
+                failed.append(f"{addr}: {outcome}" if isinstance(outcome, Unavailable) else addr)
                 if len(failed) == len(addrs):
                     first.set_exception(Unavailable(f"no node answered ({', '.join(failed)})"))
             elif isinstance(outcome, BaseException):

@@ -45,6 +45,8 @@ class Coordinator:
         self.zk.add_listener(self._listener)
         self.connected = False
         self.view = layout.ClusterView()
+        #: the view has been read from ZooKeeper at least once (until then it is empty)
+        self.loaded = False
         #: bumped whenever a new view is published (waiters use view_changed)
         self.view_changed = gevent.event.Event()
         self._dirty = gevent.event.Event()
@@ -137,7 +139,7 @@ class Coordinator:
                 gevent.sleep(0.2)
                 self._dirty.set()
                 continue
-            self.view = view
+            self.view, self.loaded = view, True
             self.view_changed.set()
             self.view_changed = gevent.event.Event()
             try:

@@ -326,4 +326,6 @@ class ClusterRuntime:
         return out
 
     def cluster_info(self) -> dict[str, Any]:
+        if not self.coord.loaded:  # an empty map would tell a client the cluster has no shard
+            raise Unavailable(f"{self.config.node_id} has not read the cluster map from ZooKeeper yet")
         return self.view.info()
