@@ -315,6 +315,8 @@ def test_admin_refuses_bad_invocations_with_clear_errors(capsys: pytest.CaptureF
     assert "needs --zk" in capsys.readouterr().err
     assert main(["admin", "drain", "--zk", "127.0.0.1:1"]) == 1
     assert "needs a SHARD" in capsys.readouterr().err
+    assert main(["admin", "cancel", "--zk", "127.0.0.1:1"]) == 1
+    assert "needs a MIGRATION" in capsys.readouterr().err
 
 
 @pytest.mark.zk
@@ -331,3 +333,52 @@ def test_admin_status_and_drain_flag_through_zookeeper(zk: str, kz: KazooClient)
     assert "shard-2 (draining)" in status.stdout and "shard-1 " in status.stdout, status
     assert main(["admin", "--zk", zk, "undrain", "shard-2"]) == 0
     assert not Shard.from_bytes("shard-2", kz.get(layout.shard_path("shard-2"))[0]).draining
+
+
+@pytest.mark.zk
+def test_admin_remove_takes_only_a_drained_empty_shard_with_no_live_member(zk: str, kz: KazooClient,  # noqa: F811
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from dkv.cli.main import main
+
+    publish(kz, {"w": "h:1", "w2": "h:2"}, [Shard("shard-1", 1, "w", []), Shard("shard-2", 1, "w2", ["r2"])],
+            [(0, 1023, "shard-1")])
+    assert main(["admin", "--zk", zk, "remove", "shard-9"]) == 1
+    assert "no shard 'shard-9'" in capsys.readouterr().err
+    assert main(["admin", "--zk", zk, "remove", "shard-2"]) == 1
+    assert "not drained" in capsys.readouterr().err
+    assert main(["admin", "--zk", zk, "drain", "shard-2"]) == 0
+    capsys.readouterr()
+    assert main(["admin", "--zk", zk, "remove", "shard-2"]) == 1
+    assert "live members (w2)" in capsys.readouterr().err
+    kz.delete(layout.node_path("w2"))
+    # Slots back on it (say an undrain raced): refused, and nothing changed.
+    _, stat = kz.get(layout.SLOTS)
+    kz.set(layout.SLOTS, SlotRanges([(0, 511, "shard-1"), (512, 1023, "shard-2")]).to_bytes(), version=stat.version)
+    assert main(["admin", "--zk", zk, "remove", "shard-2"]) == 1
+    assert "still owns 512 slot(s)" in capsys.readouterr().err
+    assert kz.exists(layout.shard_path("shard-2"))
+    kz.set(layout.SLOTS, SlotRanges([(0, 1023, "shard-1")]).to_bytes())
+    assert main(["admin", "--zk", zk, "remove", "shard-2"]) == 0
+    assert "shard-2 removed" in capsys.readouterr().out
+    assert kz.get_children(layout.SHARDS) == ["shard-1"]
+
+
+@pytest.mark.zk
+def test_admin_cancel_deletes_the_migration_and_nothing_else(zk: str, kz: KazooClient,  # noqa: F811
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from dkv.cli.main import main
+
+    publish(kz, {"w": "h:1", "w2": "h:2"}, [Shard("shard-1", 1, "w", []), Shard("shard-2", 1, "w2", [])],
+            [(0, 1023, "shard-1")])
+    path = kz.create(layout.MIGRATIONS + "/m-", layout.Migration("", 768, 1023, "shard-1", "shard-2",
+                                                                layout.FROZEN, 42).to_bytes(),
+                     sequence=True, makepath=True)
+    mid = path.rsplit("/", 1)[-1]
+    slots_before = kz.get(layout.SLOTS)[0]
+    assert main(["admin", "--zk", zk, "status"]) == 0
+    assert mid in capsys.readouterr().out
+    assert main(["admin", "--zk", zk, "cancel", mid]) == 0
+    assert "slots 768..1023 stay with shard-1" in capsys.readouterr().out
+    assert kz.get_children(layout.MIGRATIONS) == [] and kz.get(layout.SLOTS)[0] == slots_before
+    assert main(["admin", "--zk", zk, "cancel", mid]) == 1
+    assert f"no migration '{mid}'" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import pytest
 
 from dkv.cluster.controller import AddReplica, CreateSlots, NewShard, StartMigration, plan, plan_move
 from dkv.cluster.layout import ClusterView, Migration, Shard, SlotRanges
-from dkv.cluster.migration import (FREEZE_LAG, Begin, Clear, CopyPage, Done, Flip, Freeze, Frozen, Import,
-                                   Importer, Page, RecordStart, Tail, TailPage)
+from dkv.cluster.migration import (FREEZE_LAG, Begin, Cancel, Clear, CopyPage, Done, Flip, Freeze, Frozen,
+                                   Import, Importer, Page, RecordStart, Tail, TailPage)
 from dkv.wal.record import Op
 
 
@@ -132,6 +132,49 @@ def test_importer_asks_again_when_the_flip_is_refused() -> None:
     assert imp.on(Frozen(130, 5)) == Tail(120)
     assert imp.on(TailPage([(Op.PUT, b"x", b"1")], 130, 130)) == Import([(Op.PUT, b"x", b"1")])
     assert imp.on(None) == Flip(5)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_importer_cancels_a_freeze_that_outlasts_its_timeout() -> None:
+    clock = Clock()
+    imp = Importer(freeze_timeout=5.0, clock=clock)
+    run_to_freeze(imp, [])
+    clock.now += 60  # copying and tailing take as long as they take: no deadline before the freeze
+    assert imp.next() == Tail(100)
+    assert imp.on(TailPage([], 120, 120)) == Freeze()
+    clock.now += 4.0
+    assert imp.next() == Freeze()  # e.g. the source's writer did not answer: asked again
+    assert imp.on(Frozen(130, 3)) == Tail(120)
+    clock.now += 1.5  # the drain's imports fail (the target lost its quorum) past the timeout
+    assert imp.next() == Cancel()
+    assert imp.on(True) == Done()
+    assert imp.done and imp.cancelled
+
+
+def test_importer_flips_rather_than_cancels_when_the_flip_is_due() -> None:
+    clock = Clock()
+    imp = Importer(freeze_timeout=5.0, clock=clock)
+    run_to_freeze(imp, [])
+    assert imp.on(TailPage([], 120, 120)) == Freeze()
+    assert imp.on(Frozen(120, 3)) == Flip(3)
+    clock.now += 30  # ZooKeeper was slow to take the multi-op: it still ends the freeze
+    assert imp.next() == Flip(3)
+    assert imp.on(True) == Done() and not imp.cancelled
+
+
+def test_importer_cancels_a_freeze_it_inherited() -> None:
+    # A previous target writer froze the range and died: re-copying while frozen would keep the
+    # range down for the whole copy, so the move is cancelled (and planned again) at once.
+    imp = Importer(inherited_freeze=True)
+    assert imp.next() == Cancel()
+    assert imp.on(False) == Done() and imp.cancelled  # already gone (flipped or cancelled): done too
 
 
 def test_a_draining_shard_gives_all_its_slots_away_spread_over_the_others() -> None:

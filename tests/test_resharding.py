@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from kazoo.client import KazooClient
 
 import dkv
+from dkv.cluster import layout
+from dkv.errors import TryAgain
 from tests.faults.checkers import check_acknowledged, check_converged, check_linearizable
 from tests.faults.history import History
 from tests.faults.workload import Workload
@@ -141,6 +144,57 @@ def test_writer_killed_in_the_middle_of_a_move(cluster: Cluster, side: str) -> N
     wl.stop()
     _check(cluster, client, history, deleted)
     client.close()
+
+
+def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serves_again(
+        zk: str, tmp_path: Path) -> None:
+    """The target's writer froze a move and died before the flip (the frozen range refuses
+    writes): the replica promoted in its place cancels the move instead of re-copying the range
+    while it stays frozen; the source serves the range again, nothing of it is lost, and the
+    target's members drop their partial copy. (The same cancel ends a freeze that outlasts
+    --migration-freeze-timeout; ``dkv admin cancel`` is the operator's.)"""
+    cluster = Cluster(zk, tmp_path, shards=2, replication_factor=3, write_quorum=2, session_timeout=4.0)
+    kz = KazooClient(cluster.zk)
+    try:
+        cluster.start()
+        kz.start(timeout=30)
+        client = cluster.client(timeout=30)
+        slots_before = cluster.shard_members()["shard-1"]["slots"]
+        hi = slots_before[-1][1]
+        lo = hi - 31
+        moving = [k for k in (f"m{i}" for i in range(5000)) if lo <= dkv.slot_of(k.encode()) <= hi][:40]
+        staying = cluster.keys_of_shard("shard-1", 1, prefix="s")[0]
+        assert len(moving) == 40 and not lo <= dkv.slot_of(staying.encode()) <= hi
+        client.mset({k: f"v-{k}" for k in moving})
+        target = cluster.writer_of("shard-2")
+        cluster.nodes[target].kill()
+        kz.create(layout.MIGRATIONS + "/m-", layout.Migration("", lo, hi, "shard-1", "shard-2",
+                                                              layout.FROZEN).to_bytes(), sequence=True)
+        with dkv.Client([n.addr for n in cluster.nodes.values() if n.running], timeout=1) as quick:
+            wait_until(lambda: bool(quick.cluster_info().get("migrations")), 10, "the client to see the move")
+            with pytest.raises(TryAgain):
+                quick.set(moving[0], "during the freeze")
+            quick.set(staying, "the rest of the shard serves")
+        # shard-2 promotes a replica (session timeout); it finds the move frozen and cancels it.
+        wait_until(lambda: cluster.writer_of("shard-2") not in (None, target)
+                   and not cluster.cluster_info().get("migrations"), 60, "the frozen move to be cancelled",
+                   interval=0.2)
+        client.set(moving[0], "after the cancel")
+        assert client.mget(moving) == [b"after the cancel"] + [f"v-{k}".encode() for k in moving[1:]]
+        assert cluster.shard_members()["shard-1"]["slots"] == slots_before and cluster.balanced()
+        cluster.nodes[target].start()
+        wait_until(lambda: cluster.in_sync("shard-2"), 60, "shard-2 in sync with its old writer back")
+        sh = cluster.shard_members()["shard-2"]
+        for member in [sh["writer"], *sh["replicas"]]:
+            assert rpc(cluster.nodes[member].addr, "digest", lo, hi)[1] == EMPTY_DIGEST, member
+        for sid in ("shard-1", "shard-2"):
+            conv = check_converged(cluster.wait_converged(sid, timeout=60))
+            assert conv.ok, conv.format()
+        client.close()
+    finally:
+        kz.stop()
+        kz.close()
+        cluster.stop()
 
 
 def admin(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,10 +1,14 @@
-"""``dkv admin``: cluster administration through ZooKeeper (status, drain, undrain).
+"""``dkv admin``: cluster administration through ZooKeeper.
 
+``status`` prints the shards, migrations under way and nodes.
 ``drain SHARD`` marks a shard draining: the controller moves its slots, with
 their data, to the other shards (one migration at a time, as when a shard
-joins), and no new node joins it. Once it owns no slot its nodes can be
-stopped. ``undrain SHARD`` clears the mark; the controller then balances slots
-back onto it. ``status`` prints the shards, migrations under way and nodes.
+joins), and no new node joins it. ``undrain SHARD`` clears the mark; the
+controller then balances slots back onto it. ``remove SHARD`` deletes a
+drained shard from the map once its nodes are stopped (DESIGN §6: removing a
+shard is the moves in reverse, then this). ``cancel MIGRATION`` abandons a
+slot move (the source keeps the range and serves it; the controller plans
+the move afresh): the way out of a move that cannot finish.
 """
 from __future__ import annotations
 
@@ -62,14 +66,66 @@ def set_draining(zk: KazooClient, shard_id: str, draining: bool) -> str:
         return f"{shard_id} takes slots again"
 
 
-def run_admin(zk_hosts: str, action: str, shard: str | None, timeout: float = 10.0) -> int:
+def remove_shard(zk: KazooClient, shard_id: str) -> str:
+    """Delete a drained shard: draining, owning no slot, none of its members alive. One multi-op
+    checks the shard's and the slot map's versions (no slot came back to it meanwhile)."""
+    try:
+        raw, stat = zk.get(layout.shard_path(shard_id))
+    except NoNodeError:
+        raise InvalidArgument(f"no shard {shard_id!r}") from None
+    shard = layout.Shard.from_bytes(shard_id, raw)
+    view = layout.read_view(zk)
+    if not shard.draining:
+        raise InvalidArgument(f"{shard_id} is not drained: `dkv admin drain {shard_id}` first")
+    owned = view.slots.count(shard_id)
+    if owned or any(shard_id in (m.source, m.target) for m in view.migrations.values()):
+        raise InvalidArgument(f"{shard_id} still owns {owned} slot(s) or a move is under way: wait until "
+                              f"`dkv admin status` shows it with no slot")
+    alive = sorted(set(shard.members) & set(view.nodes))
+    if alive:
+        raise InvalidArgument(f"{shard_id} still has live members ({', '.join(alive)}): stop them first")
+    tx = zk.transaction()
+    tx.check(layout.SLOTS, view.slot_version)
+    tx.delete(layout.shard_path(shard_id), version=stat.version)
+    if any(isinstance(r, Exception) for r in tx.commit()):
+        raise Unavailable(f"{shard_id} or the slot map changed meanwhile; try again")
+    return (f"{shard_id} removed; its former members ({', '.join(shard.members) or 'none'}) join the "
+            f"cluster as new nodes if they are started again")
+
+
+def cancel(zk: KazooClient, migration_id: str) -> str:
+    try:
+        m = layout.Migration.from_bytes(migration_id, zk.get(layout.migration_path(migration_id))[0])
+    except NoNodeError:
+        raise InvalidArgument(f"no migration {migration_id!r} (finished or cancelled already?)") from None
+    if not layout.cancel_migration(zk, migration_id):
+        return f"{migration_id} ended meanwhile"
+    return (f"{migration_id} cancelled: slots {m.start}..{m.end} stay with {m.source}; the controller "
+            f"will plan a move again (drain or undrain a shard to change where slots go)")
+
+
+#: action -> (what its argument names, or None for no argument)
+ACTIONS = {"status": None, "drain": "SHARD", "undrain": "SHARD", "remove": "SHARD", "cancel": "MIGRATION"}
+
+
+def run_admin(zk_hosts: str, action: str, name: str | None, timeout: float = 10.0) -> int:
     if not zk_hosts:
         raise InvalidArgument("dkv admin needs --zk HOST:PORT[/chroot] (or DKV_ZK)")
-    if action in ("drain", "undrain") and not shard:
-        raise InvalidArgument(f"dkv admin {action} needs a SHARD")
+    if action not in ACTIONS:
+        raise InvalidArgument(f"unknown action {action!r}: one of {', '.join(ACTIONS)}")
+    if ACTIONS[action] and not name:
+        raise InvalidArgument(f"dkv admin {action} needs a {ACTIONS[action]}")
     zk = _connect(zk_hosts, timeout)
     try:
-        out: Any = status(zk) if action == "status" else set_draining(zk, str(shard), action == "drain")
+        out: Any
+        if action == "status":
+            out = status(zk)
+        elif action in ("drain", "undrain"):
+            out = set_draining(zk, str(name), action == "drain")
+        elif action == "remove":
+            out = remove_shard(zk, str(name))
+        else:
+            out = cancel(zk, str(name))
     finally:
         zk.stop()
         zk.close()

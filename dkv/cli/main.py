@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(s, "--migration-rate", type=int, default=0,
               help="records per second a slot migration into this node's shard imports at most "
                    "(0: unlimited); throttles resharding to spare foreground traffic")
+    _env_flag(s, "--migration-freeze-timeout", type=float, default=10.0,
+              help="seconds a moving slot range may stay frozen (refusing writes) before the move "
+                   "is cancelled and the source serves it again")
 
     c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin)",
                        description="Interactive dkv prompt. When stdin is not a terminal, runs one "
@@ -91,12 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(b, "--timeout", type=float, default=10.0, help="seconds per request")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    a = sub.add_parser("admin", help="cluster administration: status, drain, undrain",
+    a = sub.add_parser("admin", help="cluster administration: status, drain, undrain, remove, cancel",
                        description="Administer a cluster through ZooKeeper. drain SHARD moves the "
                                    "shard's slots (with their data) to the other shards; undrain "
-                                   "SHARD lets it take slots again.")
-    a.add_argument("action", choices=["status", "drain", "undrain"])
-    a.add_argument("shard", nargs="?", metavar="SHARD", help="the shard to drain or undrain, e.g. shard-2")
+                                   "SHARD lets it take slots again; remove SHARD deletes a drained "
+                                   "shard whose nodes are stopped; cancel MIGRATION abandons a slot "
+                                   "move (the source keeps the range).")
+    a.add_argument("action", choices=["status", "drain", "undrain", "remove", "cancel"])
+    a.add_argument("name", nargs="?", metavar="SHARD|MIGRATION",
+                   help="the shard (e.g. shard-2) or migration (e.g. m-0000000003, see status)")
     _env_flag(a, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot] of the cluster")
     _env_flag(a, "--timeout", type=float, default=10.0, help="seconds to reach ZooKeeper")
     return p
@@ -128,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "admin":
             from dkv.cli.admin import run_admin
 
-            return run_admin(args.zk, args.action, args.shard, timeout=args.timeout)
+            return run_admin(args.zk, args.action, args.name, timeout=args.timeout)
     except DKVError as e:
         print(f"dkv {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -148,7 +154,8 @@ def _serve(args: argparse.Namespace) -> int:
                         wal_segment_bytes=args.wal_segment_bytes, zk=args.zk,
                         replication_factor=args.replication_factor, write_quorum=args.write_quorum,
                         session_timeout=args.session_timeout, write_timeout=args.write_timeout,
-                        max_replica_lag=args.max_replica_lag, migration_rate=args.migration_rate)
+                        max_replica_lag=args.max_replica_lag, migration_rate=args.migration_rate,
+                        migration_freeze_timeout=args.migration_freeze_timeout)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
     serve(config)

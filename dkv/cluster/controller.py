@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import AbstractSet, Any
 
 import gevent
 from kazoo.exceptions import KazooException, NodeExistsError
@@ -54,7 +54,7 @@ class StartMigration:
 Change = AddReplica | NewShard | CreateSlots | StartMigration
 
 
-def plan_move(slots: SlotRanges, shard_ids: list[str], draining: set[str] = frozenset()) -> StartMigration | None:
+def plan_move(slots: SlotRanges, shard_ids: list[str], draining: AbstractSet[str] = frozenset()) -> StartMigration | None:
     """The next move towards even slot counts over ``shard_ids`` (shards that can serve), if any.
 
     A draining shard's last range moves to the emptiest other shard (as much

@@ -17,12 +17,13 @@ All paths are relative to the connection string's chroot
                                        "state": "copying" | "frozen", "from_lsn": int | null}
                           a slot range moving between shards (DESIGN §6); created by the
                           controller, driven by the target's writer, deleted in the same
-                          multi-op that flips the range's owner in /slots
+                          multi-op that flips the range's owner in /slots, or on its own to
+                          cancel the move (a freeze that outlived its timeout, ``dkv admin cancel``)
 
 Rules: a change that must be atomic is one version-checked ``set`` or one
 multi-op transaction; the controller is the only writer of ``/shards`` and
 ``/slots`` except for a writer bumping its own shard's epoch, a migration's
-target writer flipping its range, and ``dkv admin`` (drain flags; deleting an
+target writer flipping its range, and ``dkv admin`` (drain flags; removing an
 empty shard none of whose members is alive). :func:`read_view` reads ``/migrations``
 before ``/slots``: a reader that finds a migration gone is sure to read the
 slot map it flipped.
@@ -284,3 +285,15 @@ def _children(zk: Any, path: str, watch: Any) -> list[str]:
 def read_cluster_info(zk: Any) -> dict[str, Any]:
     """The ``cluster_info`` document, read from ZooKeeper with a kazoo client."""
     return read_view(zk).info()
+
+
+def cancel_migration(zk: Any, migration_id: str) -> bool:
+    """Abandon a move: delete its znode. Its flip (a multi-op that deletes the same znode) can
+    no longer commit; the source serves the range again. False if it was already gone."""
+    from kazoo.exceptions import NoNodeError
+
+    try:
+        zk.delete(migration_path(migration_id))
+        return True
+    except NoNodeError:
+        return False

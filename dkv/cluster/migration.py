@@ -29,16 +29,28 @@ Every import goes through the target's log, so its replicas get it too. If the
 source's WAL no longer holds the records after ``S`` (compacted), the move
 starts again at step 1; if the flip's check fails (the source failed over or
 bumped its epoch), it goes back to step 5 and asks the new writer.
+
+The frozen range is unavailable, so the freeze is bounded: if the move has not
+flipped ``freeze_timeout`` seconds after step 5 began (the target lost its
+quorum, cannot reach the source, ...), or if a new target writer inherits a
+frozen migration (its predecessor died mid-freeze: re-copying while frozen
+would keep the range down for the whole copy), the importer **cancels**: the
+migration znode is deleted. The flip can no longer commit (its multi-op deletes
+that same znode), the source serves the range again, and the controller plans
+the move afresh.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from dkv.wal.record import Op
 
 #: Freeze once the source's committed log is at most this many records ahead of our tail.
 FREEZE_LAG = 500
+#: Seconds a range may stay frozen before the move is cancelled (``--migration-freeze-timeout``).
+FREEZE_TIMEOUT = 10.0
 
 #: one write as the target's pipeline takes it: (op, key, value)
 ImportOp = tuple[Op, bytes, bytes]
@@ -93,11 +105,16 @@ class Flip:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """Delete the migration znode (the move is abandoned; the source keeps the range)."""
+
+
+@dataclass(frozen=True)
 class Done:
     pass
 
 
-Action = Clear | Begin | RecordStart | CopyPage | Import | Tail | Freeze | Flip | Done
+Action = Clear | Begin | RecordStart | CopyPage | Import | Tail | Freeze | Flip | Cancel | Done
 
 
 @dataclass(frozen=True)
@@ -128,24 +145,40 @@ class Frozen:
 class Importer:
     """The target side of one slot-range move (see the module doc)."""
 
-    def __init__(self) -> None:
-        self._next: Action = Clear(None)
+    def __init__(self, inherited_freeze: bool = False, freeze_timeout: float = FREEZE_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``inherited_freeze``: the migration is already frozen by a previous driver (cancel it)."""
+        self._next: Action = Cancel() if inherited_freeze else Clear(None)
         self._after_import: Action | None = None
         self._tail_at = 0
         self._final: Frozen | None = None
+        self.freeze_timeout = freeze_timeout
+        self._clock = clock
+        #: when we first asked for the freeze (the range is unavailable from then on)
+        self.frozen_at: float | None = None
         self.restarts = 0
         self.imported = 0
+        self.cancelled = False
 
     @property
     def done(self) -> bool:
         return isinstance(self._next, Done)
 
     def next(self) -> Action:
+        """The action to carry out now (again, after a failure): :class:`Cancel` once the
+        freeze has lasted ``freeze_timeout`` (unless the flip, which ends it too, is due)."""
+        if (self.frozen_at is not None and not isinstance(self._next, (Cancel, Done, Flip))
+                and self._clock() - self.frozen_at > self.freeze_timeout):
+            self._next = Cancel()
         return self._next
 
     def on(self, result: Any) -> Action:
         """The result of the action :meth:`next` returned; returns the next action."""
         act = self._next
+        if isinstance(act, Cancel):
+            self.cancelled = True
+            self._next = Done()
+            return self.next()
         if isinstance(act, Clear):
             self._next = Begin() if result is None else Clear(result)
         elif isinstance(act, Begin):
@@ -172,7 +205,7 @@ class Importer:
             else:  # the source changed writer or epoch since it answered: ask again
                 self._final = None
                 self._next = Freeze()
-        return self._next
+        return self.next()
 
     def _import(self, ops: list[ImportOp], then: Action) -> None:
         if ops:
@@ -189,6 +222,8 @@ class Importer:
         self._tail_at = max(self._tail_at, page.scanned_to)
         if self._final is None and page.committed - self._tail_at <= FREEZE_LAG:
             then: Action = Freeze()
+            if self.frozen_at is None:
+                self.frozen_at = self._clock()
         else:
             then = self._after_tail()
         self._import(page.ops, then)

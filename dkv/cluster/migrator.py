@@ -18,9 +18,9 @@ from kazoo.exceptions import BadVersionError, KazooException, NoNodeError
 
 from dkv.client.connection import Connection, TransportError
 from dkv.cluster import layout
-from dkv.cluster.layout import FROZEN, Migration, SlotRanges
-from dkv.cluster.migration import (Begin, Clear, CopyPage, Flip, Freeze, Frozen, Import, Importer, Page,
-                                   RecordStart, Tail, TailPage)
+from dkv.cluster.layout import FROZEN, Migration, SlotRanges, cancel_migration
+from dkv.cluster.migration import (FREEZE_TIMEOUT, Begin, Cancel, Clear, CopyPage, Flip, Freeze, Frozen, Import,
+                                   Importer, Page, RecordStart, Tail, TailPage)
 from dkv.cluster.replication import records_to_wire
 from dkv.errors import DKVError, InvalidArgument, TryAgain, Unavailable
 from dkv.node.pipeline import WritePipeline, offloaded
@@ -103,13 +103,15 @@ class Migrator:
     """Drives one migration into this node's shard while it is the shard's writer."""
 
     def __init__(self, migration: Migration, zk: Any, pipeline: WritePipeline, store: Store, offload: bool,
-                 source_addr: Callable[[], str | None], node_id: str, epoch: int, rate: int = 0) -> None:
+                 source_addr: Callable[[], str | None], node_id: str, epoch: int, rate: int = 0,
+                 freeze_timeout: float = FREEZE_TIMEOUT) -> None:
         self.migration = migration
         self.zk = zk
         #: we drive the move only while we are the target's writer in this epoch
         self.node_id, self.epoch = node_id, epoch
         self.pipeline, self.store, self.offload = pipeline, store, offload
         self._source_addr = source_addr
+        self.freeze_timeout = freeze_timeout
         self.importer = Importer()
         #: records per second at most (0: unlimited)
         self.rate = rate
@@ -125,11 +127,22 @@ class Migrator:
 
     def _run(self) -> None:
         m = self.migration
-        logger.info("migration %s: importing slots %d..%d from %s", m.id, m.start, m.end, m.source)
         t0 = time.monotonic()
         backoff = 0.05
-        act = self.importer.next()
+        while True:
+            try:
+                # The znode, not our view: a frozen move we did not freeze ourselves is cancelled.
+                m = Migration.from_bytes(m.id, self.zk.get(layout.migration_path(m.id))[0])
+                break
+            except NoNodeError:
+                return
+            except KazooException as e:
+                logger.info("migration %s: reading it failed (%s); retrying", m.id, type(e).__name__)
+                gevent.sleep(1.0)
+        self.importer = Importer(inherited_freeze=m.state == FROZEN, freeze_timeout=self.freeze_timeout)
+        logger.info("migration %s: importing slots %d..%d from %s", m.id, m.start, m.end, m.source)
         while not self.importer.done:
+            act = self.importer.next()
             try:
                 result = self._do(act)
             except (TransportError, DKVError, KazooException) as e:
@@ -142,7 +155,14 @@ class Migrator:
                 backoff = min(1.0, backoff * 2)
                 continue
             backoff = 0.05
-            act = self.importer.on(result)
+            self.importer.on(result)
+        if self.importer.cancelled:
+            logger.warning("migration %s: cancelled after %.1fs (%s); slots %d..%d stay with %s, which serves "
+                           "them again, and the controller will plan the move afresh", m.id, time.monotonic() - t0,
+                           "it was frozen by a previous writer of " + m.target if self.importer.frozen_at is None
+                           else f"frozen for over {self.freeze_timeout:g}s without finishing",
+                           m.start, m.end, m.source)
+            return
         logger.info("migration %s: slots %d..%d now belong to %s (%d records imported, %d restart(s), %.1fs)",
                     m.id, m.start, m.end, m.target, self.importer.imported, self.importer.restarts,
                     time.monotonic() - t0)
@@ -189,6 +209,8 @@ class Migrator:
             return Frozen(int(final), int(version))
         if isinstance(act, Flip):
             return self._flip(act.source_version)
+        if isinstance(act, Cancel):
+            return cancel_migration(self.zk, m.id)
         raise AssertionError(f"unknown action {act!r}")
 
     def _update(self, change: Callable[[Migration], Migration | None]) -> None:

@@ -280,7 +280,8 @@ class ClusterRuntime:
             self.migrator = Migrator(m, self.coord.zk, self.pipeline, self.store, self.config.durable,
                                      source_addr=lambda sid=m.source: self.view.writer_addr(sid),
                                      node_id=self.config.node_id, epoch=self.writer.epoch,
-                                     rate=self.config.migration_rate)
+                                     rate=self.config.migration_rate,
+                                     freeze_timeout=self.config.migration_freeze_timeout)
 
     def _stop_migrator(self) -> None:
         if self.migrator is not None:

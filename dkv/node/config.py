@@ -39,6 +39,8 @@ class NodeConfig:
     max_replica_lag: int = 1000
     #: records per second a slot migration imports at most (0: as fast as it can)
     migration_rate: int = 0
+    #: seconds a migrating range may stay frozen (unavailable) before the move is cancelled
+    migration_freeze_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -73,6 +75,8 @@ class NodeConfig:
             raise InvalidArgument("--max-replica-lag must be >= 0")
         if self.migration_rate < 0:
             raise InvalidArgument("--migration-rate must be >= 0")
+        if self.migration_freeze_timeout <= 0:
+            raise InvalidArgument("--migration-freeze-timeout must be positive")
 
     @property
     def addr(self) -> str:
