@@ -358,6 +358,7 @@ def test_admin_remove_takes_only_a_drained_empty_shard_with_no_live_member(zk: s
     assert "still owns 512 slot(s)" in capsys.readouterr().err
     assert kz.exists(layout.shard_path("shard-2"))
     kz.set(layout.SLOTS, SlotRanges([(0, 1023, "shard-1")]).to_bytes())
+    kz.ensure_path(layout.shard_path("shard-2") + "/promotion")  # a past promotion's lock goes with it
     assert main(["admin", "--zk", zk, "remove", "shard-2"]) == 0
     assert "shard-2 removed" in capsys.readouterr().out
     assert kz.get_children(layout.SHARDS) == ["shard-1"]

@@ -226,6 +226,22 @@ def test_drained_shard_hands_its_slots_and_data_to_the_others_under_load(zk: str
         wait_until(cluster.balanced, 120, "slots balanced again", interval=0.2)
         _check_data(cluster, client, history, deleted,
                     {sh["id"]: sh["slots"] for sh in cluster.cluster_info()["shards"]})
+        # Removed for good: drained again, its nodes stopped, then deleted from the map.
+        members = ["n4", "n5", "n6"]
+        assert set(members) == {cluster.writer_of("shard-2"), *cluster.shard_members()["shard-2"]["replicas"]}
+        assert admin(cluster, "drain", "shard-2").returncode == 0
+        wait_until(lambda: not cluster.cluster_info().get("migrations")
+                   and not cluster.shard_members()["shard-2"]["slots"], 120, "shard-2 drained again", interval=0.2)
+        live = admin(cluster, "remove", "shard-2")
+        assert live.returncode == 1 and "live members" in live.stderr, live
+        for m in members:
+            cluster.nodes[m].stop()
+            cluster.wait_session_gone(m)
+        removed = admin(cluster, "remove", "shard-2")
+        assert removed.returncode == 0 and "shard-2 removed" in removed.stdout, removed
+        assert [sh["id"] for sh in cluster.cluster_info()["shards"]] == ["shard-1"]
+        assert sorted(n["id"] for n in cluster.cluster_info()["nodes"]) == ["n1", "n2", "n3"]
+        _check_data(cluster, client, history, deleted, {"shard-1": [[0, 1023]]})
         client.close()
     finally:
         cluster.stop()

@@ -86,11 +86,22 @@ def remove_shard(zk: KazooClient, shard_id: str) -> str:
         raise InvalidArgument(f"{shard_id} still has live members ({', '.join(alive)}): stop them first")
     tx = zk.transaction()
     tx.check(layout.SLOTS, view.slot_version)
+    for path in _descendants(zk, layout.shard_path(shard_id)):  # e.g. its promotion lock
+        tx.delete(path)
     tx.delete(layout.shard_path(shard_id), version=stat.version)
-    if any(isinstance(r, Exception) for r in tx.commit()):
-        raise Unavailable(f"{shard_id} or the slot map changed meanwhile; try again")
-    return (f"{shard_id} removed; its former members ({', '.join(shard.members) or 'none'}) join the "
-            f"cluster as new nodes if they are started again")
+    failed = [r for r in tx.commit() if isinstance(r, Exception) and type(r).__name__ != "RolledBackError"]
+    if failed:
+        raise Unavailable(f"{shard_id} or the slot map changed meanwhile ({type(failed[0]).__name__}); try again")
+    return (f"{shard_id} removed; to reuse its former members ({', '.join(shard.members) or 'none'}), "
+            f"start them with empty data directories: they join as new nodes")
+
+
+def _descendants(zk: KazooClient, path: str) -> list[str]:
+    """Every znode under ``path``, deepest first (the order a multi-op deletes them in)."""
+    out: list[str] = []
+    for child in zk.get_children(path):
+        out += _descendants(zk, f"{path}/{child}") + [f"{path}/{child}"]
+    return out
 
 
 def cancel(zk: KazooClient, migration_id: str) -> str:
