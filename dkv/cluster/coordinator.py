@@ -110,7 +110,8 @@ class Coordinator:
             self.connected = False
             if state == KazooState.LOST:
                 self._session_lost = True
-        gevent.spawn(self._on_connection, self.connected)
+        if not self._stopping:  # closing our own session at shutdown is no news
+            gevent.spawn(self._on_connection, self.connected)
 
     def _on_reconnected(self) -> None:
         if self._session_lost and not self._stopping:
