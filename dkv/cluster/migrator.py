@@ -163,9 +163,10 @@ class Migrator:
                            else f"frozen for over {self.freeze_timeout:g}s without finishing",
                            m.start, m.end, m.source)
             return
-        logger.info("migration %s: slots %d..%d now belong to %s (%d records imported, %d restart(s), %.1fs)",
-                    m.id, m.start, m.end, m.target, self.importer.imported, self.importer.restarts,
-                    time.monotonic() - t0)
+        frozen = time.monotonic() - (self.importer.frozen_at or time.monotonic())
+        logger.info("migration %s: slots %d..%d now belong to %s (%d records imported, %d restart(s), %.1fs, "
+                    "frozen for the last %.0f ms)", m.id, m.start, m.end, m.target, self.importer.imported,
+                    self.importer.restarts, time.monotonic() - t0, 1000 * frozen)
 
     def _call(self, method: str, *args: Any) -> Any:
         addr = self._source_addr()
@@ -195,7 +196,7 @@ class Migrator:
         if isinstance(act, Import):
             t0 = time.monotonic()
             self.pipeline.submit(act.ops)
-            if self.rate:
+            if self.rate and self.importer.frozen_at is None:  # once frozen, drain at full speed
                 gevent.sleep(max(0.0, len(act.ops) / self.rate - (time.monotonic() - t0)))
             return None
         if isinstance(act, Tail):
