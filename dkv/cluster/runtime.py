@@ -192,6 +192,7 @@ class ClusterRuntime:
         slot = slot_of(key)
         owner = view.slots.owner(slot)
         if owner is None:
+            self._check_loaded()
             raise Unavailable(f"slot {slot} has no owner yet (the cluster is forming)")
         if self.shard is None or owner != self.shard.id:
             raise self._to_writer_of(owner, f"slot {slot} is served by {owner}", slot=slot)
@@ -327,6 +328,9 @@ class ClusterRuntime:
         return out
 
     def cluster_info(self) -> dict[str, Any]:
-        if not self.coord.loaded:  # an empty map would tell a client the cluster has no shard
-            raise Unavailable(f"{self.config.node_id} has not read the cluster map from ZooKeeper yet")
+        self._check_loaded()  # an empty map would tell a client the cluster has no shard
         return self.view.info()
+
+    def _check_loaded(self) -> None:
+        if not self.coord.loaded:
+            raise Unavailable(f"{self.config.node_id} has not read the cluster map from ZooKeeper yet")
