@@ -98,7 +98,7 @@ class StorageClosed(DKVError):
 
 
 def _all_subclasses(cls: type[DKVError]) -> list[type[DKVError]]:
-    out = []
+    out: list[type[DKVError]] = []
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_all_subclasses(sub))
@@ -128,7 +128,8 @@ def from_wire(payload: list[Any]) -> DKVError:
 
 def from_remote(name: str, message: str) -> DKVError | None:
     """Rebuild a DKVError raised by a plain zerorpc method (matched by class name)."""
-    for cls in [DKVError, *_all_subclasses(DKVError)]:
+    classes: list[type[DKVError]] = [DKVError, *_all_subclasses(DKVError)]
+    for cls in classes:
         if cls.__name__ == name:
             return cls(message)
     return None

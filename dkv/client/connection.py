@@ -104,7 +104,8 @@ class Connection:
 
     def _kick(self) -> None:
         while self._pending and self._inflight < self.max_inflight:
-            batch, n_ops, n_bytes = [], 0, 0
+            batch: list[Any] = []
+            n_ops, n_bytes = 0, 0
             while self._pending:
                 ops = self._pending[0][0]
                 size = sum(_op_size(op) for op in ops)

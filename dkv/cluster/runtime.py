@@ -146,7 +146,7 @@ class ClusterRuntime:
         self.writer = ReplicatedWriter(
             self.config, shard.id, shard.epoch, self.log, self.store,
             addr_of=lambda rid: self.coord.view.nodes.get(rid),
-            bump_epoch=lambda sid=shard.id: self.coord.bump_epoch(sid),
+            bump_epoch=lambda: self.coord.bump_epoch(shard.id),
             is_current=lambda: self.coord.connected and self.role == WRITER)
         self.pipeline.writer = self.writer
 
@@ -279,7 +279,7 @@ class ClusterRuntime:
                 self._janitor.kill()
                 self._janitor = None
             self.migrator = Migrator(m, self.coord.zk, self.pipeline, self.store, self.config.durable,
-                                     source_addr=lambda sid=m.source: self.view.writer_addr(sid),
+                                     source_addr=lambda: self.view.writer_addr(m.source),
                                      node_id=self.config.node_id, epoch=self.writer.epoch,
                                      rate=self.config.migration_rate,
                                      freeze_timeout=self.config.migration_freeze_timeout)

@@ -25,7 +25,7 @@ import re
 import struct
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Generator, Iterator, Sequence
 
 from dkv.errors import CorruptLog, StorageClosed
 from dkv.wal.codec import MAX_BODY_BYTES, MIN_BODY_BYTES, decode_from, encode, iter_records
@@ -370,7 +370,7 @@ class WriteAheadLog:
                         yield rec
             offset = 0
 
-    def _scan(self, first_lsn: int, offset: int) -> Iterator[tuple[Record, int, int]]:
+    def _scan(self, first_lsn: int, offset: int) -> Generator[tuple[Record, int, int], None, None]:
         """Yield ``(record, start, end)`` (file offsets) from ``offset`` of segment ``first_lsn``.
 
         Reads :data:`READ_CHUNK_BYTES` at a time (or the rest of a record that
