@@ -9,6 +9,7 @@ source's or the target's writer in the middle of the move.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -212,6 +213,7 @@ def test_drained_shard_hands_its_slots_and_data_to_the_others_under_load(zk: str
                    and not cluster.shard_members()["shard-2"]["slots"], 120, "shard-2 to be drained", interval=0.2)
         status = admin(cluster, "status")
         assert status.returncode == 0 and "shard-2 (draining)" in status.stdout, status
+        assert "(lag ?)" not in status.stdout and re.search(r"\(lag \d+\)", status.stdout), status.stdout
         # The last shard taking slots cannot be drained; an unknown shard is a clear error.
         last = admin(cluster, "drain", "shard-1")
         assert last.returncode == 1 and "InvalidArgument" in last.stderr and "no other shard" in last.stderr

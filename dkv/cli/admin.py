@@ -31,13 +31,20 @@ def _connect(zk: str, timeout: float) -> KazooClient:
     return client
 
 
-def status(zk: KazooClient) -> str:
-    from dkv.cli.repl import format_nodes, format_shards
+def status(zk: KazooClient, timeout: float = 2.0) -> str:
+    """The map as ZooKeeper holds it; each writer is asked for its replicas' lag."""
+    from dkv.cli.repl import format_nodes, format_shards, writer_infos
+    from dkv.client import Client
 
     info = layout.read_cluster_info(zk)
     if not info["shards"]:
         return "no shards yet (no node has joined this cluster)"
-    return f"{format_shards(info, {})}\n\n{format_nodes(info)}"
+    addrs = [n["addr"] for n in info["nodes"] if n.get("status") == "up" and n.get("addr")]
+    infos = {}
+    if addrs:
+        with Client(addrs, timeout=timeout) as client:
+            infos = writer_infos(client, info)
+    return f"{format_shards(info, infos)}\n\n{format_nodes(info)}"
 
 
 def set_draining(zk: KazooClient, shard_id: str, draining: bool) -> str:
@@ -130,7 +137,7 @@ def run_admin(zk_hosts: str, action: str, name: str | None, timeout: float = 10.
     try:
         out: Any
         if action == "status":
-            out = status(zk)
+            out = status(zk, min(timeout, 2.0))
         elif action in ("drain", "undrain"):
             out = set_draining(zk, str(name), action == "drain")
         elif action == "remove":

@@ -211,7 +211,7 @@ def _slot(client: "Client", args: list[str]) -> str:
     return f"(integer) {slot_of(_enc(args[0]))}"
 
 
-def _writer_infos(client: "Client", cluster: Mapping[str, Any]) -> dict[str, Mapping[str, Any] | None]:
+def writer_infos(client: "Client", cluster: Mapping[str, Any]) -> dict[str, Mapping[str, Any] | None]:
     """``info()`` of the writer of every shard with replicas (for their lag); None if it does not answer."""
     addr_of = {n.get("id"): n.get("addr") for n in cluster.get("nodes", []) if n.get("status") == "up"}
     infos: dict[str, Mapping[str, Any] | None] = {}
@@ -228,7 +228,7 @@ def _writer_infos(client: "Client", cluster: Mapping[str, Any]) -> dict[str, Map
 
 def _info(client: "Client", args: list[str]) -> str:
     cluster = client.cluster_info()
-    shards = format_shards(cluster, _writer_infos(client, cluster))
+    shards = format_shards(cluster, writer_infos(client, cluster))
     if cluster.get("mode") == "standalone":
         return f"{format_mapping(client.info())}\n\n{shards}"
     return shards
