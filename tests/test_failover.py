@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pytest
 
 import dkv
+from dkv.cli.repl import execute
 from dkv.wal.log import WriteAheadLog
 from dkv.wal.record import Op, Record
 from tests.faults.checkers import check_acknowledged, check_converged, check_linearizable
@@ -119,6 +120,11 @@ def test_writer_kill9_promotes_a_replica_repeatedly_without_losing_writes(cluste
                                  f"its log:\n{cluster.nodes[old].log(tail=3000)}") from None
         wait_until(lambda: cluster.in_sync(SID), 60, "the shard back in sync")
     assert epochs == sorted(set(epochs)), f"each failover starts a new epoch: {epochs}"
+    # The CLI's `info` (through ZooKeeper, as an operator runs it) shows the latest epoch and writer.
+    with dkv.Client(zk=cluster.zk, timeout=5) as zc:
+        ok, out = execute(zc, "info")
+    row = next(line.split() for line in out.splitlines() if line.startswith(SID + " "))
+    assert ok and row[1:3] == [str(epochs[-1]), cluster.writer_of(SID)], out
     summary = verify(cluster, client, history)
     client.close()
     print(f"\nfailover (kill -9 -> first acknowledged write) over {len(failovers)} runs: "
