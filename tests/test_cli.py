@@ -146,13 +146,33 @@ def test_format_shards_lag_down_and_slot_ranges() -> None:
 def test_format_shards_lists_migrations_under_way() -> None:
     cluster = dict(example_cluster())
     cluster["migrations"] = [{"id": "m-0000000003", "slots": [512, 767], "source": "shard-1",
-                              "target": "shard-2", "state": "frozen"}]
+                              "target": "shard-2", "state": "frozen"},
+                             {"id": "m-0000000004", "slots": [0, 9], "source": "shard-2", "target": "shard-3",
+                              "state": "copying"}]
     lines = format_shards(cluster, {}).splitlines()
-    assert lines[-2:] == [
-        "MIGRATION     SLOTS    FROM     TO       STATE",
-        "m-0000000003  512-767  shard-1  shard-2  frozen",
+    assert lines[-3:] == [  # the target writers were not asked: no progress
+        "MIGRATION     SLOTS    FROM     TO       STATE    PROGRESS",
+        "m-0000000003  512-767  shard-1  shard-2  frozen   -",
+        "m-0000000004  0-9      shard-2  shard-3  copying  -",
     ]
+    w2 = {"migration": {"id": "m-0000000003", "phase": "drain", "imported": 1830, "restarts": 1, "frozen_ms": 42}}
+    lines = format_shards(cluster, {"w2": w2}).splitlines()
+    assert lines[-2].split(None, 5)[5] == "drain, 1830 imported, 1 restart(s), frozen 42 ms"
+    w2["migration"]["id"] = "m-0000000002"  # an older move's progress is not this one's
+    assert format_shards(cluster, {"w2": w2}).splitlines()[-2].endswith("frozen   -")
     assert "MIGRATION" not in format_shards(example_cluster(), {})
+
+
+def test_writer_infos_asks_writers_with_replicas_or_importing_a_range(client: Client, node: NodeProcess) -> None:
+    from dkv.cli.repl import writer_infos
+
+    cluster = layout.cluster_info([Shard("shard-1", 1, "w1", ["r1"]), Shard("shard-2", 1, "w2", [])],
+                                  SlotRanges([(0, 1023, "shard-1")]), {"w1": node.addr, "w2": node.addr}, 1)
+    assert set(writer_infos(client, cluster)) == {"w1"}  # w2 has no replica to report on
+    cluster["migrations"] = [{"id": "m-0000000001", "slots": [0, 9], "source": "shard-1", "target": "shard-2",
+                              "state": "copying"}]
+    infos = writer_infos(client, cluster)
+    assert set(infos) == {"w1", "w2"} and infos["w2"] is not None  # w2 imports: asked for the progress
 
 
 def test_format_nodes() -> None:

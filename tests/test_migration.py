@@ -99,14 +99,28 @@ def run_to_freeze(imp: Importer, pairs: list[tuple[bytes, bytes]]) -> None:
 
 def test_importer_happy_path() -> None:
     imp = Importer()
+    assert imp.phase == "clear"
     run_to_freeze(imp, [(b"k1", b"v1"), (b"k2", b"v2")])
+    assert imp.phase == "tail"
     ops = [(Op.PUT, b"k1", b"v9"), (Op.DELETE, b"k2", b"")]
     assert imp.on(TailPage(ops, 150, 150)) == Import(ops)  # caught up: import, then freeze
+    assert imp.phase == "tail"
     assert imp.on(None) == Freeze()
+    assert imp.phase == "freeze"
     assert imp.on(Frozen(160, 7)) == Tail(150)  # the source settled up to 160
+    assert imp.phase == "drain"
     assert imp.on(TailPage([], 160, 160)) == Flip(7)
+    assert imp.phase == "flip"
     assert imp.on(True) == Done()
-    assert imp.done and imp.imported == 4
+    assert imp.done and imp.imported == 4 and imp.phase == "done"
+
+
+def test_importer_phase_while_importing_a_copy_page() -> None:
+    imp = Importer()
+    imp.on(None), imp.on(100), imp.on(None)
+    assert imp.phase == "copy"
+    assert imp.on(Page([(b"k", b"v")], None)) == Import([(Op.PUT, b"k", b"v")])
+    assert imp.phase == "copy"  # the last page is still the copy, though the tail comes next
 
 
 def test_importer_keeps_tailing_while_far_behind() -> None:

@@ -137,7 +137,9 @@ def test_writer_killed_in_the_middle_of_a_move(cluster: Cluster, side: str) -> N
     # Mid-move: the target has committed a first page of imports, the flip is still ahead.
     wait_until(lambda: (cluster.info(target) or {}).get("applied_lsn", 0) > 0, 60,
                "the target to import a first page", interval=0.05)
+    progress = (cluster.info(target) or {}).get("migration") or {}  # what `info`/`admin status` show
     assert _migrating(cluster), "the move ended before the kill: raise N_KEYS or lower --migration-rate"
+    assert progress.get("imported", 0) > 0 and progress.get("phase") in ("copy", "tail"), progress
     victim = cluster.writer_of("shard-1") if side == "source" else target
     cluster.nodes[victim].kill()
     wait_until(cluster.balanced, 120, "the move to finish after the writer's death", interval=0.2)

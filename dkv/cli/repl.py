@@ -143,11 +143,26 @@ def format_shards(cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping
         rows.append([str(s.get("id")) + (" (draining)" if s.get("draining") else ""), str(s.get("epoch")), member(writer, "") if writer else "-",
                      ", ".join(replicas) or "-", format_slots(s.get("slots") or [])])
     table = format_table(["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"], rows)
+    writer_of = {s.get("id"): s.get("writer") for s in cluster.get("shards", [])}
     moving = [[str(m.get("id")), format_slots([m.get("slots")]), str(m.get("source")), str(m.get("target")),
-               str(m.get("state"))] for m in cluster.get("migrations") or []]
+               str(m.get("state")), _progress(writer_infos.get(writer_of.get(m.get("target"))), m.get("id"))]
+              for m in cluster.get("migrations") or []]
     if moving:
-        table += "\n\n" + format_table(["MIGRATION", "SLOTS", "FROM", "TO", "STATE"], moving)
+        table += "\n\n" + format_table(["MIGRATION", "SLOTS", "FROM", "TO", "STATE", "PROGRESS"], moving)
     return table
+
+
+def _progress(target_writer_info: Mapping[str, Any] | None, migration_id: Any) -> str:
+    """A move's progress from its target writer's ``info()["migration"]``: phase, records imported."""
+    p = (target_writer_info or {}).get("migration") or {}
+    if p.get("id") != migration_id:
+        return "-"
+    out = f"{p.get('phase')}, {p.get('imported', 0)} imported"
+    if p.get("restarts"):
+        out += f", {p['restarts']} restart(s)"
+    if p.get("frozen_ms") is not None:
+        out += f", frozen {p['frozen_ms']} ms"
+    return out
 
 
 def format_nodes(cluster: Mapping[str, Any]) -> str:
@@ -212,12 +227,15 @@ def _slot(client: "Client", args: list[str]) -> str:
 
 
 def writer_infos(client: "Client", cluster: Mapping[str, Any]) -> dict[str, Mapping[str, Any] | None]:
-    """``info()`` of the writer of every shard with replicas (for their lag); None if it does not answer."""
+    """``info()`` of the writer of every shard with replicas (for their lag) or importing a slot
+    range (for the move's progress); None if it does not answer."""
     addr_of = {n.get("id"): n.get("addr") for n in cluster.get("nodes", []) if n.get("status") == "up"}
+    importing = {m.get("target") for m in cluster.get("migrations") or []}
     infos: dict[str, Mapping[str, Any] | None] = {}
     for s in cluster.get("shards", []):
         writer = s.get("writer")
-        if not writer or not s.get("replicas") or writer in infos or not addr_of.get(writer):
+        if (not writer or not (s.get("replicas") or s.get("id") in importing) or writer in infos
+                or not addr_of.get(writer)):
             continue
         try:
             infos[writer] = client.info(addr_of[writer])

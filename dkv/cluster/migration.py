@@ -150,6 +150,7 @@ class Importer:
         """``inherited_freeze``: the migration is already frozen by a previous driver (cancel it)."""
         self._next: Action = Cancel() if inherited_freeze else Clear(None)
         self._after_import: Action | None = None
+        self._import_phase = "copy"
         self._tail_at = 0
         self._final: Frozen | None = None
         self.freeze_timeout = freeze_timeout
@@ -163,6 +164,16 @@ class Importer:
     @property
     def done(self) -> bool:
         return isinstance(self._next, Done)
+
+    @property
+    def phase(self) -> str:
+        """What the move is doing, for operators: clear, copy, tail, freeze, drain, flip, cancel, done."""
+        act = self._next
+        if isinstance(act, Import):
+            return self._import_phase
+        if isinstance(act, Tail) and self._final is not None:
+            return "drain"
+        return {Begin: "copy", RecordStart: "copy", CopyPage: "copy"}.get(type(act), type(act).__name__.lower())
 
     def next(self) -> Action:
         """The action to carry out now (again, after a failure): :class:`Cancel` once the
@@ -189,7 +200,7 @@ class Importer:
         elif isinstance(act, CopyPage):
             page: Page = result
             then: Action = Tail(self._tail_at) if page.next_after is None else CopyPage(page.next_after)
-            self._import([(Op.PUT, k, v) for k, v in page.pairs], then)
+            self._import([(Op.PUT, k, v) for k, v in page.pairs], then, "copy")
         elif isinstance(act, Import):
             self.imported += len(act.ops)
             assert self._after_import is not None
@@ -207,9 +218,9 @@ class Importer:
                 self._next = Freeze()
         return self.next()
 
-    def _import(self, ops: list[ImportOp], then: Action) -> None:
+    def _import(self, ops: list[ImportOp], then: Action, phase: str) -> None:
         if ops:
-            self._next, self._after_import = Import(ops), then
+            self._next, self._after_import, self._import_phase = Import(ops), then, phase
         else:
             self._next = then
 
@@ -226,7 +237,7 @@ class Importer:
                 self.frozen_at = self._clock()
         else:
             then = self._after_tail()
-        self._import(page.ops, then)
+        self._import(page.ops, then, "tail" if self._final is None else "drain")
 
     def _after_tail(self) -> Action:
         if self._final is not None and self._tail_at >= self._final.final_lsn:

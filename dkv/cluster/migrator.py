@@ -122,6 +122,14 @@ class Migrator:
     def dead(self) -> bool:
         return self._greenlet.dead
 
+    def progress(self) -> dict[str, Any]:
+        """The move as this driver sees it (``info()["migration"]`` on the target's writer)."""
+        imp, now = self.importer, time.monotonic()
+        return {"id": self.migration.id, "slots": [self.migration.start, self.migration.end],
+                "source": self.migration.source, "phase": imp.phase, "imported": imp.imported,
+                "restarts": imp.restarts,
+                "frozen_ms": None if imp.frozen_at is None else round(1000 * (now - imp.frozen_at))}
+
     def stop(self) -> None:
         self._greenlet.kill()
 
@@ -143,6 +151,7 @@ class Migrator:
         logger.info("migration %s: importing slots %d..%d from %s", m.id, m.start, m.end, m.source)
         while not self.importer.done:
             act = self.importer.next()
+            started = time.monotonic()
             try:
                 result = self._do(act)
             except (TransportError, DKVError, KazooException) as e:
@@ -156,6 +165,9 @@ class Migrator:
                 continue
             backoff = 0.05
             self.importer.on(result)
+            if isinstance(act, Import) and self.rate and self.importer.frozen_at is None:
+                # --migration-rate; once frozen, the drain goes at full speed
+                gevent.sleep(max(0.0, len(act.ops) / self.rate - (time.monotonic() - started)))
         if self.importer.cancelled:
             logger.warning("migration %s: cancelled after %.1fs (%s); slots %d..%d stay with %s, which serves "
                            "them again, and the controller will plan the move afresh", m.id, time.monotonic() - t0,
@@ -194,10 +206,7 @@ class Migrator:
             pairs, nxt = self._call("mig_scan", m.start, m.end, act.after, PAGE)
             return Page([(bytes(k), bytes(v)) for k, v in pairs], None if nxt is None else bytes(nxt))
         if isinstance(act, Import):
-            t0 = time.monotonic()
             self.pipeline.submit(act.ops)
-            if self.rate and self.importer.frozen_at is None:  # once frozen, drain at full speed
-                gevent.sleep(max(0.0, len(act.ops) / self.rate - (time.monotonic() - t0)))
             return None
         if isinstance(act, Tail):
             t = self._call("mig_tail", m.start, m.end, act.after_lsn, PAGE)

@@ -325,6 +325,8 @@ class ClusterRuntime:
             out["replication"] = self.writer.lag()
         elif self.role == REPLICA:
             out["replication"] = {"lag": self.follower.lag(), "commit_lsn": self.follower.state.commit_lsn}
+        if self.migrator is not None and not self.migrator.dead:
+            out["migration"] = self.migrator.progress()
         return out
 
     def cluster_info(self) -> dict[str, Any]:
