@@ -2,9 +2,11 @@
 and the sans-I/O importer (dkv.cluster.migration), driven deterministically without sockets."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from dkv.cluster.controller import AddReplica, CreateSlots, NewShard, StartMigration, plan, plan_move
+from dkv.cluster.controller import AddReplica, CreateSlots, MoveBackoff, NewShard, StartMigration, plan, plan_move
 from dkv.cluster.layout import ClusterView, Migration, Shard, SlotRanges
 from dkv.cluster.migration import (FREEZE_LAG, Begin, Cancel, Clear, CopyPage, Done, Flip, Freeze, Frozen,
                                    Import, Importer, Page, RecordStart, Tail, TailPage)
@@ -211,3 +213,26 @@ def test_nobody_joins_a_draining_shard_and_the_last_shard_keeps_its_slots() -> N
     changes = plan(v, 3)
     assert AddReplica("shard-1", "n9") in changes and not any(isinstance(c, StartMigration) for c in changes)
     assert plan_move(SlotRanges([(0, 1023, "shard-1")]), ["shard-1"], {"shard-1"}) is None
+
+
+def test_move_backoff_after_cancels_and_reset_by_a_flip() -> None:
+    slots = SlotRanges([(0, 1023, "a")])
+    m = Migration("m-1", 512, 1023, "a", "b")
+    b = MoveBackoff(base=5, cap=12)
+    b.observe(view({"a": ("w1", []), "b": ("w2", [])}, slots, {"m-1": m}), now=100)
+    assert b.hold_until == 0  # a move under way holds nothing
+    cancelled = view({"a": ("w1", []), "b": ("w2", [])}, slots)  # gone, slot map unchanged
+    b.observe(cancelled, now=101)
+    assert (b.cancels, b.hold_until) == (1, 106)
+    b.observe(cancelled, now=102)  # the same view again changes nothing
+    assert (b.cancels, b.hold_until) == (1, 106)
+    for i, hold in [(2, 10), (3, 12), (4, 12)]:  # doubling, up to the cap
+        mid = f"m-{i}"
+        b.observe(view({"a": ("w1", []), "b": ("w2", [])}, slots, {mid: replace(m, id=mid)}), now=200)
+        b.observe(cancelled, now=200)
+        assert (b.cancels, b.hold_until) == (i, 200 + hold)
+    b.observe(view({"a": ("w1", []), "b": ("w2", [])}, slots, {"m-9": replace(m, id="m-9")}), now=300)
+    flipped = view({"a": ("w1", []), "b": ("w2", [])}, slots.moved(512, 1023, "b"))
+    flipped.slot_version = 1
+    b.observe(flipped, now=301)
+    assert (b.cancels, b.hold_until) == (0, 0)

@@ -140,12 +140,13 @@ def format_shards(cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping
         writer = s.get("writer")
         info = writer_infos.get(writer) if writer else None
         replicas = [member(r, f" (lag {_lag(info, r)})") for r in s.get("replicas") or []]
-        rows.append([str(s.get("id")) + (" (draining)" if s.get("draining") else ""), str(s.get("epoch")), member(writer, "") if writer else "-",
+        name = str(s.get("id")) + (" (draining)" if s.get("draining") else "")
+        rows.append([name, str(s.get("epoch")), member(writer, "") if writer else "-",
                      ", ".join(replicas) or "-", format_slots(s.get("slots") or [])])
     table = format_table(["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"], rows)
-    writer_of = {s.get("id"): s.get("writer") for s in cluster.get("shards", [])}
+    writer_of = {s.get("id"): s.get("writer") or "" for s in cluster.get("shards", [])}
     moving = [[str(m.get("id")), format_slots([m.get("slots")]), str(m.get("source")), str(m.get("target")),
-               str(m.get("state")), _progress(writer_infos.get(writer_of.get(m.get("target"))), m.get("id"))]
+               str(m.get("state")), _progress(writer_infos.get(writer_of.get(m.get("target"), "")), m.get("id"))]
               for m in cluster.get("migrations") or []]
     if moving:
         table += "\n\n" + format_table(["MIGRATION", "SLOTS", "FROM", "TO", "STATE", "PROGRESS"], moving)

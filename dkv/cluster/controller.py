@@ -7,13 +7,15 @@ or starts a new shard; the first slot map spreads the slots evenly over the
 shards that have a writer; afterwards, one migration at a time moves a slot
 range from the fullest shard to the emptiest until they are balanced).
 :class:`Controller` applies them with version-checked writes and re-plans
-whenever the view changes. Moving the data is the migration protocol
+whenever the view changes; after a cancelled move the next one waits
+(:class:`MoveBackoff`). Moving the data is the migration protocol
 (:mod:`dkv.cluster.migration`), driven by the target shard's writer.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Any
 
 import gevent
@@ -54,7 +56,8 @@ class StartMigration:
 Change = AddReplica | NewShard | CreateSlots | StartMigration
 
 
-def plan_move(slots: SlotRanges, shard_ids: list[str], draining: AbstractSet[str] = frozenset()) -> StartMigration | None:
+def plan_move(slots: SlotRanges, shard_ids: list[str],
+              draining: AbstractSet[str] = frozenset()) -> StartMigration | None:
     """The next move towards even slot counts over ``shard_ids`` (shards that can serve), if any.
 
     A draining shard's last range moves to the emptiest other shard (as much
@@ -119,12 +122,45 @@ def plan(view: ClusterView, replication_factor: int) -> list[Change]:
     return changes
 
 
+@dataclass
+class MoveBackoff:
+    """Spaces out the moves after one was cancelled (sans-I/O: the caller passes the time).
+
+    A migration that leaves the view while the slot map kept its version was
+    cancelled (a flip changes ``/slots`` in the same multi-op): the next move
+    waits ``base`` seconds, doubling with each cancel in a row up to ``cap``;
+    a flip resets it. A target that fails after freezing then costs a bounded
+    freeze once per back-off, not once per re-copy.
+    """
+
+    base: float = 5.0
+    cap: float = 300.0
+    #: when the next move may start
+    hold_until: float = 0.0
+    cancels: int = 0
+    _open: dict[str, int] = field(default_factory=dict)  # migration id -> slot-map version when first seen
+
+    def observe(self, view: ClusterView, now: float) -> None:
+        for mid, version in list(self._open.items()):
+            if mid in view.migrations:
+                continue
+            del self._open[mid]
+            if view.slot_version != version:  # flipped
+                self.cancels, self.hold_until = 0, 0.0
+            else:
+                self.cancels += 1
+                self.hold_until = now + min(self.cap, self.base * 2 ** (self.cancels - 1))
+        for mid in view.migrations:
+            self._open.setdefault(mid, view.slot_version)
+
+
 class Controller:
     """Runs :func:`plan` while this node holds the controller election."""
 
     def __init__(self, coordinator: Any, replication_factor: int) -> None:
         self.coord = coordinator
         self.rf = replication_factor
+        self.backoff = MoveBackoff()
         self._greenlet: gevent.Greenlet | None = None
 
     def start(self) -> None:
@@ -147,13 +183,21 @@ class Controller:
         """Plan and apply on every view change, while our session (hence our election) lives."""
         logger.info("%s is the cluster controller", self.coord.config.node_id)
         while self.coord.connected:
-            changed = self.coord.view_changed
+            changed, view, now = self.coord.view_changed, self.coord.view, time.monotonic()
+            self.backoff.observe(view, now)
+            changes = plan(view, self.rf)
+            wait = self.coord.config.session_timeout
+            if now < self.backoff.hold_until and any(isinstance(c, StartMigration) for c in changes):
+                changes = [c for c in changes if not isinstance(c, StartMigration)]
+                wait = min(wait, self.backoff.hold_until - now)
+                logger.info("controller: the last move was cancelled (%d in a row); the next starts in %.1fs",
+                            self.backoff.cancels, wait)
             try:
-                self._apply(plan(self.coord.view, self.rf), self.coord.view)
+                self._apply(changes, view)
             except KazooException as e:  # a version conflict or a lost connection
                 logger.info("controller: %s; re-planning", type(e).__name__)
                 self.coord.refresh()
-            changed.wait(timeout=self.coord.config.session_timeout)
+            changed.wait(timeout=wait)
         logger.info("%s stops being the controller (ZooKeeper connection lost)", self.coord.config.node_id)
 
     def _apply(self, changes: list[Change], view: ClusterView) -> None:
