@@ -164,7 +164,10 @@ def test_importer_cancels_a_freeze_that_outlasts_its_timeout() -> None:
     run_to_freeze(imp, [])
     clock.now += 60  # copying and tailing take as long as they take: no deadline before the freeze
     assert imp.next() == Tail(100)
-    assert imp.on(TailPage([], 120, 120)) == Freeze()
+    ops = [(Op.PUT, b"k", b"v")]
+    assert imp.on(TailPage(ops, 120, 120)) == Import(ops)  # the last page before the freeze...
+    clock.now += 60  # ... takes long (the target's quorum is slow): nothing is frozen yet
+    assert imp.on(None) == Freeze()
     clock.now += 4.0
     assert imp.next() == Freeze()  # e.g. the source's writer did not answer: asked again
     assert imp.on(Frozen(130, 3)) == Tail(120)

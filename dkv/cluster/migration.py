@@ -155,7 +155,7 @@ class Importer:
         self._final: Frozen | None = None
         self.freeze_timeout = freeze_timeout
         self._clock = clock
-        #: when we first asked for the freeze (the range is unavailable from then on)
+        #: when the freeze was first due (the range is unavailable from then on)
         self.frozen_at: float | None = None
         self.restarts = 0
         self.imported = 0
@@ -178,7 +178,9 @@ class Importer:
     def next(self) -> Action:
         """The action to carry out now (again, after a failure): :class:`Cancel` once the
         freeze has lasted ``freeze_timeout`` (unless the flip, which ends it too, is due)."""
-        if (self.frozen_at is not None and not isinstance(self._next, (Cancel, Done, Flip))
+        if isinstance(self._next, Freeze) and self.frozen_at is None:
+            self.frozen_at = self._clock()
+        elif (self.frozen_at is not None and not isinstance(self._next, (Cancel, Done, Flip))
                 and self._clock() - self.frozen_at > self.freeze_timeout):
             self._next = Cancel()
         return self._next
@@ -233,8 +235,6 @@ class Importer:
         self._tail_at = max(self._tail_at, page.scanned_to)
         if self._final is None and page.committed - self._tail_at <= FREEZE_LAG:
             then: Action = Freeze()
-            if self.frozen_at is None:
-                self.frozen_at = self._clock()
         else:
             then = self._after_tail()
         self._import(page.ops, then, "tail" if self._final is None else "drain")
