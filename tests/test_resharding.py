@@ -156,7 +156,8 @@ def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serv
     while it stays frozen; the source serves the range again, nothing of it is lost, and the
     target's members drop their partial copy. (The same cancel ends a freeze that outlasts
     --migration-freeze-timeout; ``dkv admin cancel`` is the operator's.)"""
-    cluster = Cluster(zk, tmp_path, shards=2, replication_factor=3, write_quorum=2, session_timeout=4.0)
+    # The target's session timeout is how long the freeze lasts before its successor cancels it.
+    cluster = Cluster(zk, tmp_path, shards=2, replication_factor=3, write_quorum=2, session_timeout=6.0)
     kz = KazooClient(cluster.zk)
     try:
         cluster.start()
@@ -173,8 +174,10 @@ def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serv
         cluster.nodes[target].kill()
         kz.create(layout.MIGRATIONS + "/m-", layout.Migration("", lo, hi, "shard-1", "shard-2",
                                                               layout.FROZEN).to_bytes(), sequence=True)
+        source = cluster.nodes[cluster.writer_of("shard-1")].addr
+        # (A real freeze is confirmed by the source's writer itself; this one it learns from its view.)
+        wait_until(lambda: bool(rpc(source, "cluster_info").get("migrations")), 10, "the source to see the freeze")
         with dkv.Client([n.addr for n in cluster.nodes.values() if n.running], timeout=1) as quick:
-            wait_until(lambda: bool(quick.cluster_info().get("migrations")), 10, "the client to see the move")
             with pytest.raises(TryAgain):
                 quick.set(moving[0], "during the freeze")
             quick.set(staying, "the rest of the shard serves")
