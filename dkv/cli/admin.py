@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, NoNodeError
+from kazoo.exceptions import BadVersionError, NoNodeError, RolledBackError
 
 from dkv.cluster import layout
 from dkv.errors import InvalidArgument, Unavailable
@@ -96,7 +96,7 @@ def remove_shard(zk: KazooClient, shard_id: str) -> str:
     for path in _descendants(zk, layout.shard_path(shard_id)):  # e.g. its promotion lock
         tx.delete(path)
     tx.delete(layout.shard_path(shard_id), version=stat.version)
-    failed = [r for r in tx.commit() if isinstance(r, Exception) and type(r).__name__ != "RolledBackError"]
+    failed = [r for r in tx.commit() if isinstance(r, Exception) and not isinstance(r, RolledBackError)]
     if failed:
         raise Unavailable(f"{shard_id} or the slot map changed meanwhile ({type(failed[0]).__name__}); try again")
     return (f"{shard_id} removed; to reuse its former members ({', '.join(shard.members) or 'none'}), "

@@ -165,6 +165,10 @@ class Importer:
     def done(self) -> bool:
         return isinstance(self._next, Done)
 
+    def frozen_for(self) -> float | None:
+        """Seconds since the freeze was due (None: not yet)."""
+        return None if self.frozen_at is None else self._clock() - self.frozen_at
+
     @property
     def phase(self) -> str:
         """What the move is doing, for operators: clear, copy, tail, freeze, drain, flip, cancel, done."""
@@ -180,8 +184,8 @@ class Importer:
         freeze has lasted ``freeze_timeout`` (unless the flip, which ends it too, is due)."""
         if isinstance(self._next, Freeze) and self.frozen_at is None:
             self.frozen_at = self._clock()
-        elif (self.frozen_at is not None and not isinstance(self._next, (Cancel, Done, Flip))
-                and self._clock() - self.frozen_at > self.freeze_timeout):
+        elif (not isinstance(self._next, (Cancel, Done, Flip))
+                and (self.frozen_for() or 0.0) > self.freeze_timeout):
             self._next = Cancel()
         return self._next
 

@@ -124,11 +124,10 @@ class Migrator:
 
     def progress(self) -> dict[str, Any]:
         """The move as this driver sees it (``info()["migration"]`` on the target's writer)."""
-        imp, now = self.importer, time.monotonic()
+        imp, frozen = self.importer, self.importer.frozen_for()
         return {"id": self.migration.id, "slots": [self.migration.start, self.migration.end],
                 "source": self.migration.source, "phase": imp.phase, "imported": imp.imported,
-                "restarts": imp.restarts,
-                "frozen_ms": None if imp.frozen_at is None else round(1000 * (now - imp.frozen_at))}
+                "restarts": imp.restarts, "frozen_ms": None if frozen is None else round(1000 * frozen)}
 
     def stop(self) -> None:
         self._greenlet.kill()
@@ -175,7 +174,7 @@ class Migrator:
                            else f"frozen for over {self.freeze_timeout:g}s without finishing",
                            m.start, m.end, m.source)
             return
-        frozen = time.monotonic() - (self.importer.frozen_at or time.monotonic())
+        frozen = self.importer.frozen_for() or 0.0
         logger.info("migration %s: slots %d..%d now belong to %s (%d records imported, %d restart(s), %.1fs, "
                     "frozen for the last %.0f ms)", m.id, m.start, m.end, m.target, self.importer.imported,
                     self.importer.restarts, time.monotonic() - t0, 1000 * frozen)
