@@ -11,7 +11,8 @@ import pytest
 
 from dkv.cluster.follower import PromiseFile, apply_actions, apply_log
 from dkv.cluster.replication import (COMMITTED, GAP, IN_SYNC, MISMATCH, STALE_EPOCH, CutTo, Follower,
-                                     Leader, Prepare, Reply, SendFrom, SendSnapshot, Synced, Truncate)
+                                     Leader, Prepare, ReadConfirmation, Reply, SendFrom, SendSnapshot, Synced,
+                                     Truncate)
 from dkv.storage import Store
 from dkv.wal.memory import MemoryLog
 from dkv.wal.record import Op, Record
@@ -280,3 +281,67 @@ def test_random_loss_duplication_and_reordering_converge(seed: int) -> None:
     for rid, m in members.items():
         w.leader.on_reply(rid, m.prepare(w.heartbeat(rid)))
         assert m.store.digest() == w.store.digest(), rid
+
+
+# -- the linearizable read's confirmation round -------------------------------------------
+
+
+def _accept(epoch: int) -> Reply:
+    return Reply("", epoch, 10, epoch, 10, 10)
+
+
+def test_confirmation_needs_write_quorum_minus_one_replicas_and_not_the_dead_one() -> None:
+    c = ReadConfirmation(epoch=3, needed=1, asked=["r1", "r2"])
+    assert not c.settled
+    c.on_reply("r1", _accept(3))
+    assert c.confirmed and c.settled  # r2 (dead) is not waited for
+    c2 = ReadConfirmation(epoch=3, needed=2, asked=["r1", "r2", "r3"])
+    c2.on_reply("r3", None)  # no answer
+    c2.on_reply("r1", _accept(3))
+    assert not c2.settled
+    c2.on_reply("r2", _accept(3))
+    assert c2.confirmed
+
+
+def test_replicas_answering_a_stale_epoch_make_the_confirmation_fail() -> None:
+    # The replica promised epoch 4 to a newer writer: our epoch 3 is deposed, even if
+    # another replica (not yet fenced) still accepts it.
+    c = ReadConfirmation(epoch=3, needed=1, asked=["r1", "r2"])
+    c.on_reply("r1", Reply(STALE_EPOCH, 4, 12, 4))
+    assert c.failed and not c.confirmed and c.deposed_by == 4
+    c.on_reply("r2", _accept(3))
+    assert not c.confirmed
+    # Through the real follower: a member fenced at a newer epoch refuses our heartbeat.
+    m = Member()
+    m.f.on_fence(4)
+    c = ReadConfirmation(epoch=3, needed=1, asked=["m"])
+    c.on_reply("m", m.prepare(Prepare(3, 0, 0, (), 0)))
+    assert c.failed and c.deposed_by == 4
+
+
+def test_confirmation_fails_as_soon_as_too_few_replicas_are_left() -> None:
+    c = ReadConfirmation(epoch=3, needed=2, asked=["r1", "r2", "r3"])
+    c.on_reply("r1", None)
+    assert not c.settled
+    c.on_reply("r2", Reply(GAP, 3, 0, 0))
+    assert c.failed and c.deposed_by is None
+    assert ReadConfirmation(epoch=3, needed=1, asked=[]).failed  # no replica in sync
+
+
+def test_confirmation_ignores_unasked_and_repeated_answers() -> None:
+    c = ReadConfirmation(epoch=3, needed=2, asked=["r1", "r2"])
+    c.on_reply("r1", _accept(3))
+    c.on_reply("r1", _accept(3))
+    c.on_reply("intruder", _accept(3))
+    assert not c.confirmed
+
+
+def test_a_replica_learns_its_writers_slot_map_version_from_accepted_prepares_only() -> None:
+    m = Member()
+    wire = Prepare(2, 0, 0, tuple(recs(2, 1, 1)), 0, slot_version=9).to_wire()
+    assert m.prepare(Prepare.from_wire(wire)).ok
+    assert m.f.slot_version == 9
+    assert not m.prepare(Prepare(1, 1, 2, (), 1, slot_version=12)).ok  # a deposed writer's
+    assert m.f.slot_version == 9
+    assert m.prepare(Prepare(2, 1, 2, (), 1, slot_version=8)).ok  # never goes back
+    assert m.f.slot_version == 9

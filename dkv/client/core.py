@@ -228,14 +228,37 @@ class ClientCore:
     # -- scan ----------------------------------------------------------------------
 
     def scan_page(self, prefix: bytes, start: bytes | None, limit: int) -> list[list[bytes]]:
-        """One page of the key-ordered scan, merged over every writer."""
-        writers = sorted({a for a in self.slot_map().writers if a is not None})
-        jobs = [gevent.spawn(_outcome, self.conn(a).request, "scan", prefix, start, limit) for a in writers]
+        """One page of the key-ordered scan, merged over every writer.
+
+        Each writer reads only the slots it owns, at the slot map version we send; a
+        writer whose map differs (a range just moved), a frozen range or a shard with
+        no writer is retried with backoff until the timeout, so the merged page never
+        holds a range twice or misses one.
+        """
+        deadline = time.monotonic() + self.timeout
+        backoff = BACKOFF_START
+        while True:
+            try:
+                return self._scan_round(prefix, start, limit)
+            except (Moved, TryAgain, Unavailable):
+                self._invalidate_map()
+                if time.monotonic() + backoff > deadline:
+                    raise
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _scan_round(self, prefix: bytes, start: bytes | None, limit: int) -> list[list[bytes]]:
+        smap = self.slot_map()
+        if smap.writerless:
+            raise Unavailable("a shard that owns slots has no live writer (failover in progress)")
+        writers = sorted({a for a in smap.writers if a is not None})
+        args: tuple[Any, ...] = (prefix, start, limit) if smap.version is None else (prefix, start, limit,
+                                                                                     smap.version)
+        jobs = [gevent.spawn(_outcome, self.conn(a).request, "scan", *args) for a in writers]
         gevent.joinall(jobs)
         pages: list[list[bytes]] = []
         for job in jobs:
             if isinstance(job.value, BaseException):
-                self._invalidate_map()
                 exc = job.value
                 raise exc if isinstance(exc, DKVError) else Unavailable(str(exc))
             pages.extend(job.value)

@@ -21,6 +21,10 @@ class SlotMap:
     members: tuple[tuple[str, ...], ...]
     #: every address of an up node (for requests any node can answer)
     nodes: tuple[str, ...]
+    #: the slot map's version (the /slots znode's; None standalone)
+    version: int | None = None
+    #: a shard that owns slots has no live writer (a scan must wait for it)
+    writerless: bool = False
 
     @classmethod
     def from_cluster_info(cls, info: dict[str, Any]) -> "SlotMap":
@@ -36,7 +40,10 @@ class SlotMap:
                 for s in range(start, end + 1):
                     writers[s] = writer
                     members[s] = shard_members
-        return cls(tuple(writers), tuple(members), tuple(dict.fromkeys(up.values())))
+        version = info.get("slot_map_version")
+        return cls(tuple(writers), tuple(members), tuple(dict.fromkeys(up.values())),
+                   None if version is None else int(version),
+                   any(w is None for w in writers) and any(m for m in members))
 
     def writer(self, slot: int) -> str:
         addr = self.writers[slot]

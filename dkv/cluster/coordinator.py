@@ -47,6 +47,9 @@ class Coordinator:
         self.view = layout.ClusterView()
         #: the view has been read from ZooKeeper at least once (until then it is empty)
         self.loaded = False
+        #: views begun so far: a view with a higher ``seq`` than this count at some moment
+        #: was read from ZooKeeper entirely after that moment
+        self.reads_begun = 0
         #: bumped whenever a new view is published (waiters use view_changed)
         self.view_changed = gevent.event.Event()
         self._dirty = gevent.event.Event()
@@ -133,8 +136,11 @@ class Coordinator:
         while True:
             self._dirty.wait()
             self._dirty.clear()
+            self.reads_begun += 1
+            seq = self.reads_begun
             try:
                 view = layout.read_view(self.zk, watch=self._poke)
+                view.seq = seq
             except KazooException as e:
                 logger.debug("view refresh failed (%s); retrying", e)
                 gevent.sleep(0.2)

@@ -204,6 +204,8 @@ class ClusterView:
     #: slot ranges being moved, by id; and each one's znode version
     migrations: dict[str, Migration] = field(default_factory=dict)
     migration_versions: dict[str, int] = field(default_factory=dict)
+    #: the reader's count of views it began to read, this one included (see Coordinator.reads_begun)
+    seq: int = 0
 
     def migration_of(self, slot: int) -> Migration | None:
         for m in self.migrations.values():

@@ -25,8 +25,8 @@ import gevent.event
 
 from dkv.client.connection import Connection, TransportError
 from dkv.cluster.follower import apply_log
-from dkv.cluster.replication import (DOWN, IN_SYNC, CutTo, Leader, Prepare, Reply, SendFrom, SendSnapshot,
-                                     Synced, Truncate)
+from dkv.cluster.replication import (DOWN, IN_SYNC, CutTo, Leader, Prepare, ReadConfirmation, Reply, SendFrom,
+                                     SendSnapshot, Synced, Truncate)
 from dkv.errors import DKVError, QuorumNotReached, Unavailable, WriteTimeout
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import offloaded
@@ -82,8 +82,10 @@ class ReplicatedWriter:
 
     # -- membership --------------------------------------------------------------
 
-    def set_replicas(self, replicas: list[str], live: set[str]) -> None:
-        """Follow the shard's replica list and which of them are registered (alive)."""
+    def set_replicas(self, replicas: list[str], live: set[str], slot_version: int = -1) -> None:
+        """Follow the shard's replica list, which of them are registered (alive), and the
+        slot map's version (every prepare carries it)."""
+        self.leader.slot_version = max(self.leader.slot_version, slot_version)
         self.leader.set_replicas(replicas)
         for rid in replicas:
             p = self.leader.replicas[rid]
@@ -166,17 +168,8 @@ class ReplicatedWriter:
         last = m.records[-1].lsn
         acked: set[str] = set()
         answered: set[str] = set()
-        done = gevent.event.Event()
 
-        def settle(_: Any = None) -> None:
-            if local is None or local.ready():
-                if len(acked) >= self.leader.needed or len(answered) == len(targets):
-                    done.set()
-
-        wire = m.to_wire()  # encoded once for every replica
-
-        def send(rid: str) -> None:
-            reply = self._send_prepare(rid, wire)
+        def on_reply(rid: str, reply: Reply | None) -> None:
             if reply is not None and reply.ok:
                 self.leader.on_reply(rid, reply)
                 if reply.match_lsn >= last:
@@ -184,18 +177,39 @@ class ReplicatedWriter:
                 else:
                     self._lagging(rid)
             answered.add(rid)
-            settle()
 
-        if local is not None:
-            local.link(settle)
-        senders = [gevent.spawn(send, rid) for rid in targets]
-        settle()
-        done.wait(timeout=self.config.write_timeout)
+        def settled() -> bool:
+            return ((local is None or local.ready())
+                    and (len(acked) >= self.leader.needed or len(answered) == len(targets)))
+
+        senders = self._fanout(m.to_wire(), targets, on_reply, settled, local)
         if local is not None:
             local.join()
         if len(acked) < self.leader.needed:
             gevent.killall(senders, block=False)
         return acked
+
+    def _fanout(self, wire: list[Any], targets: list[str], on_reply: Callable[[str, Reply | None], None],
+                settled: Callable[[], bool], local: gevent.Greenlet | None = None) -> list[gevent.Greenlet]:
+        """Send the prepare ``wire`` (encoded once) to every target in parallel, feeding each
+        answer to ``on_reply`` (None: no answer); return the senders once ``settled()`` (also
+        checked when ``local`` finishes) or after ``write_timeout``. Slower senders run on."""
+        done = gevent.event.Event()
+
+        def check(_: Any = None) -> None:
+            if settled():
+                done.set()
+
+        def send(rid: str) -> None:
+            on_reply(rid, self._send_prepare(rid, wire))
+            check()
+
+        if local is not None:
+            local.link(check)
+        senders = [gevent.spawn(send, rid) for rid in targets]
+        check()
+        done.wait(timeout=self.config.write_timeout)
+        return senders
 
     def _rollback(self, m: Prepare, targets: list[str], acked: set[str]) -> None:
         """The quorum was not reached: undo the batch everywhere it may be, then raise."""
@@ -320,18 +334,16 @@ class ReplicatedWriter:
             if not self._busy:
                 self._heartbeat_round()
 
-    def _heartbeat_round(self) -> int:
-        """An empty prepare (carrying the commit point) to every in-sync replica; how many accepted."""
+    def _heartbeat_round(self) -> ReadConfirmation:
+        """An empty prepare (carrying the commit point) to every in-sync replica; returns once
+        ``write_quorum - 1`` accepted it or that can no longer happen (slower answers still
+        update the replicas' progress)."""
+        targets = self.leader.in_sync()
+        round_ = ReadConfirmation(self.epoch, self.leader.needed, targets)
         commit = self.leader.commit_lsn
         wire = self.leader.prepare([], commit, self._epoch_at(commit)).to_wire()
-
-        def send(rid: str) -> bool:
-            reply = self._send_prepare(rid, wire)
-            return reply is not None and reply.ok
-
-        jobs = [gevent.spawn(send, rid) for rid in self.leader.in_sync()]
-        gevent.joinall(jobs, timeout=self.config.write_timeout)
-        return sum(1 for j in jobs if j.successful() and j.value)
+        self._fanout(wire, targets, round_.on_reply, lambda: round_.settled)
+        return round_
 
     def _send_prepare(self, rid: str, wire: list[Any]) -> Reply | None:
         """One prepare to a replica (None: no answer). A failed or refused prepare
@@ -364,15 +376,28 @@ class ReplicatedWriter:
         try:
             while self._confirm_next is not None:
                 waiter, self._confirm_next = self._confirm_next, None
-                if not self._is_current() or self.leader.deposed_by is not None:
-                    waiter.set_exception(Unavailable("this writer cannot confirm its epoch"))
-                elif self.leader.needed == 0 or self._heartbeat_round() >= self.leader.needed:
+                try:
+                    self._confirm_round()
                     waiter.set(True)
-                else:
-                    waiter.set_exception(Unavailable(f"{self.shard_id}: too few replicas confirmed "
-                                                     "the writer's epoch for a linearizable read"))
+                except Unavailable as e:
+                    waiter.set_exception(e)
         finally:
             self._confirming = False
+
+    def _confirm_round(self) -> None:
+        """One confirmation of our epoch (see :class:`ReadConfirmation`), or Unavailable."""
+        round_ = None
+        if self._is_current() and self.leader.deposed_by is None and self.leader.needed > 0:
+            round_ = self._heartbeat_round()
+        deposed = self.leader.deposed_by or (round_.deposed_by if round_ else None)
+        if deposed is not None:
+            raise Unavailable(f"{self.shard_id} has a newer epoch {deposed}; this writer is fenced")
+        if not self._is_current():
+            raise Unavailable(f"{self.config.node_id} cannot confirm it is the writer of {self.shard_id} "
+                              "(ZooKeeper connection or role lost)")
+        if round_ is not None and not round_.confirmed:
+            raise Unavailable(f"{self.shard_id}: {len(round_.accepted)} of {round_.needed} replica(s) "
+                              "confirmed the writer's epoch for a linearizable read")
 
     def lag(self) -> dict[str, Any]:
         return {"commit_lsn": self.leader.commit_lsn, "epoch": self.epoch, "replicas": self.leader.lag()}

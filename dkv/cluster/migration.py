@@ -30,6 +30,27 @@ source's WAL no longer holds the records after ``S`` (compacted), the move
 starts again at step 1; if the flip's check fails (the source failed over or
 bumped its epoch), it goes back to step 5 and asks the new writer.
 
+**Reads and writes while a range moves (G4).** We chose *re-check, then read
+without yielding* over a range guard that the delete would wait for. Every op is
+routed (:mod:`dkv.cluster.routing`) after the last thing that yields on its way
+(a linearizable read's quorum round), and between that check and the store read
+(or the write being queued) nothing yields. The source's writer records each
+freeze it confirms (range and the ZooKeeper views begun by then) and refuses the
+range from that moment on, whatever its view says, until a view begun after the
+confirmation shows the migration gone: then either the flip happened (that view
+shows the new owner: ``MOVED``) or the move was cancelled (the range is served
+again). A flip needs the source's writer to have confirmed the freeze in the
+epoch it checks, so a read that passes the check on that writer reads a range
+that has not moved, and the writer deletes a moved range only after its view
+shows the move, when such checks fail. A linearizable read adds its quorum round:
+if a newer writer took over the source and flipped the range, the round fails.
+A write that passed the check before the freeze is queued before the freeze's
+barrier, so it is settled (and below ``F``) before the flip. Replicas serve
+``eventual`` reads only while their slot map is at least as new as the one the
+writer sent with its last prepare: the deletes of a moved range reach a replica
+after the writer's map shows the move, and with it. Scans read only the slots the
+node owns, at the client's slot map version.
+
 The frozen range is unavailable, so the freeze is bounded: if the move has not
 flipped ``freeze_timeout`` seconds after step 5 began (the target lost its
 quorum, cannot reach the source, ...), or if a new target writer inherits a

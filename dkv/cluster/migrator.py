@@ -267,5 +267,7 @@ class Migrator:
         return True
 
 
-def frozen_error(slot: int, migration_id: str) -> TryAgain:
+def frozen_error(slot: int | None, migration_id: str) -> TryAgain:
+    if slot is None:
+        return TryAgain(f"a slot range of this shard is moving ({migration_id}); retry shortly")
     return TryAgain(f"slot {slot} is moving ({migration_id}); retry shortly", slot=slot)

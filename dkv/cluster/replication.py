@@ -38,6 +38,9 @@ class Prepare:
     """Append ``records`` after ``(prev_lsn, prev_epoch)``; learn ``commit_lsn``.
 
     With no records it is a heartbeat that carries the commit point (a ``commit``).
+    ``slot_version`` is the version of the writer's slot map when it sent this: a
+    replica serves eventual reads only once its own map is at least as new (the
+    writer deletes a range that moved away only after its map shows the move).
     """
 
     epoch: int
@@ -45,14 +48,17 @@ class Prepare:
     prev_epoch: int
     records: tuple[Record, ...]
     commit_lsn: int
+    slot_version: int = -1
 
     def to_wire(self) -> list[Any]:
-        return [self.epoch, self.prev_lsn, self.prev_epoch, self.commit_lsn, records_to_wire(self.records)]
+        return [self.epoch, self.prev_lsn, self.prev_epoch, self.commit_lsn, records_to_wire(self.records),
+                self.slot_version]
 
     @classmethod
     def from_wire(cls, w: Sequence[Any]) -> "Prepare":
-        epoch, prev_lsn, prev_epoch, commit_lsn, recs = w
-        return cls(int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn))
+        epoch, prev_lsn, prev_epoch, commit_lsn, recs, slot_version = w
+        return cls(int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn),
+                   int(slot_version))
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ class Follower:
         self.applied_lsn = applied_lsn
         #: highest commit point learned from a writer (for replica lag)
         self.commit_lsn = applied_lsn
+        #: highest slot map version a writer of our promised epoch has sent us
+        self.slot_version = -1
 
     def _epoch_at(self, lsn: int) -> int | None:
         if lsn == 0:
@@ -208,6 +216,7 @@ class Follower:
             actions.append(AppendLog(tuple(new)))
         match = m.records[-1].lsn if m.records else m.prev_lsn
         self.commit_lsn = max(self.commit_lsn, m.commit_lsn)
+        self.slot_version = max(self.slot_version, m.slot_version)
         commit = min(m.commit_lsn, match)
         if commit > self.applied_lsn:
             actions.append(ApplyUpTo(commit))
@@ -284,6 +293,8 @@ class Leader:
     replicas: dict[str, Progress] = field(default_factory=dict)
     #: set when a member reports a higher epoch: this writer is deposed
     deposed_by: int | None = None
+    #: the version of the slot map the writer's driver last saw (sent with every prepare)
+    slot_version: int = -1
 
     def set_replicas(self, ids: Sequence[str]) -> None:
         for rid in ids:
@@ -301,7 +312,7 @@ class Leader:
         return [rid for rid, p in self.replicas.items() if p.state == IN_SYNC]
 
     def prepare(self, records: Sequence[Record], prev_lsn: int, prev_epoch: int) -> Prepare:
-        return Prepare(self.epoch, prev_lsn, prev_epoch, tuple(records), self.commit_lsn)
+        return Prepare(self.epoch, prev_lsn, prev_epoch, tuple(records), self.commit_lsn, self.slot_version)
 
     def on_reply(self, rid: str, reply: Reply, position_only: bool = False) -> None:
         """Take a member's reply to anything we sent (``position_only``: a fence's reply)."""
@@ -379,3 +390,48 @@ class Leader:
         return {rid: {"state": p.state, "match_lsn": p.match_lsn,
                       "lag": None if p.match_lsn is None else max(0, last - p.match_lsn)}
                 for rid, p in self.replicas.items()}
+
+
+class ReadConfirmation:
+    """One round confirming that the writer's epoch is still current (linearizable reads, DESIGN §7).
+
+    The writer sends a heartbeat (an empty prepare at its epoch) to ``asked``
+    and feeds each answer here (None: no answer). The round is **confirmed**
+    once ``needed`` replicas accepted it: with the writer's own copy that is a
+    write quorum, which intersects every promotion's fence set, so no newer
+    writer had been promoted when they answered. It **fails** as soon as a
+    member reports a higher promised epoch (we are deposed), or when too few
+    members are left unanswered to reach ``needed``. It never waits for the
+    slowest member: a dead replica does not stall reads while a quorum answers.
+    """
+
+    def __init__(self, epoch: int, needed: int, asked: Sequence[str]) -> None:
+        self.epoch = epoch
+        self.needed = needed
+        self.asked = set(asked)
+        self.accepted: set[str] = set()
+        self.refused: set[str] = set()
+        #: a member promised this higher epoch: we are deposed
+        self.deposed_by: int | None = None
+
+    def on_reply(self, rid: str, reply: Reply | None) -> None:
+        if rid not in self.asked or rid in self.accepted or rid in self.refused:
+            return
+        if reply is not None and reply.ok and reply.promised == self.epoch:
+            self.accepted.add(rid)
+            return
+        self.refused.add(rid)
+        if reply is not None and reply.promised > self.epoch:
+            self.deposed_by = reply.promised
+
+    @property
+    def confirmed(self) -> bool:
+        return self.deposed_by is None and len(self.accepted) >= self.needed
+
+    @property
+    def failed(self) -> bool:
+        return self.deposed_by is not None or len(self.asked) - len(self.refused) < self.needed
+
+    @property
+    def settled(self) -> bool:
+        return self.confirmed or self.failed

@@ -26,13 +26,13 @@ from dkv import protocol
 from dkv.cluster.controller import Controller
 from dkv.cluster.coordinator import Coordinator
 from dkv.cluster.follower import FollowerDriver, PromiseFile
-from dkv.cluster import layout
+from dkv.cluster import layout, routing
 from dkv.cluster.layout import FROZEN, ClusterView, Migration, Shard
 from dkv.cluster.leader import ReplicatedWriter
 from dkv.cluster.migrator import MigrationSource, Migrator, delete_range, frozen_error
 from dkv.cluster.promotion import Promoter
 from dkv.cluster.replication import STALE_EPOCH, Reply
-from dkv.errors import DKVError, Moved, Unavailable
+from dkv.errors import DKVError, Moved, TryAgain, Unavailable
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import WritePipeline
 from dkv.slots import SlotRange, merge_ranges, slot_of
@@ -41,7 +41,7 @@ from dkv.wal.record import Record
 
 logger = logging.getLogger(__name__)
 
-WRITER, REPLICA, UNASSIGNED = "writer", "replica", "unassigned"
+WRITER, REPLICA, UNASSIGNED = routing.WRITER, routing.REPLICA, routing.UNASSIGNED
 
 
 class _NotWriter:
@@ -80,8 +80,9 @@ class ClusterRuntime:
         self._no_promotion_until = 0.0
         pipeline.writer = self._not_writer
         self.source = MigrationSource(log, store, pipeline, config.durable, self._confirm_frozen)
-        #: migrations out of our shard that we confirmed frozen (before our view shows it)
-        self._frozen_here: set[str] = set()
+        #: migrations out of our shard that we confirmed frozen: id -> (range, views begun
+        #: then); kept until a view begun later shows the migration gone (flipped or cancelled)
+        self._frozen_here: dict[str, tuple[SlotRange, int]] = {}
         self.migrator: Migrator | None = None
         self._migrated: set[str] = set()
         self._janitor: gevent.Greenlet | None = None
@@ -118,7 +119,7 @@ class ClusterRuntime:
             if self.writer is None or self.writer.shard_id != shard.id or shard.epoch > self.writer.epoch:
                 self._start_writer(shard)
             assert self.writer is not None
-            self.writer.set_replicas(shard.replicas, set(view.nodes))
+            self.writer.set_replicas(shard.replicas, set(view.nodes), view.slot_version)
         elif self.writer is not None:
             self._stop_writer()
             self.follower.reset()  # our log may hold an uncommitted tail: the new writer cuts it
@@ -129,7 +130,8 @@ class ClusterRuntime:
             assert shard is not None
             self.promoter = Promoter(self, shard.id, not_before=self._no_promotion_until)
         self.role, self.shard = role, shard
-        self._frozen_here &= set(view.migrations)
+        self._frozen_here = {mid: (r, seq) for mid, (r, seq) in self._frozen_here.items()
+                             if mid in view.migrations or view.seq <= seq}
         self.log.retain_from = min((m.from_lsn + 1 for m in view.migrations.values()
                                     if shard and m.source == shard.id and m.from_lsn is not None), default=None)
         if role == WRITER:
@@ -187,27 +189,50 @@ class ClusterRuntime:
 
     # -- routing (before anything is read or queued) -----------------------------------------
 
-    def route(self, op: str, key: bytes, consistency: str | None) -> None:
+    def ownership(self) -> routing.Ownership:
+        """What this node knows about the slots right now (the input of every routing decision)."""
         view = self.view
+        fresh = False
+        if self.role == REPLICA:
+            fresh = (time.monotonic() - self.follower.last_contact < 2 * self.config.session_timeout
+                     and self.follower.lag() <= self.config.max_replica_lag)
+        return routing.Ownership(
+            loaded=self.coord.loaded, shard=self.shard.id if self.shard else None, role=self.role,
+            slots=view.slots, slot_version=view.slot_version, migrations=view.migrations,
+            frozen={mid: r for mid, (r, _) in self._frozen_here.items()}, replica_fresh=fresh,
+            writer_slot_version=self.follower.state.slot_version)
+
+    def route(self, op: str, key: bytes, consistency: str | None) -> None:
+        """Raise unless this node may answer ``op`` on ``key`` now. The caller reads its store or
+        queues the write before it next yields (see :mod:`dkv.cluster.routing`)."""
         slot = slot_of(key)
-        owner = view.slots.owner(slot)
-        if owner is None:
-            self._check_loaded()
-            raise Unavailable(f"slot {slot} has no owner yet (the cluster is forming)")
-        if self.shard is None or owner != self.shard.id:
-            raise self._to_writer_of(owner, f"slot {slot} is served by {owner}", slot=slot)
-        if view.migrations:
-            m = view.migration_of(slot)
-            if m is not None and m.source == owner and (m.state == FROZEN or m.id in self._frozen_here):
-                raise frozen_error(slot, m.id)
-        if op in protocol.WRITE_OPS or consistency != "eventual":
-            if self.role != WRITER:
-                raise self.not_writer_error()
-            return
-        if self.role == REPLICA:  # an eventual read on a replica
-            fresh = time.monotonic() - self.follower.last_contact < 2 * self.config.session_timeout
-            if not fresh or self.follower.lag() > self.config.max_replica_lag:
-                raise self.not_writer_error()
+        decision = routing.decide(self.ownership(), slot, op in protocol.WRITE_OPS, consistency)
+        if not isinstance(decision, routing.Serve):
+            raise self._refusal(decision, slot)
+
+    def scan_ranges(self, slot_version: int | None) -> list[SlotRange]:
+        """The slot ranges a scan page reads here; ``slot_version`` is the client's slot map version,
+        which must be ours (else the pages of two writers could both hold, or both miss, a range)."""
+        own = self.ownership()
+        if slot_version is not None and own.loaded and slot_version != own.slot_version:
+            if slot_version > own.slot_version:
+                raise TryAgain(f"{self.config.node_id} has slot map version {own.slot_version}, "
+                               f"older than the client's {slot_version}; retry shortly")
+            raise Moved(f"the slot map changed (version {own.slot_version}, the client has {slot_version})")
+        decision = routing.scan_ranges(own)
+        if isinstance(decision, list):
+            return decision
+        raise self._refusal(decision, None)
+
+    def _refusal(self, decision: routing.Decision, slot: int | None) -> DKVError:
+        """The error that tells the client where to go instead (``slot``: None for a scan)."""
+        if isinstance(decision, routing.NoOwner):
+            return Unavailable(f"{self.config.node_id}: {decision.why}")
+        if isinstance(decision, routing.NotOwner):
+            return self._to_writer_of(decision.owner, f"slot {slot} is served by {decision.owner}", slot=slot)
+        if isinstance(decision, routing.Frozen):
+            return frozen_error(slot, decision.migration)
+        return self.not_writer_error()
 
     def confirm_linearizable(self) -> None:
         if self.writer is None:
@@ -254,7 +279,7 @@ class ClusterRuntime:
             raise Unavailable(f"no migration {migration_id}") from None
         if m.state != FROZEN or self.shard is None or m.source != self.shard.id:
             raise Unavailable(f"migration {migration_id} is not frozen out of our shard")
-        self._frozen_here.add(migration_id)
+        self._frozen_here[migration_id] = (SlotRange(m.start, m.end), self.coord.reads_begun)
         raw, stat = zk.get(layout.shard_path(m.source))
         shard = Shard.from_bytes(m.source, raw)
         if self.writer is None or shard.writer != self.config.node_id or shard.epoch != self.writer.epoch:

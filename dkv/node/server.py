@@ -58,9 +58,11 @@ class RPC:
     def mget(self, keys: list[Any]) -> list[bytes | None]:
         return [unwrap(r) for r in self._svc.batch([["get", k] for k in keys])]
 
-    def scan(self, prefix: Any = b"", start: Any = None, limit: int = 1000) -> list[list[bytes]]:
-        """One page of [key, value] pairs in key order, keys >= start."""
-        return self._svc.scan(prefix, start, limit)
+    def scan(self, prefix: Any = b"", start: Any = None, limit: int = 1000,
+             slot_version: int | None = None) -> list[list[bytes]]:
+        """One page of [key, value] pairs in key order, keys >= start (in cluster mode: of the
+        slots this node owns, checked against the client's slot map version)."""
+        return self._svc.scan(prefix, start, limit, slot_version)
 
     def info(self) -> dict[str, Any]:
         return self._svc.info()

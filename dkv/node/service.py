@@ -41,47 +41,49 @@ class NodeService:
     # -- key/value ops -------------------------------------------------------
 
     def batch(self, ops: Any) -> list[list[Any]]:
+        """Run many ops; one ``[0, result]`` or ``[1, error]`` per op (a bad op fails alone).
+
+        In cluster mode every op is routed (may this node answer it *now*?) after the one
+        yield of a batch (a linearizable read's quorum round), and from the routing on
+        nothing yields until the reads are read and the writes queued: a read sees the
+        store of a node that owned its slot when it read, a write is queued ahead of any
+        freeze's barrier (see :mod:`dkv.cluster.migration`).
+        """
         if not isinstance(ops, (list, tuple)):
             raise InvalidArgument("batch takes a list of ops")
         if len(ops) > MAX_BATCH_OPS:
             raise InvalidArgument(f"a batch carries at most {MAX_BATCH_OPS} ops, got {len(ops)}")
         replies: list[list[Any] | None] = [None] * len(ops)
-        reads: list[tuple[int, str, bytes]] = []
-        writes: list[WriteOp] = []
-        write_at: list[int] = []
-        linearizable = False
+        parsed: list[tuple[int, str, bytes, bytes, str | None]] = []
         for i, op in enumerate(ops):
             try:
-                name, key, value, consistency = self._parse(op)
+                parsed.append((i, *self._parse(op)))
+            except DKVError as e:
+                replies[i] = protocol.err(e)
+        confirm_error: DKVError | None = None
+        if self.router is not None and any(c == "linearizable" for *_, c in parsed):
+            try:
+                self.router.confirm_linearizable()  # one round for the whole batch (yields)
+            except DKVError as e:
+                confirm_error = e
+        # -- no yield from here until the reads are read and the writes queued --
+        writes: list[WriteOp] = []
+        write_at: list[int] = []
+        for i, name, key, value, consistency in parsed:
+            try:
+                if consistency == "linearizable" and confirm_error is not None:
+                    raise confirm_error
                 if self.router is not None:
                     self.router.route(name, key, consistency)
-                if name in protocol.READ_OPS:
-                    reads.append((i, name, key))
-                    linearizable = linearizable or consistency == "linearizable"
+                if name == protocol.GET:
+                    replies[i] = protocol.ok(self.store.get(key, None))
+                elif name == protocol.EXISTS:
+                    replies[i] = protocol.ok(self.store.exists(key))
                 else:
                     writes.append((Op.PUT if name == protocol.SET else Op.DELETE, key, value))
                     write_at.append(i)
             except DKVError as e:
                 replies[i] = protocol.err(e)
-        if linearizable and self.router is not None:
-            try:
-                self.router.confirm_linearizable()  # one round for the whole batch
-            except DKVError as e:
-                for i, _, _ in reads:
-                    replies[i] = protocol.err(e)
-                reads = []
-            # That round yielded: route the writes again (a migration may have frozen their
-            # slots meanwhile), with no yield from here until they are queued.
-            routed = []
-            for i, w in zip(write_at, writes):
-                try:
-                    self.router.route(protocol.SET if w[0] is Op.PUT else protocol.DEL, w[1], None)
-                    routed.append((i, w))
-                except DKVError as e:
-                    replies[i] = protocol.err(e)
-            write_at, writes = [i for i, _ in routed], [w for _, w in routed]
-        for i, name, key in reads:
-            replies[i] = protocol.ok(self.store.get(key, None) if name == protocol.GET else self.store.exists(key))
         if writes:
             try:
                 results = self.pipeline.submit(writes)
@@ -113,13 +115,26 @@ class NodeService:
             raise InvalidArgument(f"consistency must be one of {', '.join(protocol.CONSISTENCY_LEVELS)}")
         return name, key, b"", consistency
 
-    def scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000) -> list[list[bytes]]:
-        """One page of ``(key, value)`` pairs in key order, keys >= ``start``."""
+    def scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000,
+             slot_version: Any = None) -> list[list[bytes]]:
+        """One page of ``(key, value)`` pairs in key order, keys >= ``start``.
+
+        In cluster mode only the slots this node's shard owns are read (its store may
+        also hold a range being imported, or one that moved away and is being deleted),
+        and ``slot_version``, the client's slot map version, must be this node's: the
+        client merges the pages of every writer, which must agree on who owns what.
+        """
         prefix_b = as_bytes(prefix, "prefix")
         start_b = None if start is None else as_bytes(start, "start")
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_SCAN_PAGE:
             raise InvalidArgument(f"scan limit must be an integer in 1..{MAX_SCAN_PAGE}")
-        page = self.store.scan(prefix=prefix_b, start=start_b, limit=limit)
+        if slot_version is not None and (not isinstance(slot_version, int) or isinstance(slot_version, bool)):
+            raise InvalidArgument("slot_version must be an integer")
+        if self.router is None:
+            page = self.store.scan(prefix=prefix_b, start=start_b, limit=limit)
+        else:  # route and read with no yield in between
+            page = self.store.scan(prefix=prefix_b, start=start_b, limit=limit,
+                                   slots=self.router.scan_ranges(slot_version))
         return [[k, v] for k, v in page]
 
     # -- introspection ---------------------------------------------------------

@@ -105,7 +105,10 @@ class Cluster:
         return self.shard_members()[shard_id]["writer"]
 
     def in_sync(self, shard_id: str) -> bool:
-        sh = self.shard_members().get(shard_id)  # absent while a restarted node loads its view
+        try:
+            sh = self.shard_members().get(shard_id)  # absent while a restarted node loads its view
+        except RuntimeError:  # every node still loading its view (just restarted)
+            return False
         if sh is None or not sh["writer"]:
             return False
         info = self.info(sh["writer"])
