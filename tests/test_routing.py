@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from dkv.cluster.layout import COPYING, FROZEN, Migration, SlotRanges
-from dkv.cluster.routing import (REPLICA, SERVE, UNASSIGNED, WRITER, Frozen, NoOwner, NotOwner, NotWriter,
+from dkv.cluster.routing import (REPLICA, SERVE, UNASSIGNED, WRITER, Freezes, Frozen, NoOwner, NotOwner, NotWriter,
                                  Ownership, decide, scan_ranges)
 from dkv.slots import SlotRange
 
@@ -105,3 +105,17 @@ def test_a_scan_is_refused_while_any_of_its_ranges_is_frozen_or_off_the_writer()
     assert scan_ranges(replace(WRITER1, frozen={MOVE.id: SlotRange(100, 199)})) == Frozen(MOVE.id)
     assert scan_ranges(replace(WRITER1, migrations={MOVE.id: MOVE})) == [SlotRange(0, 511)]
     assert scan_ranges(replace(WRITER1, role=REPLICA)) == NotWriter()
+
+
+def test_a_confirmed_freeze_outlives_views_read_before_it_and_ends_with_the_first_one_after() -> None:
+    f = Freezes()
+    f.confirmed(MOVE.id, SlotRange(100, 199), views_begun=5)
+    # View 5 began before the confirmation: it may predate the migration itself.
+    f.on_view({}, seq=5)
+    assert f.ranges == {MOVE.id: SlotRange(100, 199)}
+    # A later view that still lists the migration (frozen, not flipped yet) keeps it.
+    f.on_view({MOVE.id: replace(MOVE, state=FROZEN)}, seq=6)
+    assert f.ranges == {MOVE.id: SlotRange(100, 199)}
+    # A view begun after it that no longer lists it: flipped or cancelled, either way settled.
+    f.on_view({}, seq=7)
+    assert f.ranges == {}

@@ -114,6 +114,33 @@ def scan_ranges(o: Ownership) -> list[SlotRange] | Decision:
     return frozen if frozen is not None else ours
 
 
+class Freezes:
+    """The freezes a source writer confirmed to a migration's target, kept past its view.
+
+    A confirmed freeze refuses its range from the moment of confirmation, even
+    while this node's view of ZooKeeper lags behind (it may not even show the
+    migration yet). It is dropped only by a view whose reading *began* after the
+    confirmation and which no longer lists the migration: the move flipped (that
+    view shows the new owner) or was cancelled (the range is ours again).
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[SlotRange, int]] = {}
+
+    def confirmed(self, migration_id: str, slots: SlotRange, views_begun: int) -> None:
+        """We confirmed the freeze when ``views_begun`` views had begun to be read."""
+        self._held[migration_id] = (slots, views_begun)
+
+    def on_view(self, migrations: Mapping[str, Migration], seq: int) -> None:
+        """A new view, the ``seq``-th begun."""
+        self._held = {mid: (r, begun) for mid, (r, begun) in self._held.items()
+                      if mid in migrations or seq <= begun}
+
+    @property
+    def ranges(self) -> dict[str, SlotRange]:
+        return {mid: r for mid, (r, _) in self._held.items()}
+
+
 def _frozen(o: Ownership, ranges: list[SlotRange]) -> Frozen | None:
     for m in o.migrations.values():
         if m.source == o.shard and m.state == FROZEN and any(_overlap(r, m.start, m.end) for r in ranges):

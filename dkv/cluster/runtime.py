@@ -80,9 +80,8 @@ class ClusterRuntime:
         self._no_promotion_until = 0.0
         pipeline.writer = self._not_writer
         self.source = MigrationSource(log, store, pipeline, config.durable, self._confirm_frozen)
-        #: migrations out of our shard that we confirmed frozen: id -> (range, views begun
-        #: then); kept until a view begun later shows the migration gone (flipped or cancelled)
-        self._frozen_here: dict[str, tuple[SlotRange, int]] = {}
+        #: migrations out of our shard that we confirmed frozen (kept past our view)
+        self._frozen_here = routing.Freezes()
         self.migrator: Migrator | None = None
         self._migrated: set[str] = set()
         self._janitor: gevent.Greenlet | None = None
@@ -130,8 +129,7 @@ class ClusterRuntime:
             assert shard is not None
             self.promoter = Promoter(self, shard.id, not_before=self._no_promotion_until)
         self.role, self.shard = role, shard
-        self._frozen_here = {mid: (r, seq) for mid, (r, seq) in self._frozen_here.items()
-                             if mid in view.migrations or view.seq <= seq}
+        self._frozen_here.on_view(view.migrations, view.seq)
         self.log.retain_from = min((m.from_lsn + 1 for m in view.migrations.values()
                                     if shard and m.source == shard.id and m.from_lsn is not None), default=None)
         if role == WRITER:
@@ -199,7 +197,7 @@ class ClusterRuntime:
         return routing.Ownership(
             loaded=self.coord.loaded, shard=self.shard.id if self.shard else None, role=self.role,
             slots=view.slots, slot_version=view.slot_version, migrations=view.migrations,
-            frozen={mid: r for mid, (r, _) in self._frozen_here.items()}, replica_fresh=fresh,
+            frozen=self._frozen_here.ranges, replica_fresh=fresh,
             writer_slot_version=self.follower.state.slot_version)
 
     def route(self, op: str, key: bytes, consistency: str | None) -> None:
@@ -279,7 +277,7 @@ class ClusterRuntime:
             raise Unavailable(f"no migration {migration_id}") from None
         if m.state != FROZEN or self.shard is None or m.source != self.shard.id:
             raise Unavailable(f"migration {migration_id} is not frozen out of our shard")
-        self._frozen_here[migration_id] = (SlotRange(m.start, m.end), self.coord.reads_begun)
+        self._frozen_here.confirmed(migration_id, SlotRange(m.start, m.end), self.coord.reads_begun)
         raw, stat = zk.get(layout.shard_path(m.source))
         shard = Shard.from_bytes(m.source, raw)
         if self.writer is None or shard.writer != self.config.node_id or shard.epoch != self.writer.epoch:
