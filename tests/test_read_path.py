@@ -347,3 +347,29 @@ def test_confirmation_fails_when_replicas_answer_a_newer_epoch(answers: tuple[st
                 w.confirm()
     finally:
         w.stop()
+
+
+def test_confirmation_completes_at_a_quorum_without_waiting_for_a_hung_replica() -> None:
+    """write_quorum - 1 = 1 replica confirming is enough: a replica that never answers (dead,
+    paused) must not hold the read until the write timeout."""
+    import gevent
+    import gevent.event
+
+    epoch = 2
+    never = gevent.event.Event()
+    config = NodeConfig(node_id="w", engine="memory", replication_factor=3, write_quorum=2, write_timeout=600.0)
+    w = _DirectWriter(config, SID, epoch, MemoryLog(), Store.open("memory"), addr_of=lambda rid: None,
+                      bump_epoch=lambda: epoch + 1, is_current=lambda: True)
+    hung = _Replica(epoch)
+    hung.handle = lambda method, *args: never.wait() and Reply("", epoch, 0, 0)  # type: ignore[method-assign]
+    try:
+        w.replicas = {"a": _Replica(epoch), "b": hung}
+        w.leader.set_replicas(list(w.replicas))
+        for p in w.leader.replicas.values():
+            p.state, p.match_lsn = IN_SYNC, 0
+        with gevent.Timeout(60, AssertionError("the confirmation waited for the hung replica")):
+            w.confirm()
+            w.confirm()  # and again: the hung replica's first prepare does not block the next round
+    finally:
+        never.set()
+        w.stop()

@@ -200,11 +200,12 @@ class ClusterRuntime:
             frozen=self._frozen_here.ranges, replica_fresh=fresh,
             writer_slot_version=self.follower.state.slot_version)
 
-    def route(self, op: str, key: bytes, consistency: str | None) -> None:
-        """Raise unless this node may answer ``op`` on ``key`` now. The caller reads its store or
-        queues the write before it next yields (see :mod:`dkv.cluster.routing`)."""
+    def route(self, op: str, key: bytes, consistency: str | None, own: routing.Ownership | None = None) -> None:
+        """Raise unless this node may answer ``op`` on ``key`` now (``own``: :meth:`ownership`, taken
+        since the last yield). The caller reads its store or queues the write before it next
+        yields (see :mod:`dkv.cluster.routing`)."""
         slot = slot_of(key)
-        decision = routing.decide(self.ownership(), slot, op in protocol.WRITE_OPS, consistency)
+        decision = routing.decide(own or self.ownership(), slot, op in protocol.WRITE_OPS, consistency)
         if not isinstance(decision, routing.Serve):
             raise self._refusal(decision, slot)
 

@@ -69,12 +69,13 @@ class NodeService:
         # -- no yield from here until the reads are read and the writes queued --
         writes: list[WriteOp] = []
         write_at: list[int] = []
+        own = self.router.ownership() if self.router is not None else None
         for i, name, key, value, consistency in parsed:
             try:
                 if consistency == "linearizable" and confirm_error is not None:
                     raise confirm_error
                 if self.router is not None:
-                    self.router.route(name, key, consistency)
+                    self.router.route(name, key, consistency, own)
                 if name == protocol.GET:
                     replies[i] = protocol.ok(self.store.get(key, None))
                 elif name == protocol.EXISTS:
