@@ -150,7 +150,7 @@ def bench_key(i: int) -> bytes:
 
 
 def run_bench(addrs: list[str], clients: int, ops: int, value_size: int, ratio: tuple[int, int],
-              keys: int, timeout: float, progress: bool) -> int:
+              keys: int, timeout: float, progress: bool, consistency: str = "sequential") -> int:
     """``dkv bench``: run the load against ``addrs``, print the report; 1 if any op failed."""
     # Patch first: the client must see a gevent-patched `threading` when it is
     # imported and built, so it runs inline on this hub (not on a private hub
@@ -179,7 +179,7 @@ def run_bench(addrs: list[str], clients: int, ops: int, value_size: int, ratio: 
                 at = rng.randrange(1024)
                 client.set(key, buf[at:at + value_size])
             else:
-                client.get(key)
+                client.get(key, consistency=consistency)
 
         result = run_load(op, clients=clients, ops=ops, progress=progress_stream(progress))
     finally:
@@ -190,6 +190,7 @@ def run_bench(addrs: list[str], clients: int, ops: int, value_size: int, ratio: 
         ("ops", str(ops)),
         ("value size", f"{value_size} bytes"),
         ("ratio", f"{sets}:{gets} (SET:GET)"),
+        ("gets", consistency),
         ("keys", str(keys)),
     ], result), flush=True)
     return 1 if result.failed else 0

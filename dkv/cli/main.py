@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(b, "--ratio", type=_ratio, default=(1, 1), help="SET:GET mix, e.g. 1:1, 1:0, 0:1")
     _env_flag(b, "--keys", type=int, default=100_000, help="size of the key space")
     _env_flag(b, "--timeout", type=float, default=10.0, help="seconds per request")
+    _env_flag(b, "--consistency", choices=["sequential", "linearizable", "eventual"], default="sequential",
+              help="consistency level of the gets")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     a = sub.add_parser("admin", help="cluster administration: status, drain, undrain, remove, cancel",
@@ -130,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_bench(_addrs(args.addrs), clients=args.clients, ops=args.ops,
                              value_size=args.value_size, ratio=args.ratio, keys=args.keys,
-                             timeout=args.timeout, progress=not args.no_progress)
+                             timeout=args.timeout, progress=not args.no_progress,
+                             consistency=args.consistency)
         if args.command == "admin":
             from dkv.cli.admin import run_admin
 
