@@ -52,13 +52,15 @@ def final(values: dict[str, str | None]) -> Any:
 
 
 def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: float = 0.5,
-                   p_fail: float = 0.05, p_info: float = 0.1, p_get_fail: float = 0.02) -> list[Op]:
+                   p_fail: float = 0.05, p_info: float = 0.1, p_get_fail: float = 0.02,
+                   p_delete: float = 0.0) -> list[Op]:
     """A history produced by a real sequential register per key.
 
     Op ``k`` takes effect at time ``k``; its window is ``[k - U(0, width), k + U(0, width)]``
     (so about ``2 * width`` ops overlap), on the first process free at its invocation.
     Failed sets never take effect; info sets take effect (at ``k``, possibly after their
-    recorded completion) or not, by a coin flip; failed gets read nothing.
+    recorded completion) or not, by a coin flip; failed gets read nothing. A fraction
+    ``p_delete`` of the writes are deletes (writes of None).
     """
     rng = random.Random(seed)
     state: dict[str, str | None] = {}
@@ -72,7 +74,11 @@ def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: 
         if process == len(free_at):
             free_at.append(0.0)
         if rng.random() < p_set:
-            value, r = f"v{k}", rng.random()
+            value: str | None = f"v{k}"
+            kind = "set"
+            if p_delete and rng.random() < p_delete:
+                value, kind = None, "delete"
+            r = rng.random()
             if r < p_fail:
                 outcome = "fail"
             elif r < p_fail + p_info:
@@ -83,7 +89,7 @@ def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: 
             else:
                 outcome = "ok"
                 state[key] = value
-            op = Op(k, process, "set", key, value, invoke, complete, outcome)  # type: ignore[arg-type]
+            op = Op(k, process, kind, key, value, invoke, complete, outcome)  # type: ignore[arg-type]
         elif rng.random() < p_get_fail:
             op = Op(k, process, "get", key, None, invoke, complete, "fail")
         else:
@@ -284,7 +290,7 @@ def test_budget_exhaustion_is_inconclusive_not_ok() -> None:
 def brute_force_linearizable(ops: list[Op]) -> bool:
     """The definition, by exhaustion (tiny histories only): some subset of the info sets and
     some order of the remaining ops respects real time and register semantics."""
-    sets = [o for o in ops if o.kind == "set" and o.outcome != "fail"]
+    sets = [o for o in ops if o.is_write and o.outcome != "fail"]
     must = [o for o in sets if o.outcome == "ok"] + [o for o in ops if o.kind == "get" and o.outcome == "ok"]
     maybe = [o for o in sets if o.outcome != "ok"]
 
@@ -298,7 +304,7 @@ def brute_force_linearizable(ops: list[Op]) -> bool:
                     continue  # b finished before a began, yet comes after it
                 state: str | None = None
                 for o in order:
-                    if o.kind == "set":
+                    if o.is_write:
                         state = o.value
                     elif o.value != state:
                         break
@@ -307,7 +313,7 @@ def brute_force_linearizable(ops: list[Op]) -> bool:
     return False
 
 
-def tiny_random_history(rng: random.Random) -> list[Op]:
+def tiny_random_history(rng: random.Random, p_delete: float = 0.0) -> list[Op]:
     """Up to 6 arbitrary ops (not from a real register) on small integer times, so ties happen."""
     ops: list[Op] = []
     written: list[str] = []
@@ -316,7 +322,9 @@ def tiny_random_history(rng: random.Random) -> list[Op]:
         start = rng.randint(0, 10)
         complete = start + rng.randint(0, 5)
         outcome = rng.choices(["ok", "fail", "info"], [6, 1, 2])[0]
-        if rng.random() < 0.5:
+        if rng.random() < p_delete:
+            ops.append(Op(i, i, "delete", "k", None, float(start), float(complete), outcome))  # type: ignore[arg-type]
+        elif rng.random() < 0.5:
             value = f"v{i}" if unique else rng.choice(["x", "y"])
             written.append(value)
             ops.append(Op(i, i, "set", "k", value, float(start), float(complete), outcome))  # type: ignore[arg-type]
@@ -336,6 +344,17 @@ def test_search_agrees_with_brute_force_on_tiny_histories() -> None:
         verdicts[expected] += 1
         assert check_linearizable(ops).ok == expected, "\n".join(map(str, ops))
     assert min(verdicts.values()) > 100  # both verdicts well exercised
+
+
+def test_search_agrees_with_brute_force_on_tiny_histories_with_deletes() -> None:
+    rng = random.Random(2025)
+    verdicts = {True: 0, False: 0}
+    for _ in range(1000):
+        ops = tiny_random_history(rng, p_delete=0.25)
+        expected = brute_force_linearizable(ops)
+        verdicts[expected] += 1
+        assert check_linearizable(ops).ok == expected, "\n".join(map(str, ops))
+    assert min(verdicts.values()) > 100
 
 
 # -- check_linearizable: large random histories ------------------------------------------------------------
@@ -443,6 +462,99 @@ def test_final_read_may_return_bytes() -> None:
 
 
 # -- check_converged ---------------------------------------------------------------------------------------------
+
+
+# -- deletes and multi-key ops ------------------------------------------------------------------------------
+
+
+class BuilderD(Builder):
+    def delete(self, p: int, invoke: float, complete: float | None, outcome: str = "ok", key: str = "k") -> Op:
+        return self._add(p, "delete", key, None, invoke, complete, outcome)
+
+
+def test_read_after_acknowledged_delete_sees_nothing() -> None:
+    b = BuilderD()
+    b.set(0, "a", 0, 1)
+    b.delete(0, 2, 3)
+    b.get(1, None, 4, 5)
+    assert check_linearizable(b.ops).ok
+    b.get(1, "a", 6, 7)  # the deleted value comes back: not linearizable
+    r = check_linearizable(b.ops)
+    assert not r.ok and r.evidence["k"][0].value == "a"
+
+
+def test_read_of_none_may_be_the_initial_value_not_only_a_delete() -> None:
+    """A delete's window is not cut at the first read of None (that read may see the initial
+    value): here the delete takes effect after the set of "v"."""
+    b = BuilderD()
+    b.get(0, None, 0, 1)
+    b.delete(1, 0.5, 5)
+    b.set(2, "v", 2, 3)
+    b.get(0, None, 6, 7)
+    assert check_linearizable(b.ops).ok
+
+
+def test_indeterminate_delete_may_apply_later_or_never() -> None:
+    for seen in ("a", None):
+        b = BuilderD()
+        b.set(0, "a", 0, 1)
+        b.delete(1, 2, 3, outcome="info")
+        b.get(0, seen, 4, 5)
+        assert check_linearizable(b.ops).ok
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_large_random_history_with_deletes_is_linearizable(seed: int) -> None:
+    ops = random_history(seed, n=2000, p_delete=0.2)
+    assert any(o.kind == "delete" for o in ops)
+    r = check_linearizable(ops)
+    assert r.ok, r.format()
+
+
+def test_acknowledged_delete_is_a_write_of_nothing() -> None:
+    b = BuilderD()
+    b.set(0, "a", 0, 1)
+    b.delete(0, 2, 3)
+    assert check_acknowledged(b.ops, final({"k": None})).ok
+    assert not check_acknowledged(b.ops, final({"k": "a"})).ok  # the delete was lost
+    b.set(0, "b", 4, 5)
+    r = check_acknowledged(b.ops, final({"k": None}))
+    assert not r.ok and r.details["lost"][0]["reason"] == "missing"
+
+
+def test_record_many_gives_each_key_the_call_s_window() -> None:
+    h = History()
+    h.record_many(0, "set", [("a", "1"), ("b", b"2")], lambda: None)
+    got = h.record_many(1, "get", [("a", None), ("b", None), ("c", None)], lambda: [b"1", "2", None])
+    assert got == [b"1", "2", None]
+    with pytest.raises(WriteTimeout):
+        h.record_many(2, "set", [("a", "3"), ("b", "4")], lambda: (_ for _ in ()).throw(WriteTimeout("t")))
+    with pytest.raises(QuorumNotReached):  # one definite error for the call: which keys applied is unknown
+        h.record_many(2, "set", [("a", "5"), ("c", "6")],
+                      lambda: (_ for _ in ()).throw(QuorumNotReached("no")))
+    with pytest.raises(Unavailable):
+        h.record_many(3, "get", [("a", None)], lambda: (_ for _ in ()).throw(Unavailable("x")))
+    ops = h.ops
+    assert [(o.kind, o.key, o.value, o.outcome) for o in ops] == [
+        ("set", "a", "1", "ok"), ("set", "b", "2", "ok"),
+        ("get", "a", "1", "ok"), ("get", "b", "2", "ok"), ("get", "c", None, "ok"),
+        ("set", "a", "3", "info"), ("set", "b", "4", "info"),
+        ("set", "a", "5", "info"), ("set", "c", "6", "info"), ("get", "a", None, "fail")]
+    for group in ([0, 1], [2, 3, 4], [5, 6], [7, 8]):
+        assert len({(ops[i].invoke, ops[i].complete) for i in group}) == 1
+    assert check_linearizable(ops).ok
+
+
+def test_history_records_deletes() -> None:
+    h = History()
+    d = h.record(0, "delete", "k", None, lambda: True)
+    assert d is True
+    with pytest.raises(WriteTimeout):
+        h.record(0, "delete", "k", None, lambda: (_ for _ in ()).throw(WriteTimeout("t")))
+    with pytest.raises(ValueError):
+        h.invoke(0, "delete", "k", "v")
+    assert [(o.kind, o.value, o.outcome) for o in h.ops] == [("delete", None, "ok"), ("delete", None, "info")]
+    assert h.summary()["deletes_ok"] == 1 and h.summary()["deletes_info"] == 1
 
 
 def test_check_converged() -> None:
