@@ -18,7 +18,7 @@ from dkv.client.connection import TransportError
 from dkv.errors import InvalidArgument, QuorumNotReached, Unavailable, WriteTimeout
 from tests.faults.checkers import CheckResult, check_acknowledged, check_converged, check_linearizable
 from tests.faults.history import History, Op
-from tests.faults.workload import Workload, WorkloadError
+from tests.faults.workload import MixedWorkload, Workload, WorkloadError
 from tests.support.procs import NodeProcess
 
 
@@ -659,6 +659,56 @@ def test_workload_surfaces_unexpected_errors() -> None:
         w.run(timeout=30)
 
 
+class MultiMemoryClient(MemoryClient):
+    """Sets, gets (any consistency), deletes, msets and mgets on a dict; each call atomic."""
+
+    def get(self, key: str, consistency: str = "sequential") -> bytes | None:
+        return super().get(key)
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            return self.data.pop(key, None) is not None
+
+    def mset(self, mapping: dict[str, str]) -> None:
+        with self._lock:
+            self.data.update({k: v.encode() for k, v in mapping.items()})
+
+    def mget(self, keys: list[str], consistency: str = "sequential") -> list[bytes | None]:
+        return super().mget(keys)
+
+
+def test_mixed_workload_records_every_kind_per_key() -> None:
+    clients = [MultiMemoryClient()]
+    h = History()
+    w = MixedWorkload(clients * 3, h, [f"k{i}" for i in range(6)], threads=3, seed=9, max_ops=600,
+                      max_duration=60)
+    w.run(timeout=30)
+    assert sum(w.calls.values()) == 600 and all(w.calls.values()), w.calls
+    ops = h.ops
+    assert {o.kind for o in ops} == {"set", "get", "delete"} and all(o.outcome == "ok" for o in ops)
+    assert len(ops) > 600  # multi-key calls are one op per key
+    written = [o.value for o in ops if o.kind == "set"]
+    assert len(written) == len(set(written))
+    r = check_linearizable(h)
+    assert r.ok, r.format()
+    assert check_acknowledged(h, clients[0].mget).ok
+
+
+def test_mixed_workload_records_errors_of_multi_key_calls() -> None:
+    class Flaky(MultiMemoryClient):
+        def mset(self, mapping: dict[str, str]) -> None:
+            raise WriteTimeout("maybe")
+
+        def mget(self, keys: list[str], consistency: str = "sequential") -> list[bytes | None]:
+            raise TransportError("gone")
+
+    h = History()
+    MixedWorkload(Flaky(), h, ["a", "b", "c"], threads=2, seed=3, max_ops=100, max_duration=60,
+                  mix={"mset": 1, "mget": 1}, max_multi=3).run(30)
+    ops = h.ops
+    assert ops and {(o.kind, o.outcome) for o in ops} == {("set", "info"), ("get", "fail")}
+
+
 @pytest.mark.integration
 def test_workload_against_a_real_node_passes_both_checkers(node: NodeProcess) -> None:
     client = dkv.Client(node.addr, timeout=5)
@@ -675,5 +725,23 @@ def test_workload_against_a_real_node_passes_both_checkers(node: NodeProcess) ->
         lin = check_linearizable(h)
         assert lin.ok, lin.format()
         assert lin.details["keys"] == len(keys)
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_mixed_workload_against_a_real_node_passes_both_checkers(node: NodeProcess) -> None:
+    client = dkv.Client(node.addr, timeout=5)
+    try:
+        h = History()
+        w = MixedWorkload(client, h, [f"key-{i}" for i in range(6)], threads=4, seed=43, max_ops=300,
+                          max_duration=120)
+        w.run(timeout=180)
+        s = h.summary()
+        assert s["pending"] == 0 and s["deletes_ok"] > 0 and s["sets_fail"] == s["sets_info"] == 0, s
+        acked = check_acknowledged(h, lambda ks: client.mget(ks))
+        assert acked.ok, acked.format()
+        lin = check_linearizable(h)
+        assert lin.ok, lin.format()
     finally:
         client.close()
