@@ -213,7 +213,8 @@ class MixedWorkload(Workload):
             raise ValueError(f"mix must weigh some of {sorted(DEFAULT_MIX)}, got {mix}")
         if max_multi < 2 or max_multi > len(keys):
             raise ValueError("max_multi must be within [2, len(keys)]")
-        client_list = list(clients) if isinstance(clients, (list, tuple)) else [clients]
+        client_list: list[MultiKVClient] = (list(clients) if isinstance(clients, (list, tuple))
+                                            else [clients])  # type: ignore[list-item]
         if not client_list:
             raise ValueError("clients must not be empty")
         reads = (mix.get("get", 0) + mix.get("mget", 0)) / sum(mix.values())
