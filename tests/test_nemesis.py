@@ -19,7 +19,9 @@ converge (G3).
 Seeds: ``make test`` runs :data:`DEFAULT_SEED` for ``DKV_NEMESIS_DURATION`` (60)
 seconds; ``make test-soak`` (``DKV_SOAK=1``) also runs :data:`SOAK_SEEDS`.
 ``DKV_NEMESIS_SEED=N`` runs seed N alone (``random`` draws one); a failure
-names its seed and the command that replays it. The fault schedule replays
+names its seed and the command that replays it. ``DKV_NEMESIS_FAULTS`` (e.g.
+``kill-writer,pause-replica``) limits the fault kinds, to narrow a failure down
+(a different set of kinds gives a different schedule for the same seed). The fault schedule replays
 exactly; the interleaving with the clients does not, so replaying a seed
 reproduces the same faults, not always the same anomaly.
 """
@@ -38,7 +40,7 @@ import pytest
 import dkv
 from tests.faults.checkers import CheckResult, check_acknowledged, check_converged, check_linearizable
 from tests.faults.history import History, Op
-from tests.faults.nemesis import Fault, Nemesis
+from tests.faults.nemesis import DEFAULT_WEIGHTS, PARTITION_WEIGHTS, Fault, Nemesis
 from tests.faults.timeline import LogLine, around, merged_logs, rebase
 from tests.faults.workload import MixedWorkload
 from tests.support.cluster import Cluster
@@ -72,9 +74,26 @@ def _seeds() -> list[Any]:
             *(pytest.param(s, id=f"seed-{s}", marks=pytest.mark.soak) for s in SOAK_SEEDS)]
 
 
+def _weights(partitions: bool) -> dict[str, float] | None:
+    """DKV_NEMESIS_FAULTS: the fault kinds to use (default: all the machine allows)."""
+    env = os.environ.get("DKV_NEMESIS_FAULTS", "").strip()
+    if not env:
+        return None
+    every = {**DEFAULT_WEIGHTS, **PARTITION_WEIGHTS}
+    kinds = [k.strip() for k in env.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in every]
+    if unknown:
+        raise ValueError(f"DKV_NEMESIS_FAULTS: unknown kinds {unknown}; known: {sorted(every)}")
+    if not partitions:
+        kinds = [k for k in kinds if k not in PARTITION_WEIGHTS]
+    return {k: every[k] for k in kinds}
+
+
 def _replay(seed: int) -> str:
-    zk = os.environ.get("DKV_TEST_ZK")
-    env = f"DKV_NEMESIS_SEED={seed} DKV_NEMESIS_DURATION={DURATION:g}" + (f" DKV_TEST_ZK={zk}" if zk else "")
+    env = f"DKV_NEMESIS_SEED={seed} DKV_NEMESIS_DURATION={DURATION:g}"
+    for var in ("DKV_NEMESIS_FAULTS", "DKV_NEMESIS_PARTITIONS", "DKV_TEST_ZK"):
+        if os.environ.get(var):
+            env += f" {var}={os.environ[var]}"
     return f"{env} python -m pytest -q -s tests/test_nemesis.py"
 
 
@@ -139,7 +158,7 @@ def test_nemesis(seed: int, zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
         wall0, t0 = time.time(), time.monotonic()
         workload = MixedWorkload(clients, history, keys, THREADS, seed, max_ops=10 ** 7, max_duration=DURATION,
                                  pause=0.01)
-        nemesis = Nemesis(cluster, seed, t0=t0, partitions=lab is not None,
+        nemesis = Nemesis(cluster, seed, t0=t0, partitions=lab is not None, weights=_weights(lab is not None),
                           log=lambda line: print(line, flush=True))
         print(f"\nnemesis seed {seed}, {DURATION:g}s; {lab_note}; replay: {_replay(seed)}", flush=True)
         workload.start()

@@ -88,7 +88,8 @@ class Nemesis:
 
     ``t0`` (``time.monotonic()``) is the run's start, to which :class:`Fault` times are
     relative. ``weights`` maps fault kinds to weights (default :data:`DEFAULT_WEIGHTS`,
-    plus :data:`PARTITION_WEIGHTS` when ``partitions``). ``log`` gets one line per fault.
+    plus :data:`PARTITION_WEIGHTS` when ``partitions``; partition kinds need ``partitions``).
+    ``log`` gets one line per fault.
     """
 
     def __init__(self, cluster: Cluster, seed: int, *, t0: float | None = None,
@@ -102,15 +103,16 @@ class Nemesis:
         self.seed = seed
         self.rng = random.Random(seed)
         self.t0 = time.monotonic() if t0 is None else t0
-        w = dict(DEFAULT_WEIGHTS if weights is None else weights)
-        if partitions:
-            w.update({k: v for k, v in PARTITION_WEIGHTS.items() if k not in w})
-        elif any(k.startswith("partition") for k in w):
+        w = dict(weights) if weights is not None else {**DEFAULT_WEIGHTS,
+                                                         **(PARTITION_WEIGHTS if partitions else {})}
+        if not partitions and any(k in PARTITION_WEIGHTS for k in w):
             raise ValueError("partition faults need partitions=True")
         unknown = set(w) - set(DEFAULT_WEIGHTS) - set(PARTITION_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}")
         self.weights = {k: v for k, v in sorted(w.items()) if v > 0}
+        if not self.weights:
+            raise ValueError("no fault kind to choose from")
         self.interval = interval
         self.kill_downtime = kill_downtime
         self.sharp_downtime = sharp_downtime

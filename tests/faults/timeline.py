@@ -54,9 +54,28 @@ def merged_logs(paths: dict[str, Path], wall0: float) -> list[LogLine]:
     return sorted(lines, key=lambda x: x.t)  # stable: a node's untimed lines stay after their line
 
 
+def collapse(lines: list[LogLine]) -> list[LogLine]:
+    """Runs of one node's identical message (e.g. a replica that does not answer) as one line."""
+    out: list[LogLine] = []
+    first: dict[tuple[str, str], int] = {}  # (node, text) -> index in out of its run's first line
+    counts: dict[int, tuple[int, float]] = {}
+    for x in lines:
+        i = first.get((x.node, x.text))
+        if i is not None and all(y.node != x.node for y in out[i + 1:]):  # nothing else from that node since
+            n, _ = counts.get(i, (1, x.t))
+            counts[i] = (n + 1, x.t)
+            continue
+        first[(x.node, x.text)] = len(out)
+        out.append(x)
+    for i, (n, last) in counts.items():
+        out[i] = LogLine(out[i].t, out[i].node, f"{out[i].text}  [x{n}, the last at {last:.3f}s]")
+    return out
+
+
 def around(lines: list[LogLine], start: float, end: float, limit: int = 60) -> list[LogLine]:
-    """The lines within ``[start, end]``; at most ``limit`` (the first fifth and the rest from the end)."""
-    picked = [x for x in lines if start <= x.t <= end]
+    """The lines within ``[start, end]`` (repeats collapsed); at most ``limit`` (the first fifth
+    and the rest from the end)."""
+    picked = collapse([x for x in lines if start <= x.t <= end])
     if len(picked) <= limit:
         return picked
     head = limit // 5
