@@ -745,3 +745,87 @@ def test_mixed_workload_against_a_real_node_passes_both_checkers(node: NodeProce
         assert lin.ok, lin.format()
     finally:
         client.close()
+
+
+# -- the nemesis's schedule and the report's timeline (no cluster) ----------------------------------------
+
+
+class FakeNode:
+    def __init__(self, cluster: "FakeCluster", nid: str) -> None:
+        self.cluster, self.nid, self.running, self.paused = cluster, nid, True, False
+        self.addr = f"127.0.0.1:{nid}"
+
+    def kill(self) -> None:
+        self.running = False
+        self.cluster.count_down()
+
+    def start(self) -> "FakeNode":
+        self.running = True
+        return self
+
+    def pause(self) -> None:
+        self.paused = True
+        self.cluster.count_down()
+
+    def resume(self) -> None:
+        self.paused = False
+
+
+class FakeCluster:
+    """Two shards of three members whose roles never change."""
+
+    shards, rf, session_timeout, lab, zk = 2, 3, 0.01, None, "unused"
+
+    def __init__(self) -> None:
+        self.nodes = {f"n{i}": FakeNode(self, f"n{i}") for i in range(1, 7)}
+        self.members = {"shard-1": ["n1", "n2", "n3"], "shard-2": ["n4", "n5", "n6"]}
+        self.worst = 0  # the most members of one shard down or paused at once
+
+    def count_down(self) -> None:
+        for ms in self.members.values():
+            self.worst = max(self.worst, sum(not self.nodes[m].running or self.nodes[m].paused for m in ms))
+
+    def shard_members(self) -> dict[str, dict[str, Any]]:
+        return {sid: {"writer": ms[0], "replicas": ms[1:]} for sid, ms in self.members.items()}
+
+    def in_sync(self, sid: str) -> bool:
+        return all(self.nodes[m].running and not self.nodes[m].paused for m in self.members[sid])
+
+
+def _fake_schedule(seed: int) -> tuple[list[tuple[str, str]], FakeCluster]:
+    from tests.faults.nemesis import Nemesis
+
+    c = FakeCluster()
+    n = Nemesis(c, seed, weights={"kill-writer": 1, "kill-replica": 1, "pause-writer": 1, "pause-replica": 1},  # type: ignore[arg-type]
+                interval=(0.01, 0.02), kill_downtime=(0.01, 0.02), pause_extra=(0.0, 0.01))
+    n.start(0.6)
+    n.join(30)
+    assert n.faults and all(f.error is None for f in n.faults), n.schedule()
+    return [(f.kind, f.target) for f in n.faults], c
+
+
+def test_nemesis_schedule_is_reproducible_from_its_seed_and_takes_one_member_down_at_a_time() -> None:
+    a, ca = _fake_schedule(5)
+    b, cb = _fake_schedule(5)
+    k = min(len(a), len(b))
+    assert k >= 5 and a[:k] == b[:k]  # the same faults on the same roles
+    assert _fake_schedule(6)[0][:k] != a[:k]
+    assert ca.worst == cb.worst == 1  # every fault healed before the next
+
+
+def test_timeline_parses_node_logs_and_collapses_repeats(tmp_path: Any) -> None:
+    from datetime import datetime
+
+    from tests.faults.timeline import around, merged_logs
+
+    wall0 = datetime(2030, 1, 2, 3, 4, 5).timestamp()
+    (tmp_path / "n1.log").write_text(
+        "2030-01-02 03:04:06,250 INFO [n1] x: prepare to n2 failed\n"
+        "2030-01-02 03:04:06,500 INFO [n1] x: prepare to n2 failed\n"
+        "2030-01-02 03:04:07,000 ERROR [n1] x: boom\nTraceback (most recent call last):\n")
+    (tmp_path / "n2.log").write_text("2030-01-02 03:04:06,750 INFO [n2] y: hello\n")
+    lines = merged_logs({"n1": tmp_path / "n1.log", "n2": tmp_path / "n2.log"}, wall0)
+    assert [(x.t, x.node) for x in lines] == [(1.25, "n1"), (1.5, "n1"), (1.75, "n2"), (2.0, "n1"), (2.0, "n1")]
+    assert lines[-1].text.startswith("Traceback")  # an untimed line keeps the time of the line before
+    shown = [str(x) for x in around(lines, 1.0, 1.9)]
+    assert len(shown) == 2 and "[x2, the last at 1.500s]" in shown[0] and "hello" in shown[1]

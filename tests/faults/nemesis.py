@@ -140,8 +140,9 @@ class Nemesis:
 
         if self._thread is not None:
             raise RuntimeError("nemesis already started")
-        self._zk = KazooClient(hosts=self.cluster.zk, timeout=10)
-        self._zk.start(timeout=30)
+        if any(k.startswith("migrate") for k in self.weights):
+            self._zk = KazooClient(hosts=self.cluster.zk, timeout=10)
+            self._zk.start(timeout=30)
         self._thread = threading.Thread(target=self._run, args=(duration,), name="nemesis", daemon=True)
         self._thread.start()
         return self
