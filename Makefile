@@ -24,9 +24,9 @@ run: install
 test: install zookeeper
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-## test-soak: the long fault scenarios too (e.g. twenty kill -9 failovers in a row)
+## test-soak: the long fault scenarios too (e.g. twenty kill -9 failovers in a row, ten nemesis seeds)
 test-soak: install zookeeper
-	DKV_SOAK=1 $(PY) -m pytest -q tests/test_failover.py $(PYTEST_ARGS)
+	DKV_SOAK=1 $(PY) -m pytest -q tests/test_failover.py tests/test_nemesis.py $(PYTEST_ARGS)
 
 ## zookeeper: make sure the tests can get a ZooKeeper (Docker engine, local install, or DKV_TEST_ZK)
 zookeeper:

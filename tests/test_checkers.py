@@ -18,7 +18,7 @@ from dkv.client.connection import TransportError
 from dkv.errors import InvalidArgument, QuorumNotReached, Unavailable, WriteTimeout
 from tests.faults.checkers import CheckResult, check_acknowledged, check_converged, check_linearizable
 from tests.faults.history import History, Op
-from tests.faults.workload import Workload, WorkloadError
+from tests.faults.workload import MixedWorkload, Workload, WorkloadError
 from tests.support.procs import NodeProcess
 
 
@@ -52,13 +52,15 @@ def final(values: dict[str, str | None]) -> Any:
 
 
 def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: float = 0.5,
-                   p_fail: float = 0.05, p_info: float = 0.1, p_get_fail: float = 0.02) -> list[Op]:
+                   p_fail: float = 0.05, p_info: float = 0.1, p_get_fail: float = 0.02,
+                   p_delete: float = 0.0) -> list[Op]:
     """A history produced by a real sequential register per key.
 
     Op ``k`` takes effect at time ``k``; its window is ``[k - U(0, width), k + U(0, width)]``
     (so about ``2 * width`` ops overlap), on the first process free at its invocation.
     Failed sets never take effect; info sets take effect (at ``k``, possibly after their
-    recorded completion) or not, by a coin flip; failed gets read nothing.
+    recorded completion) or not, by a coin flip; failed gets read nothing. A fraction
+    ``p_delete`` of the writes are deletes (writes of None).
     """
     rng = random.Random(seed)
     state: dict[str, str | None] = {}
@@ -72,7 +74,11 @@ def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: 
         if process == len(free_at):
             free_at.append(0.0)
         if rng.random() < p_set:
-            value, r = f"v{k}", rng.random()
+            value: str | None = f"v{k}"
+            kind = "set"
+            if p_delete and rng.random() < p_delete:
+                value, kind = None, "delete"
+            r = rng.random()
             if r < p_fail:
                 outcome = "fail"
             elif r < p_fail + p_info:
@@ -83,7 +89,7 @@ def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: 
             else:
                 outcome = "ok"
                 state[key] = value
-            op = Op(k, process, "set", key, value, invoke, complete, outcome)  # type: ignore[arg-type]
+            op = Op(k, process, kind, key, value, invoke, complete, outcome)  # type: ignore[arg-type]
         elif rng.random() < p_get_fail:
             op = Op(k, process, "get", key, None, invoke, complete, "fail")
         else:
@@ -284,7 +290,7 @@ def test_budget_exhaustion_is_inconclusive_not_ok() -> None:
 def brute_force_linearizable(ops: list[Op]) -> bool:
     """The definition, by exhaustion (tiny histories only): some subset of the info sets and
     some order of the remaining ops respects real time and register semantics."""
-    sets = [o for o in ops if o.kind == "set" and o.outcome != "fail"]
+    sets = [o for o in ops if o.is_write and o.outcome != "fail"]
     must = [o for o in sets if o.outcome == "ok"] + [o for o in ops if o.kind == "get" and o.outcome == "ok"]
     maybe = [o for o in sets if o.outcome != "ok"]
 
@@ -298,7 +304,7 @@ def brute_force_linearizable(ops: list[Op]) -> bool:
                     continue  # b finished before a began, yet comes after it
                 state: str | None = None
                 for o in order:
-                    if o.kind == "set":
+                    if o.is_write:
                         state = o.value
                     elif o.value != state:
                         break
@@ -307,7 +313,7 @@ def brute_force_linearizable(ops: list[Op]) -> bool:
     return False
 
 
-def tiny_random_history(rng: random.Random) -> list[Op]:
+def tiny_random_history(rng: random.Random, p_delete: float = 0.0) -> list[Op]:
     """Up to 6 arbitrary ops (not from a real register) on small integer times, so ties happen."""
     ops: list[Op] = []
     written: list[str] = []
@@ -316,7 +322,9 @@ def tiny_random_history(rng: random.Random) -> list[Op]:
         start = rng.randint(0, 10)
         complete = start + rng.randint(0, 5)
         outcome = rng.choices(["ok", "fail", "info"], [6, 1, 2])[0]
-        if rng.random() < 0.5:
+        if rng.random() < p_delete:
+            ops.append(Op(i, i, "delete", "k", None, float(start), float(complete), outcome))  # type: ignore[arg-type]
+        elif rng.random() < 0.5:
             value = f"v{i}" if unique else rng.choice(["x", "y"])
             written.append(value)
             ops.append(Op(i, i, "set", "k", value, float(start), float(complete), outcome))  # type: ignore[arg-type]
@@ -336,6 +344,17 @@ def test_search_agrees_with_brute_force_on_tiny_histories() -> None:
         verdicts[expected] += 1
         assert check_linearizable(ops).ok == expected, "\n".join(map(str, ops))
     assert min(verdicts.values()) > 100  # both verdicts well exercised
+
+
+def test_search_agrees_with_brute_force_on_tiny_histories_with_deletes() -> None:
+    rng = random.Random(2025)
+    verdicts = {True: 0, False: 0}
+    for _ in range(1000):
+        ops = tiny_random_history(rng, p_delete=0.25)
+        expected = brute_force_linearizable(ops)
+        verdicts[expected] += 1
+        assert check_linearizable(ops).ok == expected, "\n".join(map(str, ops))
+    assert min(verdicts.values()) > 100
 
 
 # -- check_linearizable: large random histories ------------------------------------------------------------
@@ -445,6 +464,99 @@ def test_final_read_may_return_bytes() -> None:
 # -- check_converged ---------------------------------------------------------------------------------------------
 
 
+# -- deletes and multi-key ops ------------------------------------------------------------------------------
+
+
+class BuilderD(Builder):
+    def delete(self, p: int, invoke: float, complete: float | None, outcome: str = "ok", key: str = "k") -> Op:
+        return self._add(p, "delete", key, None, invoke, complete, outcome)
+
+
+def test_read_after_acknowledged_delete_sees_nothing() -> None:
+    b = BuilderD()
+    b.set(0, "a", 0, 1)
+    b.delete(0, 2, 3)
+    b.get(1, None, 4, 5)
+    assert check_linearizable(b.ops).ok
+    b.get(1, "a", 6, 7)  # the deleted value comes back: not linearizable
+    r = check_linearizable(b.ops)
+    assert not r.ok and r.evidence["k"][0].value == "a"
+
+
+def test_read_of_none_may_be_the_initial_value_not_only_a_delete() -> None:
+    """A delete's window is not cut at the first read of None (that read may see the initial
+    value): here the delete takes effect after the set of "v"."""
+    b = BuilderD()
+    b.get(0, None, 0, 1)
+    b.delete(1, 0.5, 5)
+    b.set(2, "v", 2, 3)
+    b.get(0, None, 6, 7)
+    assert check_linearizable(b.ops).ok
+
+
+def test_indeterminate_delete_may_apply_later_or_never() -> None:
+    for seen in ("a", None):
+        b = BuilderD()
+        b.set(0, "a", 0, 1)
+        b.delete(1, 2, 3, outcome="info")
+        b.get(0, seen, 4, 5)
+        assert check_linearizable(b.ops).ok
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_large_random_history_with_deletes_is_linearizable(seed: int) -> None:
+    ops = random_history(seed, n=2000, p_delete=0.2)
+    assert any(o.kind == "delete" for o in ops)
+    r = check_linearizable(ops)
+    assert r.ok, r.format()
+
+
+def test_acknowledged_delete_is_a_write_of_nothing() -> None:
+    b = BuilderD()
+    b.set(0, "a", 0, 1)
+    b.delete(0, 2, 3)
+    assert check_acknowledged(b.ops, final({"k": None})).ok
+    assert not check_acknowledged(b.ops, final({"k": "a"})).ok  # the delete was lost
+    b.set(0, "b", 4, 5)
+    r = check_acknowledged(b.ops, final({"k": None}))
+    assert not r.ok and r.details["lost"][0]["reason"] == "missing"
+
+
+def test_record_many_gives_each_key_the_call_s_window() -> None:
+    h = History()
+    h.record_many(0, "set", [("a", "1"), ("b", b"2")], lambda: None)
+    got = h.record_many(1, "get", [("a", None), ("b", None), ("c", None)], lambda: [b"1", "2", None])
+    assert got == [b"1", "2", None]
+    with pytest.raises(WriteTimeout):
+        h.record_many(2, "set", [("a", "3"), ("b", "4")], lambda: (_ for _ in ()).throw(WriteTimeout("t")))
+    with pytest.raises(QuorumNotReached):  # one definite error for the call: which keys applied is unknown
+        h.record_many(2, "set", [("a", "5"), ("c", "6")],
+                      lambda: (_ for _ in ()).throw(QuorumNotReached("no")))
+    with pytest.raises(Unavailable):
+        h.record_many(3, "get", [("a", None)], lambda: (_ for _ in ()).throw(Unavailable("x")))
+    ops = h.ops
+    assert [(o.kind, o.key, o.value, o.outcome) for o in ops] == [
+        ("set", "a", "1", "ok"), ("set", "b", "2", "ok"),
+        ("get", "a", "1", "ok"), ("get", "b", "2", "ok"), ("get", "c", None, "ok"),
+        ("set", "a", "3", "info"), ("set", "b", "4", "info"),
+        ("set", "a", "5", "info"), ("set", "c", "6", "info"), ("get", "a", None, "fail")]
+    for group in ([0, 1], [2, 3, 4], [5, 6], [7, 8]):
+        assert len({(ops[i].invoke, ops[i].complete) for i in group}) == 1
+    assert check_linearizable(ops).ok
+
+
+def test_history_records_deletes() -> None:
+    h = History()
+    d = h.record(0, "delete", "k", None, lambda: True)
+    assert d is True
+    with pytest.raises(WriteTimeout):
+        h.record(0, "delete", "k", None, lambda: (_ for _ in ()).throw(WriteTimeout("t")))
+    with pytest.raises(ValueError):
+        h.invoke(0, "delete", "k", "v")
+    assert [(o.kind, o.value, o.outcome) for o in h.ops] == [("delete", None, "ok"), ("delete", None, "info")]
+    assert h.summary()["deletes_ok"] == 1 and h.summary()["deletes_info"] == 1
+
+
 def test_check_converged() -> None:
     same = {"n1": [[10, "abc"]], "n2": [[10, "abc"]], "n3": [[10, "abc"]]}
     assert check_converged(same).ok
@@ -547,6 +659,56 @@ def test_workload_surfaces_unexpected_errors() -> None:
         w.run(timeout=30)
 
 
+class MultiMemoryClient(MemoryClient):
+    """Sets, gets (any consistency), deletes, msets and mgets on a dict; each call atomic."""
+
+    def get(self, key: str, consistency: str = "sequential") -> bytes | None:
+        return super().get(key)
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            return self.data.pop(key, None) is not None
+
+    def mset(self, mapping: dict[str, str]) -> None:
+        with self._lock:
+            self.data.update({k: v.encode() for k, v in mapping.items()})
+
+    def mget(self, keys: list[str], consistency: str = "sequential") -> list[bytes | None]:
+        return super().mget(keys)
+
+
+def test_mixed_workload_records_every_kind_per_key() -> None:
+    clients = [MultiMemoryClient()]
+    h = History()
+    w = MixedWorkload(clients * 3, h, [f"k{i}" for i in range(6)], threads=3, seed=9, max_ops=600,
+                      max_duration=60)
+    w.run(timeout=30)
+    assert sum(w.calls.values()) == 600 and all(w.calls.values()), w.calls
+    ops = h.ops
+    assert {o.kind for o in ops} == {"set", "get", "delete"} and all(o.outcome == "ok" for o in ops)
+    assert len(ops) > 600  # multi-key calls are one op per key
+    written = [o.value for o in ops if o.kind == "set"]
+    assert len(written) == len(set(written))
+    r = check_linearizable(h)
+    assert r.ok, r.format()
+    assert check_acknowledged(h, clients[0].mget).ok
+
+
+def test_mixed_workload_records_errors_of_multi_key_calls() -> None:
+    class Flaky(MultiMemoryClient):
+        def mset(self, mapping: dict[str, str]) -> None:
+            raise WriteTimeout("maybe")
+
+        def mget(self, keys: list[str], consistency: str = "sequential") -> list[bytes | None]:
+            raise TransportError("gone")
+
+    h = History()
+    MixedWorkload(Flaky(), h, ["a", "b", "c"], threads=2, seed=3, max_ops=100, max_duration=60,
+                  mix={"mset": 1, "mget": 1}, max_multi=3).run(30)
+    ops = h.ops
+    assert ops and {(o.kind, o.outcome) for o in ops} == {("set", "info"), ("get", "fail")}
+
+
 @pytest.mark.integration
 def test_workload_against_a_real_node_passes_both_checkers(node: NodeProcess) -> None:
     client = dkv.Client(node.addr, timeout=5)
@@ -565,3 +727,105 @@ def test_workload_against_a_real_node_passes_both_checkers(node: NodeProcess) ->
         assert lin.details["keys"] == len(keys)
     finally:
         client.close()
+
+
+@pytest.mark.integration
+def test_mixed_workload_against_a_real_node_passes_both_checkers(node: NodeProcess) -> None:
+    client = dkv.Client(node.addr, timeout=5)
+    try:
+        h = History()
+        w = MixedWorkload(client, h, [f"key-{i}" for i in range(6)], threads=4, seed=43, max_ops=300,
+                          max_duration=120)
+        w.run(timeout=180)
+        s = h.summary()
+        assert s["pending"] == 0 and s["deletes_ok"] > 0 and s["sets_fail"] == s["sets_info"] == 0, s
+        acked = check_acknowledged(h, lambda ks: client.mget(ks))
+        assert acked.ok, acked.format()
+        lin = check_linearizable(h)
+        assert lin.ok, lin.format()
+    finally:
+        client.close()
+
+
+# -- the nemesis's schedule and the report's timeline (no cluster) ----------------------------------------
+
+
+class FakeNode:
+    def __init__(self, cluster: "FakeCluster", nid: str) -> None:
+        self.cluster, self.nid, self.running, self.paused = cluster, nid, True, False
+        self.addr = f"127.0.0.1:{nid}"
+
+    def kill(self) -> None:
+        self.running = False
+        self.cluster.count_down()
+
+    def start(self) -> "FakeNode":
+        self.running = True
+        return self
+
+    def pause(self) -> None:
+        self.paused = True
+        self.cluster.count_down()
+
+    def resume(self) -> None:
+        self.paused = False
+
+
+class FakeCluster:
+    """Two shards of three members whose roles never change."""
+
+    shards, rf, session_timeout, lab, zk = 2, 3, 0.01, None, "unused"
+
+    def __init__(self) -> None:
+        self.nodes = {f"n{i}": FakeNode(self, f"n{i}") for i in range(1, 7)}
+        self.members = {"shard-1": ["n1", "n2", "n3"], "shard-2": ["n4", "n5", "n6"]}
+        self.worst = 0  # the most members of one shard down or paused at once
+
+    def count_down(self) -> None:
+        for ms in self.members.values():
+            self.worst = max(self.worst, sum(not self.nodes[m].running or self.nodes[m].paused for m in ms))
+
+    def shard_members(self) -> dict[str, dict[str, Any]]:
+        return {sid: {"writer": ms[0], "replicas": ms[1:]} for sid, ms in self.members.items()}
+
+    def in_sync(self, sid: str) -> bool:
+        return all(self.nodes[m].running and not self.nodes[m].paused for m in self.members[sid])
+
+
+def _fake_schedule(seed: int) -> tuple[list[tuple[str, str]], FakeCluster]:
+    from tests.faults.nemesis import Nemesis
+
+    c = FakeCluster()
+    n = Nemesis(c, seed, weights={"kill-writer": 1, "kill-replica": 1, "pause-writer": 1, "pause-replica": 1},  # type: ignore[arg-type]
+                interval=(0.01, 0.02), kill_downtime=(0.01, 0.02), pause_extra=(0.0, 0.01))
+    n.start(0.6)
+    n.join(30)
+    assert n.faults and all(f.error is None for f in n.faults), n.schedule()
+    return [(f.kind, f.target) for f in n.faults], c
+
+
+def test_nemesis_schedule_is_reproducible_from_its_seed_and_takes_one_member_down_at_a_time() -> None:
+    a, ca = _fake_schedule(5)
+    b, cb = _fake_schedule(5)
+    k = min(len(a), len(b))
+    assert k >= 5 and a[:k] == b[:k]  # the same faults on the same roles
+    assert _fake_schedule(6)[0][:k] != a[:k]
+    assert ca.worst == cb.worst == 1  # every fault healed before the next
+
+
+def test_timeline_parses_node_logs_and_collapses_repeats(tmp_path: Any) -> None:
+    from datetime import datetime
+
+    from tests.faults.timeline import around, merged_logs
+
+    wall0 = datetime(2030, 1, 2, 3, 4, 5).timestamp()
+    (tmp_path / "n1.log").write_text(
+        "2030-01-02 03:04:06,250 INFO [n1] x: prepare to n2 failed\n"
+        "2030-01-02 03:04:06,500 INFO [n1] x: prepare to n2 failed\n"
+        "2030-01-02 03:04:07,000 ERROR [n1] x: boom\nTraceback (most recent call last):\n")
+    (tmp_path / "n2.log").write_text("2030-01-02 03:04:06,750 INFO [n2] y: hello\n")
+    lines = merged_logs({"n1": tmp_path / "n1.log", "n2": tmp_path / "n2.log"}, wall0)
+    assert [(x.t, x.node) for x in lines] == [(1.25, "n1"), (1.5, "n1"), (1.75, "n2"), (2.0, "n1"), (2.0, "n1")]
+    assert lines[-1].text.startswith("Traceback")  # an untimed line keeps the time of the line before
+    shown = [str(x) for x in around(lines, 1.0, 1.9)]
+    assert len(shown) == 2 and "[x2, the last at 1.500s]" in shown[0] and "hello" in shown[1]

@@ -7,8 +7,9 @@ This module's single job is *checking*; it records nothing and touches no node
 messages: ``assert r.ok, r.format()``.
 
 Outcomes follow :mod:`tests.faults.history`: ``fail`` ops never happened;
-``info`` (and still pending) sets may take effect at any time after their
-invocation, or never; failed gets are ignored.
+``info`` (and still pending) writes may take effect at any time after their
+invocation, or never; failed gets are ignored. A delete is a write of ``None``
+(the register's initial value): "set" below means "set or delete".
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class CheckResult:
     details: dict[str, Any]
     name: str = "check"
     messages: list[str] = field(default_factory=list)
+    #: the ops behind a failure, for reports (check_linearizable: key -> [the op that cannot
+    #: take effect, then the ops around it]); not part of :meth:`format`
+    evidence: dict[str, list[Op]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -85,7 +89,7 @@ def check_acknowledged(history: History | Iterable[Op],
     ops = _ops_of(history)
     sets: dict[str, list[Op]] = defaultdict(list)
     for op in ops:
-        if op.kind == "set":
+        if op.is_write:
             sets[op.key].append(op)
     keys = sorted(sets)
     finals = [_text(v) for v in final_read(keys)] if keys else []
@@ -162,7 +166,7 @@ def _prepare(ops: list[Op]) -> list[_Call]:
     at the earliest completion of a read of v; an ``info`` set nobody read can
     always be placed after everything else, i.e. dropped.
     """
-    sets = [o for o in ops if o.kind == "set" and o.outcome != "fail"]
+    sets = [o for o in ops if o.is_write and o.outcome != "fail"]
     gets = [o for o in ops if o.kind == "get" and o.outcome == "ok"]
     writers: dict[str | None, int] = defaultdict(int)
     for s in sets:
@@ -174,7 +178,8 @@ def _prepare(ops: list[Op]) -> list[_Call]:
     calls: list[_Call] = []
     for s in sets:
         end = _effective_complete(s)
-        if writers[s.value] == 1:
+        # (None is also the initial value: a read of None need not follow a delete)
+        if s.value is not None and writers[s.value] == 1:
             read_by = first_read.get(s.value)
             if read_by is None and end == INF:
                 continue  # unread indeterminate write: equivalent to never applied
@@ -338,9 +343,10 @@ def _window(ops: list[Op], stuck: Op, calls: list[_Call]) -> list[Op]:
     spans = {id(c.op): (c.start, c.end) for c in calls}
     s0, s1 = spans.get(id(stuck), (stuck.invoke, stuck.complete or INF))
     overlapping = [o for o in ops if id(o) in spans and spans[id(o)][0] <= s1 and spans[id(o)][1] >= s0]
-    before = sorted((o for o in ops if o.kind == "set" and id(o) in spans and spans[id(o)][1] < s0),
+    before = sorted((o for o in ops if o.is_write and id(o) in spans and spans[id(o)][1] < s0),
                     key=lambda o: spans[id(o)][1])[-2:]
-    writers = [o for o in ops if o.kind == "set" and stuck.kind == "get" and o.value == stuck.value]
+    writers = [o for o in ops if o.is_write and stuck.kind == "get" and o.value == stuck.value
+               and o.invoke <= s1][-3:]
     seen: dict[int, Op] = {}
     for o in [*before, *overlapping, *writers]:
         seen.setdefault(o.index, o)
@@ -363,6 +369,7 @@ def check_linearizable(history: History | Iterable[Op], budget: int = DEFAULT_BU
     failures: list[str] = []
     inconclusive: list[str] = []
     messages: list[str] = []
+    evidence: dict[str, list[Op]] = {}
     for key in sorted(by_key):
         key_ops = by_key[key]
         calls = _prepare(key_ops)
@@ -376,6 +383,7 @@ def check_linearizable(history: History | Iterable[Op], budget: int = DEFAULT_BU
             failures.append(key)
             assert verdict.stuck is not None
             window = _window(key_ops, verdict.stuck, calls)
+            evidence[key] = [verdict.stuck, *(o for o in window if o.index != verdict.stuck.index)]
             messages.append(f"key {key!r}: not linearizable ({verdict.ops} ops searched); the longest "
                             f"linearizable prefix found has {verdict.linearized} ops, and then this op cannot "
                             f"take effect within its window: {verdict.stuck}")
@@ -385,7 +393,7 @@ def check_linearizable(history: History | Iterable[Op], budget: int = DEFAULT_BU
     ok = not failures and not inconclusive
     details = {"keys": len(by_key), "ops": len(ops), "failed_keys": failures, "inconclusive_keys": inconclusive,
                "states": sum(v["states"] for v in per_key.values())}
-    result = CheckResult(ok, details, "check_linearizable", messages)
+    result = CheckResult(ok, details, "check_linearizable", messages, evidence)
     result.details["per_key"] = per_key
     return result
 

@@ -4,15 +4,21 @@ This module's single job is *recording*. Every operation is an :class:`Op`
 invoked at ``time.monotonic()`` and completed with one of three outcomes:
 
 ``"ok"``
-    The operation took effect (a set was acknowledged; a get returned ``value``).
+    The operation took effect (a set or delete was acknowledged; a get returned ``value``).
 ``"fail"``
     Definite: the operation had no effect. A set that got a *definite* ``DKVError``
     (DESIGN G5: "not applied") and every get that failed, whatever the error
     (a read has no effect either way).
 ``"info"``
-    Indeterminate, sets only: the write may or may not have been applied, now or
+    Indeterminate, writes only: the write may or may not have been applied, now or
     later (``WriteTimeout``, a transport error, or anything unexpected). For the
-    checkers an ``info`` set's window never closes.
+    checkers an ``info`` write's window never closes.
+
+Kinds: ``"set"`` writes ``value``; ``"delete"`` is a write of ``None`` (the key
+is absent afterwards: its ``value`` is always ``None``); ``"get"`` reads. A
+multi-key call is recorded as one op per key sharing its window (see
+:meth:`History.record_many`), which is exactly what a per-key register checker
+needs: each key's effect happened somewhere inside the call.
 
 The checkers (:mod:`tests.faults.checkers`) judge a history; this module only
 records it.
@@ -23,14 +29,16 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import zerorpc
 
 from dkv.client.connection import TransportError
 from dkv.errors import DKVError
 
-Kind = Literal["set", "get"]
+Kind = Literal["set", "delete", "get"]
+#: the kinds that write (a delete writes None)
+WRITE_KINDS = ("set", "delete")
 Outcome = Literal["ok", "fail", "info"]
 T = TypeVar("T")
 
@@ -56,8 +64,8 @@ def _text(value: str | bytes | None) -> str | None:
 class Op:
     """One client operation on one key.
 
-    ``value`` is the written value for a set, and the value read (filled at
-    completion; ``None`` for an absent key) for a get. ``complete`` and
+    ``value`` is the written value for a set (``None`` for a delete), and the
+    value read (filled at completion; ``None`` for an absent key) for a get. ``complete`` and
     ``outcome`` are ``None`` while the operation is in flight.
     """
 
@@ -74,6 +82,11 @@ class Op:
     @property
     def pending(self) -> bool:
         return self.outcome is None
+
+    @property
+    def is_write(self) -> bool:
+        """A set or a delete (a write of ``None``)."""
+        return self.kind in WRITE_KINDS
 
     def __str__(self) -> str:
         done = "…" if self.complete is None else f"{self.complete:.6f}"
@@ -99,10 +112,12 @@ class History:
 
     def invoke(self, process: int, kind: Kind, key: str, value: str | bytes | None = None) -> Op:
         """Record the start of an operation; ``value`` is the value a set writes."""
-        if kind not in ("set", "get"):
+        if kind not in ("set", "delete", "get"):
             raise ValueError(f"unknown op kind {kind!r}")
         if kind == "set" and value is None:
             raise ValueError("a set needs a value")
+        if kind == "delete" and value is not None:
+            raise ValueError("a delete writes no value")
         with self._lock:
             op = Op(len(self._ops), process, kind, key, _text(value) if kind == "set" else None, self._clock())
             self._ops.append(op)
@@ -117,11 +132,11 @@ class History:
         self._complete(op, "fail", error)
 
     def info(self, op: Op, error: BaseException | str | None = None) -> None:
-        """The outcome is unknown (a set that may or may not be applied).
+        """The outcome is unknown (a write that may or may not be applied).
 
         A get has no effect either way, so a get recorded here becomes ``"fail"``.
         """
-        self._complete(op, "info" if op.kind == "set" else "fail", error)
+        self._complete(op, "info" if op.is_write else "fail", error)
 
     def _complete(self, op: Op, outcome: Outcome, error: BaseException | str | None,
                   value: str | bytes | None = None) -> None:
@@ -149,13 +164,56 @@ class History:
         try:
             result = fn()
         except BaseException as e:
-            if kind == "set" and isinstance(e, DKVError) and e.definite:
+            if op.is_write and isinstance(e, DKVError) and e.definite:
                 self.fail(op, e)
             else:
                 self.info(op, e)  # a get becomes "fail"
             raise
         self.ok(op, result if kind == "get" else None)  # type: ignore[arg-type]
         return result
+
+    def record_many(self, process: int, kind: Kind, items: Sequence[tuple[str, str | bytes | None]],
+                    fn: Callable[[], T]) -> T:
+        """A multi-key call (``mset``: kind ``"set"``; ``mget``: kind ``"get"``) as one op per
+        key, all invoked before ``fn()`` and completed after it, so they share its window.
+
+        ``items`` are ``(key, value written)`` pairs (value None for gets). For a get,
+        ``fn()`` must return the values read, in ``items``' order. On an exception every
+        write of the call is ``"info"`` (the client reports one error for the call, so
+        which keys were applied is unknown) and every get ``"fail"``; it is re-raised.
+        """
+        with self._lock:  # one invocation instant for the whole call
+            now = self._clock()
+            ops = []
+            for key, value in items:
+                if kind == "set" and value is None:
+                    raise ValueError("a set needs a value")
+                op = Op(len(self._ops), process, kind, key, _text(value) if kind == "set" else None, now)
+                self._ops.append(op)
+                ops.append(op)
+        try:
+            result = fn()
+        except BaseException as e:
+            self._complete_many(ops, "info" if kind in WRITE_KINDS else "fail", e, None)
+            raise
+        values = list(result) if kind == "get" else None  # type: ignore[call-overload]
+        if values is not None and len(values) != len(ops):
+            self._complete_many(ops, "fail", f"{len(values)} values for {len(ops)} keys", None)
+            raise ValueError(f"a multi-key get returned {len(values)} values for {len(ops)} keys")
+        self._complete_many(ops, "ok", None, values)
+        return result
+
+    def _complete_many(self, ops: list[Op], outcome: Outcome, error: BaseException | str | None,
+                       values: list[Any] | None) -> None:
+        with self._lock:  # one completion instant for the whole call
+            now = self._clock()
+            for i, op in enumerate(ops):
+                op.complete = now
+                op.outcome = outcome
+                if error is not None:
+                    op.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+                if values is not None and op.kind == "get":
+                    op.value = _text(values[i])
 
     # -- reading ---------------------------------------------------------------------
 
@@ -170,7 +228,8 @@ class History:
             return len(self._ops)
 
     def summary(self) -> dict[str, Any]:
-        """Counts: ops, sets_ok, sets_fail, sets_info, gets_ok, gets_fail, pending."""
+        """Counts: ops, sets_ok, sets_fail, sets_info, gets_ok, gets_fail, pending
+        (and deletes_ok, deletes_fail, deletes_info once a delete was recorded)."""
         counts = {"ops": 0, "sets_ok": 0, "sets_fail": 0, "sets_info": 0,
                   "gets_ok": 0, "gets_fail": 0, "pending": 0}
         for op in self.ops:
@@ -178,5 +237,7 @@ class History:
             if op.outcome is None:
                 counts["pending"] += 1
             else:
+                if op.kind == "delete" and "deletes_ok" not in counts:
+                    counts.update(deletes_ok=0, deletes_fail=0, deletes_info=0)
                 counts[f"{op.kind}s_{op.outcome}"] += 1
         return counts

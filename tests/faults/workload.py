@@ -8,6 +8,9 @@ threads contend on them) and either sets it to a value unique to that operation
 count and by a duration, so the threads always stop by themselves; ``stop()``
 ends it early (between operations) and joins the threads.
 
+:class:`MixedWorkload` adds deletes and multi-key calls (``mset``/``mget``) and
+reads with a chosen consistency level (one client per thread, or a shared one).
+
 Errors that faults are expected to cause (dkv errors, transport errors) are
 recorded and the thread carries on. Any other exception is a bug: the thread
 stops and ``stop()`` / ``join()`` re-raise it.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from tests.faults.history import History, Op, is_expected_error
 
@@ -164,6 +167,104 @@ class Workload:
                         raise
                 if self.pause:
                     self._stop.wait(self.pause)  # rate limiting only; stop() cuts it short
+        except BaseException as e:  # delivered by join()
+            with self._lock:
+                self._errors.append(e)
+
+
+class MultiKVClient(Protocol):
+    """The part of ``dkv.Client`` :class:`MixedWorkload` uses (thread-safe)."""
+
+    def set(self, key: str, value: str) -> None: ...
+
+    def get(self, key: str, consistency: str = ...) -> bytes | None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def mset(self, mapping: dict[str, str]) -> None: ...
+
+    def mget(self, keys: list[str], consistency: str = ...) -> list[bytes | None]: ...
+
+
+#: The default mix of :class:`MixedWorkload`: call kind -> weight.
+DEFAULT_MIX = {"get": 0.40, "set": 0.30, "delete": 0.08, "mset": 0.10, "mget": 0.12}
+
+
+class MixedWorkload(Workload):
+    """Like :class:`Workload`, with every kind of call a register checker can judge.
+
+    Each op is one *call* drawn from ``mix`` (kind -> weight): ``get`` (with
+    ``consistency``), ``set`` (a value unique to the op), ``delete``, ``mset``
+    and ``mget`` of 2..``max_multi`` distinct keys. Multi-key calls are recorded
+    as one op per key sharing the call's window (:meth:`History.record_many`),
+    deletes as writes of None. ``clients`` is one client shared by every thread
+    or a list (thread ``i`` uses ``clients[i % len(clients)]``). ``max_ops``
+    bounds the calls. Only ``consistency="linearizable"`` reads may be judged
+    by :func:`~tests.faults.checkers.check_linearizable`.
+    """
+
+    def __init__(self, clients: MultiKVClient | Sequence[MultiKVClient], history: History, keys: list[str],
+                 threads: int, seed: int, *, max_ops: int, max_duration: float, pause: float = 0.0,
+                 first_process: int = 0, mix: dict[str, float] | None = None,
+                 consistency: str = "linearizable", max_multi: int = 4) -> None:
+        mix = dict(DEFAULT_MIX if mix is None else mix)
+        unknown = set(mix) - set(DEFAULT_MIX)
+        if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+            raise ValueError(f"mix must weigh some of {sorted(DEFAULT_MIX)}, got {mix}")
+        if max_multi < 2 or max_multi > len(keys):
+            raise ValueError("max_multi must be within [2, len(keys)]")
+        client_list: list[MultiKVClient] = (list(clients) if isinstance(clients, (list, tuple))
+                                            else [clients])  # type: ignore[list-item]
+        if not client_list:
+            raise ValueError("clients must not be empty")
+        reads = (mix.get("get", 0) + mix.get("mget", 0)) / sum(mix.values())
+        super().__init__(client_list[0], history, keys, threads, reads, seed, max_ops=max_ops,  # type: ignore[arg-type]
+                         max_duration=max_duration, pause=pause, first_process=first_process)
+        self.clients = client_list
+        self.mix = mix
+        self.consistency = consistency
+        self.max_multi = max_multi
+        #: calls made, by kind (a multi-key call counts once)
+        self.calls: dict[str, int] = {k: 0 for k in mix}
+
+    def _run(self, process: int, rng: random.Random) -> None:
+        client = self.clients[(process - self.first_process) % len(self.clients)]
+        kinds, weights = list(self.mix), list(self.mix.values())
+        h, level = self.history, self.consistency
+        counter = 0
+        try:
+            while self._claim():
+                kind = rng.choices(kinds, weights)[0]
+                with self._lock:
+                    self.calls[kind] += 1
+                try:
+                    if kind in ("mset", "mget"):
+                        keys = rng.sample(self.keys, rng.randint(2, self.max_multi))
+                        if kind == "mget":
+                            h.record_many(process, "get", [(k, None) for k in keys],
+                                          lambda: client.mget(keys, consistency=level))
+                        else:
+                            items = []
+                            for k in keys:
+                                counter += 1
+                                items.append((k, f"{process}-{counter}"))
+                            h.record_many(process, "set", items, lambda: client.mset(dict(items)))
+                        continue
+                    key = rng.choice(self.keys)
+                    if kind == "get":
+                        h.record(process, "get", key, None, lambda: client.get(key, consistency=level))
+                    elif kind == "delete":
+                        h.record(process, "delete", key, None, lambda: client.delete(key))
+                    else:
+                        counter += 1
+                        value = f"{process}-{counter}"
+                        h.record(process, "set", key, value, lambda: client.set(key, value))
+                except Exception as e:
+                    if not is_expected_error(e):
+                        raise
+                finally:
+                    if self.pause:
+                        self._stop.wait(self.pause)  # rate limiting only; stop() cuts it short
         except BaseException as e:  # delivered by join()
             with self._lock:
                 self._errors.append(e)
