@@ -210,3 +210,29 @@ def test_every_node_killed_and_restarted_loses_no_acknowledged_write(zk: str, tm
         c.wait_converged("shard-1")
     finally:
         c.stop()
+
+
+def test_a_controller_whose_session_expired_stops_controlling(zk: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The election is tied to the session that won it: once that session expires the node
+    stops acting as controller, even though it reconnects (with a new session) at once;
+    another node is elected. Two controllers once started the same move twice (lost writes)."""
+    from tests.support.cluster import expire_session
+
+    monkeypatch.setenv("DKV_FAULT_HOOKS", "1")
+    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2)
+    try:
+        c.start()
+
+        def controllers() -> list[str]:
+            return [n for n, p in c.nodes.items() if "is the cluster controller" in p.log_path.read_text()]
+
+        wait_until(lambda: len(controllers()) == 1, 30, "a controller")
+        first = controllers()[0]
+        expire_session(c.zk, c.nodes[first].addr)
+        wait_until(lambda: "stops being the controller" in c.nodes[first].log_path.read_text(), 30,
+                   f"{first} to stop being the controller")
+        wait_until(lambda: len(controllers()) == 2, 30, "another controller")
+        c.wait_formed()  # the cluster carries on (the expired node re-registered)
+    finally:
+        c.stop()

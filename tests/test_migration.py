@@ -239,3 +239,38 @@ def test_move_backoff_after_cancels_and_reset_by_a_flip() -> None:
     flipped.slot_version = 1
     b.observe(flipped, now=301)
     assert (b.cancels, b.hold_until) == (0, 0)
+
+
+# -- one move at a time, even with two controllers (real ZooKeeper) ------------------------
+
+
+@pytest.mark.integration
+def test_two_controllers_reading_the_same_state_cannot_both_start_a_move(zk: str) -> None:
+    """A controller whose session expired and came back can still run next to the newly elected
+    one; a move is created only if /migrations is unchanged since its reader looked."""
+    from kazoo.client import KazooClient
+
+    from dkv.cluster import layout
+
+    a, b = KazooClient(zk), KazooClient(zk)
+    for c in (a, b):
+        c.start(timeout=30)
+    try:
+        a.ensure_path(layout.MIGRATIONS)
+        m = Migration("", 512, 1023, "shard-1", "shard-2")
+        va, open_a = layout.migrations_guard(a)
+        vb, open_b = layout.migrations_guard(b)
+        assert open_a == open_b == [] and va == vb
+        first = layout.create_migration(a, m, va)
+        assert first is not None and first.startswith(layout.MIGRATIONS + "/m-")
+        assert layout.create_migration(b, m, vb) is None  # b read before a's move: refused
+        assert len(a.get_children(layout.MIGRATIONS)) == 1
+        # Even once a's move is gone (flipped), b's old reading stays refused.
+        a.delete(first)
+        assert layout.create_migration(b, m, vb) is None
+        v, moves = layout.migrations_guard(b)
+        assert moves == [] and layout.create_migration(b, m, v) is not None
+    finally:
+        for c in (a, b):
+            c.stop()
+            c.close()

@@ -182,7 +182,10 @@ class Controller:
     def _lead(self) -> None:
         """Plan and apply on every view change, while our session (hence our election) lives."""
         logger.info("%s is the cluster controller", self.coord.config.node_id)
-        while self.coord.connected:
+        # The election is ours only while the session that won it lives: a session that
+        # expired and was replaced (connected again, new id) lost the election's znode.
+        session = self.coord.zk.client_id
+        while self.coord.connected and self.coord.zk.client_id == session:
             changed, view, now = self.coord.view_changed, self.coord.view, time.monotonic()
             self.backoff.observe(view, now)
             changes = plan(view, self.rf)
@@ -198,7 +201,8 @@ class Controller:
                 logger.info("controller: %s; re-planning", type(e).__name__)
                 self.coord.refresh()
             changed.wait(timeout=wait)
-        logger.info("%s stops being the controller (ZooKeeper connection lost)", self.coord.config.node_id)
+        logger.info("%s stops being the controller (ZooKeeper connection or session lost)",
+                    self.coord.config.node_id)
 
     def _apply(self, changes: list[Change], view: ClusterView) -> None:
         zk = self.coord.zk
@@ -222,9 +226,14 @@ class Controller:
                 zk.create(layout.SLOTS, SlotRanges(list(ch.ranges)).to_bytes())
                 logger.info("controller: slot map created: %s", ch.ranges)
             elif isinstance(ch, StartMigration):
-                if zk.get_children(layout.MIGRATIONS):
+                version, open_moves = layout.migrations_guard(zk)
+                if open_moves:
                     return  # one move at a time (our view is behind)
                 m = layout.Migration("", ch.start, ch.end, ch.source, ch.target)
-                path = zk.create(layout.MIGRATIONS + "/m-", m.to_bytes(), sequence=True)
+                path = layout.create_migration(zk, m, version)
+                if path is None:
+                    logger.info("controller: another move was started meanwhile; re-planning")
+                    self.coord.refresh()
+                    return
                 logger.info("controller: moving slots %d..%d from %s to %s (%s)",
                             ch.start, ch.end, ch.source, ch.target, path.rsplit("/", 1)[-1])

@@ -18,7 +18,10 @@ All paths are relative to the connection string's chroot
                           a slot range moving between shards (DESIGN §6); created by the
                           controller, driven by the target's writer, deleted in the same
                           multi-op that flips the range's owner in /slots, or on its own to
-                          cancel the move (a freeze that outlived its timeout, ``dkv admin cancel``)
+                          cancel the move (a freeze that outlived its timeout, ``dkv admin cancel``);
+                          a move is created in one multi-op with a version-checked write of
+                          ``/migrations`` itself, so moves are started one at a time even by
+                          two nodes that both believe they are the controller
 
 Rules: a change that must be atomic is one version-checked ``set`` or one
 multi-op transaction; the controller is the only writer of ``/shards`` and
@@ -287,6 +290,28 @@ def _children(zk: Any, path: str, watch: Any) -> list[str]:
 def read_cluster_info(zk: Any) -> dict[str, Any]:
     """The ``cluster_info`` document, read from ZooKeeper with a kazoo client."""
     return read_view(zk).info()
+
+
+def migrations_guard(zk: Any) -> tuple[int, list[str]]:
+    """The ``/migrations`` znode's data version, then its children: pass the version to
+    :func:`create_migration` so that a move created by anyone since makes ours fail."""
+    _, stat = zk.get(MIGRATIONS)
+    return stat.version, zk.get_children(MIGRATIONS)
+
+
+def create_migration(zk: Any, m: "Migration", guard_version: int) -> str | None:
+    """Create migration ``m`` (its id is assigned) if ``/migrations`` is unchanged since
+    :func:`migrations_guard` returned ``guard_version``; its path, or None if another move
+    was created meanwhile. One multi-op bumps ``/migrations``' own version with the
+    create, so two controllers (say, one whose session expired and one newly elected)
+    can never both start a move from the same reading."""
+    tx = zk.transaction()
+    tx.set_data(MIGRATIONS, b"", version=guard_version)
+    tx.create(MIGRATIONS + "/m-", m.to_bytes(), sequence=True)
+    results = tx.commit()
+    if any(isinstance(r, Exception) for r in results):
+        return None
+    return str(results[1])
 
 
 def cancel_migration(zk: Any, migration_id: str) -> bool:

@@ -242,6 +242,14 @@ class Migrator:
         raw, _ = self.zk.get(layout.migration_path(m.id))  # NoNodeError: flipped or cancelled
         if Migration.from_bytes(m.id, raw).target != m.target:
             raise NoNodeError(layout.migration_path(m.id))
+        slots = SlotRanges.from_bytes(self.zk.get(layout.SLOTS)[0])
+        if any(slots.owner(s) != m.source for s in range(m.start, m.end + 1)):
+            # A stale move (its range no longer all the source's): clearing or flipping it
+            # could wipe what the target already owns. Abandon it.
+            logger.warning("migration %s: slots %d..%d are no longer all %s's; cancelling it", m.id,
+                           m.start, m.end, m.source)
+            cancel_migration(self.zk, m.id)
+            raise NoNodeError(layout.migration_path(m.id))
         raw, stat = self.zk.get(layout.shard_path(m.target))
         shard = layout.Shard.from_bytes(m.target, raw)
         if shard.writer != self.node_id or shard.epoch != self.epoch:
