@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 
 from dkv.cluster.layout import COPYING, FROZEN, Migration, SlotRanges
-from dkv.cluster.routing import (REPLICA, SERVE, UNASSIGNED, WRITER, Freezes, Frozen, NoOwner, NotOwner, NotWriter,
-                                 Ownership, decide, scan_ranges)
+from dkv.cluster.routing import (REPLICA, SERVE, UNASSIGNED, WRITER, Freezes, Frozen, NoOwner, NotOwner, NotReady,
+                                 NotWriter, Ownership, decide, scan_ranges)
 from dkv.slots import SlotRange
 
 MAP = SlotRanges([(0, 511, "shard-1"), (512, 1023, "shard-2")])
@@ -119,3 +119,15 @@ def test_a_confirmed_freeze_outlives_views_read_before_it_and_ends_with_the_firs
     # A view begun after it that no longer lists it: flipped or cancelled, either way settled.
     f.on_view({}, seq=7)
     assert f.ranges == {}
+
+
+@pytest.mark.parametrize("write,level", [(True, None), *((False, lv) for lv in LEVELS)])
+def test_a_new_writer_serves_nothing_until_the_log_tail_it_took_over_is_committed(
+        write: bool, level: str | None) -> None:
+    # Found by the nemesis (seed 7): a writer promoted with an uncommitted tail answered a
+    # linearizable get from its store before applying that tail, which held an acknowledged
+    # write: a stale read.
+    promoted = replace(WRITER1, writer_ready=False)
+    assert decide(promoted, 5, write, level) == NotReady()
+    assert scan_ranges(promoted) == NotReady()
+    assert decide(promoted, 600, write, level) == NotOwner("shard-2")  # not ours anyway

@@ -80,6 +80,12 @@ class ReplicatedWriter:
     def epoch(self) -> int:
         return self.leader.epoch
 
+    @property
+    def ready(self) -> bool:
+        """Our store holds every committed write: false until the log tail we took over (after a
+        promotion or a restart) is committed, since the tail may hold acknowledged writes."""
+        return not self._tail_pending
+
     # -- membership --------------------------------------------------------------
 
     def set_replicas(self, replicas: list[str], live: set[str], slot_version: int = -1) -> None:

@@ -4,8 +4,9 @@
 and one op's slot, kind and consistency, and returns :class:`Serve` or why not:
 :class:`NotOwner` (``MOVED`` to the owner's writer), :class:`Frozen`
 (``TRYAGAIN``: a migration froze the slot), :class:`NotWriter` (``MOVED`` to our
-own shard's writer) or :class:`NoOwner` (``UNAVAILABLE``: the map is not read
-yet, or the slot has no owner). :func:`scan_ranges` is the same decision for a
+own shard's writer), :class:`NotReady` (``UNAVAILABLE``: we are the writer but
+still committing the log tail we took over) or :class:`NoOwner`
+(``UNAVAILABLE``: the map is not read yet, or the slot has no owner). :func:`scan_ranges` is the same decision for a
 scan page, which reads every slot the node owns.
 
 The decision is only as good as the instant it describes, so the caller
@@ -43,6 +44,9 @@ class Ownership:
     #: ranges this node, as its shard's writer, confirmed frozen to a migration's target
     #: (kept until a view read after the confirmation shows the migration gone)
     frozen: Mapping[str, SlotRange] = field(default_factory=dict)
+    #: a writer: its store holds every committed write (the log tail it took over, after a
+    #: promotion or a restart, is committed; until then that tail may hold acknowledged writes)
+    writer_ready: bool = True
     #: a replica: in touch with its writer and within ``max_replica_lag`` of it
     replica_fresh: bool = False
     #: a replica: the highest slot map version its writer has sent it (its view must be
@@ -74,11 +78,16 @@ class Frozen:
 
 
 @dataclass(frozen=True)
+class NotReady:
+    """We are the writer, but not ready to serve yet (committing the log tail we took over)."""
+
+
+@dataclass(frozen=True)
 class NotWriter:
     """Only our shard's writer may answer (a write, or a read above ``eventual``)."""
 
 
-Decision = Serve | NoOwner | NotOwner | Frozen | NotWriter
+Decision = Serve | NoOwner | NotOwner | Frozen | NotReady | NotWriter
 
 SERVE = Serve()
 
@@ -96,6 +105,8 @@ def decide(o: Ownership, slot: int, write: bool, consistency: str | None) -> Dec
     frozen = _frozen(o, [SlotRange(slot, slot)])
     if frozen is not None:
         return frozen
+    if o.role == WRITER and not o.writer_ready:
+        return NotReady()
     if write or consistency != "eventual":
         return SERVE if o.role == WRITER else NotWriter()
     if o.role == REPLICA and not (o.replica_fresh and o.slot_version >= o.writer_slot_version):
@@ -109,6 +120,8 @@ def scan_ranges(o: Ownership) -> list[SlotRange] | Decision:
         return NoOwner("this node has not read the cluster map yet")
     if o.role != WRITER:
         return NotWriter()
+    if not o.writer_ready:
+        return NotReady()
     ours = [SlotRange(a, b) for a, b in o.slots.of_shard(o.shard)] if o.shard else []
     frozen = _frozen(o, ours)
     return frozen if frozen is not None else ours

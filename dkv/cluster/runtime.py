@@ -198,6 +198,7 @@ class ClusterRuntime:
             loaded=self.coord.loaded, shard=self.shard.id if self.shard else None, role=self.role,
             slots=view.slots, slot_version=view.slot_version, migrations=view.migrations,
             frozen=self._frozen_here.ranges, replica_fresh=fresh,
+            writer_ready=self.writer is not None and self.writer.ready,
             writer_slot_version=self.follower.state.slot_version)
 
     def route(self, op: str, key: bytes, consistency: str | None, own: routing.Ownership | None = None) -> None:
@@ -231,6 +232,9 @@ class ClusterRuntime:
             return self._to_writer_of(decision.owner, f"slot {slot} is served by {decision.owner}", slot=slot)
         if isinstance(decision, routing.Frozen):
             return frozen_error(slot, decision.migration)
+        if isinstance(decision, routing.NotReady):
+            return Unavailable(f"{self.config.node_id} is the new writer of {self.shard.id if self.shard else '-'} "
+                               "and is committing the log tail it took over; retry shortly")
         return self.not_writer_error()
 
     def confirm_linearizable(self) -> None:
