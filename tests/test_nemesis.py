@@ -53,7 +53,7 @@ pytestmark = pytest.mark.integration
 #: get straddling a move returned None: 3 of 3 runs of this seed failed on it)
 DEFAULT_SEED = 1
 #: the seeds `make test-soak` adds
-SOAK_SEEDS = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+SOAK_SEEDS = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15]
 DURATION = float(os.environ.get("DKV_NEMESIS_DURATION", "60"))
 THREADS = 6
 KEYS_PER_SHARD = 12
@@ -310,6 +310,11 @@ def _report(seed: int, cluster: Cluster, workload: MixedWorkload, history: Histo
             lines += _explain(key, evidence, cluster, nemesis.faults, logs)
         if len(lin.evidence) > 4:
             lines.append(f"(and {len(lin.evidence) - 4} more keys: {sorted(lin.evidence)[4:]})")
+    if nemesis.unhealthy and nemesis.faults:
+        last = nemesis.faults[-1]
+        lines.append("")
+        lines.append(f"node logs from the last fault on ({last.start:.2f}s to {last.start + 30:.2f}s):")
+        lines += [f"  {x}" for x in around(logs, last.start - 1, last.start + 30, limit=150)]
     lines.append("")
     lines.append("fault schedule (seconds since the run's start):")
     lines.append(nemesis.schedule())

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import gevent
 import gevent.event
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, NodeExistsError, NoNodeError,
+                              OperationTimeoutError, SessionExpiredError)
 from kazoo.handlers.gevent import SequentialGeventHandler
 from kazoo.retry import KazooRetry
 
@@ -81,27 +82,39 @@ class Coordinator:
             pass
 
     def _register(self) -> None:
-        """Create our ephemeral registration, waiting out a previous session's copy."""
+        """Create our ephemeral registration, waiting out a previous session's copy.
+
+        A dropped connection (this process paused, ZooKeeper restarting) is retried: a
+        node that gave up here would never join, or rejoin, the cluster.
+        """
         path = layout.node_path(self.config.node_id)
         data = layout.encode({"addr": self.config.addr})
         deadline = time.monotonic() + 3 * self.config.session_timeout
-        while True:
+        while not self._stopping:
             try:
-                self.zk.create(path, data, ephemeral=True)
-                logger.info("registered as %s in ZooKeeper", path)
-                return
-            except NodeExistsError:
-                try:
-                    _, stat = self.zk.get(path)
-                except NoNodeError:
-                    continue
-                if stat.ephemeralOwner == self.zk.client_id[0]:
+                if self._register_once(path, data, deadline):
+                    logger.info("registered as %s in ZooKeeper", path)
                     return
-                if time.monotonic() > deadline:
-                    raise DKVError(f"node id {self.config.node_id!r} is registered by another live "
-                                   f"process ({path}); pick another --node-id") from None
-                logger.info("waiting for the previous session's %s to expire", path)
-                gevent.sleep(0.5)
+            except (ConnectionLoss, SessionExpiredError, OperationTimeoutError) as e:
+                logger.info("registering %s: %s; retrying", path, type(e).__name__)
+            gevent.sleep(0.5)
+
+    def _register_once(self, path: str, data: bytes, deadline: float) -> bool:
+        try:
+            self.zk.create(path, data, ephemeral=True)
+            return True
+        except NodeExistsError:
+            try:
+                _, stat = self.zk.get(path)
+            except NoNodeError:
+                return False
+            if stat.ephemeralOwner == self.zk.client_id[0]:
+                return True
+            if time.monotonic() > deadline:
+                raise DKVError(f"node id {self.config.node_id!r} is registered by another live "
+                               f"process ({path}); pick another --node-id") from None
+            logger.info("waiting for the previous session's %s to expire", path)
+            return False
 
     # -- connection state (kazoo listener: flags only) ------------------------------
 

@@ -216,6 +216,21 @@ class Nemesis:
         except Exception:
             return False
 
+    def health(self) -> str:
+        """What :meth:`healthy` sees, for a report: each shard's members and its writer's replicas."""
+        c = self.cluster
+        try:
+            out = []
+            for sid, sh in c.shard_members().items():
+                running = {m: c.nodes[m].running for m in [sh["writer"], *sh["replicas"]] if m in c.nodes}
+                info = c.info(sh["writer"]) if sh["writer"] else None
+                reps = (info or {}).get("replication", {}).get("replicas") if info else None
+                out.append(f"{sid}: writer {sh['writer']}, replicas {sh['replicas']}, running {running}, "
+                           f"writer's view of its replicas {reps}")
+            return "; ".join(out)
+        except Exception as e:
+            return f"(cluster map unreadable: {e!r})"
+
     def _wait_healthy(self) -> bool:
         deadline = time.monotonic() + self.health_timeout
         while not self.healthy():
@@ -240,7 +255,8 @@ class Nemesis:
                     break
                 if not self._wait_healthy():
                     self.unhealthy = (f"the cluster was not healthy {self.health_timeout:g}s after fault "
-                                      f"{self.faults[-1] if self.faults else '(none)'}; the nemesis stopped")
+                                      f"{self.faults[-1] if self.faults else '(none)'}; the nemesis stopped; "
+                                      f"then: {self.health()}")
                     self._log(f"nemesis: {self.unhealthy}")
                     break
                 if self._stop.is_set() or self.now() >= duration:
