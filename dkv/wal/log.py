@@ -359,8 +359,8 @@ class WriteAheadLog:
         for i, first in enumerate(self._segments):
             path = self._path(first)
             if i and first != expected:
-                raise self._corrupt(i, 0, expected - 1, f"it starts at lsn {first} but the previous "
-                                                        f"segment ends at lsn {expected - 1}")
+                raise self._corrupt(i, 0, expected - 1, f"the segment starts at lsn {first} but the "
+                                                        f"previous one ends at lsn {expected - 1}")
             data = path.read_bytes()
             expected, good_end, index = first, 0, self._index[first]
             for rec, start, end in iter_records(data):
@@ -371,18 +371,18 @@ class WriteAheadLog:
                 expected, good_end, self._last_epoch = expected + 1, end, rec.epoch
             is_last = i == len(self._segments) - 1
             if good_end != len(data) and not is_last:
-                raise self._corrupt(i, good_end, expected - 1, "later segments follow it")
+                raise self._corrupt(i, good_end, expected - 1, "later segments follow the damage")
             if good_end != len(data):
                 found, exhausted = find_resync(data, good_end, expected - 1, self._last_epoch,
                                                RESYNC_MAX_CANDIDATES)
                 if found is not None:
                     lsn = struct.unpack_from("<Q", data, found + _FRAME_HEADER_BYTES + 8)[0]
                     raise self._corrupt(i, good_end, expected - 1,
-                                        f"valid records follow it (lsn {lsn} at offset {found})")
+                                        f"valid records follow the damage (lsn {lsn} at offset {found})")
                 if exhausted:
                     raise self._corrupt(i, good_end, expected - 1,
-                                        "no valid record was found after it within the scan limit, "
-                                        "so it cannot be told from a torn tail")
+                                        "the damage cannot be told from a torn tail (no valid record "
+                                        "was found after it within the scan limit)")
             if is_last:
                 self._open(first)
                 self._active_bytes = good_end
@@ -397,7 +397,7 @@ class WriteAheadLog:
         """The error for damage at ``offset`` of the ``i``-th segment (``why`` says what is wrong)."""
         path = self._path(self._segments[i])
         following = sum(self._path(first).stat().st_size for first in self._segments[i:]) - offset
-        return CorruptLog(f"WAL segment {path} is corrupt at byte offset {offset} ({why}); {following} "
+        return CorruptLog(f"WAL segment {path} is corrupt at byte offset {offset}: {why}; {following} "
                           f"byte(s) from there to the end of the log; the last good record is lsn "
                           f"{last_good_lsn}", path=str(path), offset=offset, following_bytes=following,
                           last_good_lsn=last_good_lsn)
