@@ -125,8 +125,9 @@ def find_lsn(buf: bytes | memoryview, lsn: int) -> int:
 
 
 def _candidates(lo: int, hi: int) -> re.Pattern[bytes]:
-    """Offsets where a frame with ``lo <= lsn <= hi`` could start: ``body_len < 2**27`` and the
-    LSN's high bytes that ``lo`` and ``hi`` share (a zero-width match at each such offset)."""
+    """Offsets where a frame with ``lo <= lsn <= hi`` could start: ``body_len``'s top byte is at
+    most 4 (``MAX_BODY_BYTES`` is 0x04000000) and the LSN has the high bytes that ``lo`` and ``hi``
+    share (a zero-width match at each such offset)."""
     a, b = _LSN.pack(lo), _LSN.pack(hi)
     k = 0
     while k < _LSN.size and a[-1 - k] == b[-1 - k]:
