@@ -1,18 +1,24 @@
 """The write pipeline: group commit over a real WAL and LevelDB store, in-process under gevent."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import gevent
 import pytest
 
 from dkv.errors import Unavailable, WriteTimeout
-from dkv.node.pipeline import LocalWriter, WritePipeline
+from dkv.node.pipeline import CHECKPOINT_BYTES, LocalWriter, WritePipeline
 from dkv.storage import Store
+from dkv.storage.leveldb import LevelDBEngine
+from dkv.storage.store import META_PREFIX
+from dkv.wal.codec import encode
 from dkv.wal.log import WriteAheadLog
 from dkv.wal.memory import MemoryLog
-from dkv.wal.record import Op
+from dkv.wal.record import Op, Record
+
+APPLIED_LSN_KEY = META_PREFIX + b"applied_lsn"
 
 
 @pytest.fixture
@@ -109,3 +115,57 @@ def test_diskless_pipeline_runs_on_the_hub() -> None:
                    raise_error=True)
     assert store.applied_lsn == 100 and store.get(b"k99") == b"v"
     pipe.close()
+
+
+class SyncedLevelDB(LevelDBEngine):
+    """The real LevelDB engine, noting the applied LSN that each synced write makes durable."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.durable_lsns: list[int] = []
+
+    def _write(self, ops: Sequence[tuple[bytes, bytes | None]], sync: bool) -> None:
+        super()._write(ops, sync)
+        if sync:
+            self.durable_lsns += [int.from_bytes(v, "big") for k, v in ops if k == APPLIED_LSN_KEY and v]
+
+
+def test_storage_checkpoints_every_few_mib_without_a_wal_rollover(tmp_path: Path) -> None:
+    """The WAL must not be the only durable copy of a whole segment: storage syncs its applied LSN
+    every CHECKPOINT_BYTES of records, long before the (64 MiB) segment rolls over."""
+    log = WriteAheadLog(tmp_path / "wal")
+    engine = SyncedLevelDB(str(tmp_path / "db"))
+    store = Store(engine)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1))
+    value = b"x" * 4096
+    framed, crossed_at, lsn = 0, 0, 0
+    while framed <= CHECKPOINT_BYTES + 2 * 1024 * 1024:
+        ops = [(Op.PUT, f"k{lsn + i}".encode(), value) for i in range(256)]
+        pipe.submit(ops)
+        lsn += len(ops)
+        framed += sum(len(encode(Record(1, 1, op, k, v))) for op, k, v in ops)
+        if not crossed_at and framed >= CHECKPOINT_BYTES:
+            crossed_at = lsn
+    assert log.segment_count == 1, "no rollover: this is the periodic checkpoint"
+    assert engine.durable_lsns and max(engine.durable_lsns) >= crossed_at, engine.durable_lsns
+    assert pipe.checkpoints >= 1
+    pipe.close()
+    log.close()
+    store.close()
+
+
+def test_an_idle_pipeline_checkpoints_what_it_committed_then_stays_quiet(tmp_path: Path) -> None:
+    log = WriteAheadLog(tmp_path / "wal")
+    engine = SyncedLevelDB(str(tmp_path / "db"))
+    store = Store(engine)
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1), checkpoint_seconds=0.2)
+    pipe.submit([(Op.PUT, b"a", b"1"), (Op.PUT, b"b", b"2")])
+    deadline = time.monotonic() + 10
+    while 2 not in engine.durable_lsns:  # the pipeline's own timer, with no further write
+        assert time.monotonic() < deadline, "no checkpoint of an idle pipeline's commits"
+        gevent.sleep(0.02)
+    pipe.barrier()  # no new records: nothing to checkpoint
+    assert pipe._checkpoint_due_in() is None and engine.durable_lsns == [2]
+    pipe.close()
+    log.close()
+    store.close()

@@ -13,7 +13,7 @@ import pytest
 from dkv.errors import CorruptLog, StorageClosed
 from dkv.wal import Op, Record, WriteAheadLog
 from dkv.wal import log as wal_log
-from dkv.wal.codec import MAX_BODY_BYTES, decode_from, encode, encode_many, find_lsn, iter_records
+from dkv.wal.codec import MAX_BODY_BYTES, decode_from, encode, encode_many, find_lsn, find_resync, iter_records
 
 
 def recs(start: int, n: int, epoch: int = 1, tag: bytes = b"v") -> list[Record]:
@@ -211,24 +211,109 @@ def test_bit_flip_in_last_record_value_drops_that_record(tmp_path: Path) -> None
     wal.close()
 
 
-def test_bit_flip_in_middle_record_of_last_segment_truncates_from_there(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def snapshot_dir(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("where", [0, 2, 5, 20, 40], ids=["len-low", "len-high", "crc", "lsn", "value"])
+def test_flipped_byte_mid_segment_followed_by_valid_records_is_corrupt_log(tmp_path: Path, where: int) -> None:
+    """G6: damage followed by valid records is not a torn tail; opening refuses and changes nothing."""
     wal = WriteAheadLog(tmp_path)
     wal.append(recs(1, 10))
     wal.close()
     seg = segments(tmp_path)[0]
     size = seg.stat().st_size
     fifth = len(encode_many(recs(1, 4)))
-    flip(seg, fifth + 20)
-    with caplog.at_level(logging.WARNING, logger="dkv.wal.log"):
-        wal = WriteAheadLog(tmp_path)
-    assert wal.last_lsn == 4
-    assert read_all(wal) == recs(1, 4)
-    assert seg.stat().st_size == fifth
-    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert f"dropped {size - fifth} damaged byte(s)" in warning.getMessage()
-    assert "ends at lsn 4" in warning.getMessage()
+    flip(seg, fifth + where)
+    before = snapshot_dir(tmp_path)
+    with pytest.raises(CorruptLog) as info:
+        WriteAheadLog(tmp_path)
+    message = str(info.value)
+    assert str(seg) in message and f"offset {fifth}" in message and "\n" not in message
+    assert info.value.data == {"path": str(seg), "offset": fifth, "following_bytes": size - fifth,
+                               "last_good_lsn": 4}
+    assert snapshot_dir(tmp_path) == before, "a failed open must not touch the log"
+
+
+def test_damage_spanning_several_records_then_valid_records_is_corrupt_log(tmp_path: Path) -> None:
+    """A zeroed 512-byte stretch (several records) with records after it: still corruption."""
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 100))
     wal.close()
+    seg = segments(tmp_path)[0]
+    data = bytearray(seg.read_bytes())
+    tenth = len(encode_many(recs(1, 9)))
+    data[tenth + 3:tenth + 515] = bytes(512)
+    seg.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog) as info:
+        WriteAheadLog(tmp_path)
+    assert info.value.data["offset"] == tenth and info.value.data["last_good_lsn"] == 9
+    assert seg.read_bytes() == bytes(data)
+
+
+def test_partial_frame_followed_by_zeros_is_a_torn_tail(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A crash mid-append can leave part of a frame and then zeros (allocated, never written): torn, cut."""
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 5))
+    wal.close()
+    seg = segments(tmp_path)[0]
+    size = seg.stat().st_size
+    batch = encode_many(recs(6, 40))
+    for torn in (batch[:50] + bytes(4096), batch[:len(batch) // 2] + bytes(10_000), bytes(8192)):
+        with seg.open("ab") as f:
+            f.write(torn)
+        with caplog.at_level(logging.WARNING, logger="dkv.wal.log"):
+            wal = WriteAheadLog(tmp_path)
+        assert wal.last_lsn in (5, 5 + len(list(iter_records(torn)))), "only whole leading frames survive"
+        wal.truncate_after(5)
+        wal.close()
+        assert seg.stat().st_size == size
+    assert any("torn tail" in r.getMessage() for r in caplog.records)
+
+
+def test_garbage_and_stale_frames_after_the_end_are_a_torn_tail(tmp_path: Path) -> None:
+    """Valid frames that cannot continue the log (an old LSN, an LSN too far ahead) do not make it corrupt."""
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 20))
+    wal.close()
+    seg = segments(tmp_path)[0]
+    size = seg.stat().st_size
+    with seg.open("ab") as f:
+        f.write(b"\x07" * 30 + encode_many(recs(3, 2)) + b"\x00" * 7 + encode(recs(5000, 1)[0]) + os.urandom(500))
+    wal = WriteAheadLog(tmp_path)
+    assert wal.last_lsn == 20 and seg.stat().st_size == size
+    wal.close()
+
+
+def test_resync_search_is_bounded_and_then_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its budget the forward look gives no verdict, and recovery refuses rather than cut."""
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 3))
+    wal.close()
+    seg = segments(tmp_path)[0]
+    # offsets that look like a frame header with a plausible LSN but are not frames
+    fake = struct.pack("<IIQQ", 100, 0, 1, 4) * 50
+    with seg.open("ab") as f:
+        f.write(b"\x01" + fake)
+    before = snapshot_dir(tmp_path)
+    monkeypatch.setattr(wal_log, "RESYNC_MAX_CANDIDATES", 10)
+    with pytest.raises(CorruptLog, match="scan limit"):
+        WriteAheadLog(tmp_path)
+    assert snapshot_dir(tmp_path) == before
+    monkeypatch.setattr(wal_log, "RESYNC_MAX_CANDIDATES", 10_000)
+    wal = WriteAheadLog(tmp_path)  # with the budget to look at them all: a torn tail
+    assert wal.last_lsn == 3
+    wal.close()
+
+
+def test_find_resync_skips_zero_runs_and_finds_the_next_frame_after_a_damaged_length() -> None:
+    data = bytearray(encode_many(recs(1, 30)))
+    tenth = len(encode_many(recs(1, 9)))
+    eleventh = len(encode_many(recs(1, 10)))
+    data[tenth + 1] ^= 0x40  # body_len off by 16 KiB: the header no longer points at the next frame
+    assert find_resync(bytes(data), tenth, 9, 1, 1000) == (eleventh, False)
+    assert find_resync(bytes(data[:tenth]) + bytes(1 << 20), tenth, 9, 1, 1000) == (None, False)
+    assert find_resync(bytes(data), tenth, 9, 2, 1000) == (None, False), "an epoch going back does not continue"
 
 
 def test_garbage_after_valid_records_is_dropped(tmp_path: Path) -> None:
@@ -283,6 +368,87 @@ def test_missing_middle_segment_raises_corrupt_log(tmp_path: Path) -> None:
     segs[1].unlink()
     with pytest.raises(CorruptLog):
         WriteAheadLog(tmp_path)
+
+
+# -- repair ------------------------------------------------------------------
+
+def quarantine_files(d: Path) -> list[Path]:
+    return sorted(d.glob("quarantine-*.bin"))
+
+
+def test_repair_quarantines_exactly_the_cut_bytes_then_the_log_opens(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 10))
+    wal.close()
+    seg = segments(tmp_path)[0]
+    fifth = len(encode_many(recs(1, 4)))
+    flip(seg, fifth + 30)
+    damaged = seg.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="dkv.wal.log"):
+        report = wal_log.repair(tmp_path)
+    assert report is not None
+    [q] = quarantine_files(tmp_path)
+    assert q.read_bytes() == damaged[fifth:]
+    assert seg.read_bytes() == damaged[:fifth]
+    assert (report.segment, report.offset, report.cut_bytes, report.last_good_lsn) == \
+        (str(seg), fifth, len(damaged) - fifth, 4)
+    assert report.quarantined == (str(q),)
+    assert (report.records, report.lsn_range) == (5, (6, 10)), "lsn 5 is the damaged one"
+    lost = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
+    assert lost and "5 valid record(s) in them (lsn 6..10)" in lost[-1] and str(q) in lost[-1]
+    wal = WriteAheadLog(tmp_path)
+    assert read_all(wal) == recs(1, 4)
+    wal.append(recs(5, 1, epoch=2))
+    wal.close()
+    assert read_all(WriteAheadLog(tmp_path)) == recs(1, 4) + recs(5, 1, epoch=2)
+
+
+def test_repair_of_an_earlier_segment_quarantines_the_later_ones_whole(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 30, 2):
+        wal.append(recs(lsn, 2))
+    wal.close()
+    segs = segments(tmp_path)
+    assert len(segs) >= 3
+    contents = [p.read_bytes() for p in segs]
+    second = len(encode(recs(1, 1)[0]))
+    flip(segs[0], second + 10)
+    damaged = segs[0].read_bytes()
+    report = wal_log.repair(tmp_path, fsync=False)
+    assert report is not None and report.offset == second and report.last_good_lsn == 1
+    quarantined = quarantine_files(tmp_path)
+    assert [q.read_bytes() for q in quarantined] == [damaged[second:], *contents[1:]]
+    assert report.cut_bytes == sum(map(len, contents)) - second
+    assert report.lsn_range == (3, 30)
+    assert segments(tmp_path) == segs[:1]
+    wal = WriteAheadLog(tmp_path)
+    assert read_all(wal) == recs(1, 1)
+    wal.close()
+
+
+def test_repair_of_a_missing_middle_segment_quarantines_what_follows_the_gap(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, segment_bytes=256)
+    for lsn in range(1, 30, 2):
+        wal.append(recs(lsn, 2))
+    wal.close()
+    segs = segments(tmp_path)
+    segs[1].unlink()
+    kept = segs[0].read_bytes()
+    report = wal_log.repair(tmp_path, fsync=False)
+    assert report is not None and report.offset == 0 and report.segment == str(segs[2])
+    assert len(quarantine_files(tmp_path)) == len(segs) - 2
+    assert segments(tmp_path) == segs[:1] and segs[0].read_bytes() == kept
+    WriteAheadLog(tmp_path).close()
+
+
+def test_repair_of_a_sound_log_changes_nothing(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(recs(1, 10))
+    wal.close()
+    before = snapshot_dir(tmp_path)
+    assert wal_log.repair(tmp_path) is None
+    assert snapshot_dir(tmp_path) == before
 
 
 # -- truncate_after ----------------------------------------------------------

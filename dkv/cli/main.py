@@ -18,12 +18,23 @@ def _env_flag(parser: argparse.ArgumentParser, flag: str, *, type: Callable[[str
     """Add ``flag`` whose default comes from ``DKV_<FLAG>`` when set."""
     var = "DKV_" + flag.lstrip("-").replace("-", "_").upper()
     raw = os.environ.get(var)
+    if kw.get("action") == "store_true":  # a switch: DKV_FLAG=1/true/yes/on turns it on
+        if raw is not None and raw.strip().lower() not in _TRUE + _FALSE:
+            parser.error(f"environment variable {var}={raw!r} is not a valid {flag} value "
+                         f"(use 1 or 0)")
+        default = raw is not None and raw.strip().lower() in _TRUE
+        parser.add_argument(flag, default=default, help=f"{help} [env {var}=1]", **kw)
+        return
     if raw is not None:
         try:
             default = type(raw)
         except ValueError:
             parser.error(f"environment variable {var}={raw!r} is not a valid {flag} value")
     parser.add_argument(flag, type=type, default=default, help=f"{help} [env {var}]", **kw)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
 
 def _ratio(text: str) -> tuple[int, int]:
@@ -58,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(s, "--max-key-bytes", type=int, default=1024, help="largest key accepted")
     _env_flag(s, "--max-value-bytes", type=int, default=1024 * 1024, help="largest value accepted")
     _env_flag(s, "--wal-segment-bytes", type=int, default=64 * 1024 * 1024, help="WAL segment size")
+    _env_flag(s, "--wal-repair", action="store_true",
+              help="if the WAL is corrupt (damage followed by valid records), copy everything from the "
+                   "damage on to a quarantine file in the WAL directory, cut the log there and start; "
+                   "use once, after reading why the node refused to start")
     _env_flag(s, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot]: cluster mode "
                                          "(without it the node is standalone)")
     _env_flag(s, "--replication-factor", type=int, default=3, help="members per shard (cluster mode)")
@@ -95,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(b, "--consistency", choices=["sequential", "linearizable", "eventual"], default="sequential",
               help="consistency level of the gets")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    w = sub.add_parser("wal", help="offline WAL maintenance: repair",
+                       description="Work on a stopped node's write-ahead log. repair DATA_DIR: if the "
+                                   "WAL is corrupt, copy everything from the damage on to a "
+                                   "quarantine-*.bin file in DATA_DIR/wal, then cut the log there "
+                                   "(what dkv serve --wal-repair does at start).")
+    w.add_argument("action", choices=["repair"])
+    w.add_argument("data_dir", metavar="DATA_DIR", help="the node's data directory (its --data-dir)")
 
     a = sub.add_parser("admin", help="cluster administration: status, drain, undrain, remove, cancel",
                        description="Administer a cluster through ZooKeeper. drain SHARD moves the "
@@ -134,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              value_size=args.value_size, ratio=args.ratio, keys=args.keys,
                              timeout=args.timeout, progress=not args.no_progress,
                              consistency=args.consistency)
+        if args.command == "wal":
+            return _wal(args)
         if args.command == "admin":
             from dkv.cli.admin import run_admin
 
@@ -154,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
                         data_dir=args.data_dir,
                         engine=args.engine, log_level=args.log_level,
                         max_key_bytes=args.max_key_bytes, max_value_bytes=args.max_value_bytes,
-                        wal_segment_bytes=args.wal_segment_bytes, zk=args.zk,
+                        wal_segment_bytes=args.wal_segment_bytes, wal_repair=args.wal_repair, zk=args.zk,
                         replication_factor=args.replication_factor, write_quorum=args.write_quorum,
                         session_timeout=args.session_timeout, write_timeout=args.write_timeout,
                         max_replica_lag=args.max_replica_lag, migration_rate=args.migration_rate,
@@ -162,6 +187,21 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
     serve(config)
+    return 0
+
+
+def _wal(args: argparse.Namespace) -> int:
+    from dkv.node.server import repair_wal
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    report = repair_wal(args.data_dir)
+    if report is None:
+        print(f"the WAL in {args.data_dir} is not corrupt; nothing to repair")
+    else:
+        print(f"cut {report.cut_bytes} byte(s) at offset {report.offset} of {report.segment} "
+              f"(the log now ends at lsn {report.last_good_lsn}; {report.records} valid record(s) cut"
+              + (f", lsn {report.lsn_range[0]}..{report.lsn_range[1]}" if report.records else "")
+              + f"); quarantined in {', '.join(report.quarantined)}")
     return 0
 
 

@@ -24,6 +24,8 @@ class NodeConfig:
     max_key_bytes: int = DEFAULT_MAX_KEY
     max_value_bytes: int = DEFAULT_MAX_VALUE
     wal_segment_bytes: int = 64 * 1024 * 1024
+    #: at start, cut a corrupt WAL at the corruption after copying the cut bytes to a quarantine file
+    wal_repair: bool = False
     #: most records one group commit takes from the queue
     max_batch_records: int = 8192
     # -- cluster mode (zk set) --

@@ -17,10 +17,20 @@ for a quorum of replicas. The pipeline sequences, batches and answers.
 Diskless mode (memory log + memory engine) does no I/O, so it runs on the hub:
 the memory engine must not be mutated from another thread while the hub reads
 it.
+
+Checkpoints: storage applies records without syncing, so until a checkpoint
+(a synced ``applied_lsn``, :meth:`Store.checkpoint`) the WAL is the only durable
+copy of them. The pipeline checkpoints once the WAL rolls over (then drops the
+segments below it), and also every :data:`CHECKPOINT_BYTES` of records committed
+or :data:`CHECKPOINT_SECONDS` after the first commit since the last checkpoint,
+whichever comes first (also when the node has gone idle), so a damaged WAL
+segment never holds more than that of records storage has not made durable.
+Checkpoints run in the pipeline's greenlet between batches, off the hub.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -30,12 +40,18 @@ import gevent.event
 
 from dkv.errors import DKVError, Moved, QuorumNotReached, Unavailable, WriteTimeout
 from dkv.storage import Store
+from dkv.wal.codec import MIN_FRAME_BYTES
 from dkv.wal.record import Op, Record
 
 logger = logging.getLogger(__name__)
 
 #: One write as the pipeline takes it: (op, key, value).
 WriteOp = tuple[Op, bytes, bytes]
+
+#: The pipeline checkpoints storage after this many bytes of records (as framed in the WAL) ...
+CHECKPOINT_BYTES = 8 * 1024 * 1024
+#: ... or this many seconds after the first commit since the last checkpoint, whichever comes first.
+CHECKPOINT_SECONDS = 5.0
 
 
 class Log(Protocol):
@@ -65,13 +81,17 @@ def offloaded(offload: bool, fn: Any, *args: Any) -> Any:
     return gevent.get_hub().threadpool.apply(fn, args) if offload else fn(*args)
 
 
-def checkpoint(log: Log, store: Store, offload: bool) -> None:
-    """Once the WAL has rolled over: make the applied state durable, drop segments below it."""
-    if log.segment_count <= 1:
-        return
+def checkpoint(log: Log, store: Store, offload: bool, periodic: bool = False) -> bool:
+    """Make the applied state durable and drop WAL segments below it; return whether it ran.
+
+    Runs once the WAL has rolled over (there are segments to drop), or always if ``periodic``.
+    """
+    if log.segment_count <= 1 and not periodic:
+        return False
 
     def work() -> int:
-        return log.compact(store.checkpoint())
+        lsn = store.checkpoint()
+        return log.compact(lsn) if log.segment_count > 1 else 0
 
     try:
         deleted = offloaded(offload, work)
@@ -79,6 +99,7 @@ def checkpoint(log: Log, store: Store, offload: bool) -> None:
             logger.info("checkpoint at lsn %d: deleted %d WAL segment(s)", store.applied_lsn, deleted)
     except Exception:  # compaction is an optimisation; never fail writes for it
         logger.exception("checkpoint/compaction failed")
+    return True
 
 
 class LocalWriter:
@@ -110,12 +131,19 @@ class _Pending:
 
 class WritePipeline:
     def __init__(self, log: Log, store: Store, writer: BatchWriter, *, max_batch_records: int = 8192,
-                 offload: bool = True) -> None:
+                 offload: bool = True, checkpoint_bytes: int = CHECKPOINT_BYTES,
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
         self._log = log
         self._store = store
-        self.writer = writer
+        self._writer = writer
         self._max = max_batch_records
         self._offload = offload
+        self._checkpoint_bytes = checkpoint_bytes
+        self._checkpoint_seconds = checkpoint_seconds
+        self._unchecked_bytes = 0  # framed bytes committed since the last checkpoint
+        self._unchecked_since: float | None = None  # monotonic time of the first such commit
+        #: checkpoints run by this pipeline (at rollover or periodic)
+        self.checkpoints = 0
         self._next_lsn = log.last_lsn + 1
         self._queue: deque[_Pending] = deque()
         self._wake = gevent.event.Event()
@@ -124,6 +152,22 @@ class WritePipeline:
         self.batches = 0
         self.records = 0
         self._loop = gevent.spawn(self._run)
+
+    @property
+    def writer(self) -> BatchWriter:
+        return self._writer
+
+    @writer.setter
+    def writer(self, writer: BatchWriter) -> None:
+        """Swap the batch writer (cluster mode: on becoming or ceasing to be the shard's writer).
+
+        Forgets the pending periodic checkpoint: once another role drives storage
+        (a replica applies from its own threads), the pipeline must not checkpoint
+        beside it.
+        """
+        self._writer = writer
+        self._unchecked_bytes = 0
+        self._unchecked_since = None
 
     # -- client side -------------------------------------------------------
 
@@ -169,12 +213,13 @@ class WritePipeline:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            self._wake.wait(self._checkpoint_due_in())
             self._wake.clear()
             while self._queue and self._failed is None:
                 self._commit(self._take())
             if self._closing:
                 return
+            self._checkpoint()
 
     def _take(self) -> list[_Pending]:
         taken: list[_Pending] = []
@@ -185,8 +230,9 @@ class WritePipeline:
             n += len(p.ops)
         return taken
 
-    def _sequence(self, batch: list[_Pending]) -> tuple[list[Record], list[list[Any]]]:
-        """Stamp records and compute per-op results against the applied state."""
+    def _sequence(self, batch: list[_Pending]) -> tuple[list[Record], list[list[Any]], int]:
+        """Stamp records and compute per-op results against the applied state; also the framed size."""
+        size = 0
         records: list[Record] = []
         results: list[list[Any]] = []
         overlay: dict[bytes, bool] = {}  # key -> exists, within this batch
@@ -195,6 +241,7 @@ class WritePipeline:
         for p in batch:
             res: list[Any] = []
             for op, key, value in p.ops:
+                size += MIN_FRAME_BYTES + len(key) + len(value)
                 if op is Op.DELETE:
                     res.append(overlay[key] if key in overlay else self._store.exists(key))
                     overlay[key] = False
@@ -204,7 +251,7 @@ class WritePipeline:
                 records.append(Record(epoch, lsn, op, key, value))
                 lsn += 1
             results.append(res)
-        return records, results
+        return records, results, size
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
@@ -214,7 +261,7 @@ class WritePipeline:
                 p.done.set_exception(e)
             return
         self._next_lsn = self._log.last_lsn + 1  # a failed batch may have been rolled back
-        records, results = self._sequence(batch)
+        records, results, size = self._sequence(batch)
         if not records:  # only barriers
             for p, res in zip(batch, results):
                 p.done.set(res)
@@ -242,7 +289,28 @@ class WritePipeline:
         self.records += len(records)
         for p, res in zip(batch, results):
             p.done.set(res)
-        checkpoint(self._log, self._store, self._offload)
+        self._unchecked_bytes += size
+        if self._unchecked_since is None:
+            self._unchecked_since = time.monotonic()
+        self._checkpoint(rolled=checkpoint(self._log, self._store, self._offload))
+
+    def _checkpoint_due_in(self) -> float | None:
+        """Seconds until a periodic checkpoint is due (0: now); None if nothing awaits one."""
+        if self._unchecked_since is None or self._failed is not None:
+            return None
+        if self._unchecked_bytes >= self._checkpoint_bytes:
+            return 0.0
+        return max(0.0, self._unchecked_since + self._checkpoint_seconds - time.monotonic())
+
+    def _checkpoint(self, rolled: bool = False) -> None:
+        """Checkpoint storage if a periodic checkpoint is due (``rolled``: one just ran)."""
+        if not rolled:
+            if self._checkpoint_due_in() != 0.0:
+                return
+            checkpoint(self._log, self._store, self._offload, periodic=True)
+        self.checkpoints += 1
+        self._unchecked_bytes = 0
+        self._unchecked_since = None
 
     def _fail_queued(self, error: DKVError) -> None:
         while self._queue:

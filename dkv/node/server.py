@@ -14,14 +14,14 @@ import gevent
 import gevent.event
 import zmq
 
-from dkv.errors import DKVError, InvalidArgument, Unavailable
+from dkv.errors import CorruptLog, DKVError, InvalidArgument, Unavailable
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import LocalWriter, WritePipeline
 from dkv.node.service import NodeService
 from dkv.protocol import unwrap
 from dkv.storage import Store
 from dkv.transport import RPCServer
-from dkv.wal.log import WriteAheadLog
+from dkv.wal.log import Repair, WriteAheadLog, repair
 from dkv.wal.memory import MemoryLog
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,16 @@ class Node:
         if cfg.durable:
             os.makedirs(cfg.data_dir, exist_ok=True)
             self.store = Store.open("leveldb", os.path.join(cfg.data_dir, "db"))
-            self.log: Any = WriteAheadLog(os.path.join(cfg.data_dir, "wal"), segment_bytes=cfg.wal_segment_bytes)
+            wal_dir = os.path.join(cfg.data_dir, "wal")
+            try:
+                if cfg.wal_repair:
+                    repair(wal_dir)  # under the store's lock: no other node has this data directory
+                self.log: Any = WriteAheadLog(wal_dir, segment_bytes=cfg.wal_segment_bytes)
+            except CorruptLog as e:
+                self.store.close()
+                raise CorruptLog(f"{e}. Refusing to start: to cut the log there, after copying the bytes "
+                                 f"that follow to a quarantine file, restart with --wal-repair (or run "
+                                 f"`dkv wal repair {cfg.data_dir}`)", **e.data) from None
             self._recover(replay=not cfg.cluster)
         else:
             self.store = Store.open("memory", None)
@@ -236,6 +245,23 @@ class Node:
         finally:
             self.log.close()
             self.store.close()
+
+
+def repair_wal(data_dir: str) -> Repair | None:
+    """``dkv wal repair``: repair a stopped node's WAL (see :func:`dkv.wal.log.repair`).
+
+    Holds the node's store open meanwhile, so it refuses (store "in use") while a node runs there.
+    """
+    wal_dir = os.path.join(data_dir, "wal")
+    if not os.path.isdir(wal_dir):
+        raise InvalidArgument(f"{data_dir} has no WAL directory ({wal_dir})")
+    db = os.path.join(data_dir, "db")
+    store = Store.open("leveldb", db) if os.path.isdir(db) else None
+    try:
+        return repair(wal_dir)
+    finally:
+        if store is not None:
+            store.close()
 
 
 def serve(config: NodeConfig) -> None:

@@ -14,10 +14,13 @@ Decoding never raises on bad input: :func:`decode_from` answers ``None`` for
 anything that is not one complete, valid record, and :func:`iter_records` stops
 at the first such spot, so a caller finds a torn or corrupt tail by comparing
 the last end offset with the buffer length. :func:`find_lsn` locates a record
-in a known-good buffer by walking frame headers only.
+in a known-good buffer by walking frame headers only. :func:`find_resync` looks
+past a bad spot for a frame that continues the log (recovery uses it to tell a
+torn tail from corruption, see :mod:`dkv.wal.log`).
 """
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from types import MappingProxyType
@@ -36,6 +39,12 @@ _OPS = MappingProxyType({int(op): op for op in Op})  # a dict lookup is ~10x fas
 MIN_BODY_BYTES = _BODY_HEAD.size + _U32.size
 #: Largest body accepted; a larger ``body_len`` is taken for garbage.
 MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Size of the smallest frame (header plus an empty-key, empty-value body): a
+#: frame's size is this plus its key and value lengths.
+MIN_FRAME_BYTES = _HEADER.size + MIN_BODY_BYTES
+
+_NONZERO = re.compile(rb"[^\x00]")
+_ZERO_LEN = bytes(4)  # a body_len of 0: no frame starts here
 
 
 def encode(rec: Record) -> bytes:
@@ -113,3 +122,69 @@ def find_lsn(buf: bytes | memoryview, lsn: int) -> int:
             return offset
         offset += _HEADER.size + _HEADER.unpack_from(buf, offset)[0]
     return len(buf)
+
+
+def _candidates(lo: int, hi: int) -> re.Pattern[bytes]:
+    """Offsets where a frame with ``lo <= lsn <= hi`` could start: ``body_len``'s top byte is at
+    most 4 (``MAX_BODY_BYTES`` is 0x04000000) and the LSN has the high bytes that ``lo`` and ``hi``
+    share (a zero-width match at each such offset)."""
+    a, b = _LSN.pack(lo), _LSN.pack(hi)
+    k = 0
+    while k < _LSN.size and a[-1 - k] == b[-1 - k]:
+        k += 1
+    top = a[_LSN.size - k:]
+    return re.compile(rb"(?s)(?=.{3}[\x00-\x04].{%d}%s)" % (_LSN_OFFSET - 4 + _LSN.size - k, re.escape(top)))
+
+
+def find_resync(buf: bytes | memoryview, bad: int, last_lsn: int, last_epoch: int,
+                max_candidates: int) -> tuple[int | None, bool]:
+    """Look past the bad spot at ``bad`` for a frame that continues the log; ``(offset, exhausted)``.
+
+    The log's valid run ends at ``bad`` with ``last_lsn`` / ``last_epoch``. A
+    frame at ``p > bad`` *continues* it if it decodes (length, CRC, op, inner
+    lengths) with ``epoch >= last_epoch`` and ``last_lsn < lsn <= last_lsn + 1 +
+    (p - bad) // MIN_FRAME_BYTES``: no more records could fit between ``bad`` and
+    ``p`` than the LSNs it skips. Stale or foreign frames (an LSN from elsewhere)
+    and zero-filled space do not count.
+
+    Candidates: first the offset the frame header at ``bad`` points to (its
+    length may be intact: a damaged body), then, in order, every offset after
+    ``bad`` whose bytes could be such a frame's length and LSN (found by a regular
+    expression, at C speed; zero runs are skipped). At most ``max_candidates`` are
+    decoded. ``offset`` is the first continuing frame found, else ``None``;
+    ``exhausted`` says the budget ran out first (undecided).
+    """
+    view = memoryview(buf)
+    n = len(view)
+    last_start = n - MIN_FRAME_BYTES  # no frame can start after this
+    if bad > last_start:
+        return None, False
+    hi = last_lsn + 1 + (n - bad) // MIN_FRAME_BYTES
+
+    def continues(p: int) -> bool:
+        body_len = _U32.unpack_from(view, p)[0]
+        if not MIN_BODY_BYTES <= body_len <= MAX_BODY_BYTES or p + _HEADER.size + body_len > n:
+            return False
+        if not last_lsn < _LSN.unpack_from(view, p + _LSN_OFFSET)[0] <= last_lsn + 1 + (p - bad) // MIN_FRAME_BYTES:
+            return False
+        decoded = decode_from(view, p)
+        return decoded is not None and decoded[0].epoch >= last_epoch
+
+    skip = bad + _HEADER.size + _U32.unpack_from(view, bad)[0]
+    if bad < skip <= last_start and continues(skip):
+        return skip, False
+    pattern, p, budget = _candidates(last_lsn + 1, hi), bad + 1, max_candidates
+    while p <= last_start and (m := pattern.search(view, p, last_start + MIN_FRAME_BYTES)) is not None:
+        p = m.start()
+        if view[p:p + 4] == _ZERO_LEN:  # inside a run of zeros: jump to its end
+            if (z := _NONZERO.search(view, p)) is None:
+                break
+            p = max(p + 1, z.start() - 3)  # a body_len's low bytes may be zero
+            continue
+        if continues(p):
+            return p, False
+        budget -= 1
+        if budget <= 0:
+            return None, True
+        p += 1
+    return None, False

@@ -14,6 +14,37 @@ after the previous entry, whichever comes first. :meth:`WriteAheadLog.read_from`
 seeks to the nearest entry at or before the requested LSN and reads forward in
 :data:`READ_CHUNK_BYTES` chunks, so a read touches the records it returns plus
 less than one index stride and one chunk, never the whole segment.
+
+Recovery tells a torn tail from corruption (DESIGN G6). Segments are read in
+order; the valid run of a segment ends at the first frame that does not decode
+(bad length, bad CRC, garbage) or does not continue the log (wrong LSN, epoch
+going back). Then:
+
+* in a segment that is not the last, or at a gap between segments, it is
+  corruption: later segments hold acknowledged records;
+* in the last segment, recovery looks past the bad spot for a frame that
+  *continues* the log (:func:`~dkv.wal.codec.find_resync`): one that decodes
+  with a correct CRC, an epoch no lower than the last good one, and an LSN above
+  the last good LSN but by no more than the number of frames that could fit in
+  the bytes skipped (``1 + gap // MIN_FRAME_BYTES``). If there is one, valid
+  records follow the damage, so it is corruption, not a crash mid-append. If
+  there is none (nothing, zeros, a partial frame, stale or foreign frames), it is
+  a torn tail: it is cut off with a warning.
+
+Corruption makes opening raise :class:`~dkv.errors.CorruptLog` naming the
+segment, the byte offset and how many bytes follow, and changes nothing on
+disk. The forward look decodes at most :data:`RESYNC_MAX_CANDIDATES` candidate
+offsets (found at C speed; zero runs are skipped); if that budget runs out
+without a verdict, recovery also refuses (never guess towards losing data).
+
+Repair is an explicit act: :func:`repair` copies every byte from the bad offset
+to the end of the log (later segments included) to ``quarantine-*.bin`` files
+in the log's directory, makes them durable, and only then cuts the log there.
+
+A crash that persists the pages of one unacknowledged append out of order (a
+hole of zeros followed by later records of the same batch) is indistinguishable
+from corruption by this rule, so it too needs an explicit repair; it is never
+silently cut.
 """
 from __future__ import annotations
 
@@ -24,11 +55,13 @@ import os
 import re
 import struct
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Generator, Iterator, Sequence
 
 from dkv.errors import CorruptLog, StorageClosed
-from dkv.wal.codec import MAX_BODY_BYTES, MIN_BODY_BYTES, decode_from, encode, iter_records
+from dkv.wal.codec import MAX_BODY_BYTES, MIN_BODY_BYTES, decode_from, encode, find_resync, iter_records
 from dkv.wal.epochs import EpochIndex
 from dkv.wal.record import Record, check_continues
 
@@ -45,6 +78,9 @@ INDEX_EVERY_RECORDS = 1000
 INDEX_EVERY_BYTES = 1024 * 1024
 #: Reads go forward through a segment this many bytes at a time (more for a bigger record).
 READ_CHUNK_BYTES = 1024 * 1024
+#: Recovery decodes at most this many candidate offsets past a bad spot when it
+#: looks for valid records (about a second of work on garbage).
+RESYNC_MAX_CANDIDATES = 1_000_000
 #: compaction keeps at most this many otherwise-deletable segments for a slot migration (1 GiB at 64 MiB)
 MAX_RETAINED_SEGMENTS = 16
 
@@ -84,9 +120,10 @@ class _SparseIndex:
 class WriteAheadLog:
     """A segmented write-ahead log with group commit and crash recovery.
 
-    Opening runs recovery: segments are scanned in order; a torn or corrupt
-    tail of the last segment is cut off (with a warning), while damage in an
-    earlier segment raises :class:`~dkv.errors.CorruptLog`.
+    Opening runs recovery: segments are scanned in order; a torn tail of the
+    last segment is cut off (with a warning), while damage followed by valid
+    records, or in an earlier segment, raises :class:`~dkv.errors.CorruptLog`
+    and changes nothing (see the module docstring).
 
     Not thread-safe: the node calls it from gevent's threadpool one call at a
     time. :meth:`read_from` reads files lazily as it is iterated (a chunk at a
@@ -314,7 +351,7 @@ class WriteAheadLog:
     # -- internals ---------------------------------------------------------
 
     def _recover(self) -> None:
-        """Load the segment list and cut a damaged tail of the last segment."""
+        """Load the segment list and cut a torn tail of the last segment; raise CorruptLog on corruption."""
         self._segments = sorted(int(m.group(1)) for p in self._dir.iterdir()
                                 if (m := _SEGMENT_NAME.fullmatch(p.name)))
         self._index = {first: _SparseIndex(first) for first in self._segments}
@@ -322,9 +359,8 @@ class WriteAheadLog:
         for i, first in enumerate(self._segments):
             path = self._path(first)
             if i and first != expected:
-                raise CorruptLog(f"WAL segment {path} starts at lsn {first} but the previous "
-                                 f"segment ends at lsn {expected - 1}",
-                                 path=str(path), offset=0, last_good_lsn=expected - 1)
+                raise self._corrupt(i, 0, expected - 1, f"the segment starts at lsn {first} but the "
+                                                        f"previous one ends at lsn {expected - 1}")
             data = path.read_bytes()
             expected, good_end, index = first, 0, self._index[first]
             for rec, start, end in iter_records(data):
@@ -335,18 +371,36 @@ class WriteAheadLog:
                 expected, good_end, self._last_epoch = expected + 1, end, rec.epoch
             is_last = i == len(self._segments) - 1
             if good_end != len(data) and not is_last:
-                raise CorruptLog(f"WAL segment {path} is damaged at offset {good_end} (last good "
-                                 f"lsn {expected - 1}) and later segments follow it",
-                                 path=str(path), offset=good_end, last_good_lsn=expected - 1)
+                raise self._corrupt(i, good_end, expected - 1, "later segments follow the damage")
+            if good_end != len(data):
+                found, exhausted = find_resync(data, good_end, expected - 1, self._last_epoch,
+                                               RESYNC_MAX_CANDIDATES)
+                if found is not None:
+                    lsn = struct.unpack_from("<Q", data, found + _FRAME_HEADER_BYTES + 8)[0]
+                    raise self._corrupt(i, good_end, expected - 1,
+                                        f"valid records follow the damage (lsn {lsn} at offset {found})")
+                if exhausted:
+                    raise self._corrupt(i, good_end, expected - 1,
+                                        "the damage cannot be told from a torn tail (no valid record "
+                                        "was found after it within the scan limit)")
             if is_last:
                 self._open(first)
                 self._active_bytes = good_end
                 if good_end != len(data):
                     self._cut(good_end)
-                    logger.warning("WAL segment %s: dropped %d damaged byte(s) at offset %d; "
+                    logger.warning("WAL segment %s: dropped a torn tail of %d byte(s) at offset %d; "
                                    "the log now ends at lsn %d",
                                    path, len(data) - good_end, good_end, expected - 1)
         self._last_lsn = expected - 1
+
+    def _corrupt(self, i: int, offset: int, last_good_lsn: int, why: str) -> CorruptLog:
+        """The error for damage at ``offset`` of the ``i``-th segment (``why`` says what is wrong)."""
+        path = self._path(self._segments[i])
+        following = sum(self._path(first).stat().st_size for first in self._segments[i:]) - offset
+        return CorruptLog(f"WAL segment {path} is corrupt at byte offset {offset}: {why}; {following} "
+                          f"byte(s) from there to the end of the log; the last good record is lsn "
+                          f"{last_good_lsn}", path=str(path), offset=offset, following_bytes=following,
+                          last_good_lsn=last_good_lsn)
 
     @contextmanager
     def _close_on_error(self, what: str) -> Iterator[None]:
@@ -443,13 +497,7 @@ class WriteAheadLog:
             self._sync_dir()
 
     def _sync_dir(self) -> None:
-        if not self._fsync:
-            return
-        fd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(self._dir, self._fsync)
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -460,3 +508,102 @@ class WriteAheadLog:
         if self._closed:
             raise StorageClosed("the write-ahead log is closed")
 
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What :func:`repair` cut from a corrupt log."""
+
+    #: the segment holding the damage, and its byte offset (where the log was cut)
+    segment: str
+    offset: int
+    #: bytes cut: from ``offset`` to the end of the log, later segments included
+    cut_bytes: int
+    #: the last record kept
+    last_good_lsn: int
+    #: the quarantine files holding the cut bytes (one per segment, in order)
+    quarantined: tuple[str, ...]
+    #: valid records found in the cut bytes, and their lowest and highest LSN (0, 0 if none)
+    records: int
+    lsn_range: tuple[int, int]
+
+
+def _valid_records(data: bytes, after_lsn: int) -> list[int]:
+    """The LSNs of the valid frames in ``data`` (cut bytes), found as recovery would look for them."""
+    lsns: list[int] = []
+    pos, last = 0, after_lsn
+    while True:
+        for rec, _, end in iter_records(data, pos):
+            lsns.append(rec.lsn)
+            pos, last = end, rec.lsn
+        found, _ = find_resync(data, pos, last, 0, RESYNC_MAX_CANDIDATES)
+        if found is None:
+            return lsns
+        pos = found
+
+
+def repair(directory: str | os.PathLike[str], fsync: bool = True) -> Repair | None:
+    """Cut a corrupt log at its corruption, after quarantining the bytes cut; None if it is not corrupt.
+
+    Copies every byte from the corruption to the end of the log to
+    ``quarantine-<UTC time>-<segment>.bin`` files in ``directory`` (one per
+    segment: the damaged one from the bad offset, later ones whole), syncs them,
+    then deletes the later segments and truncates the damaged one at the bad
+    offset. Logs what was lost. A torn tail is cut by opening, as always.
+    The log must not be open elsewhere (the node holds its store's lock).
+    """
+    wal_dir = Path(directory)
+    try:
+        WriteAheadLog(wal_dir, fsync=fsync).close()
+        return None
+    except CorruptLog as e:
+        damaged, offset, last_good = Path(e.data["path"]), int(e.data["offset"]), int(e.data["last_good_lsn"])
+        logger.warning("WAL repair: %s", e)
+    segments = sorted(p for p in wal_dir.iterdir() if _SEGMENT_NAME.fullmatch(p.name))
+    affected = segments[segments.index(damaged):]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    quarantined: list[str] = []
+    lsns: list[int] = []
+    cut = 0
+    for j, seg in enumerate(affected):
+        data = seg.read_bytes()[offset if j == 0 else 0:]
+        lsns.extend(_valid_records(data, lsns[-1] if lsns else last_good))
+        target = wal_dir / f"quarantine-{stamp}-{seg.stem}.bin"
+        with open(target, "xb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        quarantined.append(str(target))
+        cut += len(data)
+    _fsync_dir(wal_dir, fsync)
+    # The cut bytes are durable in quarantine: now cut, newest first (a crash leaves a prefix).
+    for seg in affected[:0:-1]:
+        seg.unlink()
+    if offset == 0 and damaged != segments[0]:
+        damaged.unlink()  # an empty segment after the first would be a gap
+    else:
+        with open(damaged, "r+b") as f:
+            f.truncate(offset)
+            if fsync:
+                os.fsync(f.fileno())
+    _fsync_dir(wal_dir, fsync)
+    report = Repair(str(damaged), offset, cut, last_good, tuple(quarantined), len(lsns),
+                    (min(lsns), max(lsns)) if lsns else (0, 0))
+    logger.warning("WAL repair: cut %d byte(s) at offset %d of %s; the log now ends at lsn %d; %s; "
+                   "the cut bytes are in %s",
+                   cut, offset, damaged, last_good,
+                   f"{len(lsns)} valid record(s) in them (lsn {min(lsns)}..{max(lsns)}) are no longer in the log"
+                   if lsns else "no valid record was found in them", ", ".join(quarantined))
+    WriteAheadLog(wal_dir, fsync=fsync).close()  # it opens now (raises if it still does not)
+    return report
+
+
+def _fsync_dir(directory: Path, fsync: bool) -> None:
+    if not fsync:
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
