@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -30,10 +31,21 @@ class Host:
         return ["ip", "netns", "exec", self.ns]
 
 
+def _free_third_octet() -> int:
+    """A 10.231.X.0/24 no interface on this host uses (a lab left by a killed run keeps its
+    bridge: sharing its subnet would send our nodes' traffic to the wrong bridge)."""
+    used = set(re.findall(r"inet 10\.231\.(\d+)\.", subprocess.run(
+        ["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout))
+    free = [x for x in range(1, 254) if str(x) not in used]
+    if not free:
+        raise RuntimeError("every 10.231.X.0/24 subnet is in use (remove stale dkv* bridges)")
+    return random.choice(free)
+
+
 class NetLab:
     def __init__(self) -> None:
         self.tag = f"{random.randrange(16 ** 4):04x}"
-        self.subnet = f"10.231.{random.randrange(1, 254)}"
+        self.subnet = f"10.231.{_free_third_octet()}"
         self.bridge = f"dkvbr{self.tag}"
         self.gateway = f"{self.subnet}.1"
         self.hosts: list[Host] = []
