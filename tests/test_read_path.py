@@ -120,7 +120,10 @@ def test_deposed_writer_never_answers_a_linearizable_read_with_its_stale_value(c
     raw = zerorpc.Client(timeout=30, heartbeat=None)
     raw.connect(f"tcp://{old_node.addr}")
     try:
-        queued = [raw("batch", [["get", KEY, "linearizable"]], **{"async": True}) for _ in range(5)]
+        # Sequential reads too: read-your-writes must hold across the failover, so a writer
+        # whose lease lapsed while it was paused confirms its epoch before it answers.
+        queued = [raw("batch", [["get", KEY, level]], **{"async": True})
+                  for level in ("sequential", "linearizable") for _ in range(3)]
         old_node.resume()
         t_resume = time.monotonic()
         outcomes: list[Any] = []
@@ -133,9 +136,9 @@ def test_deposed_writer_never_answers_a_linearizable_read_with_its_stale_value(c
                 outcomes.append(outcome_of(result.get()))
             except Exception as e:
                 outcomes.append(type(e).__name__)
-        for _ in range(4):  # and a few more
+        for level in ("sequential", "linearizable", "sequential", "linearizable"):  # and a few more
             try:
-                outcomes.append(outcome_of(raw("batch", [["get", KEY, "linearizable"]])))
+                outcomes.append(outcome_of(raw("batch", [["get", KEY, level]])))
             except Exception as e:
                 outcomes.append(type(e).__name__)
         elapsed = time.monotonic() - t_resume
@@ -143,7 +146,7 @@ def test_deposed_writer_never_answers_a_linearizable_read_with_its_stale_value(c
         raw.close()
 
     stale = [o for o in outcomes if o == b"old"]
-    assert not stale, (f"the deposed writer {old} answered a linearizable read with its stale value "
+    assert not stale, (f"the deposed writer {old} answered a read with its stale value "
                        f"after {new} had acknowledged the new one: {outcomes}")
     values = [o for o in outcomes if isinstance(o, bytes)]
     assert all(v == b"new" for v in values), outcomes
@@ -372,4 +375,31 @@ def test_confirmation_completes_at_a_quorum_without_waiting_for_a_hung_replica()
             w.confirm()  # and again: the hung replica's first prepare does not block the next round
     finally:
         never.set()
+        w.stop()
+
+
+def test_a_writer_reads_sequentially_without_a_round_only_while_its_lease_holds() -> None:
+    """The lease comes from a quorum round; a pause (monotonic time passing) ends it, and a
+    writer whose replicas promised a newer epoch cannot renew it."""
+    epoch = 2
+    config = NodeConfig(node_id="w", engine="memory", replication_factor=3, write_quorum=2, write_timeout=1.0,
+                        session_timeout=6.0)
+    w = _DirectWriter(config, SID, epoch, MemoryLog(), Store.open("memory"), addr_of=lambda rid: None,
+                      bump_epoch=lambda: epoch + 1, is_current=lambda: True)
+    try:
+        w.replicas = {"a": _Replica(epoch), "b": _Replica(epoch)}
+        w.leader.set_replicas(list(w.replicas))
+        for p in w.leader.replicas.values():
+            p.state, p.match_lsn = IN_SYNC, 0
+        assert not w.has_lease()  # nothing confirmed yet
+        w.confirm()
+        assert w.has_lease()
+        w._lease_from -= config.session_timeout  # as if the process had been paused that long
+        assert not w.has_lease()
+        for r in w.replicas.values():  # meanwhile a newer writer fenced the replicas
+            r.f.on_fence(epoch + 1)
+        with pytest.raises(Unavailable):
+            w.confirm()
+        assert not w.has_lease()
+    finally:
         w.stop()

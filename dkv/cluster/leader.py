@@ -17,6 +17,7 @@ next prepare, or with a heartbeat once the writer is idle.
 from __future__ import annotations
 
 import logging
+import time
 from itertools import islice
 from typing import Any, Callable
 
@@ -68,6 +69,8 @@ class ReplicatedWriter:
         self._notified_lsn = self.leader.commit_lsn
         self._notice: gevent.Greenlet | None = None
         self._confirm_next: gevent.event.AsyncResult | None = None
+        #: monotonic send time of the latest round a write quorum accepted (see has_lease)
+        self._lease_from = 0.0
         self._confirming = False
         self._active = True
         self._greenlets = [gevent.spawn(self._heartbeat_loop)]
@@ -146,7 +149,10 @@ class ReplicatedWriter:
             m = self.leader.prepare(records, prev, self._epoch_at(prev))
             targets = self.leader.in_sync()
             local = gevent.spawn(offloaded, self._offload, self.log.append, records)
+            sent = time.monotonic()
             acked = self._replicate(m, targets, local)
+            if len(acked) >= self.leader.needed:
+                self._lease_from = max(self._lease_from, sent)
             if not local.successful():
                 raise local.exception  # type: ignore[misc]  # the pipeline's log-failure path
             if len(acked) < self.leader.needed:
@@ -348,8 +354,24 @@ class ReplicatedWriter:
         round_ = ReadConfirmation(self.epoch, self.leader.needed, targets)
         commit = self.leader.commit_lsn
         wire = self.leader.prepare([], commit, self._epoch_at(commit)).to_wire()
+        sent = time.monotonic()
         self._fanout(wire, targets, round_.on_reply, lambda: round_.settled)
+        if round_.confirmed:
+            self._lease_from = max(self._lease_from, sent)
         return round_
+
+    def has_lease(self) -> bool:
+        """May a sequential read be answered without a confirmation round?
+
+        Yes while a write quorum accepted something we sent less than a third of the
+        session timeout ago (with ZooKeeper connected): no newer writer can have been
+        promoted since, as that needs our session to expire first. The clock is
+        monotonic, so a writer that was paused (SIGSTOP, a VM freeze) finds its lease
+        expired on waking, and confirms its epoch before it answers from its store.
+        """
+        if not self._is_current():
+            return False
+        return self.leader.needed == 0 or time.monotonic() - self._lease_from < self.config.session_timeout / 3
 
     def _send_prepare(self, rid: str, wire: list[Any]) -> Reply | None:
         """One prepare to a replica (None: no answer). A failed or refused prepare

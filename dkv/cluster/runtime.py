@@ -237,6 +237,14 @@ class ClusterRuntime:
                                "and is committing the log tail it took over; retry shortly")
         return self.not_writer_error()
 
+    def needs_confirmation(self, consistency: str | None) -> bool:
+        """Does a read at ``consistency`` need the writer's epoch confirmed first? Linearizable
+        reads always; sequential ones when the writer's lease lapsed (it may have been paused
+        while a newer writer took over: read-your-writes must not see its stale store)."""
+        if consistency == "linearizable":
+            return True
+        return consistency == "sequential" and self.writer is not None and not self.writer.has_lease()
+
     def confirm_linearizable(self) -> None:
         if self.writer is None:
             raise self.not_writer_error()

@@ -61,7 +61,8 @@ class NodeService:
             except DKVError as e:
                 replies[i] = protocol.err(e)
         confirm_error: DKVError | None = None
-        if self.router is not None and any(c == "linearizable" for *_, c in parsed):
+        confirm = {c for *_, c in parsed if self.router is not None and self.router.needs_confirmation(c)}
+        if confirm:
             try:
                 self.router.confirm_linearizable()  # one round for the whole batch (yields)
             except DKVError as e:
@@ -72,7 +73,7 @@ class NodeService:
         own = self.router.ownership() if self.router is not None else None
         for i, name, key, value, consistency in parsed:
             try:
-                if consistency == "linearizable" and confirm_error is not None:
+                if consistency in confirm and confirm_error is not None:
                     raise confirm_error
                 if self.router is not None:
                     self.router.route(name, key, consistency, own)
