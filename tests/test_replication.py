@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dkv.cluster.follower import PromiseFile, apply_actions, apply_log
-from dkv.cluster.replication import (COMMITTED, GAP, IN_SYNC, MISMATCH, STALE_EPOCH, CutTo, Follower,
+from dkv.cluster.follower import FollowerDriver, PromiseFile, apply_actions, apply_log
+from dkv.cluster.replication import (AHEAD, BEYOND_EPOCH, BEYOND_LOG, COMMITTED, DIVERGED, GAP, IN_SYNC, MATCH,
+                                     MISMATCH, NOT_COMPARABLE, STALE_EPOCH, CutTo, DigestRequest, Follower,
                                      Leader, Prepare, ReadConfirmation, Reply, SendFrom, SendSnapshot, Synced,
-                                     Truncate)
+                                     Truncate, compare_digest)
 from dkv.storage import Store
 from dkv.wal.memory import MemoryLog
 from dkv.wal.record import Op, Record
@@ -345,3 +346,211 @@ def test_a_replica_learns_its_writers_slot_map_version_from_accepted_prepares_on
     assert m.f.slot_version == 9
     assert m.prepare(Prepare(2, 1, 2, (), 1, slot_version=8)).ok  # never goes back
     assert m.f.slot_version == 9
+
+
+# -- defence in depth: epochs bounded by ZooKeeper's record, snapshots by the writer's log ---------
+
+
+def guarded(max_epoch: int, promised: int = 0) -> Member:
+    """A member whose follower knows ZooKeeper records ``max_epoch`` for its shard."""
+    m = Member()
+    m.promise.save(promised)
+    m.f = Follower(m.log, promised=promised, applied_lsn=0, max_epoch=max_epoch)
+    return m
+
+
+def test_a_fence_beyond_the_recorded_epoch_is_refused_and_promises_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a = guarded(3, promised=2)
+    a.promise = PromiseFile(str(tmp_path / "promise"))
+    a.promise.save(2)
+    reply, actions = a.f.on_fence(2**62)
+    assert reply.reason == BEYOND_EPOCH and actions == [] and a.f.promised == 2
+    assert PromiseFile(str(tmp_path / "promise")).epoch == 2  # nothing durable either
+    reply, actions = a.f.on_fence(3)  # the recorded epoch (a promotion's reservation)
+    apply_actions(actions, a.log, a.store, a.promise)
+    assert reply.ok and PromiseFile(str(tmp_path / "promise")).epoch == 3
+
+
+def test_prepare_and_truncate_only_at_the_recorded_epoch() -> None:
+    a = guarded(3, promised=2)
+    assert a.prepare(Prepare(4, 0, 0, tuple(recs(4, 1, 1)), 0)).reason == BEYOND_EPOCH
+    assert a.truncate(Truncate(4, 0)).reason == BEYOND_EPOCH
+    # Epoch 2 was promised, but ZooKeeper moved on to 3: its writer is deposed, and told so.
+    old = a.prepare(Prepare(2, 0, 0, tuple(recs(2, 1, 1)), 0))
+    assert old.reason == STALE_EPOCH and old.promised == 3
+    assert a.log.last_lsn == 0 and a.f.promised == 2
+    assert a.prepare(Prepare(3, 0, 0, tuple(recs(3, 1, 1)), 0)).ok and a.f.promised == 3
+    w = Writer(epoch=2, replicas=("a",))
+    w.leader.on_reply("a", old)
+    assert w.leader.deposed
+
+
+def test_a_newly_recorded_epoch_admits_its_writer_and_the_bound_never_falls() -> None:
+    a = guarded(3)
+    assert a.prepare(Prepare(4, 0, 0, tuple(recs(4, 1, 1)), 0)).reason == BEYOND_EPOCH
+    a.f.learn_max_epoch(4)  # the view (or an on-demand read) shows the promotion
+    assert a.prepare(Prepare(4, 0, 0, tuple(recs(4, 1, 1)), 0)).ok
+    a.f.learn_max_epoch(2)
+    assert a.f.max_epoch == 4
+
+
+def test_a_writer_is_not_deposed_by_a_refusal_that_names_its_own_new_epoch() -> None:
+    # A heartbeat in epoch 3 refused by a member that already saw our bump to 4 recorded.
+    w = Writer(epoch=3, replicas=("a",))
+    w.leader.on_reply("a", Reply(STALE_EPOCH, 4, 0, 0))
+    assert w.leader.deposed
+    w.leader.epoch = 4  # our own bump completed
+    assert not w.leader.deposed
+
+
+def test_a_snapshot_beyond_what_the_writer_showed_is_refused() -> None:
+    a = guarded(2, promised=2)
+    a.prepare(Prepare(2, 0, 0, tuple(recs(2, 1, 5)), 5))
+    refusal = a.f.on_snapshot(2, 10**9)
+    assert refusal is not None and refusal.reason == BEYOND_LOG
+    assert a.f.on_snapshot(2, 5) is None
+    refusal = a.f.on_snapshot(3, 5)
+    assert refusal is not None and refusal.reason == BEYOND_EPOCH
+    # A new epoch's writer has shown nothing yet: what the old one showed does not count.
+    a.f.learn_max_epoch(3)
+    a.f.on_fence(3)
+    refusal = a.f.on_snapshot(3, 5)
+    assert refusal is not None and refusal.reason == BEYOND_LOG
+
+
+def test_catch_up_by_snapshot_still_works_after_the_writer_shows_its_position() -> None:
+    """The writer's path (leader.py _send_snapshot): a heartbeat at its commit point, which a
+    member far behind answers with a gap, then the snapshot at the writer's applied lsn."""
+    w = Writer(replicas=("a",), quorum=1, log=MemoryLog(retain=2))
+    for _ in range(4):
+        w.write(2)
+    w.leader.commit_lsn = 8
+    w.store.apply(recs(1, 1, 8))  # what it wrote (its log no longer holds the start)
+    a = guarded(1)
+    assert w.leader.catchup_step("a", busy=False) == SendSnapshot()
+    gap = a.prepare(w.leader.prepare([], 8, 1))
+    assert gap.reason == GAP
+    assert a.f.on_snapshot(1, w.store.applied_lsn) is None
+
+
+def test_a_digest_request_applies_up_to_the_committed_lsn_or_reports_ahead() -> None:
+    w, a = Writer(replicas=("a",), quorum=2), Member()
+    w.leader.on_reply("a", a.prepare(w.write(4)))
+    w.commit(4)
+    assert a.store.applied_lsn == 0
+    reply, actions = a.f.on_digest(w.leader.digest_request(3))
+    apply_actions(actions, a.log, a.store, a.promise)
+    assert reply.ok and reply.applied_lsn == 3 == a.store.applied_lsn  # exactly the asked point
+    reply, _ = a.f.on_digest(w.leader.digest_request(2))
+    assert reply.reason == AHEAD  # applied past it: not comparable
+    reply, _ = a.f.on_digest(w.leader.digest_request(9))
+    assert reply.reason == GAP
+
+
+def test_compare_digest_and_a_diverged_replica_is_resynced_from_a_snapshot() -> None:
+    ok = Reply("", 1, 4, 1, 4, 4)
+    assert compare_digest(4, "x", ok, "x") == MATCH
+    assert compare_digest(4, "x", ok, "y") == DIVERGED
+    assert compare_digest(5, "x", ok, "y") == NOT_COMPARABLE  # not at the same lsn
+    assert compare_digest(4, "x", Reply(AHEAD, 1, 6, 1, 0, 6), None) == NOT_COMPARABLE
+    w, a = Writer(replicas=("a",)), Member()
+    w.leader.on_reply("a", a.prepare(w.write(2)))
+    w.commit(2)
+    assert catch_up(w, "a", a)[-1] == Synced()
+    w.leader.resync("a")
+    assert w.leader.in_sync() == [] and w.leader.catchup_step("a", busy=False) == SendSnapshot()
+    w.leader.snapshot_installed("a")
+    w.leader.on_reply("a", Reply("", 1, 2, 1, 2, 2))
+    assert w.leader.catchup_step("a", busy=False) == Synced()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_forged_messages_are_refused_and_members_still_converge(seed: int) -> None:
+    """Random delivery plus forged fences, prepares and snapshots beyond what ZooKeeper records
+    and what the writer showed: none is taken, and every member ends with the writer's data."""
+    import random
+
+    rnd = random.Random(seed)
+    w = Writer(replicas=("a", "b"))
+    members = {"a": guarded(1), "b": guarded(1)}
+    for _ in range(12):
+        m = w.write(rnd.randint(1, 3))
+        for rid, mem in members.items():
+            if rnd.random() < 0.8:
+                w.leader.on_reply(rid, mem.prepare(m))
+            forged = rnd.choice(["fence", "prepare", "truncate", "snapshot"])
+            big = rnd.choice([2, 2**62])
+            if forged == "fence":
+                reply, actions = mem.f.on_fence(big)
+            elif forged == "prepare":
+                reply, actions = mem.f.on_prepare(Prepare(big, 0, 0, tuple(recs(big, 1, 1, "EVIL")), 10**9))
+            elif forged == "truncate":
+                reply, actions = mem.f.on_truncate(Truncate(big, 0))
+            else:
+                refusal, actions = mem.f.on_snapshot(rnd.choice([1, big]), 10**9), []
+                assert refusal is not None
+                reply = refusal
+            assert reply.reason in (BEYOND_EPOCH, BEYOND_LOG) and actions == []
+        if len(w.leader.acked(w.log.last_lsn)) >= w.leader.needed:
+            w.commit(w.log.last_lsn)
+    for rid, m in members.items():
+        probe = m.prepare(w.leader.prepare([], w.log.last_lsn, w.leader.epoch))
+        w.leader.on_reply(rid, probe)
+        if not probe.ok:
+            catch_up(w, rid, m)
+            w.leader.on_reply(rid, m.prepare(prepare_tail(w, rid)))
+    w.commit(w.log.last_lsn)
+    for rid, m in members.items():
+        w.leader.on_reply(rid, m.prepare(w.heartbeat(rid)))
+        assert m.f.promised == 1 and m.store.digest() == w.store.digest(), rid
+
+
+# -- the replica's adapter: reading ZooKeeper's record on demand, refusing forged snapshots ------
+
+
+def _driver(tmp_path, max_epoch: int, recorded: list[int | None]):  # type: ignore[no-untyped-def]
+    promise = PromiseFile(str(tmp_path / "promise"))
+    lookups: list[int] = []
+
+    def recorded_epoch() -> int | None:
+        lookups.append(1)
+        return recorded[0]
+
+    d = FollowerDriver(MemoryLog(), Store.open("memory"), promise, offload=False, max_epoch=max_epoch,
+                       recorded_epoch=recorded_epoch)
+    return d, lookups
+
+
+def test_the_driver_reads_the_recorded_epoch_when_a_message_is_beyond_its_view(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    recorded: list[int | None] = [4]
+    d, lookups = _driver(tmp_path, 3, recorded)
+    assert Reply.from_wire(d.fence(3)).ok and lookups == []  # within the view: no read
+    assert Reply.from_wire(d.fence(4)).ok and lookups == [1]  # a promotion the watch has not shown yet
+    assert PromiseFile(str(tmp_path / "promise")).epoch == 4
+    assert Reply.from_wire(d.fence(2**62)).reason == BEYOND_EPOCH
+    recorded[0] = None  # ZooKeeper unreachable: refused, the sender retries
+    assert Reply.from_wire(d.fence(5)).reason == BEYOND_EPOCH
+    assert PromiseFile(str(tmp_path / "promise")).epoch == 4 and d.state.promised == 4
+
+
+def test_the_driver_refuses_a_forged_snapshot_and_keeps_its_data(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    d, _ = _driver(tmp_path, 2, [2])
+    assert Reply.from_wire(d.prepare(Prepare(2, 0, 0, tuple(recs(2, 1, 5)), 5).to_wire())).ok
+    before = d.store.digest()
+    evil = b"SNAP-EVIL" * 1000
+    reply = Reply.from_wire(d.snapshot_chunk(2, True, [[b"k1", evil]], True, 10**9, 2))
+    assert reply.reason == BEYOND_LOG and d.store.digest() == before and d.store.applied_lsn == 5
+    assert "refused a snapshot chunk (beyond_log" in caplog.text
+    assert max(len(r.getMessage()) for r in caplog.records) < 600  # the input is quoted, bounded
+    # The writer's own catch-up: a snapshot at a position it has shown is installed.
+    ok = Reply.from_wire(d.snapshot_chunk(2, True, [[b"k1", b"v"]], True, 5, 2))
+    assert ok.ok and d.store.applied_lsn == 5 and dict(d.store.scan()) == {b"k1": b"v"}
+
+
+def test_the_driver_answers_a_digest_at_exactly_the_asked_lsn(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d, _ = _driver(tmp_path, 2, [2])
+    d.prepare(Prepare(2, 0, 0, tuple(recs(2, 1, 5)), 0).to_wire())
+    raw, digest = d.digest(DigestRequest(2, 3, 2).to_wire())
+    assert Reply.from_wire(raw).applied_lsn == 3 and digest == d.store.digest()
+    raw, digest = d.digest(DigestRequest(2, 2, 2).to_wire())
+    assert Reply.from_wire(raw).reason == AHEAD and digest is None

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(s, "--migration-freeze-timeout", type=float, default=10.0,
               help="seconds a moving slot range may stay frozen (refusing writes) before the move "
                    "is cancelled and the source serves it again")
+    _env_flag(s, "--anti-entropy-interval", type=float, default=30.0,
+              help="seconds between a shard writer's store digest comparisons with its replicas; a "
+                   "diverged replica is re-synced from a snapshot (0: never)")
 
     c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin)",
                        description="Interactive dkv prompt. When stdin is not a terminal, runs one "
@@ -183,7 +186,8 @@ def _serve(args: argparse.Namespace) -> int:
                         replication_factor=args.replication_factor, write_quorum=args.write_quorum,
                         session_timeout=args.session_timeout, write_timeout=args.write_timeout,
                         max_replica_lag=args.max_replica_lag, migration_rate=args.migration_rate,
-                        migration_freeze_timeout=args.migration_freeze_timeout)
+                        migration_freeze_timeout=args.migration_freeze_timeout,
+                        anti_entropy_interval=args.anti_entropy_interval)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
     serve(config)

@@ -6,11 +6,18 @@ are executed in gevent's threadpool, in order, before the reply goes back.
 Snapshots (when the writer's WAL no longer holds what this member needs) are
 installed chunk by chunk: the first chunk clears the store, the last sets the
 applied LSN and restarts the log after it.
+
+A message whose epoch is above the one ZooKeeper records for the shard, as far
+as the follower knows, makes the driver read the record on demand
+(``recorded_epoch``; at most one read in flight) before deciding: a newly
+promoted writer's first fence or prepare can beat this node's watch. Refusals
+that only a forged or confused sender earns are logged with a bounded quote.
 """
 from __future__ import annotations
 
 import logging
 import os
+import reprlib
 from collections import deque
 import time
 from typing import Any, Callable, Sequence
@@ -18,8 +25,9 @@ from typing import Any, Callable, Sequence
 import gevent
 import gevent.lock
 
-from dkv.cluster.replication import (Action, AppendLog, ApplyUpTo, Follower, PersistPromise, Prepare,
-                                     Reply, Truncate, TruncateLog, records_to_wire)
+from dkv.cluster.replication import (BEYOND_EPOCH, BEYOND_LOG, Action, AppendLog, ApplyUpTo, DigestRequest,
+                                     Follower, PersistPromise, Prepare, Reply, Truncate, TruncateLog,
+                                     records_to_wire)
 from dkv.errors import Unavailable
 from dkv.node.pipeline import checkpoint
 from dkv.storage import Store
@@ -29,6 +37,16 @@ logger = logging.getLogger(__name__)
 
 #: Records applied per store batch when catching up the store from the log.
 APPLY_CHUNK = 5000
+#: Longest quote of a refused message in the log.
+QUOTE_CHARS = 200
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxlevel = 40, 40, 4, 3
+
+
+def quote(obj: Any) -> str:
+    """A bounded rendering of untrusted input for a log line."""
+    text = _repr.repr(obj)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
 
 
 class PromiseFile:
@@ -97,14 +115,21 @@ def apply_log(log: Any, store: Store, up_to: int) -> None:
 
 
 class FollowerDriver:
-    """Serialises a shard writer's messages to this replica and executes them."""
+    """Serialises a shard writer's messages to this replica and executes them.
 
-    def __init__(self, log: Any, store: Store, promise: PromiseFile, offload: bool = True) -> None:
+    ``max_epoch``: the epoch ZooKeeper records for our shard as known so far (None:
+    unbounded); ``recorded_epoch`` reads it from ZooKeeper now (None if it cannot).
+    """
+
+    def __init__(self, log: Any, store: Store, promise: PromiseFile, offload: bool = True,
+                 max_epoch: int | None = None, recorded_epoch: Callable[[], int | None] | None = None) -> None:
         self.log = log
         self.store = store
         self.promise = promise
         self.offload = offload
-        self.state = Follower(log, promised=promise.epoch, applied_lsn=store.applied_lsn)
+        self.state = Follower(log, promised=promise.epoch, applied_lsn=store.applied_lsn, max_epoch=max_epoch)
+        self._recorded_epoch = recorded_epoch
+        self._lookup: gevent.Greenlet | None = None
         self._unapplied: deque[Record] = deque()
         self._lock = gevent.lock.Semaphore()
         #: monotonic time of the last message from a writer in the current epoch
@@ -113,7 +138,23 @@ class FollowerDriver:
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return gevent.get_hub().threadpool.apply(fn, args) if self.offload else fn(*args)
 
-    def _handle(self, decide: Callable[[], tuple[Reply, list[Action]]]) -> list[Any]:
+    def _check_recorded(self, epoch: int) -> None:
+        """If ``epoch`` is above what we know ZooKeeper records, read the record now (one read
+        in flight, shared): our watch may not have shown a promotion or epoch bump yet."""
+        if self._recorded_epoch is None or not self.state.beyond(epoch):
+            return
+        if self._lookup is None or self._lookup.ready():
+            self._lookup = gevent.spawn(self._recorded_epoch)
+        lookup = self._lookup
+        lookup.join()
+        if lookup.successful() and lookup.value is not None:
+            self.state.learn_max_epoch(lookup.value)
+
+    def _handle(self, epoch: int, decide: Callable[[], tuple[Reply, list[Action]]], what: str,
+                quoted: Any, inside: Callable[[Reply], Any] | None = None) -> tuple[Reply, Any]:
+        """Decide and execute one message; ``inside(reply)`` runs before the next message is
+        handled (e.g. to take a store snapshot at exactly this point)."""
+        self._check_recorded(epoch)
         with self._lock:
             reply, actions = decide()
             if actions:
@@ -121,33 +162,58 @@ class FollowerDriver:
                 checkpoint(self.log, self.store, self.offload)
             if reply.ok:
                 self.last_contact = time.monotonic()
-            return reply.to_wire()
+            extra = inside(reply) if inside is not None else None
+        if reply.reason in (BEYOND_EPOCH, BEYOND_LOG):
+            logger.warning("refused %s (%s; ZooKeeper records epoch %s, the writer showed lsn %d): %s",
+                           what, reply.reason, self.state.max_epoch, self.state.shown_lsn, quote(quoted))
+        return reply, extra
 
     def prepare(self, wire: list[Any]) -> list[Any]:
         m = Prepare.from_wire(wire)
-        return self._handle(lambda: self.state.on_prepare(m))
+        return self._handle(m.epoch, lambda: self.state.on_prepare(m), "a prepare", wire)[0].to_wire()
 
     def truncate(self, wire: list[Any]) -> list[Any]:
         m = Truncate.from_wire(wire)
-        return self._handle(lambda: self.state.on_truncate(m))
+        return self._handle(m.epoch, lambda: self.state.on_truncate(m), "a truncate", wire)[0].to_wire()
 
     def fence(self, epoch: int) -> list[Any]:
-        return self._handle(lambda: self.state.on_fence(int(epoch)))
+        e = int(epoch)
+        return self._handle(e, lambda: self.state.on_fence(e), "a fence", epoch)[0].to_wire()
+
+    def digest(self, wire: list[Any]) -> list[Any]:
+        """Anti-entropy: ``[reply, sha256 | None]``; the digest of the whole store at exactly the
+        asked lsn (snapshotted before any other message is handled, hashed off the hub)."""
+        m = DigestRequest.from_wire(wire)
+        reply, snap = self._handle(m.epoch, lambda: self.state.on_digest(m), "a digest request", wire,
+                                   inside=lambda r: self.store.snapshot() if r.ok else None)
+        if snap is None:
+            return [reply.to_wire(), None]
+        try:
+            return [reply.to_wire(), self._run(snap.digest)]
+        finally:
+            snap.close()
 
     def snapshot_chunk(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
                        lsn: int, last_epoch: int) -> list[Any]:
         """Install one chunk of the writer's storage snapshot taken at ``lsn``."""
+        epoch, lsn = int(epoch), int(lsn)
+        self._check_recorded(epoch)
         with self._lock:
-            if epoch < self.state.promised:
-                return self.state.on_fence(epoch)[0].to_wire()  # STALE_EPOCH reply
-            self._run(self._install, first, pairs, done, lsn, last_epoch)
-            if done:
-                self.state.applied_lsn = lsn
-                self.state.commit_lsn = max(self.state.commit_lsn, lsn)
-                logger.info("installed a snapshot at lsn %d", lsn)
-            self.last_contact = time.monotonic()
-            return Reply("", self.state.promised, self.log.last_lsn, self.log.last_epoch,
-                         self.log.last_lsn if done else 0, self.store.applied_lsn).to_wire()
+            refusal = self.state.on_snapshot(epoch, lsn)
+            if refusal is None:
+                self._run(self._install, first, pairs, done, lsn, last_epoch)
+                if done:
+                    self.state.snapshot_installed(lsn)
+                    logger.info("installed a snapshot at lsn %d", lsn)
+                self.last_contact = time.monotonic()
+        if refusal is not None:
+            if refusal.reason in (BEYOND_EPOCH, BEYOND_LOG):
+                logger.warning("refused a snapshot chunk (%s; ZooKeeper records epoch %s, the writer showed "
+                               "lsn %d): %s", refusal.reason, self.state.max_epoch, self.state.shown_lsn,
+                               quote([epoch, first, pairs, done, lsn, last_epoch]))
+            return refusal.to_wire()
+        return Reply("", self.state.promised, self.log.last_lsn, self.log.last_epoch,
+                     self.log.last_lsn if done else 0, self.store.applied_lsn).to_wire()
 
     def _install(self, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int) -> None:
         if first:
@@ -160,6 +226,14 @@ class FollowerDriver:
             self.store.set_applied(lsn, last_epoch)
             self.store.checkpoint()
             self.log.reset_to(lsn)
+
+    def track_shard(self, epoch: int, same_shard: bool) -> None:
+        """The cluster view shows our shard at ``epoch`` (``same_shard``: the shard we
+        followed so far; a new shard's epoch replaces the bound)."""
+        if same_shard:
+            self.state.learn_max_epoch(epoch)
+        else:
+            self.state.max_epoch = epoch
 
     def adopt(self, records: list[Record]) -> None:
         """Failover: replace our log past the applied (committed) prefix with ``records``."""

@@ -11,8 +11,9 @@ confirmed (else ``WriteTimeout``), and bumps the epoch before writing again.
 
 Replicas that are behind get a catch-up greenlet each: committed records from
 the WAL in chunks, a cut of a divergent tail, or a storage snapshot when the
-WAL no longer holds what they need. The commit point reaches replicas with the
-next prepare, or with a heartbeat once the writer is idle.
+WAL no longer holds what they need (or anti-entropy found the replica's store
+diverged, see :mod:`dkv.cluster.antientropy`). The commit point reaches
+replicas with the next prepare, or with a heartbeat once the writer is idle.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ import gevent
 import gevent.event
 
 from dkv.client.connection import Connection, TransportError
+from dkv.cluster.antientropy import AntiEntropy
 from dkv.cluster.follower import apply_log
-from dkv.cluster.replication import (DOWN, IN_SYNC, CutTo, Leader, Prepare, ReadConfirmation, Reply, SendFrom,
-                                     SendSnapshot, Synced, Truncate)
+from dkv.cluster.replication import (BEYOND_EPOCH, DOWN, IN_SYNC, CutTo, Leader, Prepare, ReadConfirmation, Reply,
+                                     SendFrom, SendSnapshot, Synced, Truncate)
 from dkv.errors import DKVError, QuorumNotReached, Unavailable, WriteTimeout
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import offloaded
@@ -53,7 +55,8 @@ class ReplicatedWriter:
         self.shard_id = shard_id
         self.log = log
         self.store = store
-        self._addr_of = addr_of
+        #: a replica's address (None: not registered)
+        self.addr_of = addr_of
         self._bump_epoch = bump_epoch
         self._is_current = is_current
         self._offload = config.durable
@@ -74,6 +77,8 @@ class ReplicatedWriter:
         self._confirming = False
         self._active = True
         self._greenlets = [gevent.spawn(self._heartbeat_loop)]
+        if config.anti_entropy_interval > 0:
+            self._greenlets.append(gevent.spawn(AntiEntropy(self).run, config.anti_entropy_interval))
         #: records past the commit point after a restart: committed before any new write
         self._tail_pending = log.last_lsn > self.leader.commit_lsn
         if self._tail_pending:
@@ -123,7 +128,7 @@ class ReplicatedWriter:
         if not self._is_current():
             raise Unavailable(f"{self.config.node_id} cannot confirm it is the writer of {self.shard_id} "
                               "(ZooKeeper connection or role lost)")
-        if self.leader.deposed_by is not None:
+        if self.leader.deposed:
             raise Unavailable(f"{self.shard_id} has a newer epoch {self.leader.deposed_by}; this writer is fenced")
         if self._tail_pending:
             raise Unavailable(f"{self.shard_id}: the writer is committing its log tail after a restart")
@@ -277,7 +282,7 @@ class ReplicatedWriter:
             try:
                 if p.match_lsn is None:
                     self._probe(rid)
-                    if self.leader.deposed_by is not None:
+                    if self.leader.deposed:
                         return
                 step = self.leader.catchup_step(rid, self._busy)
                 if step is None:
@@ -314,21 +319,35 @@ class ReplicatedWriter:
         m = self.leader.prepare(records, lsn - 1, self._epoch_at(lsn - 1))
         self.leader.on_reply(rid, self._call(rid, "repl_prepare", m.to_wire()))
 
+    def resync(self, rid: str) -> None:
+        """Re-sync a replica from a snapshot (anti-entropy found its store diverged)."""
+        self.leader.resync(rid)
+        self._ensure_catchup(rid)
+
     def _send_snapshot(self, rid: str) -> None:
         snap = self.store.snapshot()
         try:
             lsn, epoch = snap.applied_lsn, snap.applied_epoch
             logger.info("%s: sending replica %s a snapshot at lsn %d", self.shard_id, rid, lsn)
+            # A replica installs a snapshot only as far as we have shown it our log: a
+            # heartbeat carrying the commit point (its reply may well be a gap: no matter).
+            commit = self.leader.commit_lsn
+            self.leader.on_reply(rid, self._call(rid, "repl_prepare",
+                                                 self.leader.prepare([], commit, self._epoch_at(commit)).to_wire()),
+                                 position_only=True)
+            if self.leader.deposed:
+                return
             pairs = snap.iter_slots(ALL_SLOTS)
             first = True
             while True:
                 chunk = offloaded(self._offload, lambda: [[k, v] for k, v in islice(pairs, SNAPSHOT_CHUNK)])
                 done = len(chunk) < SNAPSHOT_CHUNK
-                reply = Reply.from_wire(self._conn(rid).request(
-                    "repl_snapshot", self.epoch, first, chunk, done, lsn, epoch))
+                reply = self._call(rid, "repl_snapshot", self.epoch, first, chunk, done, lsn, epoch)
                 first = False
                 if done or not reply.ok:
                     self.leader.on_reply(rid, reply)
+                    if done and reply.ok:
+                        self.leader.snapshot_installed(rid)
                     return
         finally:
             snap.close()
@@ -415,9 +434,9 @@ class ReplicatedWriter:
     def _confirm_round(self) -> None:
         """One confirmation of our epoch (see :class:`ReadConfirmation`), or Unavailable."""
         round_ = None
-        if self._is_current() and self.leader.deposed_by is None and self.leader.needed > 0:
+        if self._is_current() and not self.leader.deposed and self.leader.needed > 0:
             round_ = self._heartbeat_round()
-        deposed = self.leader.deposed_by or (round_.deposed_by if round_ else None)
+        deposed = (self.leader.deposed_by if self.leader.deposed else None) or (round_.deposed_by if round_ else None)
         if deposed is not None:
             raise Unavailable(f"{self.shard_id} has a newer epoch {deposed}; this writer is fenced")
         if not self._is_current():
@@ -436,7 +455,7 @@ class ReplicatedWriter:
         return (self.log.epochs.epoch_at(lsn) or 0) if lsn > 0 else 0
 
     def _conn(self, rid: str) -> Connection:
-        addr = self._addr_of(rid)
+        addr = self.addr_of(rid)
         if addr is None:
             raise TransportError(f"replica {rid} is not registered")
         c = self._conns.get(rid)
@@ -450,4 +469,7 @@ class ReplicatedWriter:
             c.close()
 
     def _call(self, rid: str, method: str, *args: Any) -> Reply:
-        return Reply.from_wire(self._conn(rid).request(method, *args))
+        reply = Reply.from_wire(self._conn(rid).request(method, *args))
+        if reply.reason == BEYOND_EPOCH:  # ZooKeeper could not confirm our epoch to it (yet)
+            raise Unavailable(f"{rid} does not see epoch {self.epoch} recorded in ZooKeeper")
+        return reply

@@ -13,6 +13,16 @@ Neither class does I/O. A follower decides from its log's in-memory state
 ``applied_lsn``, and returns :class:`Action` s for its adapter to execute, in
 order, before the reply is sent and before the next message is handled. The
 leader tracks each replica's progress and decides what to send next.
+
+Defence in depth (DESIGN §10): a follower also knows ``max_epoch``, the epoch
+ZooKeeper records for its shard (fed by its adapter from the cluster view, or
+read on demand). It takes a ``prepare``, ``truncate`` or snapshot only at that
+epoch and a ``fence`` only up to it, so a forged message with a made-up epoch
+can neither be accepted nor leave a promise behind. It installs a snapshot
+only at an LSN the writer of its epoch has shown it (in a prepare or
+heartbeat), so a snapshot cannot claim a log the writer does not hold. Writer
+and replicas compare store digests at one LSN (:class:`DigestRequest`,
+:func:`compare_digest`); a diverged replica is re-synced from a snapshot.
 """
 from __future__ import annotations
 
@@ -76,11 +86,32 @@ class Truncate:
         return cls(int(w[0]), int(w[1]))
 
 
+@dataclass(frozen=True)
+class DigestRequest:
+    """Anti-entropy: apply up to ``lsn`` (committed; our record there has ``lsn_epoch``) and
+    answer the store's digest at exactly ``lsn``."""
+
+    epoch: int
+    lsn: int
+    lsn_epoch: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.epoch, self.lsn, self.lsn_epoch]
+
+    @classmethod
+    def from_wire(cls, w: Sequence[Any]) -> "DigestRequest":
+        epoch, lsn, lsn_epoch = w
+        return cls(int(epoch), int(lsn), int(lsn_epoch))
+
+
 OK = ""
-STALE_EPOCH = "stale_epoch"  # the sender's epoch is below the one this member promised
+STALE_EPOCH = "stale_epoch"  # the sender's epoch is below the one this member promised (or ZooKeeper records)
 GAP = "gap"                  # prev_lsn is past this member's log end
 MISMATCH = "mismatch"        # this member's record at prev_lsn has another epoch
 COMMITTED = "committed"      # asked to drop a committed record: refused
+BEYOND_EPOCH = "beyond_epoch"  # the sender's epoch is above the one ZooKeeper records for the shard
+BEYOND_LOG = "beyond_log"    # a snapshot's lsn is past every position the writer has shown
+AHEAD = "ahead"              # digest: this member already applied past the asked lsn
 
 
 @dataclass(frozen=True)
@@ -160,7 +191,7 @@ class ProtocolError(Exception):
 class Follower:
     """The replica side. Call one ``on_*`` at a time; execute its actions before the next."""
 
-    def __init__(self, log: LogState, *, promised: int, applied_lsn: int) -> None:
+    def __init__(self, log: LogState, *, promised: int, applied_lsn: int, max_epoch: int | None = None) -> None:
         self.log = log
         self.promised = promised
         self.applied_lsn = applied_lsn
@@ -168,6 +199,19 @@ class Follower:
         self.commit_lsn = applied_lsn
         #: highest slot map version a writer of our promised epoch has sent us
         self.slot_version = -1
+        #: the epoch ZooKeeper records for our shard (None: no bound, as in tests)
+        self.max_epoch = max_epoch
+        #: highest lsn the writer of our promised epoch has shown us (the snapshot bound)
+        self.shown_lsn = 0
+
+    def learn_max_epoch(self, epoch: int) -> None:
+        """ZooKeeper records ``epoch`` for our shard (epochs only grow there)."""
+        if self.max_epoch is None or epoch > self.max_epoch:
+            self.max_epoch = epoch
+
+    def beyond(self, epoch: int) -> bool:
+        """Is ``epoch`` above what we know ZooKeeper records? (the adapter may look again)"""
+        return self.max_epoch is not None and epoch > self.max_epoch
 
     def _epoch_at(self, lsn: int) -> int | None:
         if lsn == 0:
@@ -177,27 +221,36 @@ class Follower:
         return self.log.epochs.epoch_at(lsn)
 
     def _reply(self, reason: str, match: int = 0) -> Reply:
-        return Reply(reason, self.promised, self.log.last_lsn, self.log.last_epoch, match, self.applied_lsn)
+        promised = self.promised
+        if reason == STALE_EPOCH and self.max_epoch is not None:
+            promised = max(promised, self.max_epoch)  # tells a deposed writer it is deposed
+        return Reply(reason, promised, self.log.last_lsn, self.log.last_epoch, match, self.applied_lsn)
 
-    def _check_epoch(self, epoch: int, actions: list[Action]) -> bool:
-        if epoch < self.promised:
-            return False
+    def _check_epoch(self, epoch: int, actions: list[Action], exact: bool = True) -> str:
+        """OK, or why a message at ``epoch`` is refused. ``exact``: only the recorded epoch
+        itself is accepted (a writer of an older one is deposed, even if we never promised)."""
+        if self.beyond(epoch):
+            return BEYOND_EPOCH
+        if epoch < self.promised or (exact and self.max_epoch is not None and epoch < self.max_epoch):
+            return STALE_EPOCH
         if epoch > self.promised:
             self.promised = epoch
+            self.shown_lsn = 0
             actions.append(PersistPromise(epoch))
-        return True
+        return OK
 
     def on_fence(self, epoch: int) -> tuple[Reply, list[Action]]:
         """Promise to refuse every epoch below ``epoch``; report the log end (failover)."""
         actions: list[Action] = []
-        if not self._check_epoch(epoch, actions):
-            return self._reply(STALE_EPOCH), actions
-        return self._reply(OK), actions
+        reason = self._check_epoch(epoch, actions, exact=False)
+        return self._reply(reason), actions
 
     def on_prepare(self, m: Prepare) -> tuple[Reply, list[Action]]:
         actions: list[Action] = []
-        if not self._check_epoch(m.epoch, actions):
-            return self._reply(STALE_EPOCH), actions
+        reason = self._check_epoch(m.epoch, actions)
+        if reason != OK:
+            return self._reply(reason), actions
+        self.shown_lsn = max(self.shown_lsn, m.prev_lsn, m.commit_lsn, m.records[-1].lsn if m.records else 0)
         if m.prev_lsn > self.log.last_lsn:
             return self._reply(GAP), actions
         if m.prev_lsn > self.applied_lsn and self._epoch_at(m.prev_lsn) != m.prev_epoch:
@@ -226,8 +279,9 @@ class Follower:
 
     def on_truncate(self, m: Truncate) -> tuple[Reply, list[Action]]:
         actions: list[Action] = []
-        if not self._check_epoch(m.epoch, actions):
-            return self._reply(STALE_EPOCH), actions
+        reason = self._check_epoch(m.epoch, actions)
+        if reason != OK:
+            return self._reply(reason), actions
         if m.after_lsn < self.applied_lsn:
             return self._reply(COMMITTED), actions
         if m.after_lsn >= self.log.last_lsn:
@@ -235,6 +289,35 @@ class Follower:
         epoch = self._epoch_at(m.after_lsn) or 0
         actions.append(TruncateLog(m.after_lsn))
         return Reply(OK, self.promised, m.after_lsn, epoch, m.after_lsn, self.applied_lsn), actions
+
+    def on_snapshot(self, epoch: int, lsn: int) -> Reply | None:
+        """May a chunk of a snapshot taken at ``lsn`` be installed? None: yes (then
+        :meth:`snapshot_installed` once the last chunk is in); else the refusal.
+
+        The writer's log holds ``lsn`` only if the writer of our promised epoch has
+        shown us a position at least that far (see ``shown_lsn``; it sends a heartbeat
+        before a snapshot). A refusal changes nothing, not even the promise.
+        """
+        if self.beyond(epoch):
+            return self._reply(BEYOND_EPOCH)
+        if epoch < self.promised or (self.max_epoch is not None and epoch < self.max_epoch):
+            return self._reply(STALE_EPOCH)
+        if epoch > self.promised or lsn > self.shown_lsn:  # a newer epoch's writer showed nothing yet
+            return self._reply(BEYOND_LOG)
+        return None
+
+    def snapshot_installed(self, lsn: int) -> None:
+        self.applied_lsn = lsn
+        self.commit_lsn = max(self.commit_lsn, lsn)
+
+    def on_digest(self, m: DigestRequest) -> tuple[Reply, list[Action]]:
+        """Apply up to the committed ``m.lsn`` (as a heartbeat would); OK only if our store is
+        then exactly at ``m.lsn``, so the adapter can take its digest there (AHEAD: it applied
+        past it, the writer asks again at a later lsn)."""
+        reply, actions = self.on_prepare(Prepare(m.epoch, m.lsn, m.lsn_epoch, (), m.lsn))
+        if reply.ok and self.applied_lsn != m.lsn:
+            reply = self._reply(AHEAD)
+        return reply, actions
 
 
 # -- writer side -----------------------------------------------------------------------
@@ -253,6 +336,8 @@ class Progress:
     last_lsn: int = 0
     last_epoch: int = 0
     applied_lsn: int = 0
+    #: anti-entropy found its store diverged: re-sync it from a snapshot
+    resync: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,6 +389,12 @@ class Leader:
                 del self.replicas[rid]
 
     @property
+    def deposed(self) -> bool:
+        """A member reported an epoch above ours (one reported while we moved to a newer
+        epoch ourselves, after a rollback, no longer counts)."""
+        return self.deposed_by is not None and self.deposed_by > self.epoch
+
+    @property
     def needed(self) -> int:
         """Replica acks a write needs (the writer's own copy counts as one)."""
         return self.write_quorum - 1
@@ -340,6 +431,21 @@ class Leader:
         if p is not None:
             p.state, p.match_lsn = CATCHING_UP, None
 
+    def resync(self, rid: str) -> None:
+        """Anti-entropy found the member's store diverged: catch it up from a snapshot."""
+        p = self.replicas.get(rid)
+        if p is not None:
+            p.state, p.match_lsn, p.resync = CATCHING_UP, None, True
+
+    def snapshot_installed(self, rid: str) -> None:
+        p = self.replicas.get(rid)
+        if p is not None:
+            p.resync = False
+
+    def digest_request(self, lsn: int) -> DigestRequest:
+        """Ask a member for its digest at our committed ``lsn``."""
+        return DigestRequest(self.epoch, lsn, (self.log.epochs.epoch_at(lsn) or 0) if lsn > 0 else 0)
+
     def alive(self) -> list[str]:
         return [rid for rid, p in self.replicas.items() if p.state != DOWN]
 
@@ -357,6 +463,8 @@ class Leader:
         """
         p = self.replicas[rid]
         last = self.log.last_lsn
+        if p.resync:
+            return SendSnapshot()
         if p.match_lsn is not None:
             if p.match_lsn >= self.commit_lsn:
                 if busy:
@@ -390,6 +498,20 @@ class Leader:
         return {rid: {"state": p.state, "match_lsn": p.match_lsn,
                       "lag": None if p.match_lsn is None else max(0, last - p.match_lsn)}
                 for rid, p in self.replicas.items()}
+
+
+MATCH = "match"
+DIVERGED = "diverged"
+NOT_COMPARABLE = "not_comparable"
+
+
+def compare_digest(lsn: int, ours: str, reply: Reply, theirs: str | None) -> str:
+    """Anti-entropy's verdict on a member's answer to :class:`DigestRequest` at ``lsn``:
+    MATCH, DIVERGED (same applied lsn, other data), or NOT_COMPARABLE (not at ``lsn``: ask
+    again later)."""
+    if not reply.ok or theirs is None or reply.applied_lsn != lsn:
+        return NOT_COMPARABLE
+    return MATCH if theirs == ours else DIVERGED
 
 
 class ReadConfirmation:

@@ -69,7 +69,9 @@ class ClusterRuntime:
         self.store = store
         self.pipeline = pipeline
         self.promise = promise
-        self.follower = FollowerDriver(log, store, promise, offload=config.durable)
+        # Until the first view, no epoch is known to be recorded: the follower asks ZooKeeper.
+        self.follower = FollowerDriver(log, store, promise, offload=config.durable, max_epoch=0,
+                                       recorded_epoch=self._recorded_epoch)
         self.coord = Coordinator(config, self._on_view, self._on_connection, self._on_session_lost)
         self.controller = Controller(self.coord, config.replication_factor)
         self.role = UNASSIGNED
@@ -111,6 +113,8 @@ class ClusterRuntime:
         me = self.config.node_id
         shard = view.shard_of(me)
         role = UNASSIGNED if shard is None else WRITER if shard.writer == me else REPLICA
+        if shard is not None:
+            self.follower.track_shard(shard.epoch, same_shard=self.shard is not None and self.shard.id == shard.id)
         if role != self.role or (shard and self.shard and shard.id != self.shard.id):
             logger.info("role: %s of %s (epoch %s)", role, shard.id if shard else "-", shard.epoch if shard else "-")
         if role == WRITER:
@@ -155,6 +159,25 @@ class ClusterRuntime:
             self.writer.stop()
             self.writer = None
         self.pipeline.writer = self._not_writer
+
+    def _recorded_epoch(self) -> int | None:
+        """The epoch ZooKeeper records for our shard now (a promotion's reservation included),
+        read on demand by the follower; None if it cannot be read promptly."""
+        shard = self.shard
+        if shard is None or not self.coord.connected:
+            return None
+        result = self.coord.zk.get_async(layout.shard_path(shard.id))
+        result.wait(timeout=min(self.config.write_timeout, self.config.session_timeout) / 2)
+        try:
+            if not result.ready():
+                raise TimeoutError("no answer")
+            raw, _ = result.get()
+        except Exception as e:  # kazoo errors, no answer, no such shard: the sender retries
+            logger.debug("reading %s's epoch from ZooKeeper failed: %r", shard.id, e)
+            return None
+        if self.shard is None or self.shard.id != shard.id:
+            return None
+        return Shard.from_bytes(shard.id, raw).epoch
 
     def _on_session_lost(self) -> None:
         """A writer whose session expired must not resume (another may have been promoted):
@@ -252,12 +275,16 @@ class ClusterRuntime:
 
     # -- replication RPCs (this node as a replica) --------------------------------------------
 
-    def _as_replica(self, handle: Any, *args: Any) -> list[Any]:
+    def _writer_refusal(self) -> list[Any] | None:
         if self.role == WRITER and self.writer is not None:
             # A writer takes no orders from another writer of its shard (one writer per epoch).
             return Reply(STALE_EPOCH, self.writer.epoch, self.log.last_lsn, self.log.last_epoch,
                          0, self.store.applied_lsn).to_wire()
-        return handle(*args)
+        return None
+
+    def _as_replica(self, handle: Any, *args: Any) -> list[Any]:
+        refusal = self._writer_refusal()
+        return refusal if refusal is not None else handle(*args)
 
     def repl_prepare(self, wire: list[Any]) -> list[Any]:
         return self._as_replica(self.follower.prepare, wire)
@@ -270,6 +297,11 @@ class ClusterRuntime:
 
     def repl_snapshot(self, *args: Any) -> list[Any]:
         return self._as_replica(self.follower.snapshot_chunk, *args)
+
+    def repl_digest(self, wire: list[Any]) -> list[Any]:
+        """Anti-entropy: ``[reply, digest | None]`` (see FollowerDriver.digest)."""
+        refusal = self._writer_refusal()
+        return [refusal, None] if refusal is not None else self.follower.digest(wire)
 
     def repl_read(self, start: int, limit: int) -> list[list[Any]]:
         return self.follower.read(int(start), int(limit))

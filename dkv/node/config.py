@@ -43,6 +43,8 @@ class NodeConfig:
     migration_rate: int = 0
     #: seconds a migrating range may stay frozen (unavailable) before the move is cancelled
     migration_freeze_timeout: float = 10.0
+    #: seconds between a writer's digest comparisons with its replicas (0: never)
+    anti_entropy_interval: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -79,6 +81,8 @@ class NodeConfig:
             raise InvalidArgument("--migration-rate must be >= 0")
         if self.migration_freeze_timeout <= 0:
             raise InvalidArgument("--migration-freeze-timeout must be positive")
+        if self.anti_entropy_interval < 0:
+            raise InvalidArgument("--anti-entropy-interval must be >= 0 (0 disables it)")
 
     @property
     def addr(self) -> str:

@@ -100,6 +100,10 @@ class RPC:
     def repl_read(self, start: int, limit: int) -> list[list[Any]]:
         return self._rt().repl_read(start, limit)
 
+    def repl_digest(self, wire: list[Any]) -> list[Any]:
+        """Anti-entropy: [reply, sha256 of the store at the asked lsn, or None]."""
+        return self._rt().repl_digest(wire)
+
     def debug_zk_session(self) -> list[Any]:
         """Test hook (only with DKV_FAULT_HOOKS=1): our ZooKeeper session id and password,
         so a fault test can expire the session by closing it from another client."""
