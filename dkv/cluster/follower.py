@@ -163,10 +163,18 @@ class FollowerDriver:
             if reply.ok:
                 self.last_contact = time.monotonic()
             extra = inside(reply) if inside is not None else None
-        if reply.reason in (BEYOND_EPOCH, BEYOND_LOG):
-            logger.warning("refused %s (%s; ZooKeeper records epoch %s, the writer showed lsn %d): %s",
-                           what, reply.reason, self.state.max_epoch, self.state.shown_lsn, quote(quoted))
+        self._log_refusal(reply, what, quoted)
         return reply, extra
+
+    def _log_refusal(self, reply: Reply, what: str, quoted: Any) -> None:
+        """Log a refusal only a forged or confused sender earns (INFO while this node has not
+        read its shard's record yet: e.g. a promotion's fence reaching a node just restarted)."""
+        if reply.reason not in (BEYOND_EPOCH, BEYOND_LOG):
+            return
+        level = logging.WARNING if self.state.max_epoch else logging.INFO
+        logger.log(level, "refused %s (%s; the highest epoch seen recorded in ZooKeeper is %s, the writer "
+                   "of epoch %d showed lsn %d): %s", what, reply.reason, self.state.max_epoch,
+                   self.state.promised, self.state.shown_lsn, quote(quoted))
 
     def prepare(self, wire: list[Any]) -> list[Any]:
         m = Prepare.from_wire(wire)
@@ -207,10 +215,7 @@ class FollowerDriver:
                     logger.info("installed a snapshot at lsn %d", lsn)
                 self.last_contact = time.monotonic()
         if refusal is not None:
-            if refusal.reason in (BEYOND_EPOCH, BEYOND_LOG):
-                logger.warning("refused a snapshot chunk (%s; ZooKeeper records epoch %s, the writer showed "
-                               "lsn %d): %s", refusal.reason, self.state.max_epoch, self.state.shown_lsn,
-                               quote([epoch, first, pairs, done, lsn, last_epoch]))
+            self._log_refusal(refusal, "a snapshot chunk", [epoch, first, pairs, done, lsn, last_epoch])
             return refusal.to_wire()
         return Reply("", self.state.promised, self.log.last_lsn, self.log.last_epoch,
                      self.log.last_lsn if done else 0, self.store.applied_lsn).to_wire()
