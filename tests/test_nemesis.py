@@ -154,7 +154,7 @@ def test_nemesis(seed: int, zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
         _OWNERS.clear()
         _OWNERS.update(owners)
         keys = list(owners)
-        clients = [dkv.Client(zk=cluster.zk, timeout=10) for _ in range(THREADS)]
+        clients = [dkv.Client(zk=cluster.zk, timeout=10, auth=cluster.client_key) for _ in range(THREADS)]
         history = History()
         wall0, t0 = time.time(), time.monotonic()
         workload = MixedWorkload(clients, history, keys, THREADS, seed, max_ops=10 ** 7, max_duration=DURATION,
@@ -198,7 +198,7 @@ def _heal(cluster: Cluster, nemesis: Nemesis, problems: list[str]) -> list[str]:
     except TimeoutError as e:
         problems.append(f"healing: the cluster did not form again with every replica in sync: {e}")
         return done
-    with dkv.Client(zk=cluster.zk, timeout=10) as fresh:
+    with dkv.Client(zk=cluster.zk, timeout=10, auth=cluster.client_key) as fresh:
         for sid in SHARDS:
             key = cluster.keys_of_shard(sid, 1, prefix="heal-probe-")[0]
             try:

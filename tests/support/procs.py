@@ -52,7 +52,13 @@ class NodeProcess:
     def argv(self) -> list[str]:
         return [*self.prefix, sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", self.node_id,
                 "--host", self.host, "--port", str(self.port), "--data-dir", str(self.data_dir),
-                "--log-level", self.log_level, *self.extra]
+                "--log-level", self.log_level, *self.extra, *self._protected_mode()]
+
+    def _protected_mode(self) -> list[str]:
+        """A node on a non-loopback address (a network-namespace test) needs auth or --insecure."""
+        if self.host.startswith("127.") or "--auth-dir" in self.extra or "--insecure" in self.extra:
+            return []
+        return ["--insecure"]
 
     def start(self, wait: bool = True) -> "NodeProcess":
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
