@@ -95,6 +95,19 @@ class Cluster:
                     n.stop()
                 except Exception:
                     n.kill()
+        if self.creds is not None:  # only the cluster key may delete its znodes (the chroot's teardown)
+            from kazoo.client import KazooClient
+
+            from dkv.cluster.layout import ROOTS
+
+            zk = KazooClient(hosts=self.zk, **self.kazoo_args)
+            zk.start(timeout=30)
+            try:
+                for path in ROOTS:
+                    zk.delete(path, recursive=True)
+            finally:
+                zk.stop()
+                zk.close()
 
     # -- probes ----------------------------------------------------------------------
 
