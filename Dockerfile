@@ -40,6 +40,10 @@ ENV DKV_DATA_DIR=/var/lib/dkv/data
 USER dkv
 
 EXPOSE 7000
+# The node listens on the container's interface, so it needs auth (mount the
+# directory from `dkv auth init`, owned by uid 10001, and set DKV_AUTH_DIR) or
+# DKV_INSECURE=1 on a private network; publish the port on 127.0.0.1
+# (docker run -p 127.0.0.1:7000:7000) unless auth is on.
 # dkv stops cleanly on SIGTERM (queued writes finish, storage is checkpointed).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["dkv"]

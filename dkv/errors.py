@@ -91,6 +91,19 @@ class CorruptLog(DKVError):
     code = "CORRUPT_LOG"
 
 
+class AuthError(DKVError):
+    """The caller is not authenticated, or its key may not call this RPC; nothing changed."""
+
+    code = "AUTH"
+
+
+class Internal(DKVError):
+    """The node hit an unexpected error (details in its log); the outcome is unknown."""
+
+    code = "INTERNAL"
+    definite = False
+
+
 class StorageClosed(DKVError):
     """The storage engine or log is closed (node shutting down)."""
 

@@ -18,19 +18,42 @@ Two fixes, both local to the sockets dkv creates (no global patching):
   beyond any live reader's (``MAX_CHANNEL_BACKLOG``) is dropped with a warning.
 * :class:`RPCServer` closes each request's channel stack without yielding, so a
   late ``LostRemote`` cannot interrupt it.
+
+It is also where a node's socket is secured and bounded (DESIGN §10, G7):
+
+* **CURVE** (:func:`secure_server`, :func:`secure_client`): with credentials
+  (:mod:`dkv.auth`) traffic is encrypted and a :class:`ZapHandler` greenlet
+  admits only the cluster and client public keys; ZeroMQ attaches the admitted
+  role to every message, and :class:`RPCServer` lets internal RPCs through for
+  the ``peer`` role only (:class:`~dkv.errors.AuthError` otherwise). A caller
+  whose handshake is refused learns it at once (:class:`HandshakeWatch`).
+* **Bounds:** ``ZMQ_MAXMSGSIZE`` drops a connection that sends an oversized
+  message before any of it is buffered; high-water marks bound the queues per
+  peer; a cap on requests in flight per connection, and on request bytes in
+  flight per node, refuse the excess with ``Unavailable``; undecodable input is
+  dropped and logged (at most ~200 bytes quoted, rate-limited); a call with the
+  wrong arguments gets ``InvalidArgument``; any non-dkv exception is logged
+  with its traceback and answered with a typed ``Internal`` error, no traceback.
 """
 from __future__ import annotations
 
+import inspect
 import logging
-import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 import gevent
+import gevent.event
+import msgpack
 import zerorpc
+import zmq
+import zmq.utils.z85
 from zerorpc.channel import BufferedChannel, Channel, ChannelMultiplexer
+from zerorpc.events import Event, get_pyzmq_frame_buffer
 from zerorpc.heartbeat import HeartBeatOnChannel
 
-from dkv.errors import DKVError
+from dkv.auth import PEER, Credentials
+from dkv.errors import AuthError, DKVError, Internal, InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +65,149 @@ HEARTBEAT = 1.0
 #: holds one request or reply and a few heartbeats.
 MAX_CHANNEL_BACKLOG = 1000
 
+#: ZAP domain of dkv's server sockets, and the inproc endpoint ZeroMQ asks (RFC 27).
+ZAP_DOMAIN = b"dkv"
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+
+#: Messages queued per peer and direction in ZeroMQ. A client keeps at most a few
+#: requests in flight; a peer that never reads its replies loses the excess.
+SOCKET_HWM = 64
+#: Requests one connection may have in flight; more are refused with Unavailable.
+MAX_INFLIGHT_PER_CONNECTION = 64
+#: Request bytes a node holds in flight, at least (several largest messages fit).
+MIN_INFLIGHT_BYTES = 256 * 1024 * 1024
+#: Most bytes of caller input one log line quotes.
+QUOTE_BYTES = 200
+#: Undecodable input is logged at most once per this many seconds (with a count).
+GARBAGE_LOG_INTERVAL = 10.0
+
+_ROLE = "dkv_role"  # set by the node on every request's header (a caller's value is overwritten)
+_SIZE = "dkv_size"
+_CONN = "dkv_conn"
+
+
+def quote(data: Any, limit: int = QUOTE_BYTES) -> str:
+    """``repr`` of caller input for a log line, at most ~``limit`` characters."""
+    text = repr(data)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+# -- CURVE ---------------------------------------------------------------------
+
+
+def secure_server(socket: zmq.Socket, creds: Credentials) -> None:
+    """Serve with the cluster's CURVE key pair; the ZAP handler decides who gets in."""
+    socket.curve_server = True
+    socket.curve_secretkey = creds.server_secret()
+    socket.curve_publickey = creds.server_public
+    socket.zap_domain = ZAP_DOMAIN
+    socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler answering: nobody gets in
+
+
+def secure_client(socket: zmq.Socket, creds: Credentials) -> None:
+    """Connect with our key pair, and accept only a server holding the cluster's secret."""
+    socket.curve_serverkey = creds.server_public
+    socket.curve_publickey = creds.public
+    socket.curve_secretkey = creds.secret
+
+
+class ZapHandler:
+    """ZeroMQ's authentication hook (RFC 27 ZAP) as a greenlet of the node's hub.
+
+    libzmq asks it about every CURVE handshake on a socket with our ZAP domain; it
+    admits the known public keys and names their role, which ZeroMQ then attaches
+    to every message of that connection as its ``User-Id``.
+    """
+
+    def __init__(self, roles: dict[bytes, str]) -> None:
+        self.roles = roles
+        self.refused = 0
+        self._socket = zerorpc.Context.get_instance().socket(zmq.REP)
+        self._socket.linger = 0
+        self._socket.bind(ZAP_ENDPOINT)
+        self._task = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                frames = self._socket.recv_multipart()
+            except zmq.ZMQError:
+                return  # closed
+            try:
+                answer = self._answer(frames)
+            except Exception:  # never let the handler die: without it nobody gets in
+                logger.exception("ZAP handler: refusing a malformed request")
+                answer = [b"1.0", frames[1] if len(frames) > 1 else b"", b"500", b"error", b"", b""]
+            try:
+                self._socket.send_multipart(answer)
+            except zmq.ZMQError:
+                return
+
+    def _answer(self, frames: list[bytes]) -> list[bytes]:
+        if len(frames) < 6:
+            return [b"1.0", b"", b"500", b"malformed ZAP request", b"", b""]
+        version, request_id, domain, address, _identity, mechanism = frames[:6]
+        role = None
+        if mechanism == b"CURVE" and domain == ZAP_DOMAIN and len(frames) == 7 and len(frames[6]) == 32:
+            role = self.roles.get(zmq.utils.z85.encode(frames[6]))
+        if role is None:
+            self.refused += 1
+            logger.warning("refused a connection from %s: %s", address.decode(errors="replace")[:64],
+                           "unknown key" if mechanism == b"CURVE" else f"mechanism {mechanism[:16]!r}")
+            return [version, request_id, b"400", b"unknown key", b"", b""]
+        return [version, request_id, b"200", b"OK", role.encode(), b""]
+
+    def close(self) -> None:
+        self._task.kill(block=False)
+        self._socket.close()
+
+
+class HandshakeWatch:
+    """Watches a client socket's handshakes, so a caller whose key the node refuses (or a
+    node without auth, or with other keys) gets :class:`AuthError` instead of a timeout."""
+
+    EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+    def __init__(self, socket: zmq.Socket, addr: str, secured: bool) -> None:
+        self.addr = addr
+        self.secured = secured
+        self.failed = gevent.event.Event()
+        self.reason = ""
+        self._socket = socket
+        self._monitor = socket.get_monitor_socket(self.EVENTS)
+        self._task = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor)["event"]
+            except zmq.ZMQError:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed.clear()
+            elif not self.failed.is_set():
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    self.reason = f"{self.addr} refused our key (is it this cluster's client or cluster key?)"
+                elif self.secured:
+                    self.reason = (f"{self.addr} did not accept an authenticated connection (does it run "
+                                   "without --auth-dir, or with other keys?)")
+                else:
+                    self.reason = (f"{self.addr} requires authentication: give a key "
+                                   "(--auth FILE, DKV_AUTH, or Client(auth=...))")
+                self.failed.set()
+
+    def close(self) -> None:
+        self._task.kill(block=False)
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.linger = 0
+        self._monitor.close()
+
 
 def quiet_lost_remote(hub: Any) -> None:
     """Don't print zerorpc's LostRemote from its internal greenlets: it is an expected
@@ -50,25 +216,28 @@ def quiet_lost_remote(hub: Any) -> None:
         hub.NOT_ERROR = (*hub.NOT_ERROR, zerorpc.LostRemote)
 
 
-def harden(socket: zerorpc.Server | zerorpc.Client) -> None:
+def harden(socket: zerorpc.Server | zerorpc.Client,
+           recv: Callable[[], Event | None] | None = None) -> None:
     """Give a zerorpc server or client a dispatcher that never blocks (see the module doc).
 
+    ``recv`` reads the next event (None: nothing usable, read on); default the socket's own.
     Call it in the thread that owns the socket, before its first call or ``run``.
     """
     mux: ChannelMultiplexer = socket._multiplexer
     old = mux._channel_dispatcher_task
     if old is not None:
         old.kill(block=False)  # spawned but not started: it never reads an event
-    mux._channel_dispatcher_task = gevent.spawn(_dispatch, mux)
+    mux._channel_dispatcher_task = gevent.spawn(_dispatch, mux, recv or mux._events.recv)
 
 
-def _dispatch(mux: ChannelMultiplexer) -> None:
-    events = mux._events
+def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None]) -> None:
     while True:
         try:
-            event = events.recv()
+            event = recv()
         except Exception:
             logger.exception("zerorpc dispatcher: error on recv, ignored")
+            continue
+        if event is None:
             continue
         channel_id = event.header.get("response_to")
         if channel_id is None:
@@ -85,7 +254,7 @@ def _dispatch(mux: ChannelMultiplexer) -> None:
             queue.maxsize = None
         if queue.qsize() >= MAX_CHANNEL_BACKLOG:
             logger.warning("zerorpc channel %s has %d unread events: abandoned, dropping %s",
-                           channel_id, queue.qsize(), event.name)
+                           quote(channel_id), queue.qsize(), quote(event.name))
             continue
         queue.put_nowait(event)
 
@@ -104,45 +273,147 @@ def _close_now(bufchan: BufferedChannel, hbchan: HeartBeatOnChannel, channel: Ch
 
 
 class RPCServer(zerorpc.Server):
-    """A zerorpc server with a non-blocking dispatcher and leak-free request tasks;
-    it logs expected errors (:class:`DKVError`) quietly and real faults with a traceback."""
+    """A zerorpc server with a non-blocking dispatcher and leak-free request tasks.
 
-    def __init__(self, methods: Any, **kwargs: Any) -> None:
-        super().__init__(methods, heartbeat=HEARTBEAT, **kwargs)
+    ``access`` names every method callers may use and the role it needs
+    (:data:`dkv.auth.PEER` for internal RPCs, :data:`dkv.auth.CLIENT` for data
+    RPCs); anything else, zerorpc's built-ins included, is unknown. With ``creds``
+    the socket is CURVE-secured and roles are enforced; without, every caller may
+    call everything (a node without auth binds loopback only, or runs --insecure).
+    Expected errors (:class:`DKVError`) are logged quietly; others become ``Internal``.
+    """
+
+    def __init__(self, methods: Any, *, access: dict[str, str], creds: Credentials | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        super().__init__(methods, heartbeat=HEARTBEAT)
         quiet_lost_remote(gevent.get_hub())
-        harden(self)
+        self.access = access
+        self.creds = creds
+        self.max_message_bytes = max_message_bytes
+        self.max_inflight_bytes = max(MIN_INFLIGHT_BYTES, 4 * max_message_bytes)
+        self._signatures = {name: inspect.signature(self._methods[name]._functor)
+                            for name in access if name in self._methods}
+        missing = set(access) - set(self._signatures)
+        if missing:
+            raise TypeError(f"access names methods the server lacks: {sorted(missing)}")
+        self._inflight: dict[bytes, int] = {}
+        self._inflight_bytes = 0
+        self._garbage = 0
+        self._garbage_logged = 0.0
+        sock = self._events._socket
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+        sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        self._zap: ZapHandler | None = None
+        if creds is not None:
+            self._zap = ZapHandler(creds.roles())
+            secure_server(sock, creds)
+        harden(self, self._recv_request)
 
-    def _print_traceback(self, protocol_v1: bool, exc_infos: list[Any]) -> tuple[str, ...]:
-        exc_type, exc_value, _ = exc_infos
-        if isinstance(exc_value, DKVError):
-            logger.debug("request failed: %s: %s", exc_type.__name__, exc_value)
-            return (exc_type.__name__, str(exc_value), "")
-        return super()._print_traceback(protocol_v1, exc_infos)
+    def close(self) -> None:
+        super().close()
+        if self._zap is not None:
+            self._zap.close()
+            self._zap = None
+
+    # -- reading requests --------------------------------------------------------
+
+    def _recv_request(self) -> Event | None:
+        """The next event, checked; None (and a rate-limited warning) for undecodable input."""
+        parts = self._events._recv()
+        blob = parts[-1]
+        try:
+            event = Event.unpack(get_pyzmq_frame_buffer(blob))
+            header = event.header
+            if not isinstance(header, dict) or not isinstance(event.name, str):
+                raise ValueError("not a zerorpc event")
+            reply_to = header.get("response_to")
+            if reply_to is not None and not isinstance(reply_to, (str, bytes, int)):
+                raise ValueError("bad response_to")
+            if reply_to is None and not isinstance(header.get("message_id"), (str, bytes, int)):
+                raise ValueError("bad message_id")
+        except (ValueError, TypeError, msgpack.UnpackException, IndexError, KeyError) as e:
+            self._log_garbage(bytes(blob.buffer[:QUOTE_BYTES]), len(blob), e)
+            return None
+        event.identity = parts[:-2] if len(parts) > 2 else parts[:-1]
+        if header.get("response_to") is None:  # a new request: who is calling, how big, on which connection
+            header[_ROLE] = blob.get("User-Id") if self.creds is not None else None
+            header[_SIZE] = len(blob)
+            header[_CONN] = bytes(event.identity[0]) if event.identity else b""
+        return event
+
+    def _log_garbage(self, head: bytes, size: int, error: Exception) -> None:
+        self._garbage += 1
+        now = time.monotonic()
+        if now - self._garbage_logged >= GARBAGE_LOG_INTERVAL:
+            self._garbage_logged = now
+            logger.warning("dropped an undecodable message of %d bytes (%s; %d dropped so far): %s",
+                           size, type(error).__name__, self._garbage, quote(head))
+
+    # -- serving one request -----------------------------------------------------
+
+    def _admit(self, event: Event) -> Callable[[], None]:
+        """Check who calls what, and the caps; returns the release of what it took."""
+        name, header = event.name, event.header
+        required = self.access.get(name)
+        if required is None:
+            raise InvalidArgument(f"unknown method {quote(name, 64)}")
+        if self.creds is not None and required == PEER and header.get(_ROLE) != PEER:
+            raise AuthError(f"{name} is an internal RPC: it needs the cluster key")
+        conn, size = header.get(_CONN, b""), int(header.get(_SIZE, 0))
+        if self._inflight.get(conn, 0) >= MAX_INFLIGHT_PER_CONNECTION:
+            raise Unavailable(f"too many requests in flight on this connection "
+                              f"(at most {MAX_INFLIGHT_PER_CONNECTION}); not run")
+        if self._inflight_bytes + size > self.max_inflight_bytes:
+            raise Unavailable(f"node busy: {self._inflight_bytes} request bytes in flight; not run")
+        args = event.args
+        if not isinstance(args, (list, tuple)):
+            raise InvalidArgument(f"{name}: arguments must be a list")
+        try:
+            self._signatures[name].bind(*args)
+        except TypeError as e:
+            raise InvalidArgument(f"{name}: {e}") from None
+        self._inflight[conn] = self._inflight.get(conn, 0) + 1
+        self._inflight_bytes += size
+
+        def release() -> None:
+            self._inflight_bytes -= size
+            left = self._inflight[conn] - 1
+            if left:
+                self._inflight[conn] = left
+            else:
+                del self._inflight[conn]
+        return release
+
+    def _error_reply(self, event: Event, exc: BaseException) -> tuple[str, str, str]:
+        if isinstance(exc, DKVError):
+            logger.debug("%s failed: %s: %s", quote(event.name, 64), type(exc).__name__, exc)
+            return (type(exc).__name__, str(exc), "")
+        logger.error("%s%s failed unexpectedly", quote(event.name, 64), quote(event.args), exc_info=exc)
+        return ("Internal", f"internal error in {quote(event.name, 64)} (details in the node's log)", "")
 
     def _async_task(self, initial_event: Any) -> None:
-        # zerorpc's ServerBase._async_task, with a close that cannot be cut short.
-        protocol_v1 = initial_event.header.get("v", 1) < 2
+        # zerorpc's ServerBase._async_task, with checks first and a close that cannot be cut short.
         channel = self._multiplexer.channel(initial_event)
-        hbchan = HeartBeatOnChannel(channel, freq=self._heartbeat_freq, passive=protocol_v1)
+        hbchan = HeartBeatOnChannel(channel, freq=self._heartbeat_freq,
+                                    passive=initial_event.header.get("v", 1) < 2)
         bufchan = BufferedChannel(hbchan)
+        release: Callable[[], None] | None = None
         try:
             event = bufchan.recv()
             try:
-                self._context.hook_load_task_context(event.header)
-                functor = self._methods.get(event.name, None)
-                if functor is None:
-                    raise NameError(event.name)
+                release = self._admit(event)
+                functor = self._methods[event.name]
                 functor.pattern.process_call(self._context, bufchan, event, functor)
             except zerorpc.LostRemote:
-                logger.debug("client of %s went away before its answer", event.name)
-            except Exception:
-                exc_infos = list(sys.exc_info())
-                reply = bufchan.new_event("ERR", self._print_traceback(protocol_v1, exc_infos),
-                                          self._context.hook_get_task_context())
-                self._context.hook_server_inspect_exception(event, reply, exc_infos)
-                del exc_infos
+                logger.debug("client of %s went away before its answer", quote(event.name, 64))
+            except Exception as e:
+                reply = bufchan.new_event("ERR", self._error_reply(event, e), self._context.hook_get_task_context())
                 bufchan.emit_event(reply)
         except zerorpc.LostRemote:
             pass  # the client went away while we answered
         finally:
+            if release is not None:
+                release()
             _close_now(bufchan, hbchan, channel)

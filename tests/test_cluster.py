@@ -17,7 +17,7 @@ import dkv
 from dkv.cluster.replication import STALE_EPOCH, Prepare, Reply
 from dkv.errors import Moved, QuorumNotReached, WriteTimeout
 from dkv.wal.record import Op, Record
-from tests.support.cluster import Cluster, rpc
+from tests.support.cluster import Cluster
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def test_two_shards_route_every_key_with_every_consistency_level(cluster: Cluste
     data = {f"key:{i}": f"value-{i}" for i in range(400)}
     # written through a client seeded with one replica only: it learns the map and routes
     replica = shards["shard-2"]["replicas"][0]
-    with dkv.Client(cluster.nodes[replica].addr, timeout=10) as c:
+    with dkv.Client(cluster.nodes[replica].addr, timeout=10, auth=cluster.client_key) as c:
         c.mset(data)
         c.set("single", "one")
     with cluster.client() as c:
@@ -60,15 +60,15 @@ def test_a_write_sent_to_a_replica_is_redirected_not_lost(cluster: Cluster) -> N
     key = cluster.keys_of_shard("shard-1", 1)[0]
     replica_addr = cluster.nodes[sh["replicas"][0]].addr
     writer_addr = cluster.nodes[sh["writer"]].addr
-    reply = rpc(replica_addr, "batch", [["set", key.encode(), b"v"]])[0]
+    reply = cluster.rpc(replica_addr, "batch", [["set", key.encode(), b"v"]])[0]
     assert reply[0] == 1 and reply[1][0] == Moved.code
     assert reply[1][2]["addr"] == writer_addr, "MOVED names the shard's writer"
     # a key of the other shard sent to this shard's writer: MOVED to the other writer
     other = cluster.keys_of_shard("shard-2", 1)[0]
-    reply = rpc(writer_addr, "batch", [["set", other.encode(), b"v"]])[0]
+    reply = cluster.rpc(writer_addr, "batch", [["set", other.encode(), b"v"]])[0]
     assert reply[1][0] == Moved.code
     assert reply[1][2]["addr"] == cluster.nodes[cluster.writer_of("shard-2")].addr
-    assert rpc(replica_addr, "info")["applied_lsn"] == 0, "the refused write changed nothing"
+    assert cluster.rpc(replica_addr, "info")["applied_lsn"] == 0, "the refused write changed nothing"
     with cluster.client() as c:  # the client follows MOVED and the write lands once
         c.set(key, "v")
         assert c.get(key) == b"v"
@@ -130,18 +130,18 @@ def test_prepare_from_a_stale_epoch_is_refused(cluster: Cluster) -> None:
     replica = cluster.nodes[sh["replicas"][0]]
     with cluster.client() as c:
         c.set(cluster.keys_of_shard(sid, 1)[0], "x")
-    before = rpc(replica.addr, "info")
+    before = cluster.rpc(replica.addr, "info")
     promised = before["promised_epoch"]
     assert promised >= 1
     stale = Prepare(promised - 1, before["wal"]["last_lsn"], 0,
                     (Record(promised - 1, before["wal"]["last_lsn"] + 1, Op.PUT, b"evil", b"x"),), 0)
-    reply = Reply.from_wire(rpc(replica.addr, "repl_prepare", stale.to_wire()))
+    reply = Reply.from_wire(cluster.rpc(replica.addr, "repl_prepare", stale.to_wire()))
     assert reply.reason == STALE_EPOCH and reply.promised == promised
-    after = rpc(replica.addr, "info")
+    after = cluster.rpc(replica.addr, "info")
     assert after["wal"]["last_lsn"] == before["wal"]["last_lsn"], "nothing appended"
     # and a writer takes no prepares at all, whatever the epoch
     writer = cluster.nodes[sh["writer"]]
-    reply = Reply.from_wire(rpc(writer.addr, "repl_prepare", Prepare(99, 0, 0, (), 0).to_wire()))
+    reply = Reply.from_wire(cluster.rpc(writer.addr, "repl_prepare", Prepare(99, 0, 0, (), 0).to_wire()))
     assert reply.reason == STALE_EPOCH
 
 
@@ -229,7 +229,7 @@ def test_a_controller_whose_session_expired_stops_controlling(zk: str, tmp_path:
 
         wait_until(lambda: len(controllers()) == 1, 30, "a controller")
         first = controllers()[0]
-        expire_session(c.zk, c.nodes[first].addr)
+        expire_session(c.zk, c.nodes[first].addr, c.creds)
         wait_until(lambda: "stops being the controller" in c.nodes[first].log_path.read_text(), 30,
                    f"{first} to stop being the controller")
         wait_until(lambda: len(controllers()) == 2, 30, "another controller")

@@ -1,8 +1,9 @@
 """Defence in depth in the replication protocol (issue 9 item 2, DESIGN §10), against real
 processes and a real ZooKeeper.
 
-Forged ``repl_*`` calls, sent with a plain zerorpc client as an attacker would, are refused
-when ZooKeeper's record (epoch) or the writer's shown log (snapshot LSN) contradicts them;
+Forged ``repl_*`` calls, sent with a plain zerorpc client (holding the cluster key when the
+cluster runs with auth: these checks must hold even for a peer that has it) are refused when
+ZooKeeper's record (epoch) or the writer's shown log (snapshot LSN) contradicts them;
 what cannot be told from the writer's own messages without transport authentication (a
 prepare at the current epoch and next LSN) is caught by anti-entropy, which re-syncs the
 replica. Every test checks that the data and availability are unchanged: digests equal,
@@ -20,7 +21,7 @@ import dkv
 from dkv.cluster.replication import Prepare, Reply
 from dkv.storage import Store
 from dkv.wal.record import Op, Record
-from tests.support.cluster import Cluster, rpc
+from tests.support.cluster import Cluster
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.integration
@@ -76,9 +77,9 @@ def _replica(c: Cluster) -> tuple[str, str, int]:
     return rid, c.nodes[rid].addr, sh["epoch"]
 
 
-def _eventual(addr: str, key: str) -> Any:
+def _eventual(c: Cluster, addr: str, key: str) -> Any:
     try:
-        return rpc(addr, "get", key.encode(), "eventual", timeout=2)
+        return c.rpc(addr, "get", key.encode(), "eventual", timeout=2)
     except Exception:
         return "error"
 
@@ -100,7 +101,7 @@ def test_forged_fence_beyond_the_recorded_epoch_is_refused(cluster: Cluster) -> 
     client = cluster.client(timeout=10)
     acked = _acked(client)
     rid, addr, epoch = _replica(cluster)
-    reply = Reply.from_wire(rpc(addr, "repl_fence", 2**62))
+    reply = Reply.from_wire(cluster.rpc(addr, "repl_fence", 2**62))
     assert reply.reason == "beyond_epoch", reply
     assert cluster.info(rid)["promised_epoch"] == epoch  # nothing promised, nothing on disk
     log = cluster.nodes[rid].log(tail=None)
@@ -125,24 +126,24 @@ def test_forged_prepare_at_the_current_epoch_is_repaired_by_anti_entropy(cluster
     acked = _acked(client)
     cluster.wait_converged(SID)
     rid, addr, epoch = _replica(cluster)
-    pos = Reply.from_wire(rpc(addr, "repl_fence", epoch))  # its position (a fence at the current epoch)
+    pos = Reply.from_wire(cluster.rpc(addr, "repl_fence", epoch))  # its position (a fence at the current epoch)
     forged = Prepare(epoch, pos.last_lsn, pos.last_epoch,
                      (Record(epoch, pos.last_lsn + 1, Op.PUT, b"k7", b"FORGED"),), pos.last_lsn)
-    assert Reply.from_wire(rpc(addr, "repl_prepare", forged.to_wire())).ok
+    assert Reply.from_wire(cluster.rpc(addr, "repl_prepare", forged.to_wire())).ok
     client.set("real", "1")  # the writer's record at the same lsn, skipped by the replica
     acked["real"] = "1"
     writer = cluster.writer_of(SID)
     wait_until(lambda: f"replica {rid} DIVERGED" in cluster.nodes[writer].log(tail=None), 30,
                "anti-entropy to find the replica diverged")
-    wait_until(lambda: _eventual(addr, "k7") == b"v7", 30, "the forged value to be gone from the replica")
+    wait_until(lambda: _eventual(cluster, addr, "k7") == b"v7", 30, "the forged value to be gone from the replica")
     _healthy(cluster, client, acked, "repaired")
-    assert _eventual(addr, "real") == b"1"
+    assert _eventual(cluster, addr, "real") == b"1"
     # The forged record is gone from the replica's log too: a failover does not bring it back.
     took = _failover(cluster, client)
     acked["failover"] = "1"
     _healthy(cluster, client, acked, "failover")
     for n in cluster.nodes.values():
-        assert _eventual(n.addr, "k7") == b"v7", n.node_id
+        assert _eventual(cluster, n.addr, "k7") == b"v7", n.node_id
     print(f"\nwrites resumed {took:.2f}s after the writer's kill -9")
     client.close()
 
@@ -154,7 +155,7 @@ def test_forged_snapshot_beyond_the_writers_log_is_refused(cluster: Cluster) -> 
     rid, addr, epoch = _replica(cluster)
     # The call from the issue (epoch 2, not recorded here), then at the recorded epoch.
     for at, why in ((epoch + 1, "beyond_epoch"), (epoch, "beyond_log")):
-        reply = Reply.from_wire(rpc(addr, "repl_snapshot", at, True, [[b"k1", b"SNAP-EVIL"]], True, 10**9, at))
+        reply = Reply.from_wire(cluster.rpc(addr, "repl_snapshot", at, True, [[b"k1", b"SNAP-EVIL"]], True, 10**9, at))
         assert reply.reason == why, reply
     assert cluster.digests(SID) == before  # nothing changed anywhere
     assert f"refused a snapshot chunk (beyond_log" in cluster.nodes[rid].log(tail=None)
@@ -183,7 +184,7 @@ def test_anti_entropy_repairs_a_replica_whose_store_diverged(cluster: Cluster) -
     writer = cluster.writer_of(SID)
     wait_until(lambda: f"replica {rid} DIVERGED" in cluster.nodes[writer].log(tail=None), 30,
                "anti-entropy to find the replica diverged")
-    wait_until(lambda: [_eventual(addr, k) for k in ("k3", "k4", "ghost")] == [b"v3", b"v4", None], 30,
+    wait_until(lambda: [_eventual(cluster, addr, k) for k in ("k3", "k4", "ghost")] == [b"v3", b"v4", None], 30,
                "the replica to hold the writer's data again")
     _healthy(cluster, client, acked, "rot")
     client.close()

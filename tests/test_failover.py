@@ -21,7 +21,7 @@ from dkv.wal.record import Op, Record
 from tests.faults.checkers import check_acknowledged, check_converged, check_linearizable
 from tests.faults.history import History
 from tests.faults.workload import Workload
-from tests.support.cluster import Cluster, expire_session, rpc
+from tests.support.cluster import Cluster, expire_session
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.integration
@@ -121,7 +121,7 @@ def test_writer_kill9_promotes_a_replica_repeatedly_without_losing_writes(cluste
         wait_until(lambda: cluster.in_sync(SID), 60, "the shard back in sync")
     assert epochs == sorted(set(epochs)), f"each failover starts a new epoch: {epochs}"
     # The CLI's `info` (through ZooKeeper, as an operator runs it) shows the latest epoch and writer.
-    with dkv.Client(zk=cluster.zk, timeout=5) as zc:
+    with dkv.Client(zk=cluster.zk, timeout=5, auth=cluster.client_key) as zc:
         ok, out = execute(zc, "info")
     row = next(line.split() for line in out.splitlines() if line.startswith(SID + " "))
     assert ok and row[1:3] == [str(epochs[-1]), cluster.writer_of(SID)], out
@@ -145,7 +145,7 @@ def _stale_writer_scenario(cluster: Cluster, isolate: Any, heal: Any) -> None:
 
     def stale_write(i: int) -> None:
         try:
-            stale_replies.append(rpc(old_addr, "batch", [["set", f"stale{i}".encode(), b"stale"]], timeout=60))
+            stale_replies.append(cluster.rpc(old_addr, "batch", [["set", f"stale{i}".encode(), b"stale"]], timeout=60))
         except Exception as e:  # no answer at all is fine too
             stale_replies.append(e)
 
@@ -175,7 +175,7 @@ def test_paused_writer_cannot_acknowledge_in_its_old_epoch(cluster: Cluster) -> 
 
 def test_forced_session_expiry_of_the_writer(cluster: Cluster) -> None:
     """The writer's ZooKeeper session is closed under it (it keeps running)."""
-    _stale_writer_scenario(cluster, lambda n: expire_session(cluster.zk, cluster.nodes[n].addr),
+    _stale_writer_scenario(cluster, lambda n: expire_session(cluster.zk, cluster.nodes[n].addr, cluster.creds),
                            lambda n: None)
 
 

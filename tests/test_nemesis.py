@@ -16,6 +16,10 @@ and a linearizable read succeed on every shard), every acknowledged write is
 readable (G1), the history is linearizable per key, and every shard's members
 converge (G3).
 
+The cluster runs with auth (``--auth-dir``: CURVE on every connection, ZooKeeper
+ACLs; clients hold the client key), as a production cluster should;
+``DKV_TEST_AUTH=0`` runs it without.
+
 Seeds: ``make test`` runs :data:`DEFAULT_SEED` for ``DKV_NEMESIS_DURATION`` (60)
 seconds; ``make test-soak`` (``DKV_SOAK=1``) also runs :data:`SOAK_SEEDS`.
 ``DKV_NEMESIS_SEED=N`` runs seed N alone (``random`` draws one); a failure
@@ -146,7 +150,8 @@ def _retry(what: str, fn: Callable[[], Any], timeout: float) -> Any:
 def test_nemesis(seed: int, zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DKV_FAULT_HOOKS", "1")  # forced session expiry
     lab, lab_note = _lab_for(zk)
-    cluster = Cluster(zk, tmp_path, shards=2, replication_factor=3, write_quorum=2, session_timeout=4.0, lab=lab)
+    cluster = Cluster(zk, tmp_path, shards=2, replication_factor=3, write_quorum=2, session_timeout=4.0, lab=lab,
+                      auth=os.environ.get("DKV_TEST_AUTH") != "0")
     clients: list[dkv.Client] = []
     try:
         cluster.start()
@@ -154,7 +159,7 @@ def test_nemesis(seed: int, zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
         _OWNERS.clear()
         _OWNERS.update(owners)
         keys = list(owners)
-        clients = [dkv.Client(zk=cluster.zk, timeout=10) for _ in range(THREADS)]
+        clients = [dkv.Client(zk=cluster.zk, timeout=10, auth=cluster.client_key) for _ in range(THREADS)]
         history = History()
         wall0, t0 = time.time(), time.monotonic()
         workload = MixedWorkload(clients, history, keys, THREADS, seed, max_ops=10 ** 7, max_duration=DURATION,
@@ -198,7 +203,7 @@ def _heal(cluster: Cluster, nemesis: Nemesis, problems: list[str]) -> list[str]:
     except TimeoutError as e:
         problems.append(f"healing: the cluster did not form again with every replica in sync: {e}")
         return done
-    with dkv.Client(zk=cluster.zk, timeout=10) as fresh:
+    with dkv.Client(zk=cluster.zk, timeout=10, auth=cluster.client_key) as fresh:
         for sid in SHARDS:
             key = cluster.keys_of_shard(sid, 1, prefix="heal-probe-")[0]
             try:

@@ -26,7 +26,7 @@ from dkv.errors import TryAgain
 from tests.faults.checkers import check_acknowledged, check_converged, check_linearizable
 from tests.faults.history import History
 from tests.faults.workload import Workload
-from tests.support.cluster import Cluster, rpc
+from tests.support.cluster import Cluster
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.integration
@@ -102,7 +102,7 @@ def _check_data(cluster: Cluster, client: dkv.Client, history: History, deleted:
         sh = cluster.shard_members()[sid]
         for member in [sh["writer"], *sh["replicas"]]:
             if cluster.nodes[member].running:
-                wait_until(lambda: all(rpc(cluster.nodes[member].addr, "digest", a, b)[1] == EMPTY_DIGEST
+                wait_until(lambda: all(cluster.rpc(cluster.nodes[member].addr, "digest", a, b)[1] == EMPTY_DIGEST
                                        for a, b in foreign), 60,
                            f"{member} ({sid}) to hold nothing of other shards' slots")
 
@@ -199,7 +199,7 @@ def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serv
     --migration-freeze-timeout; ``dkv admin cancel`` is the operator's.)"""
     # The target's session timeout is how long the freeze lasts before its successor cancels it.
     cluster = Cluster(zk, tmp_path, shards=2, replication_factor=3, write_quorum=2, session_timeout=6.0)
-    kz = KazooClient(cluster.zk)
+    kz = KazooClient(cluster.zk, **cluster.kazoo_args)
     try:
         cluster.start()
         kz.start(timeout=30)
@@ -217,8 +217,8 @@ def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serv
                                                               layout.FROZEN).to_bytes(), sequence=True)
         source = cluster.nodes[cluster.writer_of("shard-1")].addr
         # (A real freeze is confirmed by the source's writer itself; this one it learns from its view.)
-        wait_until(lambda: bool(rpc(source, "cluster_info").get("migrations")), 10, "the source to see the freeze")
-        with dkv.Client([n.addr for n in cluster.nodes.values() if n.running], timeout=1) as quick:
+        wait_until(lambda: bool(cluster.rpc(source, "cluster_info").get("migrations")), 10, "the source to see the freeze")
+        with dkv.Client([n.addr for n in cluster.nodes.values() if n.running], timeout=1, auth=cluster.client_key) as quick:
             with pytest.raises(TryAgain):
                 quick.set(moving[0], "during the freeze")
             quick.set(staying, "the rest of the shard serves")
@@ -233,7 +233,7 @@ def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serv
         wait_until(lambda: cluster.in_sync("shard-2"), 60, "shard-2 in sync with its old writer back")
         sh = cluster.shard_members()["shard-2"]
         for member in [sh["writer"], *sh["replicas"]]:
-            assert rpc(cluster.nodes[member].addr, "digest", lo, hi)[1] == EMPTY_DIGEST, member
+            assert cluster.rpc(cluster.nodes[member].addr, "digest", lo, hi)[1] == EMPTY_DIGEST, member
         for sid in ("shard-1", "shard-2"):
             conv = check_converged(cluster.wait_converged(sid, timeout=60))
             assert conv.ok, conv.format()

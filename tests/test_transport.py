@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def server() -> Any:
-    srv = RPCServer(Methods())
+    srv = RPCServer(Methods(), access={"ping": "client", "slow": "client"})
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     srv.bind(endpoint)
     runner = gevent.spawn(srv.run)

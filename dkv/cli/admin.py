@@ -16,14 +16,16 @@ from dataclasses import replace
 from typing import Any
 
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
 from kazoo.exceptions import BadVersionError, NoNodeError, RolledBackError
 
+from dkv.auth import Credentials, kazoo_args, load_auth_dir
 from dkv.cluster import layout
-from dkv.errors import InvalidArgument, Unavailable
+from dkv.errors import AuthError, InvalidArgument, Unavailable
 
 
-def _connect(zk: str, timeout: float) -> KazooClient:
-    client = KazooClient(hosts=zk, timeout=timeout)
+def _connect(zk: str, timeout: float, creds: Credentials | None) -> KazooClient:
+    client = KazooClient(hosts=zk, timeout=timeout, **kazoo_args(creds))
     try:
         client.start(timeout=timeout)
     except Exception as e:
@@ -31,7 +33,7 @@ def _connect(zk: str, timeout: float) -> KazooClient:
     return client
 
 
-def status(zk: KazooClient, timeout: float = 2.0) -> str:
+def status(zk: KazooClient, timeout: float = 2.0, creds: Credentials | None = None) -> str:
     """The map as ZooKeeper holds it; each writer is asked for its replicas' lag."""
     from dkv.cli.repl import format_nodes, format_shards, writer_infos
     from dkv.client import Client
@@ -42,7 +44,7 @@ def status(zk: KazooClient, timeout: float = 2.0) -> str:
     addrs = [n["addr"] for n in info["nodes"] if n.get("status") == "up" and n.get("addr")]
     infos = {}
     if addrs:
-        with Client(addrs, timeout=timeout) as client:
+        with Client(addrs, timeout=timeout, auth=creds) as client:
             infos = writer_infos(client, info)
     return f"{format_shards(info, infos)}\n\n{format_nodes(info)}"
 
@@ -126,24 +128,28 @@ def cancel(zk: KazooClient, migration_id: str) -> str:
 ACTIONS = {"status": None, "drain": "SHARD", "undrain": "SHARD", "remove": "SHARD", "cancel": "MIGRATION"}
 
 
-def run_admin(zk_hosts: str, action: str, name: str | None, timeout: float = 10.0) -> int:
+def run_admin(zk_hosts: str, action: str, name: str | None, timeout: float = 10.0, auth_dir: str = "") -> int:
     if not zk_hosts:
         raise InvalidArgument("dkv admin needs --zk HOST:PORT[/chroot] (or DKV_ZK)")
     if action not in ACTIONS:
         raise InvalidArgument(f"unknown action {action!r}: one of {', '.join(ACTIONS)}")
     if ACTIONS[action] and not name:
         raise InvalidArgument(f"dkv admin {action} needs a {ACTIONS[action]}")
-    zk = _connect(zk_hosts, timeout)
+    creds = load_auth_dir(auth_dir) if auth_dir else None
+    zk = _connect(zk_hosts, timeout, creds)
     try:
         out: Any
         if action == "status":
-            out = status(zk, min(timeout, 2.0))
+            out = status(zk, min(timeout, 2.0), creds)
         elif action in ("drain", "undrain"):
             out = set_draining(zk, str(name), action == "drain")
         elif action == "remove":
             out = remove_shard(zk, str(name))
         else:
             out = cancel(zk, str(name))
+    except NoAuthError:
+        raise AuthError("ZooKeeper refused the change: this cluster's znodes need the cluster key "
+                        "(give --auth-dir DIR or DKV_AUTH_DIR)") from None
     finally:
         zk.stop()
         zk.close()

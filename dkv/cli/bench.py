@@ -150,7 +150,8 @@ def bench_key(i: int) -> bytes:
 
 
 def run_bench(addrs: list[str], clients: int, ops: int, value_size: int, ratio: tuple[int, int],
-              keys: int, timeout: float, progress: bool, consistency: str = "sequential") -> int:
+              keys: int, timeout: float, progress: bool, consistency: str = "sequential",
+              auth: str | None = None) -> int:
     """``dkv bench``: run the load against ``addrs``, print the report; 1 if any op failed."""
     # Patch first: the client must see a gevent-patched `threading` when it is
     # imported and built, so it runs inline on this hub (not on a private hub
@@ -169,7 +170,7 @@ def run_bench(addrs: list[str], clients: int, ops: int, value_size: int, ratio: 
     buf = os.urandom(value_size + 1024)  # one random buffer; values are slices of it
     period = sets + gets
 
-    client = Client(addrs, timeout=timeout)
+    client = Client(addrs, timeout=timeout, auth=auth or None)
     try:
         client.get(bench_key(0))  # connect and learn the slot map outside the timed run
 

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(s, "--anti-entropy-interval", type=float, default=30.0,
               help="seconds between a shard writer's store digest comparisons with its replicas; a "
                    "diverged replica is re-synced from a snapshot (0: never)")
+    _env_flag(s, "--auth-dir", default="", help="directory holding cluster.key (see `dkv auth init`): "
+                                               "encrypt and authenticate every connection (CURVE) and "
+                                               "protect the cluster's znodes with a ZooKeeper ACL")
+    _env_flag(s, "--insecure", action="store_true",
+              help="allow a non-loopback --host without --auth-dir: anyone who can reach the port can "
+                   "read, change or wipe the data (only on a network you trust entirely)")
 
     c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin)",
                        description="Interactive dkv prompt. When stdin is not a terminal, runs one "
@@ -100,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(c, "--timeout", type=float, default=5.0, help="seconds per command")
     _env_flag(c, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot]: take the cluster "
                                          "map from ZooKeeper (ADDRs then optional)")
+    _env_flag(c, "--auth", default="", help="key file (client.key, or cluster.key) of a cluster with auth")
 
     b = sub.add_parser("bench", help="measure throughput and latency of a node",
                        description="Benchmark a dkv node with concurrent clients.")
@@ -112,7 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(b, "--timeout", type=float, default=10.0, help="seconds per request")
     _env_flag(b, "--consistency", choices=["sequential", "linearizable", "eventual"], default="sequential",
               help="consistency level of the gets")
+    _env_flag(b, "--auth", default="", help="key file (client.key, or cluster.key) of a cluster with auth")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    k = sub.add_parser("auth", help="make keys: auth init DIR",
+                       description="init DIR writes DIR/cluster.key (for the nodes: dkv serve --auth-dir "
+                                   "DIR; and dkv admin --auth-dir DIR) and DIR/client.key (for "
+                                   "applications: dkv.Client(auth=...), dkv cli/bench --auth FILE), "
+                                   "mode 0600. It never overwrites a key.")
+    k.add_argument("action", choices=["init"])
+    k.add_argument("dir", metavar="DIR", help="directory for the keys (created, mode 0700, if missing)")
 
     w = sub.add_parser("wal", help="offline WAL maintenance: repair",
                        description="Work on a stopped node's write-ahead log. repair DATA_DIR: if the "
@@ -133,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shard (e.g. shard-2) or migration (e.g. m-0000000003, see status)")
     _env_flag(a, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot] of the cluster")
     _env_flag(a, "--timeout", type=float, default=10.0, help="seconds to reach ZooKeeper")
+    _env_flag(a, "--auth-dir", default="", help="directory holding the cluster key of a cluster with auth")
     return p
 
 
@@ -152,20 +169,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dkv.cli.repl import run_cli
 
             addrs = _addrs(args.addrs) if args.addrs or not args.zk else []
-            return run_cli(addrs, timeout=args.timeout, zk=args.zk)
+            return run_cli(addrs, timeout=args.timeout, zk=args.zk, auth=args.auth)
         if args.command == "bench":
             from dkv.cli.bench import run_bench
 
             return run_bench(_addrs(args.addrs), clients=args.clients, ops=args.ops,
                              value_size=args.value_size, ratio=args.ratio, keys=args.keys,
                              timeout=args.timeout, progress=not args.no_progress,
-                             consistency=args.consistency)
+                             consistency=args.consistency, auth=args.auth)
         if args.command == "wal":
             return _wal(args)
         if args.command == "admin":
             from dkv.cli.admin import run_admin
 
-            return run_admin(args.zk, args.action, args.name, timeout=args.timeout)
+            return run_admin(args.zk, args.action, args.name, timeout=args.timeout, auth_dir=args.auth_dir)
+        if args.command == "auth":
+            from dkv.auth import init_keys
+
+            cluster_key, client_key = init_keys(args.dir)
+            print(f"wrote {cluster_key} (nodes: dkv serve --auth-dir {args.dir}; dkv admin --auth-dir "
+                  f"{args.dir})\nwrote {client_key} (applications: dkv.Client(..., auth=\"{client_key}\"), "
+                  f"dkv cli --auth {client_key})")
+            return 0
     except DKVError as e:
         print(f"dkv {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -187,7 +212,8 @@ def _serve(args: argparse.Namespace) -> int:
                         session_timeout=args.session_timeout, write_timeout=args.write_timeout,
                         max_replica_lag=args.max_replica_lag, migration_rate=args.migration_rate,
                         migration_freeze_timeout=args.migration_freeze_timeout,
-                        anti_entropy_interval=args.anti_entropy_interval)
+                        anti_entropy_interval=args.anti_entropy_interval,
+                        auth_dir=args.auth_dir, insecure=args.insecure)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
     serve(config)

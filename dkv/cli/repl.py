@@ -394,7 +394,7 @@ def _print_styled(ok: bool, text: str) -> None:
         print_formatted_text(FormattedText([("" if ok else "ansired", text)]))
 
 
-def run_cli(addrs: list[str], timeout: float, zk: str = "") -> int:
+def run_cli(addrs: list[str], timeout: float, zk: str = "", auth: str | None = None) -> int:
     """``dkv cli``: interactive on a terminal, else run commands from stdin.
 
     With ``zk`` the client takes the cluster map from ZooKeeper (``addrs`` may be empty).
@@ -403,7 +403,7 @@ def run_cli(addrs: list[str], timeout: float, zk: str = "") -> int:
 
     # kazoo reports reconnects as warnings; the CLI reports failed commands itself.
     logging.getLogger("kazoo").setLevel(logging.ERROR)
-    client = Client(addrs, zk=zk or None, timeout=timeout)
+    client = Client(addrs, zk=zk or None, timeout=timeout, auth=auth or None)
     try:
         if not sys.stdin.isatty():
             return run_lines(client, sys.stdin, _print_plain)

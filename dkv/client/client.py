@@ -28,6 +28,7 @@ import gevent.event
 import gevent.monkey
 
 from dkv import protocol
+from dkv.auth import Credentials, load_optional
 from dkv.client.core import ClientCore, iter_scan
 from dkv.errors import DKVError, InvalidArgument, WriteTimeout
 from dkv.keys import as_bytes
@@ -144,16 +145,22 @@ class Client:
 
     Keys and values are ``bytes``, or ``str`` (encoded as UTF-8). ``timeout``
     bounds each call, retries included.
+
+    ``auth`` is the path of a key file (``client.key``, or ``cluster.key``) for a
+    cluster whose nodes run with ``--auth-dir``: connections are then encrypted and
+    authenticated (CURVE). A node that refuses the key (or needs one) raises
+    :class:`~dkv.errors.AuthError`.
     """
 
     def __init__(self, addrs: str | Sequence[str] | None = None, *, zk: str | None = None,
-                 timeout: float = 10.0, max_inflight: int = 2) -> None:
+                 timeout: float = 10.0, max_inflight: int = 2, auth: "str | Credentials | None" = None) -> None:
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
         if zk is not None and not zk.strip():
             raise InvalidArgument("zk must be HOST:PORT[,HOST:PORT...][/chroot]")
         seeds = _parse_addrs(addrs) if addrs or not zk else []
-        factory = lambda: ClientCore(seeds, timeout, max_inflight, zk=zk)  # noqa: E731
+        creds = load_optional(auth)
+        factory = lambda: ClientCore(seeds, timeout, max_inflight, zk=zk, auth=creds)  # noqa: E731
         if gevent.monkey.is_module_patched("threading"):
             self._runner: _InlineRunner | _ThreadRunner = _InlineRunner(factory())
         else:

@@ -17,8 +17,9 @@ import zerorpc
 import zmq
 
 from dkv import protocol
-from dkv.errors import DKVError, from_remote
-from dkv.transport import HEARTBEAT, harden, quiet_lost_remote
+from dkv.auth import Credentials
+from dkv.errors import AuthError, DKVError, from_remote
+from dkv.transport import HEARTBEAT, HandshakeWatch, harden, quiet_lost_remote, secure_client
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +32,28 @@ class TransportError(Exception):
     """The node did not answer (timeout, lost connection): the outcome is unknown."""
 
 
+def _outcome(rpc: zerorpc.Client, method: str, args: tuple[Any, ...]) -> Any:
+    """The call's result, or the exception it raised (returned: a greenlet that raises is logged)."""
+    try:
+        return rpc(method, *args)
+    except Exception as e:
+        return e
+
+
 def _op_size(op: list[Any]) -> int:
     return sum(len(a) for a in op[1:] if isinstance(a, bytes)) + 16
 
 
 class Connection:
-    def __init__(self, addr: str, timeout: float, max_inflight: int = 2) -> None:
+    def __init__(self, addr: str, timeout: float, max_inflight: int = 2,
+                 auth: Credentials | None = None) -> None:
         quiet_lost_remote(gevent.get_hub())
         self.addr = addr
         self.timeout = timeout
         self.max_inflight = max_inflight
+        self.auth = auth
         self._rpc: zerorpc.Client | None = None
+        self._watches: dict[zerorpc.Client, HandshakeWatch] = {}
         #: calls in flight per zerorpc client; a retired client closes when its count is 0
         self._users: dict[zerorpc.Client, int] = {}
         self._retired: set[zerorpc.Client] = set()
@@ -54,6 +66,9 @@ class Connection:
             # Drop unsent requests on close: a request we gave up on must not be
             # delivered later to a restarted node.
             rpc._events.setsockopt(zmq.LINGER, 0)
+            if self.auth is not None:
+                secure_client(rpc._events._socket, self.auth)
+            self._watches[rpc] = HandshakeWatch(rpc._events._socket, self.addr, self.auth is not None)
             harden(rpc)
             rpc.connect(f"tcp://{self.addr}")
             self._rpc = rpc
@@ -78,7 +93,13 @@ class Connection:
         if left <= 0 and rpc in self._retired:
             self._retired.discard(rpc)
             self._users.pop(rpc, None)
-            rpc.close()
+            self._close(rpc)
+
+    def _close(self, rpc: zerorpc.Client) -> None:
+        watch = self._watches.pop(rpc, None)
+        if watch is not None:
+            watch.close()
+        rpc.close()
 
     def call(self, ops: list[list[Any]]) -> list[list[Any]]:
         """Send ``ops`` (coalesced with concurrent calls); one wire reply per op."""
@@ -90,9 +111,21 @@ class Connection:
     def request(self, method: str, *args: Any) -> Any:
         """A plain (non-batched) RPC; node errors re-raised as their DKVError class."""
         rpc = self._client()
+        watch = self._watches[rpc]
         self._users[rpc] = self._users.get(rpc, 0) + 1
         try:
-            return rpc(method, *args)
+            if not watch.failed.is_set():
+                call = gevent.spawn(_outcome, rpc, method, args)
+                gevent.wait([call, watch.failed], count=1)
+                if call.ready():
+                    if isinstance(call.value, BaseException):
+                        raise call.value
+                    return call.value
+                call.kill(block=False)
+            # The node refused our handshake: the request was never delivered.
+            if rpc is self._rpc:
+                self._reset()
+            raise AuthError(watch.reason)
         except zerorpc.RemoteError as e:
             raise from_remote(e.name, e.msg) or DKVError(f"{e.name}: {e.msg}") from None
         except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as e:
@@ -139,7 +172,16 @@ class Connection:
     def close(self) -> None:
         for rpc in [self._rpc, *self._retired]:
             if rpc is not None:
-                rpc.close()
+                self._close(rpc)
         self._rpc = None
         self._retired.clear()
         self._users.clear()
+
+
+def call_once(addr: str, method: str, *args: Any, timeout: float, auth: Credentials | None) -> Any:
+    """One plain RPC on a connection of its own, closed after it (a peer call made rarely)."""
+    conn = Connection(addr, timeout, auth=auth)
+    try:
+        return conn.request(method, *args)
+    finally:
+        conn.close()

@@ -24,6 +24,7 @@ import gevent
 import gevent.event
 
 from dkv import protocol
+from dkv.auth import Credentials
 from dkv.client.connection import Connection, TransportError
 from dkv.client.routing import SlotMap
 from dkv.client.zkmap import ZkClusterMap
@@ -42,8 +43,10 @@ BACKOFF_MAX = 0.5
 class ClientCore:
     """Routing, connections and retries; ``zk`` (``HOST:PORT[/chroot]``) makes ZooKeeper the map source."""
 
-    def __init__(self, seeds: list[str], timeout: float, max_inflight: int = 2, zk: str | None = None) -> None:
+    def __init__(self, seeds: list[str], timeout: float, max_inflight: int = 2, zk: str | None = None,
+                 auth: Credentials | None = None) -> None:
         self.seeds = seeds
+        self.auth = auth
         self.timeout = timeout
         self.max_inflight = max_inflight
         self._conns: dict[str, Connection] = {}
@@ -57,7 +60,7 @@ class ClientCore:
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
         if c is None:
-            c = self._conns[addr] = Connection(addr, self.timeout, self.max_inflight)
+            c = self._conns[addr] = Connection(addr, self.timeout, self.max_inflight, self.auth)
         return c
 
     def request(self, addr: str, method: str, *args: Any) -> Any:

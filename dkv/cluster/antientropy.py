@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from dkv.client.connection import Connection, TransportError
+from dkv.client.connection import TransportError, call_once
 from dkv.cluster.replication import DIVERGED, MATCH, Reply, compare_digest
 from dkv.errors import DKVError
 from dkv.node.pipeline import offloaded
@@ -99,12 +99,10 @@ class AntiEntropy:
         addr = self.w.addr_of(rid)
         if addr is None:
             return None
-        conn = Connection(addr, max(self.w.config.write_timeout, DIGEST_TIMEOUT))
         try:
-            raw_reply, theirs = conn.request("repl_digest", wire)
+            raw_reply, theirs = call_once(addr, "repl_digest", wire, auth=self.w.config.credentials,
+                                          timeout=max(self.w.config.write_timeout, DIGEST_TIMEOUT))
             return Reply.from_wire(raw_reply), theirs
         except (TransportError, DKVError) as e:
             logger.info("%s: digest request to %s failed: %s", self.w.shard_id, rid, e)
             return None
-        finally:
-            conn.close()

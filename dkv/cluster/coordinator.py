@@ -17,13 +17,14 @@ from typing import Any, Callable
 import gevent
 import gevent.event
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, NodeExistsError, NoNodeError,
+from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, NoAuthError, NodeExistsError, NoNodeError,
                               OperationTimeoutError, SessionExpiredError)
 from kazoo.handlers.gevent import SequentialGeventHandler
 from kazoo.retry import KazooRetry
 
+from dkv.auth import kazoo_args, secure_znodes
 from dkv.cluster import layout
-from dkv.errors import DKVError, Unavailable
+from dkv.errors import AuthError, DKVError, Unavailable
 from dkv.node.config import NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Coordinator:
         self._on_session_lost = on_session_lost
         handler = SequentialGeventHandler()
         self.zk = KazooClient(hosts=config.zk, timeout=config.session_timeout, handler=handler,
+                              **kazoo_args(config.credentials),
                               connection_retry=KazooRetry(max_tries=-1, max_delay=1.0,
                                                           sleep_func=handler.sleep_func),
                               command_retry=KazooRetry(max_tries=3, max_delay=1.0,
@@ -65,8 +67,19 @@ class Coordinator:
             self.zk.start(timeout=max(self.config.session_timeout, 5.0))
         except Exception as e:
             raise Unavailable(f"cannot reach ZooKeeper at {self.config.zk}: {e}") from e
-        for path in (layout.NODES, layout.SHARDS, layout.MIGRATIONS):
-            self.zk.ensure_path(path)
+        try:
+            for path in (layout.NODES, layout.SHARDS, layout.MIGRATIONS):
+                self.zk.ensure_path(path)
+            if self.config.credentials is not None:
+                changed = secure_znodes(self.zk, self.config.credentials, layout.ROOTS)
+                if changed:
+                    logger.warning("gave %d znode(s) made without auth dkv's ZooKeeper ACL (only the "
+                                   "cluster key may change them now)", changed)
+        except NoAuthError:
+            self.zk.stop()
+            self.zk.close()
+            raise AuthError(f"ZooKeeper at {self.config.zk} refused us: this cluster's znodes belong to "
+                            "another key (start with that cluster's --auth-dir)") from None
         self._register()
         self._refresher = gevent.spawn(self._refresh_loop)
         self._dirty.set()

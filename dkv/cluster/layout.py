@@ -42,6 +42,8 @@ ELECTION = "/election"
 SHARDS = "/shards"
 SLOTS = "/slots"
 MIGRATIONS = "/migrations"
+#: every top-level znode dkv keeps (its ACLs are dkv's with --auth-dir)
+ROOTS = (NODES, ELECTION, SHARDS, SLOTS, MIGRATIONS)
 
 #: migration states: the target copies while the source serves; then the source refuses the range
 COPYING, FROZEN = "copying", "frozen"

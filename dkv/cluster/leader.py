@@ -460,7 +460,8 @@ class ReplicatedWriter:
             raise TransportError(f"replica {rid} is not registered")
         c = self._conns.get(rid)
         if c is None or c.addr != addr:
-            c = self._conns[rid] = Connection(addr, self.config.write_timeout, max_inflight=8)
+            c = self._conns[rid] = Connection(addr, self.config.write_timeout, max_inflight=8,
+                                                   auth=self.config.credentials)
         return c
 
     def _drop_conn(self, rid: str) -> None:

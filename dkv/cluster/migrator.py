@@ -16,7 +16,8 @@ from typing import Any, Callable
 import gevent
 from kazoo.exceptions import BadVersionError, KazooException, NoNodeError
 
-from dkv.client.connection import Connection, TransportError
+from dkv.auth import Credentials
+from dkv.client.connection import TransportError, call_once
 from dkv.cluster import layout
 from dkv.cluster.layout import FROZEN, Migration, SlotRanges, cancel_migration
 from dkv.cluster.migration import (FREEZE_TIMEOUT, Begin, Cancel, Clear, CopyPage, Flip, Freeze, Frozen, Import,
@@ -104,8 +105,9 @@ class Migrator:
 
     def __init__(self, migration: Migration, zk: Any, pipeline: WritePipeline, store: Store, offload: bool,
                  source_addr: Callable[[], str | None], node_id: str, epoch: int, rate: int = 0,
-                 freeze_timeout: float = FREEZE_TIMEOUT) -> None:
+                 freeze_timeout: float = FREEZE_TIMEOUT, auth: Credentials | None = None) -> None:
         self.migration = migration
+        self.auth = auth
         self.zk = zk
         #: we drive the move only while we are the target's writer in this epoch
         self.node_id, self.epoch = node_id, epoch
@@ -183,11 +185,7 @@ class Migrator:
         addr = self._source_addr()
         if addr is None:
             raise Unavailable(f"{self.migration.source} has no live writer")
-        conn = Connection(addr, RPC_TIMEOUT)
-        try:
-            return conn.request(method, *args)
-        finally:
-            conn.close()
+        return call_once(addr, method, *args, timeout=RPC_TIMEOUT, auth=self.auth)
 
     def _do(self, act: Any) -> Any:
         m = self.migration

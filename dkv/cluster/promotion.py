@@ -29,7 +29,7 @@ from typing import Any
 import gevent
 from kazoo.exceptions import BadVersionError, KazooException, LockTimeout, NoNodeError
 
-from dkv.client.connection import Connection, TransportError
+from dkv.client.connection import TransportError, call_once
 from dkv.cluster import layout
 from dkv.cluster.replication import Reply, records_from_wire
 from dkv.errors import DKVError
@@ -176,8 +176,4 @@ class Promoter:
         return True
 
     def _request(self, addr: str, method: str, *args: Any) -> Any:
-        conn = Connection(addr, self.config.write_timeout)
-        try:
-            return conn.request(method, *args)
-        finally:
-            conn.close()
+        return call_once(addr, method, *args, timeout=self.config.write_timeout, auth=self.config.credentials)

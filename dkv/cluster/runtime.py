@@ -350,7 +350,8 @@ class ClusterRuntime:
                                      source_addr=lambda: self.view.writer_addr(m.source),
                                      node_id=self.config.node_id, epoch=self.writer.epoch,
                                      rate=self.config.migration_rate,
-                                     freeze_timeout=self.config.migration_freeze_timeout)
+                                     freeze_timeout=self.config.migration_freeze_timeout,
+                                     auth=self.config.credentials)
 
     def _stop_migrator(self) -> None:
         if self.migrator is not None:

@@ -1,9 +1,11 @@
 """Node configuration: one validated dataclass built from flags / ``DKV_*`` variables."""
 from __future__ import annotations
 
+import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from dkv.auth import Credentials, load_auth_dir
 from dkv.errors import InvalidArgument
 from dkv.keys import DEFAULT_MAX_KEY, DEFAULT_MAX_VALUE, Limits
 
@@ -45,6 +47,13 @@ class NodeConfig:
     migration_freeze_timeout: float = 10.0
     #: seconds between a writer's digest comparisons with its replicas (0: never)
     anti_entropy_interval: float = 30.0
+    # -- security (DESIGN §10) --
+    #: directory of cluster.key (see `dkv auth init`): CURVE on every socket, ZooKeeper ACLs
+    auth_dir: str = ""
+    #: allow a non-loopback --host without --auth-dir (anyone who reaches the port controls the node)
+    insecure: bool = False
+    #: the cluster key, loaded from auth_dir (None: no auth)
+    credentials: Credentials | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -53,6 +62,8 @@ class NodeConfig:
             self.data_dir = os.path.join("dkv-data", self.node_id)
         self.log_level = self.log_level.upper()
         self.validate()
+        if self.auth_dir:
+            self.credentials = load_auth_dir(self.auth_dir)
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -83,6 +94,12 @@ class NodeConfig:
             raise InvalidArgument("--migration-freeze-timeout must be positive")
         if self.anti_entropy_interval < 0:
             raise InvalidArgument("--anti-entropy-interval must be >= 0 (0 disables it)")
+        if not self.auth_dir and not self.insecure and not is_loopback(self.host):
+            raise InvalidArgument(
+                f"--host {self.host} is not a loopback address and the node has no --auth-dir: anyone who "
+                "can reach the port could read, overwrite or wipe its data and its replicas. Make keys "
+                "with `dkv auth init DIR` and give --auth-dir DIR, or, on a network you trust entirely, "
+                "give --insecure")
 
     @property
     def addr(self) -> str:
@@ -103,3 +120,13 @@ class NodeConfig:
     @property
     def durable(self) -> bool:
         return self.engine != "memory"
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` a loopback address (or ``localhost``)? Names other than localhost are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

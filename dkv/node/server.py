@@ -14,6 +14,7 @@ import gevent
 import gevent.event
 import zmq
 
+from dkv.auth import CLIENT, PEER
 from dkv.errors import CorruptLog, DKVError, InvalidArgument, Unavailable
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import LocalWriter, WritePipeline
@@ -127,6 +128,18 @@ class RPC:
         return self._rt().migration_source().freeze(str(migration_id))
 
 
+#: Who may call each RPC (DESIGN §10): data RPCs take the client or the cluster key,
+#: internal ones (replication, migration, digests, test hooks) only the cluster key.
+#: Anything not listed here is refused as an unknown method.
+ACCESS: dict[str, str] = {
+    **{name: CLIENT for name in ("batch", "get", "set", "delete", "mset", "mget", "scan", "info",
+                                 "cluster_info", "ping")},
+    **{name: PEER for name in ("digest", "repl_prepare", "repl_truncate", "repl_fence", "repl_snapshot",
+                               "repl_read", "repl_digest", "debug_zk_session", "mig_position", "mig_scan",
+                               "mig_tail", "mig_freeze")},
+}
+
+
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -165,15 +178,18 @@ class Node:
             promise = PromiseFile(os.path.join(cfg.data_dir, "promise") if cfg.durable else None)
             self.runtime = ClusterRuntime(cfg, self.log, self.store, self.pipeline, promise)
             self.service.router = self.runtime
-        self._server = RPCServer(RPC(self.service))
+        self._server = RPCServer(RPC(self.service), access=ACCESS, creds=cfg.credentials,
+                                 max_message_bytes=cfg.limits.max_message_bytes)
         try:
             self._server.bind(cfg.endpoint)
         except zmq.ZMQError as e:
             self._close_storage()
             raise DKVError(f"cannot listen on {cfg.addr}: {e}") from e
-        logger.info("node %s serving on %s (engine=%s, data=%s, applied_lsn=%d, %s)",
+        logger.info("node %s serving on %s (engine=%s, data=%s, applied_lsn=%d, %s, %s)",
                     cfg.node_id, cfg.addr, cfg.engine, cfg.data_dir if cfg.durable else "-",
-                    self.store.applied_lsn, f"cluster via {cfg.zk}" if cfg.cluster else "standalone")
+                    self.store.applied_lsn, f"cluster via {cfg.zk}" if cfg.cluster else "standalone",
+                    f"auth: CURVE with the keys of {cfg.auth_dir}" if cfg.credentials else
+                    "auth: none (--insecure)" if cfg.insecure else "auth: none (loopback only)")
 
     def _recover(self, replay: bool) -> None:
         """Replay WAL records past the store's applied_lsn (DESIGN §3).

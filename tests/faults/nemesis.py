@@ -141,7 +141,7 @@ class Nemesis:
         if self._thread is not None:
             raise RuntimeError("nemesis already started")
         if any(k.startswith("migrate") for k in self.weights):
-            self._zk = KazooClient(hosts=self.cluster.zk, timeout=10)
+            self._zk = KazooClient(hosts=self.cluster.zk, timeout=10, **self.cluster.kazoo_args)
             self._zk.start(timeout=30)
         self._thread = threading.Thread(target=self._run, args=(duration,), name="nemesis", daemon=True)
         self._thread.start()
@@ -186,7 +186,7 @@ class Nemesis:
             n.wait_ready(timeout)
         from kazoo.client import KazooClient
 
-        zk = KazooClient(hosts=c.zk, timeout=10)
+        zk = KazooClient(hosts=c.zk, timeout=10, **c.kazoo_args)
         zk.start(timeout=30)
         try:
             done.append(admin.set_draining(zk, DRAIN_SHARD, False))
@@ -300,7 +300,7 @@ class Nemesis:
                     self._down(fault, node, downtime, lambda: self.cluster.lab.isolate(host),
                                lambda: self.cluster.lab.heal(host))
                 else:
-                    expire_session(self.cluster.zk, self.cluster.nodes[node].addr)
+                    expire_session(self.cluster.zk, self.cluster.nodes[node].addr, self.cluster.creds)
         except Exception as e:  # a fault that could not be injected is reported, not fatal
             fault.error = f"{type(e).__name__}: {e}"
         self._log(f"nemesis: {fault}")

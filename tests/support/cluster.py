@@ -8,18 +8,29 @@ convergence, killing and restarting members.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import zerorpc
 
+from dkv.auth import CLIENT_KEY, Credentials, init_keys, kazoo_args, load_auth_dir
+from dkv.transport import secure_client
+
 import dkv
 from tests.support.procs import NodeProcess, wait_until
 
 
-def rpc(addr: str, method: str, *args: Any, timeout: float = 5) -> Any:
-    """One raw zerorpc call to a node (no dkv client in between)."""
+def auth_by_default() -> bool:
+    """``DKV_TEST_AUTH=1``: every test cluster runs with auth (CURVE, ZooKeeper ACLs)."""
+    return os.environ.get("DKV_TEST_AUTH", "") == "1"
+
+
+def rpc(addr: str, method: str, *args: Any, timeout: float = 5, auth: Credentials | None = None) -> Any:
+    """One raw zerorpc call to a node (no dkv client in between), with ``auth``'s key if given."""
     c = zerorpc.Client(timeout=timeout, heartbeat=None)
+    if auth is not None:
+        secure_client(c._events._socket, auth)
     c.connect(f"tcp://{addr}")
     try:
         return c(method, *args)
@@ -30,7 +41,7 @@ def rpc(addr: str, method: str, *args: Any, timeout: float = 5) -> Any:
 class Cluster:
     def __init__(self, zk: str, root: Path, *, shards: int = 2, replication_factor: int = 3,
                  write_quorum: int = 2, session_timeout: float = 4.0, write_timeout: float = 2.0,
-                 extra: tuple[str, ...] = (), lab: Any = None) -> None:
+                 extra: tuple[str, ...] = (), lab: Any = None, auth: bool | None = None) -> None:
         #: with a NetLab, each node runs in its own network namespace (partition tests)
         self.lab = lab
         self.hosts: dict[str, Any] = {}
@@ -42,6 +53,15 @@ class Cluster:
         self.rf = replication_factor
         self.wq = write_quorum
         self.session_timeout = session_timeout
+        #: with auth: the cluster key (nodes, internal RPCs, ZooKeeper) and the client key's path
+        self.creds: Credentials | None = None
+        self.client_key: str | None = None
+        if auth_by_default() if auth is None else auth:
+            auth_dir = root / "auth"
+            init_keys(str(auth_dir))
+            self.creds = load_auth_dir(str(auth_dir))
+            self.client_key = str(auth_dir / CLIENT_KEY)
+            extra = ("--auth-dir", str(auth_dir), *extra)
         self.flags = ("--zk", zk, "--replication-factor", str(replication_factor),
                       "--write-quorum", str(write_quorum), "--session-timeout", str(session_timeout),
                       "--write-timeout", str(write_timeout), *extra)
@@ -75,12 +95,34 @@ class Cluster:
                     n.stop()
                 except Exception:
                     n.kill()
+        if self.creds is not None:  # only the cluster key may delete its znodes (the chroot's teardown)
+            from kazoo.client import KazooClient
+
+            from dkv.cluster.layout import ROOTS
+
+            zk = KazooClient(hosts=self.zk, **self.kazoo_args)
+            zk.start(timeout=30)
+            try:
+                for path in ROOTS:
+                    zk.delete(path, recursive=True)
+            finally:
+                zk.stop()
+                zk.close()
 
     # -- probes ----------------------------------------------------------------------
 
+    def rpc(self, addr: str, method: str, *args: Any, timeout: float = 5) -> Any:
+        """A raw call to a node with the cluster key (when the cluster has auth)."""
+        return rpc(addr, method, *args, timeout=timeout, auth=self.creds)
+
+    @property
+    def kazoo_args(self) -> dict[str, Any]:
+        """KazooClient arguments of a test's own ZooKeeper client: dkv admin's rights."""
+        return kazoo_args(self.creds)
+
     def info(self, node_id: str) -> dict[str, Any] | None:
         try:
-            return rpc(self.nodes[node_id].addr, "info", timeout=2)
+            return self.rpc(self.nodes[node_id].addr, "info", timeout=2)
         except Exception:
             return None
 
@@ -88,7 +130,7 @@ class Cluster:
         for n in self.nodes.values():
             if n.running:
                 try:
-                    return rpc(n.addr, "cluster_info", timeout=2)
+                    return self.rpc(n.addr, "cluster_info", timeout=2)
                 except Exception:
                     continue
         raise RuntimeError("no node answers")
@@ -146,7 +188,7 @@ class Cluster:
         for member in [sh["writer"], *sh["replicas"]]:
             n = self.nodes[member]
             if n.running:
-                out[member] = [rpc(n.addr, "digest", a, b) for a, b in sh["slots"]]
+                out[member] = [self.rpc(n.addr, "digest", a, b) for a, b in sh["slots"]]
         return out
 
     def wait_converged(self, shard_id: str, timeout: float = 30) -> dict[str, list[Any]]:
@@ -166,7 +208,7 @@ class Cluster:
         return last
 
     def client(self, timeout: float = 10) -> dkv.Client:
-        return dkv.Client([n.addr for n in self.nodes.values()], timeout=timeout)
+        return dkv.Client([n.addr for n in self.nodes.values()], timeout=timeout, auth=self.client_key)
 
     def keys_of_shard(self, shard_id: str, n: int, prefix: str = "k") -> list[str]:
         """``n`` keys whose slots the shard owns."""
@@ -193,14 +235,14 @@ class Cluster:
 
 
 
-def expire_session(zk_hosts: str, addr: str) -> None:
+def expire_session(zk_hosts: str, addr: str, auth: Credentials | None = None) -> None:
     """Expire a node's ZooKeeper session for real: close it from a second client.
 
     Needs the node started with DKV_FAULT_HOOKS=1 (it reveals its session id).
     """
     from kazoo.client import KazooClient
 
-    session_id, password = rpc(addr, "debug_zk_session")
+    session_id, password = rpc(addr, "debug_zk_session", auth=auth)
     other = KazooClient(hosts=zk_hosts.split("/", 1)[0], client_id=(session_id, password))
     other.start(timeout=10)
     other.stop()  # closing a session ends it for every client holding it

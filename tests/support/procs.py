@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from dkv.auth import Credentials, load_auth_dir
+from dkv.transport import secure_client
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -52,7 +55,20 @@ class NodeProcess:
     def argv(self) -> list[str]:
         return [*self.prefix, sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", self.node_id,
                 "--host", self.host, "--port", str(self.port), "--data-dir", str(self.data_dir),
-                "--log-level", self.log_level, *self.extra]
+                "--log-level", self.log_level, *self.extra, *self._protected_mode()]
+
+    @property
+    def auth(self) -> Credentials | None:
+        """The cluster key of a node started with --auth-dir (to probe it)."""
+        if "--auth-dir" not in self.extra:
+            return None
+        return load_auth_dir(self.extra[self.extra.index("--auth-dir") + 1])
+
+    def _protected_mode(self) -> list[str]:
+        """A node on a non-loopback address (a network-namespace test) needs auth or --insecure."""
+        if self.host.startswith("127.") or "--auth-dir" in self.extra or "--insecure" in self.extra:
+            return []
+        return ["--insecure"]
 
     def start(self, wait: bool = True) -> "NodeProcess":
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +86,8 @@ class NodeProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node {self.node_id} exited with {self.proc.returncode}:\n{self.log()}")
             c = zerorpc.Client(timeout=0.5, heartbeat=None)
+            if self.auth is not None:
+                secure_client(c._events._socket, self.auth)
             try:
                 c.connect(f"tcp://{self.addr}")
                 return c.ping() == "pong"
