@@ -436,7 +436,7 @@ class ReplicatedWriter:
         round_ = None
         if self._is_current() and not self.leader.deposed and self.leader.needed > 0:
             round_ = self._heartbeat_round()
-        deposed = (self.leader.deposed_by if self.leader.deposed else None) or (round_.deposed_by if round_ else None)
+        deposed = self.leader.deposed_by if self.leader.deposed else round_.deposed_by if round_ else None
         if deposed is not None:
             raise Unavailable(f"{self.shard_id} has a newer epoch {deposed}; this writer is fenced")
         if not self._is_current():

@@ -226,13 +226,20 @@ class Follower:
             promised = max(promised, self.max_epoch)  # tells a deposed writer it is deposed
         return Reply(reason, promised, self.log.last_lsn, self.log.last_epoch, match, self.applied_lsn)
 
-    def _check_epoch(self, epoch: int, actions: list[Action], exact: bool = True) -> str:
+    def _epoch_refusal(self, epoch: int, exact: bool = True) -> str:
         """OK, or why a message at ``epoch`` is refused. ``exact``: only the recorded epoch
         itself is accepted (a writer of an older one is deposed, even if we never promised)."""
         if self.beyond(epoch):
             return BEYOND_EPOCH
         if epoch < self.promised or (exact and self.max_epoch is not None and epoch < self.max_epoch):
             return STALE_EPOCH
+        return OK
+
+    def _check_epoch(self, epoch: int, actions: list[Action], exact: bool = True) -> str:
+        """:meth:`_epoch_refusal`; a newer epoch accepted is promised (durably, by the adapter)."""
+        reason = self._epoch_refusal(epoch, exact)
+        if reason != OK:
+            return reason
         if epoch > self.promised:
             self.promised = epoch
             self.shown_lsn = 0
@@ -298,13 +305,10 @@ class Follower:
         shown us a position at least that far (see ``shown_lsn``; it sends a heartbeat
         before a snapshot). A refusal changes nothing, not even the promise.
         """
-        if self.beyond(epoch):
-            return self._reply(BEYOND_EPOCH)
-        if epoch < self.promised or (self.max_epoch is not None and epoch < self.max_epoch):
-            return self._reply(STALE_EPOCH)
-        if epoch > self.promised or lsn > self.shown_lsn:  # a newer epoch's writer showed nothing yet
-            return self._reply(BEYOND_LOG)
-        return None
+        reason = self._epoch_refusal(epoch)
+        if reason == OK and (epoch > self.promised or lsn > self.shown_lsn):  # a newer epoch showed nothing yet
+            reason = BEYOND_LOG
+        return None if reason == OK else self._reply(reason)
 
     def snapshot_installed(self, lsn: int) -> None:
         self.applied_lsn = lsn
