@@ -554,3 +554,11 @@ def test_the_driver_answers_a_digest_at_exactly_the_asked_lsn(tmp_path) -> None:
     assert Reply.from_wire(raw).applied_lsn == 3 and digest == d.store.digest()
     raw, digest = d.digest(DigestRequest(2, 2, 2).to_wire())
     assert Reply.from_wire(raw).reason == AHEAD and digest is None
+
+
+def test_the_driver_logs_a_flood_of_refusals_once_a_second(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    d, _ = _driver(tmp_path, 2, [2])
+    for _ in range(50):
+        d.fence(2**62)
+    lines = [r.getMessage() for r in caplog.records if "refused a fence" in r.getMessage()]
+    assert len(lines) == 1 and all(r.levelname == "WARNING" for r in caplog.records)

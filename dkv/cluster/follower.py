@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: Records applied per store batch when catching up the store from the log.
 APPLY_CHUNK = 5000
-#: Longest quote of a refused message in the log.
+#: Longest quote of a refused message in the log, and the least seconds between two such lines.
 QUOTE_CHARS = 200
+REFUSAL_LOG_INTERVAL = 1.0
 _repr = reprlib.Repr()
 _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxlevel = 40, 40, 4, 3
 
@@ -134,6 +135,8 @@ class FollowerDriver:
         self._lock = gevent.lock.Semaphore()
         #: monotonic time of the last message from a writer in the current epoch
         self.last_contact = 0.0
+        #: per refusal reason: when it was last logged, and how many went unlogged since
+        self._refusals: dict[str, tuple[float, int]] = {}
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return gevent.get_hub().threadpool.apply(fn, args) if self.offload else fn(*args)
@@ -167,14 +170,21 @@ class FollowerDriver:
         return reply, extra
 
     def _log_refusal(self, reply: Reply, what: str, quoted: Any) -> None:
-        """Log a refusal only a forged or confused sender earns (INFO while this node has not
-        read its shard's record yet: e.g. a promotion's fence reaching a node just restarted)."""
+        """Log a refusal only a forged or confused sender earns, at most once a second per reason
+        (INFO while this node has not read its shard's record yet: e.g. a writer's prepares
+        reaching a node just restarted)."""
         if reply.reason not in (BEYOND_EPOCH, BEYOND_LOG):
             return
+        now, (last, unlogged) = time.monotonic(), self._refusals.get(reply.reason, (-REFUSAL_LOG_INTERVAL, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusals[reply.reason] = (last, unlogged + 1)
+            return
+        self._refusals[reply.reason] = (now, 0)
+        more = f" (and {unlogged} more refused since)" if unlogged else ""
         level = logging.WARNING if self.state.max_epoch else logging.INFO
         logger.log(level, "refused %s (%s; the highest epoch seen recorded in ZooKeeper is %s, the writer "
-                   "of epoch %d showed lsn %d): %s", what, reply.reason, self.state.max_epoch,
-                   self.state.promised, self.state.shown_lsn, quote(quoted))
+                   "of epoch %d showed lsn %d): %s%s", what, reply.reason, self.state.max_epoch,
+                   self.state.promised, self.state.shown_lsn, quote(quoted), more)
 
     def prepare(self, wire: list[Any]) -> list[Any]:
         m = Prepare.from_wire(wire)
