@@ -187,4 +187,11 @@ def test_anti_entropy_repairs_a_replica_whose_store_diverged(cluster: Cluster) -
     wait_until(lambda: [_eventual(cluster, addr, k) for k in ("k3", "k4", "ghost")] == [b"v3", b"v4", None], 30,
                "the replica to hold the writer's data again")
     _healthy(cluster, client, acked, "rot")
+    # Comparisons go on, and now find every replica equal to the writer.
+    def stats() -> dict[str, Any]:
+        return (cluster.info(writer) or {}).get("replication", {}).get("anti_entropy", {})
+
+    matched = stats()["matched"]
+    wait_until(lambda: stats()["matched"] >= matched + 2, 30, "anti-entropy to find the replicas equal")
+    assert stats()["diverged"] == 1
     client.close()

@@ -41,9 +41,15 @@ class AntiEntropy:
 
     def __init__(self, writer: "ReplicatedWriter") -> None:
         self.w = writer
-        #: counters, for logs and tests
+        #: rounds run; replicas found equal / diverged; the lsn of the last comparison made
         self.rounds = 0
+        self.matched = 0
         self.diverged = 0
+        self.last_lsn: int | None = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "matched": self.matched, "diverged": self.diverged,
+                "last_lsn": self.last_lsn}
 
     def run(self, interval: float) -> None:
         while True:
@@ -86,12 +92,15 @@ class AntiEntropy:
                 continue
             reply, theirs = job.value  # a refusal is left to the prepares to act on
             out[rid] = verdict = compare_digest(lsn, ours, reply, theirs)
+            if verdict in (MATCH, DIVERGED):
+                self.last_lsn = lsn
             if verdict == DIVERGED:
                 self.diverged += 1
                 logger.error("%s: replica %s DIVERGED from the writer at lsn %d (writer digest %s, replica "
                              "digest %s); re-syncing it from a snapshot", self.w.shard_id, rid, lsn, ours, theirs)
                 self.w.resync(rid)
             elif verdict == MATCH:
+                self.matched += 1
                 logger.debug("%s: replica %s matches the writer at lsn %d", self.w.shard_id, rid, lsn)
         return out
 

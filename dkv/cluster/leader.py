@@ -77,8 +77,9 @@ class ReplicatedWriter:
         self._confirming = False
         self._active = True
         self._greenlets = [gevent.spawn(self._heartbeat_loop)]
+        self.anti_entropy = AntiEntropy(self)
         if config.anti_entropy_interval > 0:
-            self._greenlets.append(gevent.spawn(AntiEntropy(self).run, config.anti_entropy_interval))
+            self._greenlets.append(gevent.spawn(self.anti_entropy.run, config.anti_entropy_interval))
         #: records past the commit point after a restart: committed before any new write
         self._tail_pending = log.last_lsn > self.leader.commit_lsn
         if self._tail_pending:
@@ -447,7 +448,8 @@ class ReplicatedWriter:
                               "confirmed the writer's epoch for a linearizable read")
 
     def lag(self) -> dict[str, Any]:
-        return {"commit_lsn": self.leader.commit_lsn, "epoch": self.epoch, "replicas": self.leader.lag()}
+        return {"commit_lsn": self.leader.commit_lsn, "epoch": self.epoch, "replicas": self.leader.lag(),
+                "anti_entropy": self.anti_entropy.stats()}
 
     # -- plumbing -------------------------------------------------------------------------
 
