@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+from dkv.errors import InvalidArgument
 from dkv.wal.epochs import EpochIndex
 from dkv.wal.record import Op, Record
 
@@ -56,9 +57,12 @@ class Prepare:
 
     @classmethod
     def from_wire(cls, w: Sequence[Any]) -> "Prepare":
-        epoch, prev_lsn, prev_epoch, commit_lsn, recs, slot_version = w
-        return cls(int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn),
-                   int(slot_version))
+        try:
+            epoch, prev_lsn, prev_epoch, commit_lsn, recs, slot_version = w
+            return cls(int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn),
+                       int(slot_version))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"malformed prepare: {str(e)[:200]}") from None
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,11 @@ class Truncate:
 
     @classmethod
     def from_wire(cls, w: Sequence[Any]) -> "Truncate":
-        return cls(int(w[0]), int(w[1]))
+        try:
+            epoch, after_lsn = w
+            return cls(int(epoch), int(after_lsn))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"malformed truncate: {str(e)[:200]}") from None
 
 
 OK = ""
