@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from dkv.errors import InvalidArgument
+from dkv.keys import item_bytes
 from dkv.wal.epochs import EpochIndex
 from dkv.wal.record import Op, Record
 
@@ -28,6 +29,11 @@ from dkv.wal.record import Op, Record
 
 def records_to_wire(records: Sequence[Record]) -> list[list[Any]]:
     return [[r.epoch, r.lsn, int(r.op), r.key, r.value] for r in records]
+
+
+def record_bytes(r: Record) -> int:
+    """What one record counts against a message's page budget (:func:`dkv.keys.item_bytes`)."""
+    return item_bytes(r.key, r.value)
 
 
 def records_from_wire(wire: Sequence[Sequence[Any]]) -> tuple[Record, ...]:

@@ -200,6 +200,12 @@ class WritePipeline:
             pass  # a failed turn settles the writes in it too
 
     @property
+    def page_bytes(self) -> int:
+        """The byte budget of one batch; submissions that feed it (imports, range deletes)
+        are built to it too."""
+        return self._max_bytes
+
+    @property
     def queued(self) -> int:
         return sum(len(p.ops) for p in self._queue)
 
