@@ -137,7 +137,8 @@ class RPC:
         return self._rt().repl_truncate(wire)
 
     def repl_fence(self, epoch: int) -> list[Any]:
-        return self._rt().repl_fence(_int(epoch, "epoch"))
+        epoch = _int(epoch, "epoch")
+        return self._rt().repl_fence(epoch)
 
     def repl_snapshot(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
                       lsn: int, last_epoch: int) -> list[Any]:
@@ -145,11 +146,12 @@ class RPC:
                 isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], bytes) and p[0]
                 and isinstance(p[1], bytes) for p in pairs):
             raise InvalidArgument("snapshot pairs must be a list of [key, value] bytes")
-        return self._rt().repl_snapshot(_int(epoch, "epoch"), bool(first), pairs, bool(done), _int(lsn, "lsn"),
-                                        _int(last_epoch, "last_epoch"))
+        args = (_int(epoch, "epoch"), bool(first), pairs, bool(done), _int(lsn, "lsn"), _int(last_epoch, "last_epoch"))
+        return self._rt().repl_snapshot(*args)
 
     def repl_read(self, start: int, limit: int) -> list[list[Any]]:
-        return self._rt().repl_read(_int(start, "start"), _int(limit, "limit"))
+        start, limit = _int(start, "start"), _int(limit, "limit")
+        return self._rt().repl_read(start, limit)
 
     def debug_zk_session(self) -> list[Any]:
         """Test hook (only with DKV_FAULT_HOOKS=1): our ZooKeeper session id and password,
@@ -165,12 +167,12 @@ class RPC:
         return self._rt().migration_source().position()
 
     def mig_scan(self, start: int, end: int, after: bytes | None, limit: int) -> list[Any]:
-        return self._rt().migration_source().scan(_int(start, "start"), _int(end, "end"),
-                                                  _optional_bytes(after, "after"), _int(limit, "limit"))
+        args = (_int(start, "start"), _int(end, "end"), _optional_bytes(after, "after"), _int(limit, "limit"))
+        return self._rt().migration_source().scan(*args)
 
     def mig_tail(self, start: int, end: int, after_lsn: int, limit: int) -> dict[str, Any]:
-        return self._rt().migration_source().tail(_int(start, "start"), _int(end, "end"),
-                                                  _int(after_lsn, "after_lsn"), _int(limit, "limit"))
+        args = (_int(start, "start"), _int(end, "end"), _int(after_lsn, "after_lsn"), _int(limit, "limit"))
+        return self._rt().migration_source().tail(*args)
 
     def mig_freeze(self, migration_id: str) -> list[int]:
         if not isinstance(migration_id, str) or not 0 < len(migration_id) <= 200:
