@@ -316,7 +316,10 @@ class ReplicatedWriter:
 
     def _send_from(self, rid: str, lsn: int) -> None:
         upto = self.leader.commit_lsn
-        records = offloaded(self._offload, self._read_page, lsn, min(CATCHUP_CHUNK, upto - lsn + 1))
+        try:
+            records = offloaded(self._offload, self._read_page, lsn, min(CATCHUP_CHUNK, upto - lsn + 1))
+        except ValueError as e:  # compacted since the step was chosen: probe again, then a snapshot
+            raise Unavailable(f"{self.shard_id}: catch-up of {rid}: {e}") from None
         m = self.leader.prepare(records, lsn - 1, self._epoch_at(lsn - 1))
         self.leader.on_reply(rid, self._call(rid, "repl_prepare", m.to_wire()))
 

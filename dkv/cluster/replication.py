@@ -377,6 +377,8 @@ class Leader:
                     return None
                 p.state = IN_SYNC
                 return Synced()
+            if p.match_lsn < self.log.first_lsn - 1:
+                return SendSnapshot()  # our log was compacted past what it needs next
             return SendFrom(p.match_lsn + 1)
         # Unknown match: place the member's reported log end against ours. Its
         # records up to its applied LSN are committed, hence identical to ours.
