@@ -20,8 +20,9 @@ most (``ZMQ_MAXMSGSIZE`` of their server socket).
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from dkv.errors import InvalidArgument, KeyIsEmpty
 
@@ -163,7 +164,7 @@ class _Quoter(reprlib.Repr):
     def repr_instance(self, x: Any, level: int) -> str:
         try:
             return _cut(repr(x), self.maxother, "chars")
-        except Exception:  # a hostile __repr__ must not break logging
+        except Exception:  # noqa: BLE001 -- a hostile __repr__ must not break logging
             return f"<{type(x).__name__}>"
 
 
@@ -171,4 +172,4 @@ def _cut(x: str | bytes, limit: int, unit: str, size: int | None = None) -> str:
     size = len(x) if size is None else size
     if size <= limit:
         return repr(x)
-    return f"{repr(x[:limit])}...({size} {unit})"
+    return f"{x[:limit]!r}...({size} {unit})"

@@ -23,7 +23,7 @@ from dkv.cluster.follower import FollowerDriver, PromiseFile
 from dkv.cluster.leader import ReplicatedWriter
 from dkv.cluster.migrator import MigrationSource, delete_range
 from dkv.cluster.replication import IN_SYNC, Prepare, Reply, record_bytes
-from dkv.errors import Deferred, DKVError, InvalidArgument
+from dkv.errors import Deferred, InvalidArgument
 from dkv.keys import (DEFAULT_PAGE_BYTES, ITEM_OVERHEAD, MESSAGE_OVERHEAD, Limits, item_bytes, page_is_full,
                       pair_bytes, quote, take_page)
 from dkv.node.config import NodeConfig

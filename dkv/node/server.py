@@ -10,7 +10,8 @@ import inspect
 import logging
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gevent
 import gevent.event
