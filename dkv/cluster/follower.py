@@ -19,8 +19,9 @@ import gevent
 import gevent.lock
 
 from dkv.cluster.replication import (Action, AppendLog, ApplyUpTo, Follower, PersistPromise, Prepare,
-                                     Reply, Truncate, TruncateLog, records_to_wire)
+                                     Reply, Truncate, TruncateLog, record_bytes, records_to_wire)
 from dkv.errors import Unavailable
+from dkv.keys import DEFAULT_PAGE_BYTES, take_page
 from dkv.node.pipeline import checkpoint
 from dkv.storage import Store
 from dkv.wal.record import Record
@@ -99,8 +100,10 @@ def apply_log(log: Any, store: Store, up_to: int) -> None:
 class FollowerDriver:
     """Serialises a shard writer's messages to this replica and executes them."""
 
-    def __init__(self, log: Any, store: Store, promise: PromiseFile, offload: bool = True) -> None:
+    def __init__(self, log: Any, store: Store, promise: PromiseFile, offload: bool = True,
+                 page_bytes: int = DEFAULT_PAGE_BYTES) -> None:
         self.log = log
+        self.page_bytes = page_bytes
         self.store = store
         self.promise = promise
         self.offload = offload
@@ -176,7 +179,8 @@ class FollowerDriver:
         """Our log from ``start`` (committed or not), for a candidate adopting it."""
         if self.log.last_lsn and start < self.log.first_lsn:
             raise Unavailable(f"lsn {start} was compacted; this log starts at {self.log.first_lsn}")
-        return records_to_wire(self._run(lambda: list(self.log.read_from(start, limit=limit))))
+        return records_to_wire(self._run(lambda: take_page(self.log.read_from(start, limit=limit), self.page_bytes,
+                                                           record_bytes)))
 
     def reset(self) -> None:
         """Become a replica again (after being the writer): take the store's state as ours."""

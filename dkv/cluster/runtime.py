@@ -69,7 +69,8 @@ class ClusterRuntime:
         self.store = store
         self.pipeline = pipeline
         self.promise = promise
-        self.follower = FollowerDriver(log, store, promise, offload=config.durable)
+        self.follower = FollowerDriver(log, store, promise, offload=config.durable,
+                                       page_bytes=config.limits.page_bytes)
         self.coord = Coordinator(config, self._on_view, self._on_connection, self._on_session_lost)
         self.controller = Controller(self.coord, config.replication_factor)
         self.role = UNASSIGNED
