@@ -131,9 +131,20 @@ def _write_key_file(path: str, kind: str, fields: dict[str, str], comment: str) 
         os.fsync(f.fileno())
 
 
-def init_keys(directory: str) -> tuple[str, str]:
-    """``dkv auth init DIR``: write a new cluster key and client key; never overwrite."""
+def init_keys(directory: str, zookeeper_from: str = "") -> tuple[str, str]:
+    """``dkv auth init DIR``: write a new cluster key and client key; never overwrite.
+
+    ``zookeeper_from`` (a cluster.key) keeps its ZooKeeper secret, for a key rotation:
+    the znodes the old key protects stay writable by the new one.
+    """
     import zmq
+
+    zk_secret = secrets.token_hex(32)
+    if zookeeper_from:
+        old = load_key(zookeeper_from)
+        if old.zk_secret is None:
+            raise InvalidArgument(f"{zookeeper_from} is not a cluster key (it has no zookeeper secret)")
+        zk_secret = old.zk_secret
 
     cluster_path, client_path = os.path.join(directory, CLUSTER_KEY), os.path.join(directory, CLIENT_KEY)
     for p in (cluster_path, client_path):
@@ -145,7 +156,7 @@ def init_keys(directory: str) -> tuple[str, str]:
     client_pub, client_sec = zmq.curve_keypair()
     _write_key_file(cluster_path, "cluster", {
         "public": server_pub.decode(), "secret": server_sec.decode(),
-        "client_public": client_pub.decode(), "zookeeper": secrets.token_hex(32),
+        "client_public": client_pub.decode(), "zookeeper": zk_secret,
     }, "dkv cluster key: for the nodes (dkv serve --auth-dir) and dkv admin (--auth-dir).")
     _write_key_file(client_path, "client", {
         "public": client_pub.decode(), "secret": client_sec.decode(), "server": server_pub.decode(),

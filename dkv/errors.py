@@ -66,6 +66,13 @@ class TryAgain(DKVError):
     code = "TRYAGAIN"
 
 
+class Deferred(DKVError):
+    """The reply reached its size budget before this op was read; nothing was done: send it
+    again in a later batch (the client does so by itself)."""
+
+    code = "DEFERRED"
+
+
 class Unavailable(DKVError):
     """No node able to serve the request answered."""
 

@@ -14,12 +14,20 @@ name       args                        result
 The reply is one entry per op, in order: ``[0, result]`` on success or
 ``[1, [code, message, data]]`` on failure (see :func:`dkv.errors.to_wire`).
 One failing op never fails the others.
+
+**Budgets** (:mod:`dkv.keys`): a batch whose ops count more than the page budget
+(:func:`op_bytes`; one op alone is always allowed) is refused as a whole with
+``InvalidArgument``: the client splits big batches. A reply holds the values of
+gets until they reach the page budget (at least one); the gets after that are not
+read and fail alone with the retryable :class:`~dkv.errors.Deferred`, which the
+client resends in its next batch.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from dkv.errors import DKVError, from_wire, to_wire
+from dkv.keys import ITEM_OVERHEAD
 
 GET = "get"
 EXISTS = "exists"
@@ -52,3 +60,19 @@ def unwrap(reply: list[Any]) -> Any:
 
 def is_write(op: list[Any]) -> bool:
     return bool(op) and op[0] in WRITE_OPS
+
+
+def op_bytes(op: Any) -> int:
+    """What one op of a batch request counts against the page budget: its bytes and
+    str arguments, plus the framing allowance (other arguments are small or invalid)."""
+    if not isinstance(op, (list, tuple)):
+        return ITEM_OVERHEAD
+    return ITEM_OVERHEAD + sum(len(a) for a in op if isinstance(a, (bytes, str)))
+
+
+def reply_bytes(reply: list[Any]) -> int:
+    """What one entry of a batch reply counts against the page budget."""
+    body = reply[1]
+    if reply[0] == OK:
+        return ITEM_OVERHEAD + (len(body) if isinstance(body, bytes) else 0)
+    return ITEM_OVERHEAD + len(body[1])  # the error's message

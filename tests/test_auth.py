@@ -221,3 +221,12 @@ def test_docker_compose_publishes_every_port_on_loopback_only() -> None:
     published = re.findall(r'^\s*-\s*"([^"]+:\d+)"\s*$', compose, flags=re.M)
     assert len(published) == 4, published  # ZooKeeper and three nodes
     assert all(p.startswith("127.0.0.1:") for p in published), published
+
+
+def test_rotated_keys_are_new_but_keep_the_zookeeper_secret(keys: Path, tmp_path: Path) -> None:
+    init_keys(str(tmp_path / "new"), zookeeper_from=str(keys / CLUSTER_KEY))
+    old, new = load_auth_dir(str(keys)), load_auth_dir(str(tmp_path / "new"))
+    assert new.public != old.public and new.client_public != old.client_public
+    assert new.zk_password() == old.zk_password()
+    with pytest.raises(InvalidArgument, match="not a cluster key"):
+        init_keys(str(tmp_path / "bad"), zookeeper_from=str(keys / CLIENT_KEY))

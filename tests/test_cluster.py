@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import msgpack
 import pytest
 
 import dkv
 from dkv.cluster.replication import STALE_EPOCH, Prepare, Reply
 from dkv.errors import Moved, QuorumNotReached, WriteTimeout
+from dkv.keys import Limits
 from dkv.wal.record import Op, Record
 from tests.support.cluster import Cluster
 from tests.support.procs import wait_until
@@ -165,6 +167,46 @@ def test_restarted_replica_catches_up_by_snapshot_after_compaction(zk: str, tmp_
         c.nodes[victim].start()
         c.wait_converged(sid)
         assert "installed a snapshot" in c.nodes[victim].log(tail=None)
+    finally:
+        c.stop()
+
+
+def test_values_of_the_maximum_size_replicate_snapshot_migrate_and_scan(zk: str, tmp_path: Path) -> None:
+    """40 values of 1 MiB (five message budgets' worth): written while a replica is down, it
+    catches up by snapshot chunks; half the slots then move to a new shard (migration pages);
+    scans merge the writers' byte-bounded pages; the replies the test can see are legal."""
+    limits = Limits()
+    c = Cluster(zk, tmp_path, shards=1, replication_factor=2, write_quorum=1,
+                extra=("--wal-segment-bytes", str(4 * 1024 * 1024)))
+    data = {f"big{i:02d}".encode(): bytes([i]) * limits.max_value_bytes for i in range(40)}
+    keys = sorted(data)
+    try:
+        c.start()
+        victim = c.shard_members()["shard-1"]["replicas"][0]
+        c.nodes[victim].stop()  # a clean stop ends its session at once
+        c.wait_session_gone(victim)
+        with c.client(timeout=30) as cl:
+            cl.mset(data)
+            writer = c.writer_of("shard-1")
+            wait_until(lambda: ((c.info(writer) or {}).get("wal") or {}).get("first_lsn", 0) > 1, 15,
+                       "the writer to compact its WAL")
+            c.nodes[victim].start()
+            c.wait_converged("shard-1")
+            assert "installed a snapshot" in c.nodes[victim].log(tail=None)
+            page = rpc(c.nodes[writer].addr, "mig_scan", 0, 1023, None, 2000)
+            assert 0 < len(page[0]) < 10 and page[1] is not None
+            assert len(msgpack.packb(page, use_bin_type=True)) <= limits.max_message_bytes
+            for i in (3, 4):
+                c.add_node(f"n{i}")
+            wait_until(c.balanced, 60, "half the slots to move to shard-2", interval=0.2)
+            for sid in ("shard-1", "shard-2"):
+                c.wait_converged(sid)
+            owners = {sid: sh["slots"] for sid, sh in c.shard_members().items()}
+            assert all(any(dkv.Client.slot_of(k) in range(a, b + 1) for a, b in slots for k in keys)
+                       for slots in owners.values()), "both shards hold some of the values"
+            assert cl.mget(keys) == [data[k] for k in keys]
+            assert [k for k, _ in cl.scan(b"big")] == keys
+            assert dict(cl.scan(b"big", page_size=7)) == data
     finally:
         c.stop()
 

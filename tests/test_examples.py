@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 import pytest
 
@@ -101,10 +101,10 @@ def node_rows(stdout: list[str]) -> list[dict[str, str]]:
     return rows
 
 
-def delete_zk_path(hosts: str, path: str) -> None:
+def delete_zk_path(hosts: str, path: str, kazoo_args: dict[str, Any] | None = None) -> None:
     from kazoo.client import KazooClient
 
-    zk = KazooClient(hosts)
+    zk = KazooClient(hosts, **(kazoo_args or {}))
     zk.start(timeout=30)
     try:
         zk.delete(path, recursive=True)
@@ -129,13 +129,16 @@ def example_chroot(zk_server: zookeeper.ZooKeeper) -> Iterator[tuple[str, str]]:
 
 @pytest.mark.integration
 @pytest.mark.zk
+@pytest.mark.parametrize("auth", [False, True], ids=["no-auth", "auth"])
 def test_cluster_example_starts_two_shards_and_stops_on_sigint(
-        example_chroot: tuple[str, str], tmp_path: Path) -> None:
+        example_chroot: tuple[str, str], tmp_path: Path, auth: bool) -> None:
     hosts, chroot = example_chroot
     base_port = free_port_range(4)
     stderr_path = tmp_path / "run.stderr"
     argv = [sys.executable, str(RUN_PY), "--zk", hosts, "--chroot", chroot, "--shards", "2",
-            "--replicas-per-shard", "2", "--base-port", str(base_port), "--data-dir", str(tmp_path / "data")]
+            "--replicas-per-shard", "2", "--base-port", str(base_port), "--data-dir", str(tmp_path / "data"),
+            *(["--auth"] if auth else [])]
+    client_key = str(tmp_path / "data" / "auth" / "client.key") if auth else None
     pids: list[int] = []
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -166,12 +169,13 @@ def test_cluster_example_starts_two_shards_and_stops_on_sigint(
             members[r["shard"]] = members.get(r["shard"], 0) + 1
         assert sorted(members.values()) == [2, 2], stdout
         assert all((ROOT / r["log"]).is_file() for r in rows), stdout  # relative paths are to ROOT
-        assert stdout[-1].startswith("connect: ") and stdout[-1].endswith(f" cli --zk {hosts}{chroot}"), stdout
+        assert stdout[-1].startswith("connect: "), stdout
+        assert stdout[-1].endswith((f" cli --auth {client_key}" if auth else " cli") + f" --zk {hosts}{chroot}"), stdout
 
         # the cluster it started serves keys from both shards
         import dkv
 
-        with dkv.Client([r["addr"] for r in rows], timeout=15) as client:
+        with dkv.Client([r["addr"] for r in rows], timeout=15, auth=client_key) as client:
             for i in range(20):
                 client.set(f"example-key-{i}", f"v{i}")
             assert [client.get(f"example-key-{i}") for i in range(20)] == [f"v{i}".encode() for i in range(20)]
@@ -191,6 +195,10 @@ def test_cluster_example_starts_two_shards_and_stops_on_sigint(
         for pid in pids:  # never leak nodes, whatever failed above
             if is_dkv_node(pid):
                 os.kill(pid, signal.SIGKILL)
+        if auth:  # only the cluster key may delete the znodes the nodes made
+            from dkv.auth import load_auth_dir
+
+            delete_zk_path(hosts, chroot, load_auth_dir(str(tmp_path / "data" / "auth")).kazoo_args())
 
 
 def test_cluster_example_reports_unreachable_zookeeper_in_one_line(tmp_path: Path) -> None:

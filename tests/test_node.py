@@ -7,11 +7,13 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+import msgpack
 import pytest
 import zerorpc
 
 import dkv
 from dkv.errors import InvalidArgument, KeyIsEmpty, Unavailable, WriteTimeout
+from dkv.keys import Limits
 from dkv.wal.codec import iter_records
 from dkv.wal.log import WriteAheadLog
 from dkv.wal.record import Op, Record
@@ -83,6 +85,56 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(node: NodeProcess) -> N
     assert c.info()["applied_lsn"] == before, "bad input must not reach the log"
     assert c.batch([["set", b"k", b"ok"], ["get", b"k"]])[0] == [0, None]
     assert c.batch([["get", b"k"]]) == [[0, b"ok"]], "the node keeps serving"
+
+
+def test_malformed_rpc_calls_get_invalid_argument_and_change_nothing(node: NodeProcess) -> None:
+    """Wrong types or arity on any data RPC: a typed InvalidArgument (no Python TypeError or
+    ValueError, no traceback), and the node keeps serving with its data unchanged."""
+    c = raw(node)
+    c.batch([["set", b"k", b"v"]])
+    before = c.info()["applied_lsn"], c.digest(0, 1023)
+    calls: list[tuple[str, tuple[Any, ...]]] = [
+        ("mget", (123,)), ("mget", ([1, None],)), ("mset", ([1, 2],)), ("digest", ("a", "b")),
+        ("digest", (0, 1023, 5)), ("get", (123,)), ("get", (b"k", ["x"])), ("set", (b"k",)), ("set", (b"k", 5)),
+        ("delete", ({},)), ("scan", (5,)), ("scan", (b"", None, "10")), ("batch", (None,)),
+        ("batch", ([[["get"]], [b"get", b"k"], [None] * 100_000, "x" * 1_000_000],)),
+    ]
+    for method, args in calls:
+        try:
+            result = c(method, *args)
+        except zerorpc.RemoteError as e:
+            assert e.name == "InvalidArgument", (method, args, e.name, e.msg)
+            assert len(e.msg) < 500 and "Traceback" not in (e.traceback or ""), (method, e.msg)
+        else:  # a batch answers per op: each odd op failed alone
+            assert method == "batch" and all(r[0] == 1 and r[1][0] == "INVALID" for r in result), result
+            assert all(len(r[1][1]) < 500 for r in result)
+    assert (c.info()["applied_lsn"], c.digest(0, 1023)) == before
+    assert c.get(b"k") == b"v"
+
+
+def test_values_of_the_maximum_size_round_trip_in_legal_messages(node: NodeProcess) -> None:
+    """100 values of 1 MiB: the client splits the mset into legal batches, the node refuses an
+    over-budget batch and defers the gets that would overfill a reply, and the client's mget
+    and scan page through them transparently."""
+    limits = Limits()
+    data = {f"big{i:03d}".encode(): bytes([i]) * limits.max_value_bytes for i in range(100)}
+    keys = sorted(data)
+    with dkv.Client(node.addr, timeout=30) as client:
+        client.mset(data)
+        assert client.mget(keys) == [data[k] for k in keys]
+        assert [k for k, _ in client.scan(b"big")] == keys
+        assert dict(client.scan(b"big", start=keys[50], limit=20)) == {k: data[k] for k in keys[50:70]}
+    c = raw(node)
+    with pytest.raises(zerorpc.RemoteError) as e:
+        c.batch([["set", k, data[k]] for k in keys[:9]])  # 9 MiB of ops in one request
+    assert e.value.name == "InvalidArgument" and "split it" in e.value.msg
+    reply = c.batch([["get", k] for k in keys])
+    served = [r for r in reply if r[0] == 0]
+    assert 0 < len(served) <= limits.page_bytes // limits.max_value_bytes + 1
+    assert all(r[1][0] == "DEFERRED" for r in reply[len(served):])
+    assert len(msgpack.packb(reply, use_bin_type=True)) <= limits.max_message_bytes
+    page = c.scan(b"big", None, 1000)
+    assert 0 < len(page) < 10 and len(msgpack.packb(page, use_bin_type=True)) <= limits.max_message_bytes
 
 
 def test_client_raises_typed_errors(node: NodeProcess) -> None:

@@ -231,6 +231,19 @@ def test_snapshot_needed_when_the_log_was_compacted() -> None:
     assert w.leader.catchup_step("a", busy=False) == SendSnapshot()
 
 
+def test_snapshot_needed_when_the_log_was_compacted_past_a_known_match() -> None:
+    """A replica whose position the writer knows, but whose next record the writer's log no
+    longer holds (compacted while it lagged), gets a snapshot, not a read of a missing lsn."""
+    w = Writer(replicas=("a",), quorum=1, log=MemoryLog(retain=2))
+    w.write(2)
+    w.leader.on_reply("a", Reply("", 1, 1, 1, 1, 1))  # it matched us up to lsn 1
+    for _ in range(4):
+        w.write(2)
+    w.leader.commit_lsn = w.log.last_lsn
+    assert w.leader.replicas["a"].match_lsn == 1 and w.log.first_lsn > 2
+    assert w.leader.catchup_step("a", busy=False) == SendSnapshot()
+
+
 def test_busy_writer_delays_sync_until_the_batch_is_decided() -> None:
     w, a = Writer(replicas=("a",)), Member()
     w.write(2)

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mode 0600. It never overwrites a key.")
     k.add_argument("action", choices=["init"])
     k.add_argument("dir", metavar="DIR", help="directory for the keys (created, mode 0700, if missing)")
+    k.add_argument("--zookeeper-from", default="", metavar="CLUSTER_KEY",
+                   help="key rotation: keep this old cluster.key's ZooKeeper secret, so the new key may "
+                        "change the znodes the old one protects")
 
     w = sub.add_parser("wal", help="offline WAL maintenance: repair",
                        description="Work on a stopped node's write-ahead log. repair DATA_DIR: if the "
@@ -186,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "auth":
             from dkv.auth import init_keys
 
-            cluster_key, client_key = init_keys(args.dir)
+            cluster_key, client_key = init_keys(args.dir, args.zookeeper_from)
             print(f"wrote {cluster_key} (nodes: dkv serve --auth-dir {args.dir}; dkv admin --auth-dir "
                   f"{args.dir})\nwrote {client_key} (applications: dkv.Client(..., auth=\"{client_key}\"), "
                   f"dkv cli --auth {client_key})")

@@ -186,7 +186,8 @@ class Client:
     # -- many keys ------------------------------------------------------------
 
     def mset(self, mapping: Mapping[bytes | str, bytes | str]) -> None:
-        """Set many keys. Each key is set atomically; the call is not a transaction.
+        """Set many keys. Each key is set atomically; the call is not a transaction (a large
+        one is sent as several batches, each within the nodes' message budget).
 
         On failure raises the first indeterminate error (``WriteTimeout``) if any
         op had one, else the first definite error.
@@ -207,14 +208,15 @@ class Client:
              limit: int | None = None, page_size: int = 1000) -> Iterator[tuple[bytes, bytes]]:
         """Iterate ``(key, value)`` in key order over keys with ``prefix`` and ``>= start``.
 
-        Fetched lazily in pages; not a snapshot (concurrent writes may or may not show).
+        Fetched lazily in pages (of at most ``page_size`` pairs, fewer when their values are
+        large); not a snapshot (concurrent writes may or may not show).
         """
         if limit is not None and limit < 0:
             raise InvalidArgument("limit must be >= 0")
         if not 0 < page_size <= 10_000:
             raise InvalidArgument("page_size must be 1..10000")
 
-        def page(p: bytes, s: bytes | None, n: int) -> list[list[bytes]]:
+        def page(p: bytes, s: bytes | None, n: int) -> tuple[list[list[bytes]], bool]:
             return self._runner.run(lambda core: core.scan_page(p, s, n))
 
         return iter_scan(page, as_bytes(prefix, "prefix"),

@@ -10,6 +10,13 @@ deadline; those answers are definite, so a retry never applies a write twice.
 A node that does not answer makes a read ``Unavailable`` and a write
 ``WriteTimeout`` (indeterminate, G5): a write is never retried after it may
 have arrived.
+
+Budgets (:mod:`dkv.keys`): ops are sent to a node in requests of at most
+:data:`CHUNK` ops and ``page_bytes`` (a larger ``mset`` becomes several legal
+batches); gets a node answers ``DEFERRED`` (its reply was full) are resent at
+once, without backoff, so an ``mget`` of large values takes as many round trips
+as it needs. Scan pages are byte-bounded by each writer, so a merged page is cut
+at the smallest last key of the writers' pages that may be incomplete.
 """
 from __future__ import annotations
 
@@ -28,12 +35,13 @@ from dkv.auth import Credentials
 from dkv.client.connection import Connection, TransportError
 from dkv.client.routing import SlotMap
 from dkv.client.zkmap import ZkClusterMap
-from dkv.errors import DKVError, Moved, TryAgain, Unavailable, WriteTimeout
+from dkv.errors import Deferred, DKVError, Moved, TryAgain, Unavailable, WriteTimeout
+from dkv.keys import DEFAULT_PAGE_BYTES, page_is_full, pair_bytes
 from dkv.slots import slot_of
 
 logger = logging.getLogger(__name__)
 
-RETRY_CODES = frozenset({Moved.code, TryAgain.code, Unavailable.code})
+RETRY_CODES = frozenset({Moved.code, TryAgain.code, Unavailable.code, Deferred.code})
 BACKOFF_START = 0.01
 #: Most ops one request carries (a node takes at most 10,000 per batch).
 CHUNK = 1000
@@ -136,10 +144,15 @@ class ClientCore:
         replies: list[list[Any] | None] = [None] * len(ops)
         todo = list(range(len(ops)))
         backoff = BACKOFF_START
-        first = True
+        spread = True
         while todo:
-            retry = self._round(ops, todo, replies, spread=first, deadline=deadline)
-            first = False
+            retry, wait = self._round(ops, todo, replies, spread=spread, deadline=deadline)
+            if not wait:  # only deferred gets: resend them at once
+                if not retry or time.monotonic() > deadline:
+                    break
+                todo = retry
+                continue
+            spread = False
             if not retry or time.monotonic() + backoff > deadline:
                 break
             gevent.sleep(backoff)
@@ -155,13 +168,15 @@ class ClientCore:
         return smap.writer(slot)
 
     def _round(self, ops: list[list[Any]], todo: list[int], replies: list[Any], spread: bool,
-               deadline: float) -> list[int]:
+               deadline: float) -> tuple[list[int], bool]:
+        """Send ``todo`` once; return the ops to retry, and whether to back off first
+        (False when every one of them was only deferred)."""
         try:
             smap = self.slot_map()
         except DKVError as e:
             for i in todo:
                 replies[i] = protocol.err(e)
-            return []
+            return [], False
         by_addr: dict[str, list[int]] = defaultdict(list)
         retry: list[int] = []
         for i in todo:
@@ -175,9 +190,9 @@ class ClientCore:
                 retry.append(i)
         if retry:
             self._invalidate_map()
+        deferred: list[int] = []
         # one request per node and chunk, all in parallel
-        groups = [(addr, idxs[c:c + CHUNK]) for addr, idxs in by_addr.items()
-                  for c in range(0, len(idxs), CHUNK)]
+        groups = [(addr, chunk) for addr, idxs in by_addr.items() for chunk in _chunks(ops, idxs)]
         jobs = [gevent.spawn(_outcome, self.conn(addr).call, [ops[i] for i in idxs]) for addr, idxs in groups]
         gevent.joinall(jobs, timeout=max(0.0, deadline - time.monotonic()))
         for (addr, idxs), job in zip(groups, jobs):
@@ -195,8 +210,8 @@ class ClientCore:
                 if reply[0] == protocol.ERR and reply[1][0] in RETRY_CODES:
                     if reply[1][0] == Moved.code:
                         self._invalidate_map()
-                    retry.append(i)
-        return retry
+                    (deferred if reply[1][0] == Deferred.code else retry).append(i)
+        return retry + deferred, bool(retry)
 
     def _suspect(self, addr: str) -> None:
         """Send nothing more to ``addr`` until it answers a ping (a dead writer is often
@@ -230,8 +245,8 @@ class ClientCore:
 
     # -- scan ----------------------------------------------------------------------
 
-    def scan_page(self, prefix: bytes, start: bytes | None, limit: int) -> list[list[bytes]]:
-        """One page of the key-ordered scan, merged over every writer.
+    def scan_page(self, prefix: bytes, start: bytes | None, limit: int) -> tuple[list[list[bytes]], bool]:
+        """One page of the key-ordered scan, merged over every writer, and whether more may follow.
 
         Each writer reads only the slots it owns, at the slot map version we send; a
         writer whose map differs (a range just moved), a frozen range or a shard with
@@ -250,7 +265,7 @@ class ClientCore:
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
-    def _scan_round(self, prefix: bytes, start: bytes | None, limit: int) -> list[list[bytes]]:
+    def _scan_round(self, prefix: bytes, start: bytes | None, limit: int) -> tuple[list[list[bytes]], bool]:
         smap = self.slot_map()
         if smap.writerless:
             raise Unavailable("a shard that owns slots has no live writer (failover in progress)")
@@ -259,14 +274,20 @@ class ClientCore:
                                                                                      smap.version)
         jobs = [gevent.spawn(_outcome, self.conn(a).request, "scan", *args) for a in writers]
         gevent.joinall(jobs)
-        pages: list[list[bytes]] = []
+        pairs: list[list[bytes]] = []
+        cut: bytes | None = None  # the merged page is complete up to here
         for job in jobs:
             if isinstance(job.value, BaseException):
                 exc = job.value
                 raise exc if isinstance(exc, DKVError) else Unavailable(str(exc))
-            pages.extend(job.value)
-        pages.sort(key=lambda kv: kv[0])
-        return pages[:limit]
+            page = job.value
+            pairs.extend(page)
+            if page_is_full(page, DEFAULT_PAGE_BYTES, pair_bytes, limit):  # that writer may hold more
+                cut = page[-1][0] if cut is None else min(cut, page[-1][0])
+        pairs.sort(key=lambda kv: kv[0])
+        if cut is not None:
+            pairs = [kv for kv in pairs if kv[0] <= cut]
+        return pairs[:limit], cut is not None or len(pairs) > limit
 
     def close(self) -> None:
         gevent.killall(list(self._suspects.values()), block=False)
@@ -279,18 +300,34 @@ class ClientCore:
 
 def iter_scan(page: Any, prefix: bytes, start: bytes | None, limit: int | None,
               page_size: int) -> Iterator[tuple[bytes, bytes]]:
-    """Drive ``page(prefix, start, n)`` until ``limit`` pairs or the end."""
+    """Drive ``page(prefix, start, n)`` (returning ``(pairs, more)``) until ``limit`` pairs or the end."""
     remaining = limit
     while remaining is None or remaining > 0:
         n = page_size if remaining is None else min(page_size, remaining)
-        items = page(prefix, start, n)
+        items, more = page(prefix, start, n)
         for k, v in items:
             yield k, v
         if remaining is not None:
             remaining -= len(items)
-        if len(items) < n:
+        if not more or not items:
             return
         start = items[-1][0] + b"\x00"  # the smallest key after the last one
+
+
+def _chunks(ops: list[list[Any]], idxs: list[int]) -> Iterator[list[int]]:
+    """``idxs`` in requests of at most :data:`CHUNK` ops and ``page_bytes`` of them by
+    :func:`dkv.protocol.op_bytes` (an op larger than that alone): what a node accepts."""
+    chunk: list[int] = []
+    used = 0
+    for i in idxs:
+        n = protocol.op_bytes(ops[i])
+        if chunk and (len(chunk) >= CHUNK or used + n > DEFAULT_PAGE_BYTES):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(i)
+        used += n
+    if chunk:
+        yield chunk
 
 
 def _outcome(fn: Any, *args: Any) -> Any:

@@ -27,8 +27,9 @@ import gevent.lock
 
 from dkv.cluster.replication import (BEYOND_EPOCH, BEYOND_LOG, Action, AppendLog, ApplyUpTo, DigestRequest,
                                      Follower, PersistPromise, Prepare, Reply, Truncate, TruncateLog,
-                                     records_to_wire)
+                                     record_bytes, records_to_wire)
 from dkv.errors import Unavailable
+from dkv.keys import DEFAULT_PAGE_BYTES, take_page
 from dkv.node.pipeline import checkpoint
 from dkv.storage import Store
 from dkv.wal.record import Record
@@ -123,8 +124,10 @@ class FollowerDriver:
     """
 
     def __init__(self, log: Any, store: Store, promise: PromiseFile, offload: bool = True,
-                 max_epoch: int | None = None, recorded_epoch: Callable[[], int | None] | None = None) -> None:
+                 page_bytes: int = DEFAULT_PAGE_BYTES, max_epoch: int | None = None,
+                 recorded_epoch: Callable[[], int | None] | None = None) -> None:
         self.log = log
+        self.page_bytes = page_bytes
         self.store = store
         self.promise = promise
         self.offload = offload
@@ -265,7 +268,8 @@ class FollowerDriver:
         """Our log from ``start`` (committed or not), for a candidate adopting it."""
         if self.log.last_lsn and start < self.log.first_lsn:
             raise Unavailable(f"lsn {start} was compacted; this log starts at {self.log.first_lsn}")
-        return records_to_wire(self._run(lambda: list(self.log.read_from(start, limit=limit))))
+        return records_to_wire(self._run(lambda: take_page(self.log.read_from(start, limit=limit), self.page_bytes,
+                                                           record_bytes)))
 
     def reset(self) -> None:
         """Become a replica again (after being the writer): take the store's state as ours."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from itertools import islice
 from typing import Any, Callable
 
 import gevent
@@ -29,8 +28,9 @@ from dkv.client.connection import Connection, TransportError
 from dkv.cluster.antientropy import AntiEntropy
 from dkv.cluster.follower import apply_log
 from dkv.cluster.replication import (BEYOND_EPOCH, DOWN, IN_SYNC, CutTo, Leader, Prepare, ReadConfirmation, Reply,
-                                     SendFrom, SendSnapshot, Synced, Truncate)
+                                     SendFrom, SendSnapshot, Synced, Truncate, record_bytes)
 from dkv.errors import DKVError, QuorumNotReached, Unavailable, WriteTimeout
+from dkv.keys import page_is_full, pair_bytes, take_page
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import offloaded
 from dkv.slots import ALL_SLOTS
@@ -39,7 +39,7 @@ from dkv.wal.record import Record
 
 logger = logging.getLogger(__name__)
 
-#: Records per catch-up prepare, pairs per snapshot chunk.
+#: Records per catch-up prepare, pairs per snapshot chunk (both also bounded by ``page_bytes``).
 CATCHUP_CHUNK = 2000
 SNAPSHOT_CHUNK = 2000
 #: An idle writer tells replicas the commit point after this long (s).
@@ -250,18 +250,25 @@ class ReplicatedWriter:
         raise WriteTimeout(f"{what}; a replica that did not answer may still hold it")
 
     def _commit_tail(self) -> None:
-        """After a restart: replicate and commit the records past our commit point, then serve."""
+        """After a restart: replicate and commit the records past our commit point (one
+        page-bounded prepare at a time), then serve."""
         while self._active:
             if len(self.leader.in_sync()) >= self.leader.needed:
-                records = offloaded(self._offload, lambda: list(self.log.read_from(self.leader.commit_lsn + 1)))
+                records = offloaded(self._offload, self._read_page, self.leader.commit_lsn + 1, None)
                 prev = records[0].lsn - 1
                 m = self.leader.prepare(records, prev, self._epoch_at(prev))
                 if len(self._replicate(m, self.leader.in_sync(), None)) >= self.leader.needed:
                     self._commit(records[-1].lsn)
-                    self._tail_pending = False
-                    logger.info("%s: committed the log tail up to lsn %d", self.shard_id, records[-1].lsn)
-                    return
+                    if records[-1].lsn >= self.log.last_lsn:
+                        self._tail_pending = False
+                        logger.info("%s: committed the log tail up to lsn %d", self.shard_id, records[-1].lsn)
+                        return
+                    continue
             self._synced.wait(timeout=1.0)
+
+    def _read_page(self, lsn: int, limit: int | None) -> list[Record]:
+        """Log records from ``lsn``: at most ``limit``, and no more once they count ``page_bytes``."""
+        return take_page(self.log.read_from(lsn, limit=limit), self.config.limits.page_bytes, record_bytes)
 
     # -- catch-up -----------------------------------------------------------------------
 
@@ -315,8 +322,10 @@ class ReplicatedWriter:
 
     def _send_from(self, rid: str, lsn: int) -> None:
         upto = self.leader.commit_lsn
-        records = offloaded(self._offload,
-                            lambda: list(self.log.read_from(lsn, limit=min(CATCHUP_CHUNK, upto - lsn + 1))))
+        try:
+            records = offloaded(self._offload, self._read_page, lsn, min(CATCHUP_CHUNK, upto - lsn + 1))
+        except ValueError as e:  # compacted since the step was chosen: probe again, then a snapshot
+            raise Unavailable(f"{self.shard_id}: catch-up of {rid}: {e}") from None
         m = self.leader.prepare(records, lsn - 1, self._epoch_at(lsn - 1))
         self.leader.on_reply(rid, self._call(rid, "repl_prepare", m.to_wire()))
 
@@ -341,8 +350,9 @@ class ReplicatedWriter:
             pairs = snap.iter_slots(ALL_SLOTS)
             first = True
             while True:
-                chunk = offloaded(self._offload, lambda: [[k, v] for k, v in islice(pairs, SNAPSHOT_CHUNK)])
-                done = len(chunk) < SNAPSHOT_CHUNK
+                chunk = offloaded(self._offload, lambda: [[k, v] for k, v in take_page(
+                    pairs, self.config.limits.page_bytes, pair_bytes, SNAPSHOT_CHUNK)])
+                done = not page_is_full(chunk, self.config.limits.page_bytes, pair_bytes, SNAPSHOT_CHUNK)
                 reply = self._call(rid, "repl_snapshot", self.epoch, first, chunk, done, lsn, epoch)
                 first = False
                 if done or not reply.ok:

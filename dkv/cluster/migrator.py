@@ -22,8 +22,9 @@ from dkv.cluster import layout
 from dkv.cluster.layout import FROZEN, Migration, SlotRanges, cancel_migration
 from dkv.cluster.migration import (FREEZE_TIMEOUT, Begin, Cancel, Clear, CopyPage, Flip, Freeze, Frozen, Import,
                                    Importer, Page, RecordStart, Tail, TailPage)
-from dkv.cluster.replication import records_to_wire
+from dkv.cluster.replication import record_bytes, records_to_wire
 from dkv.errors import DKVError, InvalidArgument, TryAgain, Unavailable
+from dkv.keys import page_is_full, pair_bytes, quote, take_page
 from dkv.node.pipeline import WritePipeline, offloaded
 from dkv.slots import SlotRange, slot_of, user_key
 from dkv.storage import Store
@@ -31,7 +32,8 @@ from dkv.wal.record import Op
 
 logger = logging.getLogger(__name__)
 
-#: pairs per copy page, records scanned per tail page, keys deleted per turn
+#: pairs per copy page, records scanned per tail page, keys deleted per turn (each also bounded by
+#: the pipeline's ``page_bytes``, so an import is one legal batch)
 PAGE = 2000
 #: RPC timeout of the driver's calls to the source
 RPC_TIMEOUT = 10.0
@@ -40,7 +42,7 @@ RPC_TIMEOUT = 10.0
 def delete_range(pipeline: WritePipeline, store: Store, slots: SlotRange, offload: bool,
                  after: bytes | None = None) -> bytes | None:
     """Delete one page of ``slots``' keys through the log; the last storage key deleted (None: none left)."""
-    page = offloaded(offload, lambda: store.page_slots(slots, after, PAGE))
+    page = offloaded(offload, lambda: store.page_slots(slots, after, PAGE, pipeline.page_bytes))
     if not page:
         return None
     pipeline.submit([(Op.DELETE, user_key(k), b"") for k, _ in page])
@@ -61,21 +63,25 @@ class MigrationSource:
         return self.store.applied_lsn
 
     def scan(self, start: int, end: int, after: bytes | None, limit: int) -> list[Any]:
-        """[[key, value], ...] of the range after storage key ``after``, and the next cursor."""
+        """[[key, value], ...] of the range after storage key ``after`` (at most ``limit`` pairs
+        and ``page_bytes`` of them), and the next cursor (None: the range is exhausted)."""
         slots = _range(start, end)
-        lim = max(1, min(int(limit), PAGE))
-        page = offloaded(self.offload, lambda: self.store.page_slots(slots, after, lim))
-        return [[[user_key(k), v] for k, v in page], page[-1][0] if len(page) == lim else None]
+        lim, budget = max(1, min(int(limit), PAGE)), self.pipeline.page_bytes
+        page = offloaded(self.offload, lambda: self.store.page_slots(slots, after, lim, budget))
+        more = page_is_full(page, budget, pair_bytes, lim)
+        return [[[user_key(k), v] for k, v in page], page[-1][0] if more else None]
 
     def tail(self, start: int, end: int, after_lsn: int, limit: int) -> dict[str, Any]:
-        """The range's committed records after ``after_lsn`` (scanning at most ``limit``)."""
+        """The range's committed records after ``after_lsn`` (scanning at most ``limit``, and no
+        more once they count ``page_bytes``)."""
         committed = self.store.applied_lsn
         upto = min(committed, after_lsn + max(1, min(int(limit), PAGE)))
         out: dict[str, Any] = {"records": [], "scanned_to": after_lsn, "committed": committed, "compacted": False}
         if upto <= after_lsn:
             return out
         try:
-            records = offloaded(self.offload, lambda: list(self.log.read_from(after_lsn + 1, limit=upto - after_lsn)))
+            records = offloaded(self.offload, lambda: take_page(self.log.read_from(after_lsn + 1, limit=upto - after_lsn),
+                                                                self.pipeline.page_bytes, record_bytes))
         except ValueError:
             records = []
         if not records or records[0].lsn != after_lsn + 1:
@@ -97,7 +103,7 @@ def _range(start: int, end: int) -> SlotRange:
     try:
         return SlotRange(int(start), int(end))
     except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"bad slot range {start}..{end}: {e}") from None
+        raise InvalidArgument(f"bad slot range {quote(start)}..{quote(end)}: {str(e)[:200]}") from None
 
 
 class Migrator:

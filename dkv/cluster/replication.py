@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+from dkv.errors import InvalidArgument
+from dkv.keys import item_bytes
 from dkv.wal.epochs import EpochIndex
 from dkv.wal.record import Op, Record
 
@@ -37,6 +39,11 @@ from dkv.wal.record import Op, Record
 
 def records_to_wire(records: Sequence[Record]) -> list[list[Any]]:
     return [[r.epoch, r.lsn, int(r.op), r.key, r.value] for r in records]
+
+
+def record_bytes(r: Record) -> int:
+    """What one record counts against a message's page budget (:func:`dkv.keys.item_bytes`)."""
+    return item_bytes(r.key, r.value)
 
 
 def records_from_wire(wire: Sequence[Sequence[Any]]) -> tuple[Record, ...]:
@@ -66,9 +73,12 @@ class Prepare:
 
     @classmethod
     def from_wire(cls, w: Sequence[Any]) -> "Prepare":
-        epoch, prev_lsn, prev_epoch, commit_lsn, recs, slot_version = w
-        return cls(int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn),
-                   int(slot_version))
+        try:
+            epoch, prev_lsn, prev_epoch, commit_lsn, recs, slot_version = w
+            return cls(int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn),
+                       int(slot_version))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"malformed prepare: {str(e)[:200]}") from None
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,11 @@ class Truncate:
 
     @classmethod
     def from_wire(cls, w: Sequence[Any]) -> "Truncate":
-        return cls(int(w[0]), int(w[1]))
+        try:
+            epoch, after_lsn = w
+            return cls(int(epoch), int(after_lsn))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"malformed truncate: {str(e)[:200]}") from None
 
 
 @dataclass(frozen=True)
@@ -475,6 +489,8 @@ class Leader:
                     return None
                 p.state = IN_SYNC
                 return Synced()
+            if p.match_lsn < self.log.first_lsn - 1:
+                return SendSnapshot()  # our log was compacted past what it needs next
             return SendFrom(p.match_lsn + 1)
         # Unknown match: place the member's reported log end against ours. Its
         # records up to its applied LSN are committed, hence identical to ours.

@@ -70,7 +70,8 @@ class ClusterRuntime:
         self.pipeline = pipeline
         self.promise = promise
         # Until the first view, no epoch is known to be recorded: the follower asks ZooKeeper.
-        self.follower = FollowerDriver(log, store, promise, offload=config.durable, max_epoch=0,
+        self.follower = FollowerDriver(log, store, promise, offload=config.durable,
+                                       page_bytes=config.limits.page_bytes, max_epoch=0,
                                        recorded_epoch=self._recorded_epoch)
         self.coord = Coordinator(config, self._on_view, self._on_connection, self._on_session_lost)
         self.controller = Controller(self.coord, config.replication_factor)

@@ -1,7 +1,9 @@
 """The write pipeline: group commit of client writes to the log, then apply.
 
 One greenlet drains the queue of pending writes. Every turn takes everything
-queued (up to ``max_batch_records``), stamps it with ``(epoch, lsn)`` and hands
+queued (up to ``max_batch_records`` records and ``page_bytes`` of them, counted by
+:func:`dkv.keys.item_bytes`; a submission is never split, and one that is larger
+alone forms a batch of its own), stamps it with ``(epoch, lsn)`` and hands
 the whole batch to *one* threadpool call that appends it to the WAL (one
 ``write``, one ``fdatasync``) and applies it to storage (one atomic batch). While
 that call runs, new writes queue up and form the next batch: group commit with no
@@ -39,6 +41,7 @@ import gevent
 import gevent.event
 
 from dkv.errors import DKVError, Moved, QuorumNotReached, Unavailable, WriteTimeout
+from dkv.keys import DEFAULT_PAGE_BYTES, item_bytes
 from dkv.storage import Store
 from dkv.wal.codec import MIN_FRAME_BYTES
 from dkv.wal.record import Op, Record
@@ -127,16 +130,19 @@ class LocalWriter:
 class _Pending:
     ops: Sequence[WriteOp]
     done: gevent.event.AsyncResult = field(default_factory=gevent.event.AsyncResult)
+    #: what the ops count against the batch's byte budget
+    size: int = 0
 
 
 class WritePipeline:
     def __init__(self, log: Log, store: Store, writer: BatchWriter, *, max_batch_records: int = 8192,
-                 offload: bool = True, checkpoint_bytes: int = CHECKPOINT_BYTES,
-                 checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
+                 page_bytes: int = DEFAULT_PAGE_BYTES, offload: bool = True,
+                 checkpoint_bytes: int = CHECKPOINT_BYTES, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
         self._log = log
         self._store = store
         self._writer = writer
         self._max = max_batch_records
+        self._max_bytes = page_bytes
         self._offload = offload
         self._checkpoint_bytes = checkpoint_bytes
         self._checkpoint_seconds = checkpoint_seconds
@@ -181,7 +187,7 @@ class WritePipeline:
             raise self._failed
         if self._closing:
             raise Unavailable("node is shutting down")
-        pending = _Pending(ops)
+        pending = _Pending(ops, size=sum(item_bytes(k, v) for _, k, v in ops))
         self._queue.append(pending)
         self._wake.set()
         return pending.done.get()
@@ -192,6 +198,12 @@ class WritePipeline:
             self.submit(())
         except DKVError:
             pass  # a failed turn settles the writes in it too
+
+    @property
+    def page_bytes(self) -> int:
+        """The byte budget of one batch; submissions that feed it (imports, range deletes)
+        are built to it too."""
+        return self._max_bytes
 
     @property
     def queued(self) -> int:
@@ -222,12 +234,17 @@ class WritePipeline:
             self._checkpoint()
 
     def _take(self) -> list[_Pending]:
+        """The next batch: whole submissions while they fit ``max_batch_records`` and
+        ``page_bytes``, and always the first (so one prepare stays within the message limit
+        as long as each submission does: the node refuses larger client batches)."""
         taken: list[_Pending] = []
-        n = 0
-        while self._queue and (not taken or n + len(self._queue[0].ops) <= self._max):
+        n = size = 0
+        while self._queue and (not taken or (n + len(self._queue[0].ops) <= self._max
+                                             and size + self._queue[0].size <= self._max_bytes)):
             p = self._queue.popleft()
             taken.append(p)
             n += len(p.ops)
+            size += p.size
         return taken
 
     def _sequence(self, batch: list[_Pending]) -> tuple[list[Record], list[list[Any]], int]:

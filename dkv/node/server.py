@@ -5,9 +5,12 @@ it owns the files (WAL, LevelDB), the zerorpc socket and the signal handlers.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -16,6 +19,7 @@ import zmq
 
 from dkv.auth import CLIENT, PEER
 from dkv.errors import CorruptLog, DKVError, InvalidArgument, Unavailable
+from dkv.keys import as_bytes, quote
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import LocalWriter, WritePipeline
 from dkv.node.service import NodeService
@@ -31,8 +35,48 @@ logger = logging.getLogger(__name__)
 REPLAY_CHUNK = 10_000
 
 
+def _int(x: Any, what: str) -> int:
+    """``x`` if it is an integer (not a bool), else ``InvalidArgument``."""
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise InvalidArgument(f"{what} must be an integer, not {type(x).__name__}")
+    return x
+
+
+def _optional_bytes(x: Any, what: str) -> bytes | None:
+    return None if x is None else as_bytes(x, what)
+
+
+def _checked_args(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse a call whose arguments do not fit ``fn``'s signature with ``InvalidArgument``
+    (a Python ``TypeError`` would reach the caller as an internal error)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            sig.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise InvalidArgument(f"{fn.__name__}: {e}") from None
+        return fn(self, *args, **kwargs)
+
+    return call
+
+
+def _check_all_args(cls: type) -> type:
+    """Apply :func:`_checked_args` to every public method of ``cls``."""
+    for name, fn in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(fn):
+            setattr(cls, name, _checked_args(fn))
+    return cls
+
+
+@_check_all_args
 class RPC:
-    """The methods a node exposes over zerorpc."""
+    """The methods a node exposes over zerorpc.
+
+    Every argument is checked here or by the service: a malformed call gets a typed
+    ``InvalidArgument`` (never a Python ``TypeError``/``ValueError``), and changes nothing.
+    """
 
     def __init__(self, service: NodeService) -> None:
         self._svc = service
@@ -57,6 +101,9 @@ class RPC:
             unwrap(reply)
 
     def mget(self, keys: list[Any]) -> list[bytes | None]:
+        """Values of ``keys``; a reply beyond the page budget raises ``Deferred`` (use batch)."""
+        if not isinstance(keys, (list, tuple)):
+            raise InvalidArgument("mget takes a list of keys")
         return [unwrap(r) for r in self._svc.batch([["get", k] for k in keys])]
 
     def scan(self, prefix: Any = b"", start: Any = None, limit: int = 1000,
@@ -76,7 +123,7 @@ class RPC:
 
     def digest(self, start: int = 0, end: int = 1023) -> list[Any]:
         """[applied_lsn, sha256] of slots start..end, to compare the members of a shard."""
-        return self._svc.digest(int(start), int(end))
+        return self._svc.digest(_int(start, "start"), _int(end, "end"))
 
     # -- replication (cluster mode): called by the shard's writer and the controller --
 
@@ -92,13 +139,20 @@ class RPC:
         return self._rt().repl_truncate(wire)
 
     def repl_fence(self, epoch: int) -> list[Any]:
+        epoch = _int(epoch, "epoch")
         return self._rt().repl_fence(epoch)
 
     def repl_snapshot(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
                       lsn: int, last_epoch: int) -> list[Any]:
-        return self._rt().repl_snapshot(epoch, first, pairs, done, lsn, last_epoch)
+        if not isinstance(pairs, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], bytes) and p[0]
+                and isinstance(p[1], bytes) for p in pairs):
+            raise InvalidArgument("snapshot pairs must be a list of [key, value] bytes")
+        args = (_int(epoch, "epoch"), bool(first), pairs, bool(done), _int(lsn, "lsn"), _int(last_epoch, "last_epoch"))
+        return self._rt().repl_snapshot(*args)
 
     def repl_read(self, start: int, limit: int) -> list[list[Any]]:
+        start, limit = _int(start, "start"), _int(limit, "limit")
         return self._rt().repl_read(start, limit)
 
     def repl_digest(self, wire: list[Any]) -> list[Any]:
@@ -119,13 +173,17 @@ class RPC:
         return self._rt().migration_source().position()
 
     def mig_scan(self, start: int, end: int, after: bytes | None, limit: int) -> list[Any]:
-        return self._rt().migration_source().scan(start, end, after, limit)
+        args = (_int(start, "start"), _int(end, "end"), _optional_bytes(after, "after"), _int(limit, "limit"))
+        return self._rt().migration_source().scan(*args)
 
     def mig_tail(self, start: int, end: int, after_lsn: int, limit: int) -> dict[str, Any]:
-        return self._rt().migration_source().tail(start, end, int(after_lsn), limit)
+        args = (_int(start, "start"), _int(end, "end"), _int(after_lsn, "after_lsn"), _int(limit, "limit"))
+        return self._rt().migration_source().tail(*args)
 
     def mig_freeze(self, migration_id: str) -> list[int]:
-        return self._rt().migration_source().freeze(str(migration_id))
+        if not isinstance(migration_id, str) or not 0 < len(migration_id) <= 200:
+            raise InvalidArgument(f"migration id must be a short string, not {quote(migration_id)}")
+        return self._rt().migration_source().freeze(migration_id)
 
 
 #: Who may call each RPC (DESIGN §10): data RPCs take the client or the cluster key,
@@ -169,7 +227,8 @@ class Node:
             self.log = MemoryLog()
         epoch = max(self.log.last_epoch, self.store.applied_epoch, 1)
         self.pipeline = WritePipeline(self.log, self.store, LocalWriter(self.log, self.store, epoch, cfg.durable),
-                                      max_batch_records=cfg.max_batch_records, offload=cfg.durable)
+                                      max_batch_records=cfg.max_batch_records,
+                                      page_bytes=cfg.limits.page_bytes, offload=cfg.durable)
         self.service = NodeService(cfg, self.store, self.log, self.pipeline)
         if cfg.cluster:
             from dkv.cluster.follower import PromiseFile

@@ -11,8 +11,8 @@ import time
 from typing import Any, Sequence
 
 from dkv import __version__, protocol
-from dkv.errors import DKVError, InvalidArgument
-from dkv.keys import as_bytes
+from dkv.errors import Deferred, DKVError, InvalidArgument
+from dkv.keys import as_bytes, pair_bytes, quote, take_page
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import WriteOp, WritePipeline, offloaded
 from dkv.slots import ALL_SLOTS, SlotRange
@@ -48,18 +48,29 @@ class NodeService:
         nothing yields until the reads are read and the writes queued: a read sees the
         store of a node that owned its slot when it read, a write is queued ahead of any
         freeze's barrier (see :mod:`dkv.cluster.migration`).
+
+        Budgets (:mod:`dkv.protocol`): a batch of more than ``page_bytes`` of ops is
+        refused whole; the gets after the reply reached ``page_bytes`` are not read and
+        fail alone with the retryable ``Deferred``.
         """
         if not isinstance(ops, (list, tuple)):
             raise InvalidArgument("batch takes a list of ops")
         if len(ops) > MAX_BATCH_OPS:
             raise InvalidArgument(f"a batch carries at most {MAX_BATCH_OPS} ops, got {len(ops)}")
+        budget = self.limits.page_bytes
+        size = sum(protocol.op_bytes(op) for op in ops)
+        if size > budget and len(ops) > 1:
+            raise InvalidArgument(f"a batch of {len(ops)} ops counts {size} bytes; the limit is {budget}: "
+                                  "split it", limit=budget)
         replies: list[list[Any] | None] = [None] * len(ops)
         parsed: list[tuple[int, str, bytes, bytes, str | None]] = []
+        used = 0  # bytes of the reply so far
         for i, op in enumerate(ops):
             try:
                 parsed.append((i, *self._parse(op)))
             except DKVError as e:
                 replies[i] = protocol.err(e)
+                used += protocol.reply_bytes(replies[i])  # type: ignore[arg-type]
         confirm_error: DKVError | None = None
         confirm = {c for *_, c in parsed if self.router is not None and self.router.needs_confirmation(c)}
         if confirm:
@@ -71,6 +82,7 @@ class NodeService:
         writes: list[WriteOp] = []
         write_at: list[int] = []
         own = self.router.ownership() if self.router is not None else None
+        read_any = False
         for i, name, key, value, consistency in parsed:
             try:
                 if consistency in confirm and confirm_error is not None:
@@ -78,14 +90,19 @@ class NodeService:
                 if self.router is not None:
                     self.router.route(name, key, consistency, own)
                 if name == protocol.GET:
+                    if used >= budget and read_any:
+                        raise Deferred("the reply is full; resend this get")
                     replies[i] = protocol.ok(self.store.get(key, None))
+                    read_any = True
                 elif name == protocol.EXISTS:
                     replies[i] = protocol.ok(self.store.exists(key))
                 else:
                     writes.append((Op.PUT if name == protocol.SET else Op.DELETE, key, value))
                     write_at.append(i)
+                    continue
             except DKVError as e:
                 replies[i] = protocol.err(e)
+            used += protocol.reply_bytes(replies[i])  # type: ignore[arg-type]
         if writes:
             try:
                 results = self.pipeline.submit(writes)
@@ -102,8 +119,8 @@ class NodeService:
             raise InvalidArgument("an op is a non-empty list [name, key, ...]")
         name, args = op[0], op[1:]
         arity = {protocol.GET: (1, 2), protocol.EXISTS: (1, 1), protocol.SET: (2, 2), protocol.DEL: (1, 1)}
-        if name not in arity:
-            raise InvalidArgument(f"unknown op {name!r}")
+        if not isinstance(name, str) or name not in arity:
+            raise InvalidArgument(f"unknown op {quote(name)}")
         lo, hi = arity[name]
         if not lo <= len(args) <= hi:
             raise InvalidArgument(f"{name} takes {lo}..{hi} arguments, got {len(args)}")
@@ -119,7 +136,8 @@ class NodeService:
 
     def scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000,
              slot_version: Any = None) -> list[list[bytes]]:
-        """One page of ``(key, value)`` pairs in key order, keys >= ``start``.
+        """One page of ``(key, value)`` pairs in key order, keys >= ``start``: at most ``limit``
+        pairs, and no more once they count ``page_bytes`` (:func:`dkv.keys.take_page`).
 
         In cluster mode only the slots this node's shard owns are read (its store may
         also hold a range being imported, or one that moved away and is being deleted),
@@ -133,11 +151,10 @@ class NodeService:
         if slot_version is not None and (not isinstance(slot_version, int) or isinstance(slot_version, bool)):
             raise InvalidArgument("slot_version must be an integer")
         if self.router is None:
-            page = self.store.scan(prefix=prefix_b, start=start_b, limit=limit)
+            pairs = self.store.scan(prefix=prefix_b, start=start_b)
         else:  # route and read with no yield in between
-            page = self.store.scan(prefix=prefix_b, start=start_b, limit=limit,
-                                   slots=self.router.scan_ranges(slot_version))
-        return [[k, v] for k, v in page]
+            pairs = self.store.scan(prefix=prefix_b, start=start_b, slots=self.router.scan_ranges(slot_version))
+        return [[k, v] for k, v in take_page(pairs, self.limits.page_bytes, pair_bytes, limit)]
 
     # -- introspection ---------------------------------------------------------
 

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Iterator, Self, Sequence
 
 from dkv.errors import InvalidArgument, KeyIsEmpty, KeyNotFound
+from dkv.keys import pair_bytes, quote, take_page
 from dkv.slots import ALL_SLOTS, SLOT_PREFIX_LEN, SlotRange, slot_prefix, storage_key
 from dkv.storage.engine import Engine, Reader, WriteOp
 from dkv.storage.leveldb import LevelDBEngine
@@ -68,7 +69,7 @@ class StoreView:
         if value is not None:
             return value
         if default is _MISSING:
-            raise KeyNotFound(f"key {key!r} not found")
+            raise KeyNotFound(f"key {quote(key)} not found")
         return default
 
     def exists(self, key: bytes) -> bool:
@@ -119,12 +120,18 @@ class StoreView:
         lo, hi = slots.storage_bounds()
         return ((k[SLOT_PREFIX_LEN:], v) for k, v in self._src.iterate(lo, hi))
 
-    def page_slots(self, slots: SlotRange, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
-        """Up to ``limit`` ``(storage key, value)`` pairs of a slot range, after storage key ``after``."""
+    def page_slots(self, slots: SlotRange, after: bytes | None, limit: int,
+                   budget: int | None = None) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` ``(storage key, value)`` pairs of a slot range, after storage key ``after``,
+        and (with a ``budget``) no more once they count ``budget`` bytes (:func:`dkv.keys.take_page`)."""
         lo, hi = slots.storage_bounds()
         if after is not None:
             lo = max(lo, after + b"\x00")
-        return list(islice(self._src.iterate(lo, hi), limit)) if lo < hi else []
+        if lo >= hi:
+            return []
+        if budget is None:
+            return list(islice(self._src.iterate(lo, hi), limit))
+        return take_page(self._src.iterate(lo, hi), budget, pair_bytes, limit)
 
     def count_slot(self, slot: int) -> int:
         return sum(1 for _ in self.iter_slots(SlotRange(slot, slot)))

@@ -95,6 +95,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="how long the nodes may take to stop before they are killed (default %(default)s)")
     p.add_argument("--fresh", action="store_true",
                    help="delete the nodes' data and logs and the ZooKeeper chroot first")
+    p.add_argument("--auth", action="store_true",
+                   help="run the nodes with auth (CURVE, ZooKeeper ACLs), with the keys in DATA_DIR/auth "
+                        "(made by `dkv auth init` on first use); needed for a non-loopback --host")
     args = p.parse_args(argv)
 
     if args.write_quorum is None:
@@ -115,7 +118,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.timeout <= 0 or args.stop_timeout <= 0 or args.session_timeout <= 0:
         p.error("--timeout, --stop-timeout and --session-timeout must be positive")
     args.data_dir = args.data_dir.resolve()
+    args.auth_dir = args.data_dir / "auth" if args.auth else None
     return args
+
+
+def ensure_keys(args: argparse.Namespace) -> Any:
+    """The cluster key of an --auth run (made on first use), or None."""
+    if args.auth_dir is None:
+        return None
+    from dkv.auth import CLUSTER_KEY, init_keys, load_auth_dir
+
+    if not (args.auth_dir / CLUSTER_KEY).exists():
+        init_keys(str(args.auth_dir))
+        log.info("made keys in %s (dkv auth init)", display(args.auth_dir))
+    return load_auth_dir(str(args.auth_dir))
+
+
+def client_key(args: argparse.Namespace) -> str | None:
+    return str(args.auth_dir / "client.key") if args.auth_dir is not None else None
 
 
 # -- nodes ---------------------------------------------------------------------------------
@@ -165,7 +185,8 @@ class Node:
                 "--replication-factor", str(args.replicas_per_shard),
                 "--write-quorum", str(args.write_quorum),
                 "--session-timeout", f"{args.session_timeout:g}",
-                "--log-level", args.log_level]
+                "--log-level", args.log_level,
+                *(["--auth-dir", str(args.auth_dir)] if args.auth_dir is not None else [])]
 
     def start(self, args: argparse.Namespace, zk: str) -> None:
         import dkv
@@ -179,7 +200,7 @@ class Node:
             # script, which then stops the nodes in order.
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, process_group=0)
-        self.client = dkv.Client(self.addr, timeout=PROBE_TIMEOUT)
+        self.client = dkv.Client(self.addr, timeout=PROBE_TIMEOUT, auth=client_key(args))
         log.info("started %s on %s (pid %d, log %s)", self.id, self.addr, self.proc.pid, display(self.log_path))
 
     def log_tail(self, lines: int = 15) -> str:
@@ -254,7 +275,7 @@ def zookeeper_port_open(hosts: str) -> bool:
     return False
 
 
-def prepare_zookeeper(hosts: str, chroot: str, fresh: bool, timeout: float = 5.0) -> None:
+def prepare_zookeeper(hosts: str, chroot: str, fresh: bool, timeout: float = 5.0, creds: Any = None) -> None:
     """Check that ZooKeeper answers, then create ``chroot`` (deleting it first when ``fresh``)."""
     from kazoo.client import KazooClient
 
@@ -269,12 +290,20 @@ def prepare_zookeeper(hosts: str, chroot: str, fresh: bool, timeout: float = 5.0
     zk: Any = None
     try:
         try:
-            zk = KazooClient(hosts=hosts, timeout=timeout)
+            from dkv.auth import kazoo_args
+
+            zk = KazooClient(hosts=hosts, timeout=timeout, **kazoo_args(creds))
             zk.start(timeout=timeout)
         except Exception:
             raise unreachable from None
         if fresh and zk.exists(chroot):
-            zk.delete(chroot, recursive=True)
+            from kazoo.exceptions import NoAuthError
+
+            try:
+                zk.delete(chroot, recursive=True)
+            except NoAuthError:
+                raise ClusterError(f"ZooKeeper refused to delete {chroot}: its znodes are protected by a "
+                                   "cluster key (run with --auth to use the keys in DATA_DIR/auth)") from None
             log.info("--fresh: deleted ZooKeeper path %s", chroot)
         zk.ensure_path(chroot)
     finally:
@@ -429,7 +458,7 @@ class ClusterRun:
         if args.fresh:
             wipe(args.data_dir)
         check_ports_free(self.nodes)
-        prepare_zookeeper(args.zk, args.chroot, args.fresh)
+        prepare_zookeeper(args.zk, args.chroot, args.fresh, creds=ensure_keys(args))
         log.info("starting %d nodes (%d shards x %d) under ZooKeeper %s, data in %s",
                  len(self.nodes), args.shards, args.replicas_per_shard, self.zk, display(args.data_dir))
         for node in self.nodes:
@@ -477,8 +506,9 @@ class ClusterRun:
         writers = " ".join(n.addr for n in self.nodes
                            if any(s.get("writer") == n.id for s in info.get("shards", [])))
         print(render_table(info, self.nodes, self.zk), flush=True)
-        print(f"\nconnect: {dkv} cli --zk {self.zk}", flush=True)
-        print(f"     or: {dkv} cli {writers}", flush=True)
+        auth = f" --auth {display(Path(key))}" if (key := client_key(self.args)) else ""
+        print(f"\nconnect: {dkv} cli{auth} --zk {self.zk}", flush=True)
+        print(f"     or: {dkv} cli{auth} {writers}", flush=True)
 
     def wait(self) -> None:
         """Until a signal; a node that exits meanwhile is reported (and left down)."""
