@@ -63,12 +63,6 @@ class Limits:
         Nodes refuse larger ones at the socket (``ZMQ_MAXMSGSIZE``)."""
         return self.page_bytes + self.max_item_bytes + MESSAGE_OVERHEAD
 
-    @property
-    def max_message_bytes(self) -> int:
-        """The largest message a node accepts (ZMQ_MAXMSGSIZE): one page of 8 MiB plus one
-        largest item plus 1 MiB of framing (provisional; the page budget lands separately)."""
-        return 8 * 1024 * 1024 + self.max_key_bytes + self.max_value_bytes + 1024 * 1024
-
     def key(self, key: Any) -> bytes:
         """Return ``key`` as bytes or raise ``InvalidArgument``."""
         k = as_bytes(key, "key")

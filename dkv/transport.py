@@ -54,6 +54,7 @@ from zerorpc.heartbeat import HeartBeatOnChannel
 
 from dkv.auth import PEER, Credentials
 from dkv.errors import AuthError, DKVError, Internal, InvalidArgument, Unavailable
+from dkv.keys import QUOTE_BYTES, quote
 
 logger = logging.getLogger(__name__)
 
@@ -76,20 +77,12 @@ SOCKET_HWM = 64
 MAX_INFLIGHT_PER_CONNECTION = 64
 #: Request bytes a node holds in flight, at least (several largest messages fit).
 MIN_INFLIGHT_BYTES = 256 * 1024 * 1024
-#: Most bytes of caller input one log line quotes.
-QUOTE_BYTES = 200
 #: Undecodable input is logged at most once per this many seconds (with a count).
 GARBAGE_LOG_INTERVAL = 10.0
 
 _ROLE = "dkv_role"  # set by the node on every request's header (a caller's value is overwritten)
 _SIZE = "dkv_size"
 _CONN = "dkv_conn"
-
-
-def quote(data: Any, limit: int = QUOTE_BYTES) -> str:
-    """``repr`` of caller input for a log line, at most ~``limit`` characters."""
-    text = repr(data)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 # -- CURVE ---------------------------------------------------------------------
@@ -391,7 +384,7 @@ class RPCServer(zerorpc.Server):
             logger.debug("%s failed: %s: %s", quote(event.name, 64), type(exc).__name__, exc)
             return (type(exc).__name__, str(exc), "")
         logger.error("%s%s failed unexpectedly", quote(event.name, 64), quote(event.args), exc_info=exc)
-        return ("Internal", f"internal error in {quote(event.name, 64)} (details in the node's log)", "")
+        return (Internal.__name__, f"internal error in {quote(event.name, 64)} (details in the node's log)", "")
 
     def _async_task(self, initial_event: Any) -> None:
         # zerorpc's ServerBase._async_task, with checks first and a close that cannot be cut short.

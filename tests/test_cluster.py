@@ -193,7 +193,7 @@ def test_values_of_the_maximum_size_replicate_snapshot_migrate_and_scan(zk: str,
             c.nodes[victim].start()
             c.wait_converged("shard-1")
             assert "installed a snapshot" in c.nodes[victim].log(tail=None)
-            page = rpc(c.nodes[writer].addr, "mig_scan", 0, 1023, None, 2000)
+            page = c.rpc(c.nodes[writer].addr, "mig_scan", 0, 1023, None, 2000)
             assert 0 < len(page[0]) < 10 and page[1] is not None
             assert len(msgpack.packb(page, use_bin_type=True)) <= limits.max_message_bytes
             for i in (3, 4):

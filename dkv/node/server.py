@@ -5,12 +5,9 @@ it owns the files (WAL, LevelDB), the zerorpc socket and the signal handlers.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 import signal
-from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -46,36 +43,12 @@ def _optional_bytes(x: Any, what: str) -> bytes | None:
     return None if x is None else as_bytes(x, what)
 
 
-def _checked_args(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Refuse a call whose arguments do not fit ``fn``'s signature with ``InvalidArgument``
-    (a Python ``TypeError`` would reach the caller as an internal error)."""
-    sig = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            sig.bind(self, *args, **kwargs)
-        except TypeError as e:
-            raise InvalidArgument(f"{fn.__name__}: {e}") from None
-        return fn(self, *args, **kwargs)
-
-    return call
-
-
-def _check_all_args(cls: type) -> type:
-    """Apply :func:`_checked_args` to every public method of ``cls``."""
-    for name, fn in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.isfunction(fn):
-            setattr(cls, name, _checked_args(fn))
-    return cls
-
-
-@_check_all_args
 class RPC:
     """The methods a node exposes over zerorpc.
 
     Every argument is checked here or by the service: a malformed call gets a typed
     ``InvalidArgument`` (never a Python ``TypeError``/``ValueError``), and changes nothing.
+    (The RPC server checks each call's arity against these signatures first.)
     """
 
     def __init__(self, service: NodeService) -> None:
