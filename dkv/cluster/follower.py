@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import reprlib
 from collections import deque
 import time
 from typing import Any, Callable, Sequence
@@ -29,7 +28,7 @@ from dkv.cluster.replication import (BEYOND_EPOCH, BEYOND_LOG, Action, AppendLog
                                      Follower, PersistPromise, Prepare, Reply, Truncate, TruncateLog,
                                      record_bytes, records_to_wire)
 from dkv.errors import Unavailable
-from dkv.keys import DEFAULT_PAGE_BYTES, take_page
+from dkv.keys import DEFAULT_PAGE_BYTES, quote, take_page
 from dkv.node.pipeline import checkpoint
 from dkv.storage import Store
 from dkv.wal.record import Record
@@ -38,17 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: Records applied per store batch when catching up the store from the log.
 APPLY_CHUNK = 5000
-#: Longest quote of a refused message in the log, and the least seconds between two such lines.
-QUOTE_CHARS = 200
+#: Least seconds between two log lines about refused messages (per reason).
 REFUSAL_LOG_INTERVAL = 1.0
-_repr = reprlib.Repr()
-_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxlevel = 40, 40, 4, 3
-
-
-def quote(obj: Any) -> str:
-    """A bounded rendering of untrusted input for a log line."""
-    text = _repr.repr(obj)
-    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
 
 
 class PromiseFile:
