@@ -72,10 +72,16 @@ class NodeProcess:
     def wait_ready(self, timeout: float = 30) -> None:
         import zerorpc
 
+        from dkv.transport import secure_client
+
+        creds = self.credentials()
+
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node {self.node_id} exited with {self.proc.returncode}:\n{self.log()}")
             c = zerorpc.Client(timeout=0.5, heartbeat=None)
+            if creds is not None:
+                secure_client(c._events._socket, creds)
             try:
                 c.connect(f"tcp://{self.addr}")
                 return c.ping() == "pong"
@@ -85,6 +91,14 @@ class NodeProcess:
                 c.close()
 
         wait_until(up, timeout, f"node {self.node_id} to answer")
+
+    def credentials(self) -> Any:
+        """The cluster key of a node started with --auth-dir (None without auth)."""
+        if "--auth-dir" not in self.extra:
+            return None
+        from dkv.auth import load_auth_dir
+
+        return load_auth_dir(self.extra[self.extra.index("--auth-dir") + 1])
 
     def log(self, tail: int | None = 4000) -> str:
         """The node's log output (its last ``tail`` characters; None for all of it)."""
