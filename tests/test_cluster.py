@@ -132,6 +132,7 @@ def test_prepare_from_a_stale_epoch_is_refused(cluster: Cluster) -> None:
     replica = cluster.nodes[sh["replicas"][0]]
     with cluster.client() as c:
         c.set(cluster.keys_of_shard(sid, 1)[0], "x")
+    cluster.wait_converged(sid)  # the write was acknowledged by a quorum: let this replica have it too
     before = cluster.rpc(replica.addr, "info")
     promised = before["promised_epoch"]
     assert promised >= 1

@@ -19,7 +19,7 @@ import zmq
 from dkv import protocol
 from dkv.auth import Credentials
 from dkv.errors import AuthError, DKVError, from_remote
-from dkv.transport import HEARTBEAT, HandshakeWatch, harden, quiet_lost_remote, secure_client
+from dkv.transport import HEARTBEAT, HandshakeWatch, close_client, harden, quiet_lost_remote, secure_client
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Connection:
         watch = self._watches.pop(rpc, None)
         if watch is not None:
             watch.close()
-        rpc.close()
+        close_client(rpc)
 
     def call(self, ops: list[list[Any]]) -> list[list[Any]]:
         """Send ``ops`` (coalesced with concurrent calls); one wire reply per op."""
