@@ -113,8 +113,8 @@ def test_forged_fence_beyond_the_recorded_epoch_is_refused(cluster: Cluster) -> 
         n.stop()
     for n in cluster.nodes.values():
         n.start()
+    _healthy(cluster, client, acked, "restart")  # (nodes just started may not have read the map yet)
     assert cluster.info(rid)["promised_epoch"] <= cluster.shard_members()[SID]["epoch"]
-    _healthy(cluster, client, acked, "restart")
     client.close()
 
 
