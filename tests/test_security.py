@@ -10,17 +10,13 @@ The forged-RPC and ZooKeeper tests share one module-scoped cluster with auth
 loopback nodes of their own, so that one attack's memory peak (``VmHWM``) does
 not hide another's.
 
-Not here yet (TODO):
-* TODO(branch `defence`): with epoch checks against ZooKeeper, the same forged
-  ``repl_prepare``/``repl_snapshot``/``repl_fence`` sent *with the cluster key*
-  at a wrong epoch (or a snapshot LSN beyond the writer's log) must be refused,
-  and anti-entropy must re-sync a replica whose store was changed behind the
-  writer's back. Those need that branch's checks.
-* TODO(branch `bounds`): a ``scan`` page or ``batch`` reply larger than
-  ``Limits.page_bytes`` is cut to the budget, and ``max_message_bytes`` is
-  sized to the largest legal batch rather than the provisional 8 MiB + item.
-* TODO(issue 9 item 5, WAL corruption): mid-segment corruption refuses to start
-  and ``--wal-repair`` quarantines; not part of this file.
+Elsewhere: forged ``repl_prepare``/``repl_snapshot``/``repl_fence`` sent *with the
+cluster key* (epochs bounded by ZooKeeper's record, snapshots by the writer's
+shown log, anti-entropy) are in tests/test_defence.py; message budgets (pages
+and replies cut to ``Limits.page_bytes``, every producer within
+``max_message_bytes``) in tests/test_bounds.py, test_node.py and test_cluster.py;
+mid-segment WAL corruption (refuses to start; ``--wal-repair`` quarantines) in
+tests/test_wal.py and test_node.py.
 """
 from __future__ import annotations
 
@@ -69,9 +65,8 @@ OVERSIZED_RSS_BOUND = 150 * MB
 #: The send high-water mark counts messages (SOCKET_HWM = 64 per peer), not bytes,
 #: so what it guarantees is 5 x 64 x 1 MiB of queued replies on top of ~35 MB;
 #: this bound is that guarantee plus 100 MB.
-#: TODO(branch `bounds`): with a byte budget for queued replies, tighten this to
-#: baseline + a few MB per connection (a scan page of 8 MiB makes the per-message
-#: HWM worth 512 MiB per non-reading connection today).
+#: (A known limit: ZeroMQ bounds queues in messages, so a connection that never
+#: reads may hold up to SOCKET_HWM replies of up to max_message_bytes each.)
 NON_READING_RSS_BOUND = 100 * MB + 5 * SOCKET_HWM * MB
 
 
