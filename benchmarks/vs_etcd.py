@@ -542,6 +542,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: py-spy's sampling rate (per second).
+PROFILE_HZ = 100
+
+
 def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subprocess.Popen[bytes]],
             writer_addr: str, w: Workload, seconds: float, keys: int, value_size: int) -> str:
     """py-spy record the writer and the first replica under ``w``'s load; returns a text summary."""
@@ -559,7 +563,7 @@ def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subpro
         before = {name: cpu_seconds(pid) for name, pid in watched.items()}
         t0 = time.monotonic()
         spies = {name: subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration", f"{seconds:g}",
-                                         "--rate", "100", "--format", "raw", "--nonblocking",
+                                         "--rate", str(PROFILE_HZ), "--format", "raw", "--nonblocking", "--gil",
                                          "--output", os.path.join(out_dir, f"{name.replace(' ', '-')}.txt")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                         start_new_session=True)
@@ -574,7 +578,8 @@ def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subpro
             bench.kill()
             bench.wait()
     measure = Measure.from_json(json.loads(stdout.strip().splitlines()[-1]))
-    report = [f"profile: {w.title} on the 1x3 cluster, {seconds:g} s of py-spy (100 Hz, --nonblocking) "
+    report = [f"profile: {w.title} on the 1x3 cluster, {seconds:g} s of py-spy ({PROFILE_HZ} Hz, --gil: "
+              f"only the thread holding the GIL is sampled, so a sample is Python CPU time; --nonblocking) "
               f"on the writer and one replica; the load meanwhile: {_num(measure.ops_s)} ops/s, "
               f"p50 {_ms(measure.p50_ms)} ms, p99 {_ms(measure.p99_ms)} ms (py-spy costs CPU too)",
               "CPU used during the window (cores; 1.00 = one core busy all the time):"]
@@ -584,10 +589,13 @@ def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subpro
         if spy.returncode != 0 or not os.path.exists(path):
             report.append(f"{name}: py-spy failed ({spy.returncode}): {spy.stderr.read() if spy.stderr else ''}")
             continue
-        report.append(f"{name}: top functions (self % / total % of its samples; idle excluded), {path}")
         with open(path) as f:
-            for func, self_pct, total_pct in summarize_collapsed(f.readlines(), top=20):
-                report.append(f"  {self_pct:5.1f}% {total_pct:5.1f}%  {func}")
+            lines = f.readlines()
+        held = sum(int(c) for c in (ln.rstrip().rpartition(" ")[2] for ln in lines) if c.isdigit())
+        report.append(f"{name}: GIL held {100.0 * held / (PROFILE_HZ * seconds):.0f}% of the window; top "
+                      f"functions (self % / total % of its GIL samples), {path}")
+        for func, self_pct, total_pct in summarize_collapsed(lines, top=20):
+            report.append(f"  {self_pct:5.1f}% {total_pct:5.1f}%  {func}")
     text = "\n".join(report)
     Path(out_dir, "summary.txt").write_text(text + "\n")
     return text
