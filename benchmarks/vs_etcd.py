@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -36,17 +37,18 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster_bench import answers, free_port, serve, stop_all, wait_for  # noqa: E402
+from cluster_bench import answers, free_port, serve, stop_all, wait_for
 
-from dkv.cli.bench import LoadResult, bench_key, percentile  # noqa: E402
+from dkv.cli.bench import LoadResult, bench_key, percentile
 
 # --------------------------------------------------------------------------- protobuf, by hand
 
@@ -212,25 +214,25 @@ def select_workloads(names: Sequence[str] | None) -> list[Workload]:
 
 
 def _num(x: float) -> str:
-    return "n/a" if x != x else f"{x:,.0f}"
+    return "n/a" if math.isnan(x) else f"{x:,.0f}"
 
 
 def _ms(x: float) -> str:
-    return "n/a" if x != x else f"{x:.2f}"
+    return "n/a" if math.isnan(x) else f"{x:.2f}"
 
 
 def _ratio(a: float, b: float) -> float:
-    return a / b if b and a == a and b == b else float("nan")
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else float("nan")
 
 
 def _x(r: float) -> str:
-    return "n/a" if r != r else f"{r:.2f}x"
+    return "n/a" if math.isnan(r) else f"{r:.2f}x"
 
 
 def format_table(rows: Sequence[tuple[Workload, Measure, Measure | None]]) -> str:
     """A Markdown table: each workload's dkv and etcd figures and the dkv/etcd ratios."""
-    lines = ["| workload | dkv ops/s | dkv p50 ms | dkv p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms "
-             "| ops/s dkv/etcd | p50 dkv/etcd |",
+    lines = [("| workload | dkv ops/s | dkv p50 ms | dkv p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms "
+              "| ops/s dkv/etcd | p50 dkv/etcd |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w, d, e in rows:
         etcd = [_num(e.ops_s), _ms(e.p50_ms), _ms(e.p99_ms)] if e else ["", "", ""]
@@ -241,7 +243,7 @@ def format_table(rows: Sequence[tuple[Workload, Measure, Measure | None]]) -> st
 
 
 def _verdict(value: float, goal: float, milestone: float | None, higher_is_better: bool) -> str:
-    if value != value:
+    if math.isnan(value):
         return "not measured"
 
     def ok(limit: float) -> bool:
@@ -284,7 +286,7 @@ def format_goals(results: dict[str, tuple[Measure, Measure | None]]) -> str:
         if "lin32" in results:
             lin = results["lin32"][0].ops_s
             line += (f" {_x(_ratio(d.ops_s, lin))} dkv's linearizable gets (goal: higher): "
-                     f"{_verdict(d.ops_s, lin, None, True) if lin == lin else 'not measured'}")
+                     f"{_verdict(d.ops_s, lin, None, True) if not math.isnan(lin) else 'not measured'}")
         out.append(line.rstrip(";"))
     if "standalone32" in results:
         d = results["standalone32"][0]
@@ -384,7 +386,7 @@ class Etcd:
         cluster = ",".join(f"{n}={peer[n]}" for n in names)
         token = f"dkv-vs-etcd-{uuid.uuid4().hex[:8]}"
         for n in names:
-            log = open(os.path.join(base, f"{n}.log"), "wb")
+            log = open(os.path.join(base, f"{n}.log"), "wb")  # noqa: SIM115 (closed once the child has it)
             cmd = [binary, "--name", n, "--data-dir", os.path.join(base, n),
                    "--listen-client-urls", f"http://{client[n]}", "--advertise-client-urls", f"http://{client[n]}",
                    "--listen-peer-urls", peer[n], "--initial-advertise-peer-urls", peer[n],
@@ -529,7 +531,7 @@ def _bench_env() -> dict[str, str]:
 def dkv_load(addr: str, w: Workload, duration: float, keys: int, value_size: int) -> Measure:
     # Own session: a Ctrl-C interrupts this script, and subprocess.run kills the bench.
     proc = subprocess.run(dkv_bench_cmd(addr, w, duration, keys, value_size), capture_output=True, text=True,
-                          env=_bench_env(), timeout=duration + 120, start_new_session=True)
+                          env=_bench_env(), timeout=duration + 120, start_new_session=True, check=False)
     lines = proc.stdout.strip().splitlines()
     if not lines or not lines[-1].startswith("{"):
         raise SystemExit(f"dkv bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -572,16 +574,16 @@ def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subpro
             spy.wait(seconds + 60)
         elapsed = time.monotonic() - t0
         after = {name: cpu_seconds(pid) for name, pid in watched.items()}
-        stdout, stderr = bench.communicate(timeout=120)
+        stdout, _ = bench.communicate(timeout=120)
     finally:
         if bench.poll() is None:
             bench.kill()
             bench.wait()
     measure = Measure.from_json(json.loads(stdout.strip().splitlines()[-1]))
-    report = [f"profile: {w.title} on the 1x3 cluster, {seconds:g} s of py-spy ({PROFILE_HZ} Hz, --gil: "
-              f"only the thread holding the GIL is sampled, so a sample is Python CPU time; --nonblocking) "
-              f"on the writer and one replica; the load meanwhile: {_num(measure.ops_s)} ops/s, "
-              f"p50 {_ms(measure.p50_ms)} ms, p99 {_ms(measure.p99_ms)} ms (py-spy costs CPU too)",
+    report = [(f"profile: {w.title} on the 1x3 cluster, {seconds:g} s of py-spy ({PROFILE_HZ} Hz, --gil: "
+               f"only the thread holding the GIL is sampled, so a sample is Python CPU time; --nonblocking) "
+               f"on the writer and one replica; the load meanwhile: {_num(measure.ops_s)} ops/s, "
+               f"p50 {_ms(measure.p50_ms)} ms, p99 {_ms(measure.p99_ms)} ms (py-spy costs CPU too)"),
               "CPU used during the window (cores; 1.00 = one core busy all the time):"]
     report += [f"  {name}: {(after[name] - before[name]) / elapsed:.2f}" for name in watched]
     for name, spy in spies.items():
@@ -604,7 +606,7 @@ def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subpro
 def ensure_etcd(given: str) -> str:
     if given:
         return given
-    proc = subprocess.run([str(ROOT / "scripts" / "ensure-etcd.sh")], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run([str(ROOT / "scripts" / "ensure-etcd.sh")], stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit("no etcd (see scripts/ensure-etcd.sh's message above)")
     return proc.stdout.strip().splitlines()[-1]
@@ -681,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "runs": [{w: {s: m.__dict__ for s, m in per.items()} for w, per in r.items()} for r in runs]},
                     indent=1))
         if args.profile:
-            w = next((w for w in WORKLOADS if w.name == "set32"))
+            w = next(w for w in WORKLOADS if w.name == "set32")
             w = Workload(w.name, w.title, args.clients, w.etcd, w.dkv_target, w.dkv_ratio)
             print("\n" + profile(args.profile, dkv_procs[1], dkv_procs[2:], writer_addr, w, args.profile_seconds,
                                  args.keys, args.value_size), flush=True)
