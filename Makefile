@@ -39,7 +39,7 @@ bench: install
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
-.PHONY: zk-up zk-down cluster bench-cluster
+.PHONY: zk-up zk-down cluster bench-cluster bench-vs-etcd
 
 ## zk-up: a ZooKeeper on 127.0.0.1:2181 (Docker Compose if an engine answers, else Debian's package; data in .dkv-zk/)
 zk-up:
@@ -57,3 +57,16 @@ cluster: install zk-up
 ## bench-cluster: write throughput of a 1x3 cluster (write_quorum 2) beside a standalone node
 bench-cluster: install zk-up
 	$(PY) benchmarks/cluster_bench.py $(ARGS)
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+## bench-vs-etcd: dkv (1x3 cluster, write_quorum 2; and standalone) against a 3-member etcd, same load,
+##                one after the other; prints a table and the dkv/etcd ratios (installs etcd-server if
+##                missing). ARGS="--runs 3" for medians of 3, "--profile DIR" for py-spy profiles
+bench-vs-etcd: $(BENCH_STAMP) zk-up
+	scripts/ensure-etcd.sh >/dev/null
+	$(PY) benchmarks/vs_etcd.py $(ARGS)

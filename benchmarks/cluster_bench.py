@@ -37,11 +37,12 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def serve(data: str, node_id: str, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+def serve(data: str, node_id: str, *flags: str, new_session: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a node (in its own session with ``new_session``, so a Ctrl-C reaches only the caller)."""
     port = free_port()
     cmd = [sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", node_id, "--port", str(port),
            "--data-dir", os.path.join(data, node_id), "--log-level", "WARNING", *flags]
-    return subprocess.Popen(cmd), f"127.0.0.1:{port}"
+    return subprocess.Popen(cmd, start_new_session=new_session), f"127.0.0.1:{port}"
 
 
 def answers(addr: str, check: Callable[[dict[str, Any]], bool] = lambda i: True) -> bool:

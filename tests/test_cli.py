@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 from kazoo.client import KazooClient
 
-from dkv.cli.bench import LoadResult, format_report, percentile
+from dkv.cli.bench import LoadResult, bench_key, format_report, percentile, report_json, run_load
 from dkv.cli.repl import execute, format_nodes, format_shards, make_session, open_history, repl_loop
 from dkv.client import Client
 from dkv.cluster import layout
@@ -312,6 +312,78 @@ def test_format_report_lists_params_latencies_and_errors() -> None:
     assert "throughput:  2 ops/s" in report
     assert "latency p99: 3.000 ms" in report
     assert "errors:      1 (WriteTimeout 1)" in report
+
+
+def test_run_load_stops_after_ops_or_after_duration_and_refuses_both_or_neither() -> None:
+    import gevent
+
+    calls: list[int] = []
+
+    def op(i: int) -> None:
+        calls.append(i)
+        gevent.sleep(0.001)
+
+    by_ops = run_load(op, clients=3, ops=10)
+    assert by_ops.ops == 10 and by_ops.succeeded == 10 and sorted(calls) == list(range(10))
+    calls.clear()
+    by_time = run_load(op, clients=3, duration=0.05)
+    assert by_time.ops == by_time.succeeded == len(calls) > 0  # however many fitted; no timing asserted
+    with pytest.raises(ValueError):
+        run_load(op, clients=1, ops=1, duration=1.0)
+    with pytest.raises(ValueError):
+        run_load(op, clients=1)
+
+
+def test_bench_ops_and_duration_exactly_one_decides_and_the_command_line_beats_the_environment() -> None:
+    from dkv.cli.main import DEFAULT_BENCH_OPS, _bench_bound
+    from dkv.errors import InvalidArgument
+
+    assert _bench_bound(None, None) == (DEFAULT_BENCH_OPS, None)
+    assert _bench_bound(500, None, ["--ops", "500"]) == (500, None)
+    assert _bench_bound(None, 2.5) == (None, 2.5)
+    # DKV_DURATION in the environment, --ops on the command line (and the other way round).
+    assert _bench_bound(500, 10.0, ["x", "--ops=500"]) == (500, None)
+    assert _bench_bound(500, 10.0, ["x", "--dur", "10"]) == (None, 10.0)
+    with pytest.raises(InvalidArgument):
+        _bench_bound(500, 10.0, ["--ops", "500", "--duration", "10"])
+    with pytest.raises(InvalidArgument):
+        _bench_bound(500, 10.0, [])  # both from the environment
+
+
+def test_bench_refuses_ops_with_duration_with_a_clear_error(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from dkv.cli.main import build_parser, main
+
+    monkeypatch.setenv("DKV_DURATION", "3")
+    assert build_parser().parse_args(["bench"]).duration == 3.0
+    assert main(["bench", "127.0.0.1:1", "--ops", "5", "--duration", "1"]) == 1
+    assert "--ops or --duration, not both" in capsys.readouterr().err
+
+
+def test_report_json_and_bench_keys() -> None:
+    import json
+    from collections import Counter
+
+    result = LoadResult(ops=4, elapsed=2.0, latencies=[0.001, 0.002, 0.003],
+                        errors=Counter({"WriteTimeout": 1}))
+    doc = json.loads(report_json([("target", "x"), ("clients", 2)], result))
+    assert doc["target"] == "x" and doc["clients"] == 2 and doc["ops"] == 4
+    assert doc["succeeded"] == 3 and doc["failed"] == 1 and doc["throughput_ops_s"] == 1.5
+    assert doc["p50_ms"] == 2.0 and doc["p99_ms"] == 3.0 and doc["errors"] == {"WriteTimeout": 1}
+    assert json.loads(report_json([], LoadResult(ops=0, elapsed=0.0)))["p99_ms"] is None
+    assert len(bench_key(0)) == len(bench_key(10**9)) == 16
+
+
+def test_bench_duration_json_smoke(node: NodeProcess) -> None:
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--clients", "4",
+                           "--duration", "0.5", "--keys", "100", "--ratio", "1:1", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["duration_s"] == 0.5 and doc["clients"] == 4 and doc["failed"] == 0
+    assert doc["succeeded"] == doc["ops"] > 0 and doc["p50_ms"] is not None
 
 
 def test_bench_smoke(node: NodeProcess) -> None:

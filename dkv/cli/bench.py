@@ -14,6 +14,7 @@ time; only the functions that need it do.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import sys
@@ -31,7 +32,7 @@ PROGRESS_WIDTH = 30
 class LoadResult:
     """What :func:`run_load` measured."""
 
-    ops: int
+    ops: int  # operations started (with --duration: however many fitted in the time)
     elapsed: float  # seconds, wall clock of the whole run
     latencies: list[float] = field(default_factory=list)  # seconds per successful op, sorted
     errors: Counter[str] = field(default_factory=Counter)  # failed ops by exception class name
@@ -69,26 +70,42 @@ def progress_line(done: int, total: int, elapsed: float) -> str:
             f"{done}/{total} ops {rate:.0f} ops/s")
 
 
-def run_load(op: Callable[[int], object], *, clients: int, ops: int,
-             progress: TextIO | None = None) -> LoadResult:
-    """Call ``op(i)`` for i in 0..ops-1 from ``clients`` concurrent greenlets; time each call.
+def duration_progress_line(elapsed: float, duration: float, done: int) -> str:
+    """``[#####-----] 52% 5.2/10.0 s 41230 ops/s`` (a run bounded by time, not by ops)."""
+    frac = min(elapsed / duration, 1.0) if duration > 0 else 1.0
+    filled = int(frac * PROGRESS_WIDTH)
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return (f"[{'#' * filled}{'-' * (PROGRESS_WIDTH - filled)}] {int(frac * 100):3d}% "
+            f"{min(elapsed, duration):.1f}/{duration:.1f} s {rate:.0f} ops/s")
 
-    Each greenlet takes the next index from a shared counter until ``ops`` are
-    taken. An exception from ``op`` counts as a failed op (by class name). When
-    ``progress`` is given, a progress line is redrawn on it while the load runs
-    and erased at the end.
+
+def run_load(op: Callable[[int], object], *, clients: int, ops: int | None = None,
+             duration: float | None = None, progress: TextIO | None = None) -> LoadResult:
+    """Call ``op(i)`` for i = 0, 1, ... from ``clients`` concurrent greenlets; time each call.
+
+    Exactly one of ``ops`` and ``duration`` says when to stop: after ``ops``
+    calls (each greenlet takes the next index from a shared counter until
+    ``ops`` are taken), or once ``duration`` seconds have passed (no greenlet
+    starts a call after that; calls in flight finish and count). An exception
+    from ``op`` counts as a failed op (by class name). When ``progress`` is
+    given, a progress line is redrawn on it while the load runs and erased at
+    the end.
     """
     import gevent
 
-    if clients < 1 or ops < 1:
-        raise ValueError("clients and ops must be at least 1")
+    if (ops is None) == (duration is None):
+        raise ValueError("give exactly one of ops and duration")
+    if clients < 1 or (ops is not None and ops < 1) or (duration is not None and not duration > 0):
+        raise ValueError("clients and ops must be at least 1, duration more than 0")
     counter = itertools.count()
-    result = LoadResult(ops=ops, elapsed=0.0)
+    result = LoadResult(ops=ops or 0, elapsed=0.0)
     clock = time.perf_counter
+    limit = ops if ops is not None else sys.maxsize
+    deadline = float("inf")  # set just before the workers start
 
     def worker() -> None:
         for i in counter:
-            if i >= ops:
+            if i >= limit or clock() >= deadline:
                 return
             t0 = clock()
             try:
@@ -102,15 +119,22 @@ def run_load(op: Callable[[int], object], *, clients: int, ops: int,
         while True:
             gevent.sleep(1 / PROGRESS_HZ)
             done = result.succeeded + result.failed
-            out.write("\r" + progress_line(done, ops, clock() - start))
+            if duration is not None:
+                out.write("\r" + duration_progress_line(clock() - start, duration, done))
+            else:
+                out.write("\r" + progress_line(done, limit, clock() - start))
             out.flush()
 
     start = clock()
+    if duration is not None:
+        deadline = start + duration
     bar = gevent.spawn(show_progress, progress) if progress is not None else None
     try:
-        gevent.joinall([gevent.spawn(worker) for _ in range(min(clients, ops))], raise_error=True)
+        gevent.joinall([gevent.spawn(worker) for _ in range(min(clients, limit))], raise_error=True)
     finally:
         result.elapsed = clock() - start
+        if duration is not None:
+            result.ops = result.succeeded + result.failed
         if bar is not None and progress is not None:
             bar.kill()
             progress.write("\r\x1b[K")
@@ -140,19 +164,45 @@ def format_report(params: Sequence[tuple[str, str]], result: LoadResult) -> str:
     return "\n".join(f"{label + ':':<{width}} {value}" for label, value in lines)
 
 
+def report_json(params: Sequence[tuple[str, object]], result: LoadResult) -> str:
+    """The benchmark report as one line of JSON, for scripts (``dkv bench --json``).
+
+    ``params`` become top-level fields; latencies are in milliseconds (None
+    when no op succeeded), errors map exception class names to counts.
+    """
+    lat = result.latencies
+    doc: dict[str, object] = dict(params)
+    doc.update({
+        "ops": result.ops,
+        "succeeded": result.succeeded,
+        "failed": result.failed,
+        "elapsed_s": round(result.elapsed, 6),
+        "throughput_ops_s": round(result.throughput, 3),
+    })
+    for name, pct in (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("max", 100.0)):
+        doc[f"{name}_ms"] = round(percentile(lat, pct) * 1000, 6) if lat else None
+    doc["errors"] = dict(result.errors.most_common())
+    return json.dumps(doc, sort_keys=False)
+
+
 def progress_stream(enabled: bool) -> TextIO | None:
     """stderr when a progress bar was asked for and stderr is a terminal, else None."""
     return sys.stderr if enabled and sys.stderr.isatty() else None
 
 
 def bench_key(i: int) -> bytes:
-    return f"bench:{i:08d}".encode()
+    """The 16-byte key of index ``i`` (``bench:0000000042``); benchmarks/vs_etcd.py uses the same keys."""
+    return f"bench:{i:010d}".encode()
 
 
-def run_bench(addrs: list[str], clients: int, ops: int, value_size: int, ratio: tuple[int, int],
+def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, ratio: tuple[int, int],
               keys: int, timeout: float, progress: bool, consistency: str = "sequential",
-              auth: str | None = None) -> int:
-    """``dkv bench``: run the load against ``addrs``, print the report; 1 if any op failed."""
+              auth: str | None = None, duration: float | None = None, as_json: bool = False) -> int:
+    """``dkv bench``: run the load against ``addrs``, print the report; 1 if any op failed.
+
+    Exactly one of ``ops`` and ``duration`` (seconds) bounds the run. With
+    ``as_json`` the report is one line of JSON (:func:`report_json`).
+    """
     # Patch first: the client must see a gevent-patched `threading` when it is
     # imported and built, so it runs inline on this hub (not on a private hub
     # thread) and the greenlets below are coalesced into batch RPCs.
@@ -163,7 +213,11 @@ def run_bench(addrs: list[str], clients: int, ops: int, value_size: int, ratio: 
     from dkv.errors import InvalidArgument
 
     sets, gets = ratio
-    if clients < 1 or ops < 1 or keys < 1 or value_size < 0 or sets < 0 or gets < 0 or sets + gets == 0:
+    if (ops is None) == (duration is None):
+        raise InvalidArgument("give exactly one of --ops and --duration")
+    if duration is not None and not duration > 0:
+        raise InvalidArgument("--duration must be more than 0 seconds")
+    if clients < 1 or (ops is not None and ops < 1) or keys < 1 or value_size < 0 or sets < 0 or gets < 0 or sets + gets == 0:
         raise InvalidArgument("clients, ops and keys must be >= 1, value size >= 0, "
                               "and the ratio must have a set or a get")
     rng = random.Random()
@@ -182,13 +236,25 @@ def run_bench(addrs: list[str], clients: int, ops: int, value_size: int, ratio: 
             else:
                 client.get(key, consistency=consistency)
 
-        result = run_load(op, clients=clients, ops=ops, progress=progress_stream(progress))
+        result = run_load(op, clients=clients, ops=ops, duration=duration,
+                          progress=None if as_json else progress_stream(progress))
     finally:
         client.close()
+    if as_json:
+        print(report_json([
+            ("target", ",".join(addrs)),
+            ("clients", clients),
+            ("duration_s", duration),
+            ("value_size", value_size),
+            ("ratio", [sets, gets]),
+            ("consistency", consistency),
+            ("keys", keys),
+        ], result), flush=True)
+        return 1 if result.failed else 0
     print(format_report([
         ("target", ",".join(addrs)),
         ("clients", str(clients)),
-        ("ops", str(ops)),
+        ("ops", str(result.ops) if duration is None else f"{result.ops} in {duration:g} s"),
         ("value size", f"{value_size} bytes"),
         ("ratio", f"{sets}:{gets} (SET:GET)"),
         ("gets", consistency),

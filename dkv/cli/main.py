@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmark a dkv node with concurrent clients.")
     b.add_argument("addrs", nargs="*", metavar="ADDR", help="node HOST:PORT (default 127.0.0.1:7000) [env DKV_ADDR]")
     _env_flag(b, "--clients", type=int, default=32, help="concurrent clients")
-    _env_flag(b, "--ops", type=int, default=100_000, help="total operations")
+    _env_flag(b, "--ops", type=int, default=None, help="total operations (default 100000 unless --duration)")
+    _env_flag(b, "--duration", type=float, default=None,
+              help="run for this many seconds instead of a number of ops (not with --ops)")
     _env_flag(b, "--value-size", type=int, default=100, help="value size in bytes")
     _env_flag(b, "--ratio", type=_ratio, default=(1, 1), help="SET:GET mix, e.g. 1:1, 1:0, 0:1")
     _env_flag(b, "--keys", type=int, default=100_000, help="size of the key space")
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
               help="consistency level of the gets")
     _env_flag(b, "--auth", default="", help="key file (client.key, or cluster.key) of a cluster with auth")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--json", action="store_true", help="print the report as one line of JSON (for scripts)")
 
     k = sub.add_parser("auth", help="make keys: auth init DIR",
                        description="init DIR writes DIR/cluster.key (for the nodes: dkv serve --auth-dir "
@@ -161,7 +164,39 @@ def _addrs(given: list[str]) -> list[str]:
     return ",".join(given or [os.environ.get("DKV_ADDR", "127.0.0.1:7000")]).split(",")
 
 
+#: ``dkv bench``'s run length when neither --ops nor --duration is given.
+DEFAULT_BENCH_OPS = 100_000
+
+
+def _on_command_line(flag: str, argv: Sequence[str]) -> bool:
+    """Whether ``flag`` (or an abbreviation argparse accepts) is among ``argv``."""
+    return any(len(name) > 2 and flag.startswith(name)
+               for name in (t.split("=", 1)[0] for t in argv if t.startswith("--")))
+
+
+def _bench_bound(ops: int | None, duration: float | None,
+                 argv: Sequence[str] = ()) -> tuple[int | None, float | None]:
+    """Which of --ops and --duration stops ``dkv bench``: exactly one (neither: the default ops).
+
+    When both have a value and only one was given on the command line (the
+    other came from DKV_OPS or DKV_DURATION), the command line wins.
+    """
+    from dkv.errors import InvalidArgument
+
+    if ops is not None and duration is not None:
+        ops_given, duration_given = _on_command_line("--ops", argv), _on_command_line("--duration", argv)
+        if ops_given and not duration_given:
+            return ops, None
+        if duration_given and not ops_given:
+            return None, duration
+        raise InvalidArgument("give --ops or --duration, not both")
+    if ops is None and duration is None:
+        return DEFAULT_BENCH_OPS, None
+    return ops, duration
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from dkv.errors import DKVError
 
@@ -176,10 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             from dkv.cli.bench import run_bench
 
-            return run_bench(_addrs(args.addrs), clients=args.clients, ops=args.ops,
+            ops, duration = _bench_bound(args.ops, args.duration, argv)
+            return run_bench(_addrs(args.addrs), clients=args.clients, ops=ops,
                              value_size=args.value_size, ratio=args.ratio, keys=args.keys,
                              timeout=args.timeout, progress=not args.no_progress,
-                             consistency=args.consistency, auth=args.auth)
+                             consistency=args.consistency, auth=args.auth, duration=duration,
+                             as_json=args.json)
         if args.command == "wal":
             return _wal(args)
         if args.command == "admin":
