@@ -38,11 +38,15 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> None:
 
 
 def serve(data: str, node_id: str, *flags: str, new_session: bool = False) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a node (in its own session with ``new_session``, so a Ctrl-C reaches only the caller)."""
+    """Start a node (in its own session with ``new_session``, so a Ctrl-C reaches only the caller);
+    its output goes to ``DATA/NODE_ID.log``, not the benchmark's terminal."""
     port = free_port()
     cmd = [sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", node_id, "--port", str(port),
            "--data-dir", os.path.join(data, node_id), "--log-level", "WARNING", *flags]
-    return subprocess.Popen(cmd, start_new_session=new_session), f"127.0.0.1:{port}"
+    os.makedirs(data, exist_ok=True)
+    with open(os.path.join(data, f"{node_id}.log"), "ab") as log:
+        proc = subprocess.Popen(cmd, start_new_session=new_session, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"127.0.0.1:{port}"
 
 
 def answers(addr: str, check: Callable[[dict[str, Any]], bool] = lambda i: True) -> bool:
