@@ -179,11 +179,13 @@ def test_a_rolled_back_record_kept_by_a_replica_never_passes_for_the_next_one() 
     (once) before it was acknowledged; and once ``b`` returns and is caught up, it must hold
     the writer's record 2, not ``ghost``: same digest, ``ghost`` readable nowhere.
 
-    Mutation checked by hand (removing ``self._need_bump = True`` from
-    ``ReplicatedWriter._rollback``): fails on ``assert bumps == [3]`` (got ``[]``); without that
-    assertion, on ``assert records[1].epoch == 3`` (the new record reuses (2, 2)) and then on
-    ``assert b.store.get(b"ghost", None) is None`` (``b`` matched its kept record against the
-    writer's and applied ``ghost``; its digest differs from the writer's).
+    Mutation checked by hand (``self._need_bump = True`` removed from
+    ``ReplicatedWriter._rollback``): fails on ``assert bumps == [3] and w.epoch == 3`` ("the
+    epoch must rise before the next acknowledged write", ``[] == [3]``). With that assertion
+    removed too: on ``assert records[1].epoch == 3`` (``fresh`` reuses (2, 2)); with that one
+    removed: on ``b``'s log, ``[(2, 2, b'ghost')] == [(3, 2, b'fresh')]`` (the writer took
+    ``b``'s kept record for its own and called ``b`` in sync); with that one removed: "the
+    rolled-back record is readable on b" (``b`` applied ``ghost`` at the commit point).
     """
     # Anti-entropy off: it is a later, separate defence (it would re-sync a diverged ``b`` from
     # a snapshot some time after ``b`` served ``ghost``); this test is about the rule itself.
