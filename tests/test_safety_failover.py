@@ -6,8 +6,9 @@ tests of both safety rules are in tests/test_safety_rules.py.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from kazoo.client import KazooClient

@@ -112,7 +112,7 @@ def test_a_candidate_adopts_the_missing_and_replaces_its_divergent_records(chunk
     """``c`` applied 1-3; it also holds 4-5 of epoch 1 that never committed. ``b`` holds the
     acknowledged records of epoch 2 at 4-7. After adoption (in chunks), ``c``'s log is ``b``'s
     and the records past its applied prefix wait to be committed by its writer driver."""
-    import dkv.cluster.promotion as promotion
+    from dkv.cluster import promotion
 
     monkeypatch.setattr(promotion, "FETCH_CHUNK", chunk)
     b, c = driver(), driver()
