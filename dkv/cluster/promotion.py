@@ -16,13 +16,14 @@ a ZooKeeper lock; the holder runs one attempt:
    divergent uncommitted tail cut it when the new writer first contacts them.
 
 If too few members answer, nobody is promoted: the shard stays unavailable
-(never an unsafe promotion). :func:`pick_source` and :func:`needed` are the
-pure rules; :class:`Promoter` is the I/O around them.
+(never an unsafe promotion). :func:`needed`, :func:`pick_source` and
+:func:`decide` (the fence's answers in, :class:`GiveUp`, :class:`FetchFrom` or
+:class:`Publish` out) are the pure rules; :class:`Promoter` is the I/O around them.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 import time
 from typing import Any
 
@@ -48,6 +49,47 @@ def needed(replication_factor: int, write_quorum: int) -> int:
 def pick_source(positions: dict[str, Reply]) -> str:
     """The member whose log is the most advanced: highest (last_epoch, last_lsn); ties by id."""
     return max(positions, key=lambda m: (positions[m].last_epoch, positions[m].last_lsn, m))
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Too few members answered the fence: promote nobody (the shard stays without a writer)."""
+
+    answered: int
+    needed: int
+
+
+@dataclass(frozen=True)
+class FetchFrom:
+    """Another member's log is more advanced: fetch its records ``start..end`` and adopt them
+    (replacing ours past our applied prefix), then publish."""
+
+    source: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Our own log is the most advanced one: publish ourselves as the writer as we are."""
+
+
+Step = GiveUp | FetchFrom | Publish
+
+
+def decide(me: str, positions: dict[str, Reply], need: int, applied_lsn: int) -> Step:
+    """What a candidate does with its fence's answers (``positions``: member -> its reply).
+
+    Safety rule: the candidate adopts the most advanced log before it publishes itself,
+    since only that log is sure to hold every acknowledged write. ``applied_lsn`` is the
+    candidate's applied (committed) prefix, which it keeps.
+    """
+    if len(positions) < need:
+        return GiveUp(len(positions), need)
+    source = pick_source(positions)
+    if source == me:
+        return Publish()
+    return FetchFrom(source, applied_lsn + 1, positions[source].last_lsn)
 
 
 class Promoter:
@@ -114,13 +156,13 @@ class Promoter:
         logger.warning("%s: writer %s is gone; %s reserved epoch %d and fences the members",
                        self.shard_id, shard.writer, me, epoch)
         positions = self._fence(members, epoch)
-        need = needed(self.config.replication_factor, self.config.write_quorum)
-        if len(positions) < need:
+        step = decide(me, positions, needed(self.config.replication_factor, self.config.write_quorum),
+                      self.rt.store.applied_lsn)
+        if isinstance(step, GiveUp):
             logger.error("%s: only %d of %d members answered the promotion (need %d); no writer until "
-                         "more return", self.shard_id, len(positions), len(members), need)
+                         "more return", self.shard_id, step.answered, len(members), step.needed)
             return False
-        source = pick_source(positions)
-        if source != me and not self._adopt(source, positions[source]):
+        if isinstance(step, FetchFrom) and not self._adopt(step, positions[step.source]):
             return False
         new = replace(shard, epoch=epoch, writer=me, replicas=[m for m in members if m != me])
         try:
@@ -152,15 +194,16 @@ class Promoter:
         gevent.joinall(list(jobs.values()), timeout=self.config.write_timeout)
         return {m: j.value for m, j in jobs.items() if j.successful() and j.value is not None}
 
-    def _adopt(self, source: str, pos: Reply) -> bool:
-        """Replace our log past our applied (committed) prefix with ``source``'s."""
+    def _adopt(self, step: FetchFrom, pos: Reply) -> bool:
+        """Replace our log past our applied (committed) prefix with ``step.source``'s."""
+        source = step.source
         addr = self.rt.view.nodes.get(source)
         if addr is None:
             return False
-        start = self.rt.store.applied_lsn + 1
+        start = step.start
         records: list[Any] = []
         try:
-            while start <= pos.last_lsn:
+            while start <= step.end:
                 chunk = records_from_wire(self._request(addr, "repl_read", start, FETCH_CHUNK))
                 if not chunk or chunk[0].lsn != start:
                     logger.error("%s: %s cannot serve its log from %d; not promoting", self.shard_id, source, start)
