@@ -63,6 +63,28 @@ def bench(addr: str, clients: int, ops: int, value_size: int) -> None:
                    check=True)
 
 
+def start_nodes(data: str, zk: str, procs: list[subprocess.Popen[bytes]],
+                new_session: bool = False) -> tuple[str, str]:
+    """A standalone node and a 1x3 cluster (write_quorum 2) under ``zk``, each started process
+    appended to ``procs`` (so the caller stops them whatever fails); (standalone, writer) addresses
+    once both replicas are in sync."""
+    proc, standalone = serve(data, "standalone", new_session=new_session)
+    procs.append(proc)
+    writer_addr = ""
+    for i in (1, 2, 3):  # one at a time: n1 becomes the writer, n2 and n3 its replicas
+        proc, addr = serve(data, f"n{i}", "--zk", zk, "--replication-factor", "3", "--write-quorum", "2",
+                           new_session=new_session)
+        procs.append(proc)
+        writer_addr = writer_addr or addr
+        wait_for(lambda a=addr: answers(a, lambda info: info.get("role") in ("writer", "replica")), 60,
+                 f"n{i} to join")
+    wait_for(lambda: answers(writer_addr, lambda info: all(
+        r["state"] == "in_sync" for r in info["replication"]["replicas"].values())
+        and len(info["replication"]["replicas"]) == 2), 60, "both replicas in sync")
+    wait_for(lambda: answers(standalone), 30, "the standalone node")
+    return standalone, writer_addr
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]], data: str) -> None:
     """SIGTERM every node (kill one that does not stop in 15 s), then delete their data."""
     for proc in procs:
@@ -86,19 +108,7 @@ def main() -> int:
     zk = f"{args.zk}/dkv-bench-{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        proc, standalone = serve(data, "standalone")
-        procs.append(proc)
-        writer_addr = ""
-        for i in (1, 2, 3):  # one at a time: n1 becomes the writer, n2 and n3 its replicas
-            proc, addr = serve(data, f"n{i}", "--zk", zk, "--replication-factor", "3", "--write-quorum", "2")
-            procs.append(proc)
-            writer_addr = writer_addr or addr
-            wait_for(lambda a=addr: answers(a, lambda info: info.get("role") in ("writer", "replica")), 60,
-                     f"n{i} to join")
-        wait_for(lambda: answers(writer_addr, lambda info: all(
-            r["state"] == "in_sync" for r in info["replication"]["replicas"].values())
-            and len(info["replication"]["replicas"]) == 2), 60, "both replicas in sync")
-        wait_for(lambda: answers(standalone), 30, "the standalone node")
+        standalone, writer_addr = start_nodes(data, zk, procs)
         for clients in args.clients:
             ops = args.ops if clients == max(args.clients) else max(1000, args.ops // 4)
             for name, addr in (("standalone", standalone), ("cluster 1x3, write_quorum=2", writer_addr)):

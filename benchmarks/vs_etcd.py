@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster_bench import answers, free_port, serve, stop_all, wait_for
+from cluster_bench import free_port, start_nodes, stop_all
 
 from dkv.cli.bench import LoadResult, bench_key, percentile
 
@@ -626,20 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(data under {base}) ...", flush=True)
         os.makedirs(os.path.join(base, "etcd"))
         etcd = Etcd(etcd_bin, os.path.join(base, "etcd"))
-        proc, standalone = serve(os.path.join(base, "dkv"), "standalone", new_session=True)
-        dkv_procs.append(proc)
-        writer_addr = ""
-        for i in (1, 2, 3):  # one at a time: n1 becomes the writer, n2 and n3 its replicas
-            proc, addr = serve(os.path.join(base, "dkv"), f"n{i}", "--zk", zk, "--replication-factor", "3",
-                               "--write-quorum", "2", new_session=True)
-            dkv_procs.append(proc)
-            writer_addr = writer_addr or addr
-            wait_for(lambda a=addr: answers(a, lambda info: info.get("role") in ("writer", "replica")), 60,
-                     f"dkv n{i} to join")
-        wait_for(lambda: answers(writer_addr, lambda info: all(
-            r["state"] == "in_sync" for r in info["replication"]["replicas"].values())
-            and len(info["replication"]["replicas"]) == 2), 60, "both dkv replicas in sync")
-        wait_for(lambda: answers(standalone), 30, "the standalone dkv node")
+        standalone, writer_addr = start_nodes(os.path.join(base, "dkv"), zk, dkv_procs, new_session=True)
         leader = etcd.leader()
         print(f"etcd leader {leader}; dkv writer {writer_addr}; preloading {args.keys} keys of "
               f"{args.value_size} bytes into each ...", flush=True)
