@@ -72,8 +72,10 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 #: Messages queued per peer and direction in ZeroMQ. A client keeps at most a few
 #: requests in flight; a peer that never reads its replies loses the excess.
 SOCKET_HWM = 64
-#: Requests one connection may have in flight; more are refused with Unavailable.
-MAX_INFLIGHT_PER_CONNECTION = 64
+#: Requests one connection may have in flight; more are refused with Unavailable. Well
+#: below SOCKET_HWM: each one's reply and heartbeats must fit the peer's send queue
+#: (ZeroMQ drops, silently, what a ROUTER cannot queue). dkv's clients keep <= 8.
+MAX_INFLIGHT_PER_CONNECTION = 16
 #: Request bytes a node holds in flight, at least (several largest messages fit).
 MIN_INFLIGHT_BYTES = 256 * 1024 * 1024
 #: Undecodable input is logged at most once per this many seconds (with a count).
@@ -165,6 +167,8 @@ class HandshakeWatch:
         self.addr = addr
         self.secured = secured
         self.failed = gevent.event.Event()
+        #: a handshake has succeeded on this socket (calls then need no watching)
+        self.connected = False
         self.reason = ""
         self._socket = socket
         self._monitor = socket.get_monitor_socket(self.EVENTS)
@@ -179,6 +183,7 @@ class HandshakeWatch:
             except zmq.ZMQError:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
                 self.failed.clear()
             elif not self.failed.is_set():
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:

@@ -114,7 +114,9 @@ class Connection:
         watch = self._watches[rpc]
         self._users[rpc] = self._users.get(rpc, 0) + 1
         try:
-            if not watch.failed.is_set():
+            if watch.connected and not watch.failed.is_set():
+                return rpc(method, *args)  # the hot path: authenticated already, nothing to watch
+            if not watch.failed.is_set():  # until the first handshake: fail fast if it is refused
                 call = gevent.spawn(_outcome, rpc, method, args)
                 gevent.wait([call, watch.failed], count=1)
                 if call.ready():
@@ -131,6 +133,8 @@ class Connection:
         except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as e:
             if rpc is self._rpc:
                 self._reset()
+            if watch.failed.is_set():  # a reconnect's handshake was refused (e.g. the node's keys changed)
+                raise AuthError(watch.reason) from None
             raise TransportError(f"{self.addr} did not answer {method} within {self.timeout:g}s") from e
         finally:
             self._release(rpc, 1)
