@@ -38,12 +38,14 @@ It is also where a node's socket is secured and bounded (DESIGN §10, G7):
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import time
 from typing import Any, Callable
 
 import gevent
 import gevent.event
+import msgpack
 import zerorpc
 import zmq
 import zmq.utils.z85
@@ -80,6 +82,11 @@ MAX_INFLIGHT_PER_CONNECTION = 16
 MIN_INFLIGHT_BYTES = 256 * 1024 * 1024
 #: Undecodable input is logged at most once per this many seconds (with a count).
 GARBAGE_LOG_INTERVAL = 10.0
+
+#: A lean call's header flag (see :class:`LeanClient`).
+LEAN = "dkv_lean"
+#: A lean client drops a connection whose node answered no ZeroMQ ping for this long (s).
+LEAN_HEARTBEAT_TIMEOUT = 2 * HEARTBEAT
 
 _ROLE = "dkv_role"  # set by the node on every request's header (a caller's value is overwritten)
 _SIZE = "dkv_size"
@@ -157,19 +164,23 @@ class ZapHandler:
 
 
 class HandshakeWatch:
-    """Watches a client socket's handshakes, so a caller whose key the node refuses (or a
-    node without auth, or with other keys) gets :class:`AuthError` instead of a timeout."""
+    """Watches a client socket's connection, so a caller whose key the node refuses (or a
+    node without auth, or with other keys) gets :class:`AuthError` instead of a timeout,
+    and (``on_lost``) a connection that drops fails its calls at once."""
 
     EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+              | zmq.EVENT_DISCONNECTED)
 
-    def __init__(self, socket: zmq.Socket, addr: str, secured: bool) -> None:
+    def __init__(self, socket: zmq.Socket, addr: str, secured: bool,
+                 on_lost: Callable[[str], None] | None = None) -> None:
         self.addr = addr
         self.secured = secured
         self.failed = gevent.event.Event()
         #: a handshake has succeeded on this socket (calls then need no watching)
         self.connected = False
         self.reason = ""
+        self._on_lost = on_lost
         self._socket = socket
         self._monitor = socket.get_monitor_socket(self.EVENTS)
         self._task = gevent.spawn(self._run)
@@ -185,6 +196,9 @@ class HandshakeWatch:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
                 self.failed.clear()
+            elif event == zmq.EVENT_DISCONNECTED:
+                if self._on_lost is not None:
+                    self._on_lost(self.reason if self.failed.is_set() else f"lost the connection to {self.addr}")
             elif not self.failed.is_set():
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     self.reason = f"{self.addr} refused our key (is it this cluster's client or cluster key?)"
@@ -195,6 +209,8 @@ class HandshakeWatch:
                     self.reason = (f"{self.addr} requires authentication: give a key "
                                    "(--auth FILE, DKV_AUTH, or Client(auth=...))")
                 self.failed.set()
+                if self._on_lost is not None:
+                    self._on_lost(self.reason)
 
     def close(self) -> None:
         self._task.kill(block=False)
@@ -206,6 +222,98 @@ class HandshakeWatch:
         self._monitor.close()
 
 
+# -- lean calls -------------------------------------------------------------------
+
+
+class LeanClient:
+    """Request/reply to one node over one DEALER socket, without zerorpc's per-call machinery.
+
+    A zerorpc call opens a channel on both ends, each with its own greenlets and a
+    heartbeat, and exchanges several events: that, not ZeroMQ, is most of its cost
+    (benchmarks/README.md). A *lean* call is one zerorpc-format event each way: the
+    request carries ``message_id`` and the :data:`LEAN` flag, the node answers with
+    ``OK``/``ERR`` and ``response_to`` (the same events a zerorpc server sends), and a
+    reader greenlet hands each answer to its caller. Requests on one socket reach the
+    node in the order they were sent.
+
+    Liveness comes from ZeroMQ, not from per-call heartbeats: the socket pings the
+    node every :data:`HEARTBEAT` seconds and drops the connection after
+    :data:`LEAN_HEARTBEAT_TIMEOUT` without an answer (libzmq's I/O thread answers
+    pings, so a busy node is not taken for dead; a stopped one is). A dropped
+    connection (the node died, or stopped answering pings) or a refused handshake
+    fails every call in flight at once; the caller then opens a new socket, so
+    nothing queued on this one reaches a node restarted on the address later.
+    """
+
+    def __init__(self, addr: str, creds: Credentials | None = None) -> None:
+        self.addr = addr
+        sock = zerorpc.Context.get_instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)  # unsent requests die with the socket
+        sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+        sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LEAN_HEARTBEAT_TIMEOUT * 1000))
+        if creds is not None:
+            secure_client(sock, creds)
+        self._socket = sock
+        self._pending: dict[int, gevent.event.AsyncResult] = {}
+        self._ids = itertools.count(1)
+        #: why this socket is no longer usable ("" while it is)
+        self.lost = ""
+        self.watch = HandshakeWatch(sock, addr, creds is not None, on_lost=self._lost)
+        sock.connect(f"tcp://{addr}")
+        self._reader = gevent.spawn(self._read)
+
+    def call(self, method: str, args: Any, timeout: float) -> Any:
+        """The call's result; raises ``zerorpc.RemoteError`` (the node's error),
+        ``zerorpc.TimeoutExpired``, ``zerorpc.LostRemote`` or :class:`AuthError`."""
+        if self.watch.failed.is_set():
+            raise AuthError(self.watch.reason)
+        if self.lost:
+            raise zerorpc.LostRemote(self.lost)
+        mid = next(self._ids)
+        result = gevent.event.AsyncResult()
+        self._pending[mid] = result
+        try:
+            self._socket.send(msgpack.packb(({"message_id": mid, "v": 3, LEAN: 1}, method, args),
+                                            use_bin_type=True))
+            return result.get(timeout=timeout)
+        except gevent.Timeout:
+            raise zerorpc.TimeoutExpired(timeout) from None
+        finally:
+            self._pending.pop(mid, None)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                frames = self._socket.recv_multipart()
+            except zmq.ZMQError:
+                return  # closed
+            try:
+                header, name, args = msgpack.unpackb(frames[-1], raw=False)
+                result = self._pending.get(header["response_to"])
+            except Exception:  # not an answer of ours: ignore (a node sends nothing else here)
+                continue
+            if result is None or name not in ("OK", "ERR"):
+                continue  # its caller gave up, or a zerorpc heartbeat (a node without lean calls)
+            if name == "OK":
+                result.set(args[0])
+            else:
+                result.set_exception(zerorpc.RemoteError(*(list(args) + ["", "", ""])[:3]))
+
+    def _lost(self, reason: str) -> None:
+        self.lost = self.lost or reason
+        pending, self._pending = self._pending, {}
+        for result in pending.values():
+            result.set_exception(AuthError(reason) if self.watch.failed.is_set() else zerorpc.LostRemote(reason))
+
+    def close(self) -> None:
+        self._lost("closed")
+        self._reader.kill(block=False)
+        self.watch.close()
+        self._socket.close()
+
+
 def quiet_lost_remote(hub: Any) -> None:
     """Don't print zerorpc's LostRemote from its internal greenlets: it is an expected
     outcome (a peer died), reported to the caller as a transport error."""
@@ -214,17 +322,19 @@ def quiet_lost_remote(hub: Any) -> None:
 
 
 def harden(socket: zerorpc.Server | zerorpc.Client,
-           recv: Callable[[], Event | None] | None = None) -> None:
+           recv: Callable[[], Event | None] | None = None,
+           lean: Callable[[Event], None] | None = None) -> None:
     """Give a zerorpc server or client a dispatcher that never blocks (see the module doc).
 
     ``recv`` reads the next event (None: nothing usable, read on); default the socket's own.
-    Call it in the thread that owns the socket, before its first call or ``run``.
+    ``lean`` takes the new requests flagged :data:`LEAN` (a server's). Call it in the thread
+    that owns the socket, before its first call or ``run``.
     """
     mux: ChannelMultiplexer = socket._multiplexer
     old = mux._channel_dispatcher_task
     if old is not None:
         old.kill(block=False)  # spawned but not started: it never reads an event
-    mux._channel_dispatcher_task = gevent.spawn(_dispatch, mux, recv or mux._events.recv)
+    mux._channel_dispatcher_task = gevent.spawn(_dispatch, mux, recv or mux._events.recv, lean)
 
 
 def close_client(client: zerorpc.Client) -> None:
@@ -245,7 +355,8 @@ def close_client(client: zerorpc.Client) -> None:
     client.close()
 
 
-def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None]) -> None:
+def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None],
+              lean: Callable[[Event], None] | None) -> None:
     while True:
         try:
             event = recv()
@@ -256,7 +367,9 @@ def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None]) -> None
             continue
         channel_id = event.header.get("response_to")
         if channel_id is None:
-            if mux._broadcast_queue is not None:
+            if lean is not None and event.header.get(LEAN):
+                lean(event)
+            elif mux._broadcast_queue is not None:
                 mux._broadcast_queue.put(event)  # new request: the acceptor always takes it at once
             continue
         channel = mux._active_channels.get(channel_id)
@@ -324,7 +437,7 @@ class RPCServer(zerorpc.Server):
         if creds is not None:
             self._zap = ZapHandler(creds.roles())
             secure_server(sock, creds)
-        harden(self, self._recv_request)
+        harden(self, self._recv_request, self._lean)
 
     def close(self) -> None:
         super().close()
@@ -408,6 +521,30 @@ class RPCServer(zerorpc.Server):
             return (type(exc).__name__, str(exc), "")
         logger.error("%s%s failed unexpectedly", quote(event.name, 64), quote(event.args), exc_info=exc)
         return (Internal.__name__, f"internal error in {quote(event.name, 64)} (details in the node's log)", "")
+
+    def _lean(self, event: Event) -> None:
+        gevent.spawn(self._serve_lean, event)
+
+    def _serve_lean(self, event: Event) -> None:
+        """Answer a lean request (:class:`LeanClient`): the same checks and errors as a
+        zerorpc call, one event back."""
+        release: Callable[[], None] | None = None
+        try:
+            release = self._admit(event)
+            functor = self._methods[event.name]
+            if not isinstance(functor.pattern, zerorpc.patterns.ReqRep):
+                raise InvalidArgument(f"{quote(event.name, 64)} streams: call it through zerorpc")
+            name, args = "OK", (functor(*event.args),)
+        except Exception as e:
+            name, args = "ERR", self._error_reply(event, e)
+        finally:
+            if release is not None:
+                release()
+        blob = msgpack.packb(({"response_to": event.header["message_id"], "v": 3}, name, args), use_bin_type=True)
+        try:
+            self._events._socket.send_multipart([*event.identity, b"", blob])  # a ROUTER never blocks
+        except zmq.ZMQError as e:
+            logger.debug("could not answer %s: %s", quote(event.name, 64), e)
 
     def _async_task(self, initial_event: Any) -> None:
         # zerorpc's ServerBase._async_task, with checks first and a close that cannot be cut short.

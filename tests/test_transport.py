@@ -13,6 +13,8 @@ import pytest
 import zerorpc
 from zerorpc.channel import Channel
 
+from dkv.client.connection import Connection, TransportError
+from dkv.errors import Internal, InvalidArgument
 from dkv.transport import HEARTBEAT, RPCServer, harden
 
 
@@ -103,3 +105,83 @@ def test_request_channels_are_closed_when_calls_end_or_clients_vanish(server: An
         assert srv._multiplexer.active_channels == {}
     finally:
         other.close()
+
+
+# -- lean calls (dkv.transport.LeanClient) --------------------------------------------
+
+
+class Failing:
+    def ping(self) -> str:
+        return "pong"
+
+    def slow(self, seconds: float) -> str:
+        gevent.sleep(seconds)
+        return "done"
+
+    def boom(self) -> None:
+        raise InvalidArgument("no such thing")
+
+    def crash(self) -> None:
+        raise RuntimeError("a bug")
+
+
+@pytest.fixture
+def lean_server() -> Any:
+    srv = RPCServer(Failing(), access={"ping": "client", "slow": "client", "boom": "client", "crash": "client"})
+    endpoint = f"127.0.0.1:{_free_port()}"
+    srv.bind(f"tcp://{endpoint}")
+    runner = gevent.spawn(srv.run)
+    yield srv, endpoint
+    runner.kill()
+    srv.close()
+
+
+def test_lean_calls_answer_results_and_typed_errors_without_channels(lean_server: Any) -> None:
+    srv, addr = lean_server
+    conn = Connection(addr, timeout=5)
+    try:
+        assert conn.request("ping") == "pong"
+        assert [g.get() for g in [gevent.spawn(conn.request, "slow", 0.05) for _ in range(8)]] == ["done"] * 8
+        with pytest.raises(InvalidArgument, match="no such thing"):
+            conn.request("boom")
+        with pytest.raises(Internal, match="internal error in 'crash'"):
+            conn.request("crash")
+        with pytest.raises(InvalidArgument, match="unknown method"):
+            conn.request("_zerorpc_inspect")
+        with pytest.raises(InvalidArgument, match="ping"):
+            conn.request("ping", 1)
+        assert srv._multiplexer._active_channels == {}  # no zerorpc channel was opened
+        assert conn.request("ping") == "pong"
+    finally:
+        conn.close()
+
+
+def test_a_dropped_connection_fails_lean_calls_in_flight_at_once(lean_server: Any) -> None:
+    """A node that goes away fails the calls in flight with a transport error at once, not
+    at the (long) timeout; the next call opens a fresh socket and works."""
+    srv, addr = lean_server
+    conn = Connection(addr, timeout=60)
+    try:
+        assert conn.request("ping") == "pong"
+        call = gevent.spawn(conn.request, "slow", 30)
+        gevent.sleep(0.1)
+        srv.close()  # the node's socket goes away: the peer sees the connection drop
+        call.join(timeout=20)  # a bound on the test, not an assertion: 60 s would be the timeout
+        assert call.ready(), "the call in flight was not failed when the connection dropped"
+        assert isinstance(call.exception, TransportError)
+        assert "lost the connection" in str(call.exception)
+    finally:
+        conn.close()
+
+
+def test_classic_zerorpc_clients_still_work_beside_lean_ones(lean_server: Any) -> None:
+    _, addr = lean_server
+    classic = _client(f"tcp://{addr}")
+    conn = Connection(addr, timeout=5)
+    try:
+        assert classic.ping() == "pong"
+        assert conn.request("ping") == "pong"
+        assert classic.slow(0.01) == "done"
+    finally:
+        classic.close()
+        conn.close()

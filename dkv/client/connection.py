@@ -1,4 +1,4 @@
-"""One node's zerorpc connection, shared by the greenlets of one hub.
+"""One node's connection (lean calls, :class:`~dkv.transport.LeanClient`), shared by the greenlets of one hub.
 
 Concurrent :meth:`Connection.call` s are coalesced: up to ``max_inflight``
 batch RPCs are in flight at once, and everything that arrives meanwhile is
@@ -14,12 +14,11 @@ from typing import Any
 import gevent
 import gevent.event
 import zerorpc
-import zmq
 
 from dkv import protocol
 from dkv.auth import Credentials
 from dkv.errors import AuthError, DKVError, from_remote
-from dkv.transport import HEARTBEAT, HandshakeWatch, close_client, harden, quiet_lost_remote, secure_client
+from dkv.transport import LeanClient, quiet_lost_remote
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +29,6 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 class TransportError(Exception):
     """The node did not answer (timeout, lost connection): the outcome is unknown."""
-
-
-def _outcome(rpc: zerorpc.Client, method: str, args: tuple[Any, ...]) -> Any:
-    """The call's result, or the exception it raised (returned: a greenlet that raises is logged)."""
-    try:
-        return rpc(method, *args)
-    except Exception as e:
-        return e
 
 
 def _op_size(op: list[Any]) -> int:
@@ -52,34 +43,25 @@ class Connection:
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.auth = auth
-        self._rpc: zerorpc.Client | None = None
-        self._watches: dict[zerorpc.Client, HandshakeWatch] = {}
-        #: calls in flight per zerorpc client; a retired client closes when its count is 0
-        self._users: dict[zerorpc.Client, int] = {}
-        self._retired: set[zerorpc.Client] = set()
+        self._rpc: LeanClient | None = None
+        #: calls in flight per socket; a retired socket closes when its count is 0
+        self._users: dict[LeanClient, int] = {}
+        self._retired: set[LeanClient] = set()
         self._pending: deque[tuple[list[list[Any]], gevent.event.AsyncResult]] = deque()
         self._inflight = 0
 
-    def _client(self) -> zerorpc.Client:
+    def _client(self) -> LeanClient:
+        if self._rpc is not None and self._rpc.lost:  # dropped while idle: start afresh
+            self._reset()
         if self._rpc is None:
-            rpc = zerorpc.Client(timeout=self.timeout, heartbeat=HEARTBEAT)
-            # Drop unsent requests on close: a request we gave up on must not be
-            # delivered later to a restarted node.
-            rpc._events.setsockopt(zmq.LINGER, 0)
-            if self.auth is not None:
-                secure_client(rpc._events._socket, self.auth)
-            self._watches[rpc] = HandshakeWatch(rpc._events._socket, self.addr, self.auth is not None)
-            harden(rpc)
-            rpc.connect(f"tcp://{self.addr}")
-            self._rpc = rpc
+            self._rpc = LeanClient(self.addr, self.auth)
         return self._rpc
 
     def _reset(self) -> None:
-        """Retire the current zerorpc client: new requests get a fresh socket.
+        """Retire the current socket: new requests get a fresh one.
 
         Other requests may still be in flight on the old one; closing it under
-        them would kill their heartbeats (so they would wait for the full
-        timeout instead of failing fast). It is closed when the last one ends,
+        them would fail them for nothing. It is closed when the last one ends,
         so nothing queued on it reaches the node later (e.g. once restarted).
         """
         rpc, self._rpc = self._rpc, None
@@ -87,19 +69,13 @@ class Connection:
             self._retired.add(rpc)
             self._release(rpc, 0)
 
-    def _release(self, rpc: zerorpc.Client, n: int) -> None:
+    def _release(self, rpc: LeanClient, n: int) -> None:
         left = self._users.get(rpc, 0) - n
         self._users[rpc] = left
         if left <= 0 and rpc in self._retired:
             self._retired.discard(rpc)
             self._users.pop(rpc, None)
-            self._close(rpc)
-
-    def _close(self, rpc: zerorpc.Client) -> None:
-        watch = self._watches.pop(rpc, None)
-        if watch is not None:
-            watch.close()
-        close_client(rpc)
+            rpc.close()
 
     def call(self, ops: list[list[Any]]) -> list[list[Any]]:
         """Send ``ops`` (coalesced with concurrent calls); one wire reply per op."""
@@ -111,30 +87,20 @@ class Connection:
     def request(self, method: str, *args: Any) -> Any:
         """A plain (non-batched) RPC; node errors re-raised as their DKVError class."""
         rpc = self._client()
-        watch = self._watches[rpc]
         self._users[rpc] = self._users.get(rpc, 0) + 1
         try:
-            if watch.connected and not watch.failed.is_set():
-                return rpc(method, *args)  # the hot path: authenticated already, nothing to watch
-            if not watch.failed.is_set():  # until the first handshake: fail fast if it is refused
-                call = gevent.spawn(_outcome, rpc, method, args)
-                gevent.wait([call, watch.failed], count=1)
-                if call.ready():
-                    if isinstance(call.value, BaseException):
-                        raise call.value
-                    return call.value
-                call.kill(block=False)
-            # The node refused our handshake: the request was never delivered.
-            if rpc is self._rpc:
-                self._reset()
-            raise AuthError(watch.reason)
+            return rpc.call(method, args, self.timeout)
         except zerorpc.RemoteError as e:
             raise from_remote(e.name, e.msg) or DKVError(f"{e.name}: {e.msg}") from None
+        except AuthError:  # the node refused our handshake: the request was never delivered
+            if rpc is self._rpc:
+                self._reset()
+            raise
         except (zerorpc.TimeoutExpired, zerorpc.LostRemote) as e:
             if rpc is self._rpc:
                 self._reset()
-            if watch.failed.is_set():  # a reconnect's handshake was refused (e.g. the node's keys changed)
-                raise AuthError(watch.reason) from None
+            if isinstance(e, zerorpc.LostRemote):
+                raise TransportError(f"{self.addr}: {e} during {method}") from None
             raise TransportError(f"{self.addr} did not answer {method} within {self.timeout:g}s") from e
         finally:
             self._release(rpc, 1)
@@ -176,7 +142,7 @@ class Connection:
     def close(self) -> None:
         for rpc in [self._rpc, *self._retired]:
             if rpc is not None:
-                self._close(rpc)
+                rpc.close()
         self._rpc = None
         self._retired.clear()
         self._users.clear()
