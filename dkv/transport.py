@@ -48,6 +48,7 @@ import gevent.event
 import msgpack
 import zerorpc
 import zmq
+import zmq.green
 import zmq.utils.z85
 from zerorpc.channel import BufferedChannel, Channel, ChannelMultiplexer
 from zerorpc.events import Event, get_pyzmq_frame_buffer
@@ -85,12 +86,43 @@ GARBAGE_LOG_INTERVAL = 10.0
 
 #: A lean call's header flag (see :class:`LeanClient`).
 LEAN = "dkv_lean"
-#: A lean client drops a connection whose node answered no ZeroMQ ping for this long (s).
+#: A lean client drops a connection whose node answered no ZeroMQ ping for this long (s),
+#: and gives up a call when it could not connect for this long (nothing was sent then).
 LEAN_HEARTBEAT_TIMEOUT = 2 * HEARTBEAT
+LEAN_CONNECT_TIMEOUT = 2 * HEARTBEAT
 
 _ROLE = "dkv_role"  # set by the node on every request's header (a caller's value is overwritten)
 _SIZE = "dkv_size"
 _CONN = "dkv_conn"
+
+
+# -- sockets ---------------------------------------------------------------------
+
+
+class GreenContext(zerorpc.Context):
+    """zerorpc's context, making pyzmq's own gevent sockets (``zmq.green``).
+
+    zerorpc's sockets (``zerorpc.gevent_zmq``) poll the socket's state after
+    every send and receive, raise and catch an ``EAGAIN`` each time one would
+    block, and re-check on a one-second timer (logging "gevent_zeromq BUG"
+    when that finds a missed event): about a third of a node's CPU under load.
+    pyzmq's green sockets wait on the socket's edge-triggered FD directly.
+    dkv's servers, their ZAP handler (which must share the servers' context)
+    and lean clients all use this one context per process.
+    """
+
+    _green: "GreenContext | None" = None
+
+    def socket(self, socket_type: int, **kwargs: Any) -> zmq.Socket:
+        if self.closed:
+            raise zmq.ZMQError(zmq.ENOTSUP)
+        return zmq.green.Socket(self, socket_type)
+
+    @classmethod
+    def instance(cls) -> "GreenContext":  # type: ignore[override]
+        if cls._green is None:
+            cls._green = cls()
+        return cls._green
 
 
 # -- CURVE ---------------------------------------------------------------------
@@ -123,7 +155,7 @@ class ZapHandler:
     def __init__(self, roles: dict[bytes, str]) -> None:
         self.roles = roles
         self.refused = 0
-        self._socket = zerorpc.Context.get_instance().socket(zmq.REP)
+        self._socket = GreenContext.instance().socket(zmq.REP)
         self._socket.linger = 0
         self._socket.bind(ZAP_ENDPOINT)
         self._task = gevent.spawn(self._run)
@@ -179,6 +211,8 @@ class HandshakeWatch:
         self.failed = gevent.event.Event()
         #: a handshake has succeeded on this socket (calls then need no watching)
         self.connected = False
+        #: set once a handshake has succeeded (as an event to wait on)
+        self.up = gevent.event.Event()
         self.reason = ""
         self._on_lost = on_lost
         self._socket = socket
@@ -195,6 +229,7 @@ class HandshakeWatch:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
+                self.up.set()
                 self.failed.clear()
             elif event == zmq.EVENT_DISCONNECTED:
                 if self._on_lost is not None:
@@ -242,12 +277,15 @@ class LeanClient:
     pings, so a busy node is not taken for dead; a stopped one is). A dropped
     connection (the node died, or stopped answering pings) or a refused handshake
     fails every call in flight at once; the caller then opens a new socket, so
-    nothing queued on this one reaches a node restarted on the address later.
+    nothing queued on this one reaches a node restarted on the address later. A
+    call on a socket that has not connected waits at most
+    :data:`LEAN_CONNECT_TIMEOUT` for the connection (a dead address fails fast,
+    as it did with zerorpc's heartbeats), and sends nothing if it does not come.
     """
 
     def __init__(self, addr: str, creds: Credentials | None = None) -> None:
         self.addr = addr
-        sock = zerorpc.Context.get_instance().socket(zmq.DEALER)
+        sock = GreenContext.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # unsent requests die with the socket
         sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
         sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
@@ -270,6 +308,11 @@ class LeanClient:
         if self.watch.failed.is_set():
             raise AuthError(self.watch.reason)
         if self.lost:
+            raise zerorpc.LostRemote(self.lost)
+        if not self.watch.up.is_set() and not self.watch.up.wait(timeout=min(timeout, LEAN_CONNECT_TIMEOUT)):
+            if self.watch.failed.is_set():
+                raise AuthError(self.watch.reason)
+            self._lost(f"cannot connect to {self.addr}")  # nothing was sent: the next call starts afresh
             raise zerorpc.LostRemote(self.lost)
         mid = next(self._ids)
         result = gevent.event.AsyncResult()
@@ -413,7 +456,7 @@ class RPCServer(zerorpc.Server):
 
     def __init__(self, methods: Any, *, access: dict[str, str], creds: Credentials | None = None,
                  max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        super().__init__(methods, heartbeat=HEARTBEAT)
+        super().__init__(methods, heartbeat=HEARTBEAT, context=GreenContext.instance())
         quiet_lost_remote(gevent.get_hub())
         self.access = access
         self.creds = creds

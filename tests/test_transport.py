@@ -185,3 +185,26 @@ def test_classic_zerorpc_clients_still_work_beside_lean_ones(lean_server: Any) -
     finally:
         classic.close()
         conn.close()
+
+
+def test_a_lean_call_to_an_address_nobody_listens_on_fails_fast() -> None:
+    """Nothing listening: the call fails once the connect wait is over (nothing was sent),
+    not at its (long) timeout; the same Connection works once a node listens there."""
+    addr = f"127.0.0.1:{_free_port()}"
+    conn = Connection(addr, timeout=60)
+    try:
+        call = gevent.spawn(conn.request, "ping")
+        call.join(timeout=20)  # a bound on the test, not an assertion: 60 s would be the timeout
+        assert call.ready(), "the call waited for its timeout"
+        assert isinstance(call.exception, TransportError)
+        assert "cannot connect" in str(call.exception)
+        srv = RPCServer(Failing(), access={"ping": "client"})
+        srv.bind(f"tcp://{addr}")
+        runner = gevent.spawn(srv.run)
+        try:
+            assert conn.request("ping") == "pong"
+        finally:
+            runner.kill()
+            srv.close()
+    finally:
+        conn.close()
