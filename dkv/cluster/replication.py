@@ -12,7 +12,12 @@ Neither class does I/O. A follower decides from its log's in-memory state
 (``last_lsn``, ``last_epoch``, ``epochs``, ``first_lsn``) and the store's
 ``applied_lsn``, and returns :class:`Action` s for its adapter to execute, in
 order, before the reply is sent and before the next message is handled. The
-leader tracks each replica's progress and decides what to send next.
+leader takes events (a batch proposed, the local append done, a replica's
+answer, a timer, a truncate's answer, a replica down or lagging) and returns
+:data:`Effect` s (send this prepare to this replica, append, commit up to an
+LSN, roll back, fail batches definitely or not, bump the epoch, deposed); it
+keeps several batches in flight (pipelining) and each replica's progress, and
+decides catch-up steps. Its driver is :mod:`dkv.cluster.leader`.
 
 Defence in depth (DESIGN §10): a follower also knows ``max_epoch``, the epoch
 ZooKeeper records for its shard (fed by its adapter from the cluster view, or
