@@ -1,21 +1,14 @@
 """The shard writer's replication driver: carries out :class:`~dkv.cluster.replication.Leader`'s effects.
 
-It is the pipeline's :class:`~dkv.node.pipeline.BatchWriter` on a writer. The
-protocol's decisions (which replicas get a batch, when the acked contiguous
-prefix commits, when and how far to roll back, definite or indeterminate
-failures, the epoch bump after a rollback, when a caught-up replica joins) are
-the sans-I/O core's; this module feeds it events (a batch to write, the local
-append done, a replica's answer, a timer, a truncate's answer) and executes the
-effects it returns:
+It is the pipeline's :class:`~dkv.node.pipeline.BatchWriter` on a writer. Every
+protocol decision (commit, rollback, definite or not, epoch bump, when a
+replica joins) is the sans-I/O core's; this module feeds it events and executes
+its effects: local appends (consecutive ones share one fsync), applies and the
+local truncate run in one worker greenlet, in order, off the hub; each ``Send``
+is one prepare in its own greenlet (sends leave in emission order, so each
+replica's stream stays ``prev_lsn``-chained); ``Commit``/``Fail`` answer the
+handles the pipeline waits on, several batches being in flight.
 
-- ``AppendLocal``, ``Commit`` (apply) and the local half of ``Rollback`` run in
-  one local worker greenlet, in order, off the hub; consecutive appends queued
-  behind a running one are written with one fsync;
-- ``Send``: one prepare to one replica (sends leave in emission order, so each
-  replica's stream stays ``prev_lsn``-chained), its answer fed back;
-- ``Fail``/``Commit`` answer the batch handles the pipeline waits on.
-
-Several batches are in flight at once (the pipeline bounds the window).
 Replicas that are behind get a catch-up greenlet each: committed records from
 the WAL in chunks, a cut of a divergent tail, or a storage snapshot when the
 WAL no longer holds what they need (or anti-entropy found the replica's store
@@ -126,13 +119,8 @@ class ReplicatedWriter:
 
     def stop(self) -> None:
         self._active = False
-        error = WriteTimeout(f"{self.shard_id}: the writer stopped with the write in flight; it may or may "
-                             "not survive")
-        self._run(self.leader.fail_all(error))
-        for h in self._handles.values():  # committed but not applied yet: not known to survive either
-            if not h.ready():
-                h.set_exception(error)
-        self._handles.clear()
+        self._fail_handles(WriteTimeout(f"{self.shard_id}: the writer stopped with the write in flight; it "
+                                        "may or may not survive"))
         gevent.killall([g for g in [*self._greenlets, self._notice, *self._catchups.values()] if g],
                        block=False)
         for c in self._conns.values():
@@ -162,12 +150,11 @@ class ReplicatedWriter:
         except DKVError as e:
             raise type(e)(f"{self.shard_id}: {e}") from None
 
-    def write(self, records: list[Record]) -> gevent.event.AsyncResult:
-        """Start replicating a stamped batch; the result is set once it is committed and applied
-        (or fails, definite or not)."""
-        done = gevent.event.AsyncResult()
-        effects = self.leader.propose(records, time.monotonic())
-        self._handles[records[-1].lsn] = done
+    def write(self, records: list[Record], tail: bool = False) -> gevent.event.AsyncResult:
+        """Start replicating a stamped batch (``tail``: of our log tail); the result is set once it
+        is committed and applied (or fails, definite or not)."""
+        effects = self.leader.propose(records, time.monotonic(), tail)
+        done = self._handles[records[-1].lsn] = gevent.event.AsyncResult()
         self._run(effects)
         gevent.spawn_later(self.config.write_timeout, self._tick)
         return done
@@ -178,11 +165,8 @@ class ReplicatedWriter:
         while self._active and self.leader.tail_pending:
             if len(self.leader.in_sync()) >= self.leader.needed:
                 records = offloaded(self._offload, self._read_page, self.leader.commit_lsn + 1, None)
-                done = self._handles[records[-1].lsn] = gevent.event.AsyncResult()
-                self._run(self.leader.propose(records, time.monotonic(), tail=True))
-                gevent.spawn_later(self.config.write_timeout, self._tick)
                 try:
-                    done.get()
+                    self.write(records, tail=True).get()
                     continue
                 except DKVError as e:
                     logger.info("%s: log tail not committed yet: %s", self.shard_id, e)
@@ -235,14 +219,14 @@ class ReplicatedWriter:
                 try:
                     offloaded(self._offload, self.log.append, records)
                 except Exception as exc:
-                    self._log_failed(exc)
+                    self._fail_handles(exc)
                     continue
                 self._run(self.leader.on_appended(records[-1].lsn))
             elif isinstance(job, Commit):
                 try:
                     offloaded(self._offload, self.store.apply, job.records)
                 except Exception as exc:
-                    self._log_failed(exc)
+                    self._fail_handles(exc)
                     continue
                 self._answer(job.lsn)
             else:
@@ -268,14 +252,12 @@ class ReplicatedWriter:
         if self._notice is None or self._notice.dead:
             self._notice = gevent.spawn_later(COMMIT_NOTICE_DELAY, self._send_notice)
 
-    def _log_failed(self, exc: Exception) -> None:
-        """The local log or store failed: every batch in flight gets the error as is (the
-        pipeline stops taking writes on it)."""
-        logger.error("%s: local log/store failed: %s", self.shard_id, exc)
-        self.leader.fail_all(WriteTimeout("the log failed"))
+    def _fail_handles(self, exc: Exception) -> None:
+        """Every batch in flight or committed but not answered yet gets ``exc`` (the writer stops,
+        or the local log or store failed: the pipeline then stops taking writes)."""
+        self.leader.fail_all(WriteTimeout(str(exc)))
         for h in self._handles.values():
-            if not h.ready():
-                h.set_exception(exc)
+            h.set_exception(exc)
         self._handles.clear()
 
     def _send(self, e: Send) -> None:
