@@ -923,3 +923,34 @@ def test_pipelined_leader_under_random_loss_duplication_and_reordering(seed: int
         assert m.store.applied_lsn == h.store.applied_lsn == h.leader.commit_lsn, rid
         assert m.store.digest() == h.store.digest(), rid
     assert sum(1 for _, o in h.batches.values() if o == "ok") > 0
+
+
+class _SlowLog(MemoryLog):
+    """A memory log whose appends take a while (as an fsync does), counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appends: list[int] = []
+
+    def append(self, records) -> None:  # type: ignore[no-untyped-def]
+        import gevent
+
+        gevent.sleep(0.01)
+        self.appends.append(len(records))
+        super().append(records)
+
+
+def test_the_driver_appends_queued_chaining_prepares_as_one() -> None:
+    import gevent
+
+    log = _SlowLog()
+    d = FollowerDriver(log, Store.open("memory"), PromiseFile(None), offload=False)
+    batches = [tuple(recs(1, 1 + 2 * i, 2)) for i in range(5)]
+    msgs = [Prepare(1, b[0].lsn - 1, 1 if i else 0, b, 0) for i, b in enumerate(batches)]
+    msgs.insert(3, Prepare(1, 40, 1, tuple(recs(1, 41, 1)), 0))  # does not chain: a gap
+    jobs = [gevent.spawn(d.prepare, m.to_wire()) for m in msgs]
+    gevent.joinall(jobs, raise_error=True)
+    replies = [Reply.from_wire(j.value) for j in jobs]
+    assert [(r.reason, r.match_lsn) for r in replies] == [("", 2), ("", 4), ("", 6), (GAP, 0), ("", 8), ("", 10)]
+    assert log.appends == [2, 4, 4]  # the first alone; then two groups split by the gap
+    assert [r.lsn for r in log.read_from(1)] == list(range(1, 11))
