@@ -3,8 +3,9 @@
 It is the pipeline's :class:`~dkv.node.pipeline.BatchWriter` on a writer. Every
 protocol decision (commit, rollback, definite or not, epoch bump, when a
 replica joins) is the sans-I/O core's; this module feeds it events and executes
-its effects: local appends (consecutive ones share one fsync), applies and the
-local truncate run in one worker greenlet, in order, off the hub; each ``Send``
+its effects: local appends (consecutive ones share one fsync) and the local
+truncate run in one worker greenlet, in order, off the hub, and applies in
+another (consecutive ones in one store batch); each ``Send``
 is one prepare in its own greenlet (sends leave in emission order, so each
 replica's stream stays ``prev_lsn``-chained); ``Commit``/``Fail`` answer the
 handles the pipeline waits on, several batches being in flight.
@@ -49,8 +50,6 @@ HEARTBEAT_INTERVAL = 1.0
 #: How often a waiting catch-up or write looks again while a rollback is under way (s).
 POLL = 0.02
 
-LocalJob = AppendLocal | Commit | Rollback
-
 
 class ReplicatedWriter:
     def __init__(self, config: NodeConfig, shard_id: str, epoch: int, log: Any, store: Store,
@@ -71,8 +70,10 @@ class ReplicatedWriter:
         self._catchups: dict[str, gevent.Greenlet] = {}
         #: per batch in flight (by its last lsn): what its writer waits on
         self._handles: dict[int, gevent.event.AsyncResult] = {}
-        self._jobs: deque[LocalJob] = deque()
-        self._jobs_ready = gevent.event.Event()
+        self._log_jobs: deque[AppendLocal | Rollback] = deque()
+        self._log_jobs_ready = gevent.event.Event()
+        self._applies: deque[Commit] = deque()
+        self._applies_ready = gevent.event.Event()
         #: set (and replaced) whenever a replica reaches sync
         self._synced = gevent.event.Event()
         self._notified_lsn = self.leader.commit_lsn
@@ -81,7 +82,7 @@ class ReplicatedWriter:
         self._confirm_next: gevent.event.AsyncResult | None = None
         self._confirming = False
         self._active = True
-        self._greenlets = [gevent.spawn(self._heartbeat_loop), gevent.spawn(self._local_loop)]
+        self._greenlets = [gevent.spawn(g) for g in (self._heartbeat_loop, self._log_loop, self._apply_loop)]
         self.anti_entropy = AntiEntropy(self)
         if config.anti_entropy_interval > 0:
             self._greenlets.append(gevent.spawn(self.anti_entropy.run, config.anti_entropy_interval))
@@ -185,9 +186,12 @@ class ReplicatedWriter:
         for e in effects:
             if isinstance(e, Send):
                 gevent.spawn(self._send, e)
-            elif isinstance(e, (AppendLocal, Commit, Rollback)):
-                self._jobs.append(e)
-                self._jobs_ready.set()
+            elif isinstance(e, Commit):
+                self._applies.append(e)
+                self._applies_ready.set()
+            elif isinstance(e, (AppendLocal, Rollback)):
+                self._log_jobs.append(e)
+                self._log_jobs_ready.set()
                 if isinstance(e, Rollback):
                     logger.warning("%s: rolling back the batches in flight after lsn %d", self.shard_id,
                                    e.after_lsn)
@@ -205,30 +209,24 @@ class ReplicatedWriter:
                 logger.warning("%s: a member promised epoch %d: this writer (epoch %d) is fenced",
                                self.shard_id, e.epoch, self.epoch)
 
-    def _local_loop(self) -> None:
-        """The local log and store, one job at a time in the order the core asked."""
+    def _log_loop(self) -> None:
+        """The local log: appends (all those queued in one write and fsync) and truncates, in
+        the order the core asked."""
         while True:
-            while not self._jobs:
-                self._jobs_ready.clear()
-                self._jobs_ready.wait()
-            job = self._jobs.popleft()
+            while not self._log_jobs:
+                self._log_jobs_ready.clear()
+                self._log_jobs_ready.wait()
+            job = self._log_jobs.popleft()
             if isinstance(job, AppendLocal):
                 records = list(job.records)
-                while self._jobs and isinstance(self._jobs[0], AppendLocal):  # one fsync for all queued
-                    records += self._jobs.popleft().records  # type: ignore[union-attr]
+                while self._log_jobs and isinstance(self._log_jobs[0], AppendLocal):
+                    records += self._log_jobs.popleft().records  # type: ignore[union-attr]
                 try:
                     offloaded(self._offload, self.log.append, records)
                 except Exception as exc:
                     self._fail_handles(exc)
                     continue
                 self._run(self.leader.on_appended(records[-1].lsn))
-            elif isinstance(job, Commit):
-                try:
-                    offloaded(self._offload, self.store.apply, job.records)
-                except Exception as exc:
-                    self._fail_handles(exc)
-                    continue
-                self._answer(job.lsn)
             else:
                 try:
                     offloaded(self._offload, self.log.truncate_after, job.after_lsn)
@@ -238,6 +236,22 @@ class ReplicatedWriter:
                                      job.after_lsn)
                     ok = False
                 self._run(self.leader.on_truncated(LOCAL, ok))
+
+    def _apply_loop(self) -> None:
+        """The store: committed records (all those queued in one batch), in commit order, beside
+        the log's work; then their batches are answered."""
+        while True:
+            while not self._applies:
+                self._applies_ready.clear()
+                self._applies_ready.wait()
+            commits = list(self._applies)
+            self._applies.clear()
+            try:
+                offloaded(self._offload, self.store.apply, [r for c in commits for r in c.records])
+            except Exception as exc:
+                self._fail_handles(exc)
+                continue
+            self._answer(commits[-1].lsn)
 
     def _answer(self, lsn: int) -> None:
         """Batches up to ``lsn`` are committed and applied: answer them."""
