@@ -954,3 +954,12 @@ def test_the_driver_appends_queued_chaining_prepares_as_one() -> None:
     assert [(r.reason, r.match_lsn) for r in replies] == [("", 2), ("", 4), ("", 6), (GAP, 0), ("", 8), ("", 10)]
     assert log.appends == [2, 4, 4]  # the first alone; then two groups split by the gap
     assert [r.lsn for r in log.read_from(1)] == list(range(1, 11))
+
+
+def test_a_replica_going_down_fails_a_batch_that_needed_it_at_once() -> None:
+    h = Harness(replicas=("a", "b"), quorum=3)  # both acks needed
+    h.write(1)
+    h.deliver("a")
+    assert h.leader.rolling_back is None
+    h.run(h.leader.mark_down("b"))
+    assert [e for e in h.effects if isinstance(e, Rollback)] == [Rollback(0, ("a", "b"))]

@@ -703,7 +703,7 @@ class Leader:
         if reply is None or not reply.ok:
             if reply is not None:
                 self.on_reply(rid, reply)
-            return [*self.mark_lagging(rid), *self._advance()]
+            return self.mark_lagging(rid)
         p.last_lsn, p.last_epoch, p.applied_lsn = reply.last_lsn, reply.last_epoch, reply.applied_lsn
         p.match_lsn = max(p.match_lsn or 0, reply.match_lsn)
         return self._advance()
@@ -792,10 +792,11 @@ class Leader:
         return [Fail(lsns, error)] if lsns else []
 
     def _forget(self, rid: str) -> list[Effect]:
-        """``rid`` will not acknowledge anything in flight (it stays a target: it may hold it)."""
+        """``rid`` will not acknowledge anything in flight (it stays a target: it may hold it);
+        a batch that cannot reach its quorum without it fails now."""
         for b in self.inflight:
             b.waiting.discard(rid)
-        return []
+        return self._advance()
 
     def _epoch_at(self, lsn: int) -> int:
         for b in reversed(self.inflight):
