@@ -24,6 +24,7 @@ import os
 import time
 from collections import deque
 from dataclasses import replace
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import gevent
@@ -227,7 +228,7 @@ class FollowerDriver:
                         group.append(self._prepares.popleft())
                     merged = coalesce([g[0] for g in group])
                     with self._lock:
-                        reply, _ = self._execute(lambda: self.state.on_prepare(merged))
+                        reply, _ = self._execute(partial(self.state.on_prepare, merged))
                     self._log_refusal(reply, "a prepare", group[0][1])
                     for one, _, done in group:
                         done.set(reply if not reply.ok or not one.records else
