@@ -98,9 +98,9 @@ class _RecordingWriter(LocalWriter):
         super().__init__(log, store, 1, offload=False)
         self.batches: list[list[Record]] = []
 
-    def write(self, records: list[Record]) -> None:
+    def write(self, records: list[Record]) -> gevent.event.AsyncResult:
         self.batches.append(records)
-        super().write(records)
+        return super().write(records)
 
 
 def test_group_commit_takes_submissions_up_to_the_page_budget() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import gevent
+import gevent.event
 import pytest
 
 from dkv.errors import Unavailable, WriteTimeout
@@ -169,3 +170,91 @@ def test_an_idle_pipeline_checkpoints_what_it_committed_then_stays_quiet(tmp_pat
     pipe.close()
     log.close()
     store.close()
+
+
+class _HeldWriter:
+    """A batch writer whose batches the test settles by hand (as a replicated writer's)."""
+
+    def __init__(self, log: MemoryLog, store: Store) -> None:
+        self.log, self.store = log, store
+        self.handles: list[tuple[list[Record], gevent.event.AsyncResult]] = []
+
+    @property
+    def epoch(self) -> int:
+        return 1
+
+    def check(self) -> None:
+        pass
+
+    def write(self, records: list[Record]) -> gevent.event.AsyncResult:
+        done = gevent.event.AsyncResult()
+        self.log.append(records)
+        self.handles.append((records, done))
+        return done
+
+    def settle(self, i: int, error: Exception | None = None, apply: bool = True) -> None:
+        records, done = self.handles[i]
+        if error is None:
+            if apply:
+                self.store.apply(records)
+            done.set(None)
+        else:
+            done.set_exception(error)
+
+
+def _settle_soon() -> None:
+    for _ in range(5):
+        gevent.sleep(0)
+
+
+def test_batches_are_pipelined_answered_in_order_and_deletes_see_the_batches_in_flight() -> None:
+    log, store = MemoryLog(), Store.open("memory")
+    w = _HeldWriter(log, store)
+    pipe = WritePipeline(log, store, w, offload=False, window=3)  # type: ignore[arg-type]
+    put = gevent.spawn(pipe.submit, [(Op.PUT, b"x", b"1")])
+    _settle_soon()
+    delete = gevent.spawn(pipe.submit, [(Op.DELETE, b"x", b""), (Op.DELETE, b"y", b"")])
+    _settle_soon()
+    again = gevent.spawn(pipe.submit, [(Op.DELETE, b"x", b"")])
+    _settle_soon()
+    late = gevent.spawn(pipe.submit, [(Op.PUT, b"z", b"1")])
+    _settle_soon()
+    # three batches in flight (the window), none applied yet: the fourth waits for room
+    assert len(w.handles) == 3 and store.applied_lsn == 0
+    w.settle(1, apply=False)  # the second settles first: answered only after the first
+    _settle_soon()
+    assert not put.ready() and not delete.ready()
+    w.settle(0)
+    store.apply(w.handles[1][0])
+    _settle_soon()
+    assert put.value == [None] and delete.value == [True, False]  # x existed in the batch in flight
+    assert len(w.handles) == 4
+    w.settle(2), w.settle(3)
+    _settle_soon()
+    assert again.value == [False] and late.value == [None]
+    pipe.close()
+
+
+def test_a_failed_batch_fails_the_later_ones_and_the_next_starts_from_the_log() -> None:
+    log, store = MemoryLog(), Store.open("memory")
+    w = _HeldWriter(log, store)
+    pipe = WritePipeline(log, store, w, offload=False)  # type: ignore[arg-type]
+    jobs = []
+    for i in range(3):
+        jobs.append(gevent.spawn(pipe.submit, [(Op.PUT, b"k%d" % i, b"v")]))
+        _settle_soon()
+    w.settle(0)
+    log.truncate_after(1)  # the writer rolled back batches 2 and 3
+    w.settle(1, WriteTimeout("rolled back"))
+    w.settle(2, WriteTimeout("rolled back"))
+    _settle_soon()
+    assert jobs[0].value == [None]
+    assert all(isinstance(j.exception, WriteTimeout) for j in jobs[1:])
+    nxt = gevent.spawn(pipe.submit, [(Op.DELETE, b"k2", b"")])
+    _settle_soon()
+    records, _ = w.handles[3]
+    assert records[0].lsn == 2  # from the log's end, not after the failed batches
+    w.settle(3)
+    _settle_soon()
+    assert nxt.value == [False]  # k2 was never applied
+    pipe.close()

@@ -394,7 +394,7 @@ def test_a_writer_reads_sequentially_without_a_round_only_while_its_lease_holds(
         assert not w.has_lease()  # nothing confirmed yet
         w.confirm()
         assert w.has_lease()
-        w._lease_from -= config.session_timeout  # as if the process had been paused that long
+        w.leader.lease_from -= config.session_timeout  # as if the process had been paused that long
         assert not w.has_lease()
         for r in w.replicas.values():  # meanwhile a newer writer fenced the replicas
             r.f.on_fence(epoch + 1)

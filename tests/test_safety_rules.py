@@ -11,7 +11,7 @@ the real processes' version of rule 1 is tests/test_safety_failover.py.
 2. **Bump the epoch after a rollback.** After a batch that missed its quorum is rolled back,
    the writer starts a new epoch before its next acknowledged write, so a record a replica
    kept at ``(e, n)`` (the rollback did not reach it) never passes for the writer's new
-   record at ``n`` (``ReplicatedWriter._rollback`` / ``check``).
+   record at ``n`` (``Leader._give_up`` sets ``need_bump``; ``ReplicatedWriter.check`` bumps).
 """
 from __future__ import annotations
 
@@ -179,8 +179,8 @@ def test_a_rolled_back_record_kept_by_a_replica_never_passes_for_the_next_one() 
     (once) before it was acknowledged; and once ``b`` returns and is caught up, it must hold
     the writer's record 2, not ``ghost``: same digest, ``ghost`` readable nowhere.
 
-    Mutation checked by hand (``self._need_bump = True`` removed from
-    ``ReplicatedWriter._rollback``): fails on ``assert bumps == [3] and w.epoch == 3`` ("the
+    Mutation checked by hand (``self.need_bump = True`` removed from
+    ``replication.Leader._give_up``): fails on ``assert bumps == [3] and w.epoch == 3`` ("the
     epoch must rise before the next acknowledged write", ``[] == [3]``). With that assertion
     removed too: on ``assert records[1].epoch == 3`` (``fresh`` reuses (2, 2)); with that one
     removed: on ``b``'s log, ``[(2, 2, b'ghost')] == [(3, 2, b'fresh')]`` (the writer took

@@ -1,8 +1,12 @@
 """The replica side's I/O adapter: runs :class:`~dkv.cluster.replication.Follower` on real files.
 
 Writer messages arrive as zerorpc calls (one greenlet each); they are handled
-one at a time, and each message's actions (promise, truncate, append, apply)
-are executed in gevent's threadpool, in order, before the reply goes back.
+one at a time, in arrival order, and each message's actions (promise, truncate,
+append, apply) are executed in gevent's threadpool, in order, before the reply
+goes back. Prepares that queue up behind one being handled (a pipelining writer
+sends several) and chain on one another (same epoch, each one's ``prev_lsn`` the
+last record of the one before) are decided and appended as one: one write, one
+fsync; each gets the reply it would have got alone.
 Snapshots (when the writer's WAL no longer holds what this member needs) are
 installed chunk by chunk: the first chunk clears the store, the last sets the
 applied LSN and restarts the log after it.
@@ -17,11 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 import time
+from collections import deque
+from dataclasses import replace
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import gevent
+import gevent.event
 import gevent.lock
 
 from dkv.cluster.replication import (BEYOND_EPOCH, BEYOND_LOG, Action, AppendLog, ApplyUpTo, DigestRequest,
@@ -39,6 +46,8 @@ logger = logging.getLogger(__name__)
 APPLY_CHUNK = 5000
 #: Least seconds between two log lines about refused messages (per reason).
 REFUSAL_LOG_INTERVAL = 1.0
+#: Most queued prepares appended as one.
+MAX_COALESCED = 32
 
 
 class PromiseFile:
@@ -97,6 +106,20 @@ def apply_actions(actions: Sequence[Action], log: Any, store: Store, promise: Pr
             apply_log(log, store, a.lsn)  # whatever memory did not cover (after a restart)
 
 
+def chains(a: Prepare, b: Prepare) -> bool:
+    """Does ``b`` continue ``a`` exactly (same epoch, ``b``'s prev is ``a``'s last record)?"""
+    return (bool(a.records) and bool(b.records) and a.epoch == b.epoch
+            and (b.prev_lsn, b.prev_epoch) == (a.records[-1].lsn, a.records[-1].epoch))
+
+
+def coalesce(ms: Sequence[Prepare]) -> Prepare:
+    """One prepare equivalent to the chaining ``ms`` handled in order."""
+    if len(ms) == 1:
+        return ms[0]
+    return Prepare(ms[0].epoch, ms[0].prev_lsn, ms[0].prev_epoch, tuple(r for m in ms for r in m.records),
+                   max(m.commit_lsn for m in ms), max(m.slot_version for m in ms))
+
+
 def apply_log(log: Any, store: Store, up_to: int) -> None:
     """Apply the log's records after the store's applied LSN, up to ``up_to``."""
     while store.applied_lsn < up_to:
@@ -126,6 +149,9 @@ class FollowerDriver:
         self._lookup: gevent.Greenlet | None = None
         self._unapplied: deque[Record] = deque()
         self._lock = gevent.lock.Semaphore()
+        #: prepares waiting to be handled, in arrival order (see :meth:`prepare`)
+        self._prepares: deque[tuple[Prepare, list[Any], gevent.event.AsyncResult]] = deque()
+        self._draining = False
         #: monotonic time of the last message from a writer in the current epoch
         self.last_contact = 0.0
         #: per refusal reason: when it was last logged, and how many went unlogged since
@@ -152,15 +178,20 @@ class FollowerDriver:
         handled (e.g. to take a store snapshot at exactly this point)."""
         self._check_recorded(epoch)
         with self._lock:
-            reply, actions = decide()
-            if actions:
-                self._run(apply_actions, actions, self.log, self.store, self.promise, self._unapplied)
-                checkpoint(self.log, self.store, self.offload)
-            if reply.ok:
-                self.last_contact = time.monotonic()
-            extra = inside(reply) if inside is not None else None
+            reply, extra = self._execute(decide, inside)
         self._log_refusal(reply, what, quoted)
         return reply, extra
+
+    def _execute(self, decide: Callable[[], tuple[Reply, list[Action]]],
+                 inside: Callable[[Reply], Any] | None = None) -> tuple[Reply, Any]:
+        """Decide and execute one message (holding the lock)."""
+        reply, actions = decide()
+        if actions:
+            self._run(apply_actions, actions, self.log, self.store, self.promise, self._unapplied)
+            checkpoint(self.log, self.store, self.offload)
+        if reply.ok:
+            self.last_contact = time.monotonic()
+        return reply, inside(reply) if inside is not None else None
 
     def _log_refusal(self, reply: Reply, what: str, quoted: Any) -> None:
         """Log a refusal only a forged or confused sender earns, at most once a second per reason
@@ -180,8 +211,37 @@ class FollowerDriver:
                    self.state.promised, self.state.shown_lsn, quote(quoted), more)
 
     def prepare(self, wire: list[Any]) -> list[Any]:
+        """Queue the prepare; the first greenlet to find no one handling the queue handles it
+        (chaining prepares coalesced, see :func:`coalesce`) until it is empty."""
         m = Prepare.from_wire(wire)
-        return self._handle(m.epoch, lambda: self.state.on_prepare(m), "a prepare", wire)[0].to_wire()
+        self._check_recorded(m.epoch)
+        mine = gevent.event.AsyncResult()
+        self._prepares.append((m, wire, mine))
+        if not self._draining:
+            self._draining = True
+            group: list[tuple[Prepare, list[Any], gevent.event.AsyncResult]] = []
+            try:
+                while self._prepares:
+                    group = [self._prepares.popleft()]
+                    while (self._prepares and len(group) < MAX_COALESCED
+                           and chains(group[-1][0], self._prepares[0][0])):
+                        group.append(self._prepares.popleft())
+                    merged = coalesce([g[0] for g in group])
+                    with self._lock:
+                        reply, _ = self._execute(partial(self.state.on_prepare, merged))
+                    self._log_refusal(reply, "a prepare", group[0][1])
+                    for one, _, done in group:
+                        done.set(reply if not reply.ok or not one.records else
+                                 replace(reply, match_lsn=one.records[-1].lsn))
+            except BaseException as e:  # every unanswered one gets it (the queue stays usable)
+                for _, _, done in [*group, *self._prepares]:
+                    if not done.ready():
+                        done.set_exception(e)
+                self._prepares.clear()
+                raise
+            finally:
+                self._draining = False
+        return mine.get().to_wire()
 
     def truncate(self, wire: list[Any]) -> list[Any]:
         m = Truncate.from_wire(wire)

@@ -1,13 +1,14 @@
-"""The shard writer's replication driver: the I/O around :class:`~dkv.cluster.replication.Leader`.
+"""The shard writer's replication driver: carries out :class:`~dkv.cluster.replication.Leader`'s effects.
 
-It is the pipeline's :class:`~dkv.node.pipeline.BatchWriter` on a writer. For
-each batch it appends locally (threadpool) while sending one ``prepare`` to
-every in-sync replica, in parallel; once the local copy and
-``write_quorum - 1`` replica acks are in, the batch is committed: applied and
-answered. If the quorum is not reached within ``write_timeout`` it rolls back
-(DESIGN §4.5): truncates its own tail, asks every replica that got the prepare
-to truncate, answers a *definite* ``QuorumNotReached`` only if they all
-confirmed (else ``WriteTimeout``), and bumps the epoch before writing again.
+It is the pipeline's :class:`~dkv.node.pipeline.BatchWriter` on a writer. Every
+protocol decision (commit, rollback, definite or not, epoch bump, when a
+replica joins) is the sans-I/O core's; this module feeds it events and executes
+its effects: local appends (consecutive ones share one fsync) and the local
+truncate run in one worker greenlet, in order, off the hub, and applies in
+another (consecutive ones in one store batch); each ``Send``
+is one prepare in its own greenlet (sends leave in emission order, so each
+replica's stream stays ``prev_lsn``-chained); ``Commit``/``Fail`` answer the
+handles the pipeline waits on, several batches being in flight.
 
 Replicas that are behind get a catch-up greenlet each: committed records from
 the WAL in chunks, a cut of a divergent tail, or a storage snapshot when the
@@ -19,17 +20,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections import deque
+from typing import Any, Callable, Sequence
 
 import gevent
 import gevent.event
 
 from dkv.client.connection import Connection, TransportError
 from dkv.cluster.antientropy import AntiEntropy
-from dkv.cluster.follower import apply_log
-from dkv.cluster.replication import (BEYOND_EPOCH, DOWN, IN_SYNC, CutTo, Leader, Prepare, ReadConfirmation, Reply,
-                                     SendFrom, SendSnapshot, Synced, Truncate, record_bytes)
-from dkv.errors import DKVError, QuorumNotReached, Unavailable, WriteTimeout
+from dkv.cluster.replication import (BEYOND_EPOCH, DOWN, IN_SYNC, LOCAL, AppendLocal, CatchUp, Commit, CutTo,
+                                     Deposed, Effect, Fail, Leader, Prepare, ReadConfirmation, Reply, Rollback,
+                                     Send, SendFrom, SendSnapshot, Synced, Truncate, record_bytes)
+from dkv.errors import DKVError, Unavailable, WriteTimeout
 from dkv.keys import page_is_full, pair_bytes, take_page
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import offloaded
@@ -45,6 +47,8 @@ SNAPSHOT_CHUNK = 2000
 #: An idle writer tells replicas the commit point after this long (s).
 COMMIT_NOTICE_DELAY = 0.02
 HEARTBEAT_INTERVAL = 1.0
+#: How often a waiting catch-up or write looks again while a rollback is under way (s).
+POLL = 0.02
 
 
 class ReplicatedWriter:
@@ -60,29 +64,29 @@ class ReplicatedWriter:
         self._bump_epoch = bump_epoch
         self._is_current = is_current
         self._offload = config.durable
-        self.leader = Leader(epoch, log, config.write_quorum, commit_lsn=store.applied_lsn)
+        self.leader = Leader(epoch, log, config.write_quorum, commit_lsn=store.applied_lsn,
+                             write_timeout=config.write_timeout)
         self._conns: dict[str, Connection] = {}
         self._catchups: dict[str, gevent.Greenlet] = {}
-        self._busy = False
-        self._idle = gevent.event.Event()
-        self._idle.set()
+        #: per batch in flight (by its last lsn): what its writer waits on
+        self._handles: dict[int, gevent.event.AsyncResult] = {}
+        self._log_jobs: deque[AppendLocal | Rollback] = deque()
+        self._log_jobs_ready = gevent.event.Event()
+        self._applies: deque[Commit] = deque()
+        self._applies_ready = gevent.event.Event()
         #: set (and replaced) whenever a replica reaches sync
         self._synced = gevent.event.Event()
-        self._need_bump = False
         self._notified_lsn = self.leader.commit_lsn
         self._notice: gevent.Greenlet | None = None
+        self._wire: tuple[Prepare | None, list[Any]] = (None, [])
         self._confirm_next: gevent.event.AsyncResult | None = None
-        #: monotonic send time of the latest round a write quorum accepted (see has_lease)
-        self._lease_from = 0.0
         self._confirming = False
         self._active = True
-        self._greenlets = [gevent.spawn(self._heartbeat_loop)]
+        self._greenlets = [gevent.spawn(g) for g in (self._heartbeat_loop, self._log_loop, self._apply_loop)]
         self.anti_entropy = AntiEntropy(self)
         if config.anti_entropy_interval > 0:
             self._greenlets.append(gevent.spawn(self.anti_entropy.run, config.anti_entropy_interval))
-        #: records past the commit point after a restart: committed before any new write
-        self._tail_pending = log.last_lsn > self.leader.commit_lsn
-        if self._tail_pending:
+        if self.leader.tail_pending:
             self._greenlets.append(gevent.spawn(self._commit_tail))
 
     @property
@@ -93,7 +97,7 @@ class ReplicatedWriter:
     def ready(self) -> bool:
         """Our store holds every committed write: false until the log tail we took over (after a
         promotion or a restart) is committed, since the tail may hold acknowledged writes."""
-        return not self._tail_pending
+        return not self.leader.tail_pending
 
     # -- membership --------------------------------------------------------------
 
@@ -107,7 +111,7 @@ class ReplicatedWriter:
             if rid not in live:
                 if p.state != DOWN:
                     logger.info("%s: replica %s is down", self.shard_id, rid)
-                self.leader.mark_down(rid)
+                self._run(self.leader.mark_down(rid))
                 self._drop_conn(rid)
             elif p.state == DOWN:
                 self._lagging(rid)
@@ -116,6 +120,8 @@ class ReplicatedWriter:
 
     def stop(self) -> None:
         self._active = False
+        self._fail_handles(WriteTimeout(f"{self.shard_id}: the writer stopped with the write in flight; it "
+                                        "may or may not survive"))
         gevent.killall([g for g in [*self._greenlets, self._notice, *self._catchups.values()] if g],
                        block=False)
         for c in self._conns.values():
@@ -129,152 +135,165 @@ class ReplicatedWriter:
         if not self._is_current():
             raise Unavailable(f"{self.config.node_id} cannot confirm it is the writer of {self.shard_id} "
                               "(ZooKeeper connection or role lost)")
-        if self.leader.deposed:
-            raise Unavailable(f"{self.shard_id} has a newer epoch {self.leader.deposed_by}; this writer is fenced")
-        if self._tail_pending:
-            raise Unavailable(f"{self.shard_id}: the writer is committing its log tail after a restart")
-        if self._need_bump:
-            try:
-                self.leader.epoch = self._bump_epoch()
-                self._need_bump = False
-            except Exception as e:
-                raise Unavailable(f"cannot start a new epoch after a rollback: {e}") from e
-        # Replicas that are alive but still catching up get a moment to join.
-        if len(self.leader.in_sync()) < self.leader.needed <= len(self.leader.alive()):
-            self._synced.wait(timeout=self.config.write_timeout)
-        n = len(self.leader.in_sync())
-        if n < self.leader.needed:
-            raise QuorumNotReached(f"{self.shard_id}: {n} replica(s) in sync, {self.leader.needed} "
-                                   "needed; nothing was written")
-
-    def write(self, records: list[Record]) -> None:
-        self._busy = True
-        self._idle.clear()
+        deadline = time.monotonic() + self.config.write_timeout
+        while self.leader.rolling_back is not None and time.monotonic() < deadline:
+            gevent.sleep(POLL)
         try:
-            prev = records[0].lsn - 1
-            m = self.leader.prepare(records, prev, self._epoch_at(prev))
-            targets = self.leader.in_sync()
-            local = gevent.spawn(offloaded, self._offload, self.log.append, records)
-            sent = time.monotonic()
-            acked = self._replicate(m, targets, local)
-            if len(acked) >= self.leader.needed:
-                self._lease_from = max(self._lease_from, sent)
-            if not local.successful():
-                raise local.exception  # type: ignore[misc]  # the pipeline's log-failure path
-            if len(acked) < self.leader.needed:
-                self._rollback(m, targets, acked)
-            self._commit(records[-1].lsn, records)
-            if not self._is_current():
-                raise WriteTimeout("committed, but this writer lost ZooKeeper meanwhile: "
-                                   "the write may or may not survive a failover")
-        finally:
-            self._busy = False
-            self._idle.set()
+            if self.leader.admit():  # a rollback happened: a new epoch first
+                try:
+                    self.leader.on_epoch_bumped(self._bump_epoch())
+                except Exception as e:
+                    raise Unavailable(f"cannot start a new epoch after a rollback: {e}") from e
+            # Replicas that are alive but still catching up get a moment to join.
+            if len(self.leader.in_sync()) < self.leader.needed <= len(self.leader.alive()):
+                self._synced.wait(timeout=self.config.write_timeout)
+            self.leader.check_quorum()
+        except DKVError as e:
+            raise type(e)(f"{self.shard_id}: {e}") from None
 
-    def _commit(self, lsn: int, records: list[Record] | None = None) -> None:
-        self.leader.commit_lsn = lsn
-        if records is not None:
-            offloaded(self._offload, self.store.apply, records)
-        else:
-            offloaded(self._offload, apply_log, self.log, self.store, lsn)
-        if self._notice is None or self._notice.dead:
-            self._notice = gevent.spawn_later(COMMIT_NOTICE_DELAY, self._send_notice)
-
-    def _replicate(self, m: Prepare, targets: list[str], local: gevent.Greenlet | None) -> set[str]:
-        """Send ``m`` to ``targets``; return who acked once the local append and a quorum
-        are in, everyone answered, or ``write_timeout`` passed."""
-        last = m.records[-1].lsn
-        acked: set[str] = set()
-        answered: set[str] = set()
-
-        def on_reply(rid: str, reply: Reply | None) -> None:
-            if reply is not None and reply.ok:
-                self.leader.on_reply(rid, reply)
-                if reply.match_lsn >= last:
-                    acked.add(rid)
-                else:
-                    self._lagging(rid)
-            answered.add(rid)
-
-        def settled() -> bool:
-            return ((local is None or local.ready())
-                    and (len(acked) >= self.leader.needed or len(answered) == len(targets)))
-
-        senders = self._fanout(m.to_wire(), targets, on_reply, settled, local)
-        if local is not None:
-            local.join()
-        if len(acked) < self.leader.needed:
-            gevent.killall(senders, block=False)
-        return acked
-
-    def _fanout(self, wire: list[Any], targets: list[str], on_reply: Callable[[str, Reply | None], None],
-                settled: Callable[[], bool], local: gevent.Greenlet | None = None) -> list[gevent.Greenlet]:
-        """Send the prepare ``wire`` (encoded once) to every target in parallel, feeding each
-        answer to ``on_reply`` (None: no answer); return the senders once ``settled()`` (also
-        checked when ``local`` finishes) or after ``write_timeout``. Slower senders run on."""
-        done = gevent.event.Event()
-
-        def check(_: Any = None) -> None:
-            if settled():
-                done.set()
-
-        def send(rid: str) -> None:
-            on_reply(rid, self._send_prepare(rid, wire))
-            check()
-
-        if local is not None:
-            local.link(check)
-        senders = [gevent.spawn(send, rid) for rid in targets]
-        check()
-        done.wait(timeout=self.config.write_timeout)
-        return senders
-
-    def _rollback(self, m: Prepare, targets: list[str], acked: set[str]) -> None:
-        """The quorum was not reached: undo the batch everywhere it may be, then raise."""
-        offloaded(self._offload, self.log.truncate_after, m.prev_lsn)
-        confirmed = True
-        for rid in targets:  # uncommitted records reach replicas only through prepares
-            try:
-                reply = self._call(rid, "repl_truncate", Truncate(self.epoch, m.prev_lsn).to_wire())
-                confirmed = confirmed and reply.ok
-            except (TransportError, DKVError):
-                confirmed = False
-            self._lagging(rid)
-        self._need_bump = True  # never reuse an lsn with other content inside one epoch
-        what = (f"{self.shard_id}: {len(acked)} of {self.leader.needed} replica acks within "
-                f"{self.config.write_timeout:g}s")
-        logger.warning("%s; batch %d..%d rolled back (%s)", what, m.records[0].lsn, m.records[-1].lsn,
-                       "definite" if confirmed else "indeterminate")
-        if confirmed:
-            raise QuorumNotReached(f"{what}; the write was not applied")
-        raise WriteTimeout(f"{what}; a replica that did not answer may still hold it")
+    def write(self, records: list[Record], tail: bool = False) -> gevent.event.AsyncResult:
+        """Start replicating a stamped batch (``tail``: of our log tail); the result is set once it
+        is committed and applied (or fails, definite or not)."""
+        effects = self.leader.propose(records, time.monotonic(), tail)
+        done = self._handles[records[-1].lsn] = gevent.event.AsyncResult()
+        self._run(effects)
+        gevent.spawn_later(self.config.write_timeout, self._tick)
+        return done
 
     def _commit_tail(self) -> None:
         """After a restart: replicate and commit the records past our commit point (one
         page-bounded prepare at a time), then serve."""
-        while self._active:
+        while self._active and self.leader.tail_pending:
             if len(self.leader.in_sync()) >= self.leader.needed:
                 records = offloaded(self._offload, self._read_page, self.leader.commit_lsn + 1, None)
-                prev = records[0].lsn - 1
-                m = self.leader.prepare(records, prev, self._epoch_at(prev))
-                if len(self._replicate(m, self.leader.in_sync(), None)) >= self.leader.needed:
-                    self._commit(records[-1].lsn)
-                    if records[-1].lsn >= self.log.last_lsn:
-                        self._tail_pending = False
-                        logger.info("%s: committed the log tail up to lsn %d", self.shard_id, records[-1].lsn)
-                        return
+                try:
+                    self.write(records, tail=True).get()
                     continue
+                except DKVError as e:
+                    logger.info("%s: log tail not committed yet: %s", self.shard_id, e)
             self._synced.wait(timeout=1.0)
+        if self._active:
+            logger.info("%s: committed the log tail up to lsn %d", self.shard_id, self.leader.commit_lsn)
 
     def _read_page(self, lsn: int, limit: int | None) -> list[Record]:
         """Log records from ``lsn``: at most ``limit``, and no more once they count ``page_bytes``."""
         return take_page(self.log.read_from(lsn, limit=limit), self.config.limits.page_bytes, record_bytes)
 
+    # -- effects ---------------------------------------------------------------------------
+
+    def _run(self, effects: Sequence[Effect]) -> None:
+        """Carry out the core's effects, in order (none of them blocks this greenlet)."""
+        for e in effects:
+            if isinstance(e, Send):
+                gevent.spawn(self._send, e)
+            elif isinstance(e, Commit):
+                self._applies.append(e)
+                self._applies_ready.set()
+            elif isinstance(e, (AppendLocal, Rollback)):
+                self._log_jobs.append(e)
+                self._log_jobs_ready.set()
+                if isinstance(e, Rollback):
+                    logger.warning("%s: rolling back the batches in flight after lsn %d", self.shard_id,
+                                   e.after_lsn)
+                    for rid in e.targets:
+                        gevent.spawn(self._truncate, rid, e.after_lsn)
+            elif isinstance(e, Fail):
+                logger.warning("%s: batch(es) ending at lsn %s failed: %s", self.shard_id, list(e.lsns), e.error)
+                for lsn in e.lsns:
+                    h = self._handles.pop(lsn, None)
+                    if h is not None:
+                        h.set_exception(e.error)
+            elif isinstance(e, CatchUp):
+                self._ensure_catchup(e.rid)
+            elif isinstance(e, Deposed):
+                logger.warning("%s: a member promised epoch %d: this writer (epoch %d) is fenced",
+                               self.shard_id, e.epoch, self.epoch)
+
+    def _log_loop(self) -> None:
+        """The local log: appends (all those queued in one write and fsync) and truncates, in
+        the order the core asked."""
+        while True:
+            while not self._log_jobs:
+                self._log_jobs_ready.clear()
+                self._log_jobs_ready.wait()
+            job = self._log_jobs.popleft()
+            if isinstance(job, AppendLocal):
+                records = list(job.records)
+                while self._log_jobs and isinstance(self._log_jobs[0], AppendLocal):
+                    records += self._log_jobs.popleft().records  # type: ignore[union-attr]
+                try:
+                    offloaded(self._offload, self.log.append, records)
+                except Exception as exc:
+                    self._fail_handles(exc)
+                    continue
+                self._run(self.leader.on_appended(records[-1].lsn))
+            else:
+                try:
+                    offloaded(self._offload, self.log.truncate_after, job.after_lsn)
+                    ok = True
+                except Exception:
+                    logger.exception("%s: truncating the local log after lsn %d failed", self.shard_id,
+                                     job.after_lsn)
+                    ok = False
+                self._run(self.leader.on_truncated(LOCAL, ok))
+
+    def _apply_loop(self) -> None:
+        """The store: committed records (all those queued in one batch), in commit order, beside
+        the log's work; then their batches are answered."""
+        while True:
+            while not self._applies:
+                self._applies_ready.clear()
+                self._applies_ready.wait()
+            commits = list(self._applies)
+            self._applies.clear()
+            try:
+                offloaded(self._offload, self.store.apply, [r for c in commits for r in c.records])
+            except Exception as exc:
+                self._fail_handles(exc)
+                continue
+            self._answer(commits[-1].lsn)
+
+    def _answer(self, lsn: int) -> None:
+        """Batches up to ``lsn`` are committed and applied: answer them."""
+        current = self._is_current()
+        for last in sorted(k for k in self._handles if k <= lsn):
+            h = self._handles.pop(last)
+            if current:
+                h.set(None)
+            else:
+                h.set_exception(WriteTimeout("committed, but this writer lost ZooKeeper meanwhile: "
+                                             "the write may or may not survive a failover"))
+        if self._notice is None or self._notice.dead:
+            self._notice = gevent.spawn_later(COMMIT_NOTICE_DELAY, self._send_notice)
+
+    def _fail_handles(self, exc: Exception) -> None:
+        """Every batch in flight or committed but not answered yet gets ``exc`` (the writer stops,
+        or the local log or store failed: the pipeline then stops taking writes)."""
+        self.leader.fail_all(WriteTimeout(str(exc)))
+        for h in self._handles.values():
+            h.set_exception(exc)
+        self._handles.clear()
+
+    def _send(self, e: Send) -> None:
+        if self._wire[0] is not e.message:  # encode a batch once for all its targets
+            self._wire = (e.message, e.message.to_wire())
+        reply = self._send_prepare(e.rid, self._wire[1])
+        self._run(self.leader.on_prepare_reply(e.rid, e.gen, reply))
+
+    def _truncate(self, rid: str, after: int) -> None:
+        try:
+            ok = self._call(rid, "repl_truncate", Truncate(self.epoch, after).to_wire()).ok
+        except (TransportError, DKVError):
+            ok = False
+        self._run(self.leader.on_truncated(rid, ok))
+
+    def _tick(self) -> None:
+        self._run(self.leader.on_tick(time.monotonic()))
+
     # -- catch-up -----------------------------------------------------------------------
 
     def _lagging(self, rid: str) -> None:
-        self.leader.mark_lagging(rid)
-        self._ensure_catchup(rid)
+        self._run(self.leader.mark_lagging(rid))
 
     def _ensure_catchup(self, rid: str) -> None:
         g = self._catchups.get(rid)
@@ -287,16 +306,20 @@ class ReplicatedWriter:
             p = self.leader.replicas[rid]
             if p.state in (IN_SYNC, DOWN):
                 return
+            if self.leader.rolling_back is not None:  # its truncate goes first
+                gevent.sleep(POLL)
+                continue
             try:
                 if p.match_lsn is None:
                     self._probe(rid)
                     if self.leader.deposed:
                         return
-                step = self.leader.catchup_step(rid, self._busy)
+                step = self.leader.catchup_step(rid)
                 if step is None:
-                    self._idle.wait()
+                    gevent.sleep(POLL)
                 elif isinstance(step, Synced):
                     logger.info("%s: replica %s is in sync at lsn %s", self.shard_id, rid, p.match_lsn)
+                    self._run(step.sends)
                     self._synced.set()
                     self._synced = gevent.event.Event()
                     return
@@ -331,8 +354,7 @@ class ReplicatedWriter:
 
     def resync(self, rid: str) -> None:
         """Re-sync a replica from a snapshot (anti-entropy found its store diverged)."""
-        self.leader.resync(rid)
-        self._ensure_catchup(rid)
+        self._run(self.leader.resync(rid))
 
     def _send_snapshot(self, rid: str) -> None:
         snap = self.store.snapshot()
@@ -366,28 +388,44 @@ class ReplicatedWriter:
     # -- commit notices, heartbeats, read confirmation --------------------------------------
 
     def _send_notice(self) -> None:
-        if not self._busy and self.leader.commit_lsn > self._notified_lsn:
+        if not self.leader.inflight and self.leader.commit_lsn > self._notified_lsn:
             self._notified_lsn = self.leader.commit_lsn
             self._heartbeat_round()
 
     def _heartbeat_loop(self) -> None:
         while self._active:
             gevent.sleep(HEARTBEAT_INTERVAL)
-            if not self._busy:
+            if not self.leader.inflight:
                 self._heartbeat_round()
 
     def _heartbeat_round(self) -> ReadConfirmation:
         """An empty prepare (carrying the commit point) to every in-sync replica; returns once
-        ``write_quorum - 1`` accepted it or that can no longer happen (slower answers still
-        update the replicas' progress)."""
+        ``write_quorum - 1`` accepted it or that can no longer happen, or after
+        ``write_timeout`` (slower answers still update the replicas' progress). A replica
+        that fails or refuses it goes back to catch-up."""
         targets = self.leader.in_sync()
         round_ = ReadConfirmation(self.epoch, self.leader.needed, targets)
         commit = self.leader.commit_lsn
         wire = self.leader.prepare([], commit, self._epoch_at(commit)).to_wire()
         sent = time.monotonic()
-        self._fanout(wire, targets, round_.on_reply, lambda: round_.settled)
+        done = gevent.event.Event()
+
+        def send(rid: str) -> None:
+            reply = self._send_prepare(rid, wire)
+            if reply is None or not reply.ok:
+                if reply is not None:
+                    self.leader.on_reply(rid, reply)
+                self._lagging(rid)
+            round_.on_reply(rid, reply)
+            if round_.settled:
+                done.set()
+
+        for rid in targets:
+            gevent.spawn(send, rid)
+        if not round_.settled:
+            done.wait(timeout=self.config.write_timeout)
         if round_.confirmed:
-            self._lease_from = max(self._lease_from, sent)
+            self.leader.renew_lease(sent)
         return round_
 
     def has_lease(self) -> bool:
@@ -401,21 +439,15 @@ class ReplicatedWriter:
         """
         if not self._is_current():
             return False
-        return self.leader.needed == 0 or time.monotonic() - self._lease_from < self.config.session_timeout / 3
+        return self.leader.needed == 0 or time.monotonic() - self.leader.lease_from < self.config.session_timeout / 3
 
     def _send_prepare(self, rid: str, wire: list[Any]) -> Reply | None:
-        """One prepare to a replica (None: no answer). A failed or refused prepare
-        sends the replica back to catch-up."""
+        """One prepare to a replica (None: no answer)."""
         try:
-            reply = self._call(rid, "repl_prepare", wire)
+            return self._call(rid, "repl_prepare", wire)
         except (TransportError, DKVError) as e:
             logger.info("%s: prepare to %s failed: %s", self.shard_id, rid, e)
-            self._lagging(rid)
             return None
-        if not reply.ok:
-            self.leader.on_reply(rid, reply)
-            self._lagging(rid)
-        return reply
 
     def confirm(self) -> None:
         """Linearizable reads: confirm with ``write_quorum - 1`` replicas that our epoch is current.

@@ -12,9 +12,16 @@ many writes. A write is acknowledged only after its record is durable and
 applied (G1).
 
 *How* a batch becomes durable is the :class:`BatchWriter`'s job: standalone,
-:class:`LocalWriter` appends to the local WAL and applies; a shard writer
-plugs in the replicated writer (:mod:`dkv.cluster.leader`), which also waits
-for a quorum of replicas. The pipeline sequences, batches and answers.
+:class:`LocalWriter` appends to the local WAL and applies (before ``write``
+returns); a shard writer plugs in the replicated writer
+(:mod:`dkv.cluster.leader`), which returns at once with a handle that is set
+once a quorum of replicas has the batch. Up to :data:`WINDOW` batches are in
+flight at once: batch N+1 is stamped and handed over while batch N waits for its
+quorum. The pipeline sequences, batches and answers, always in LSN order; a
+delete's "existed" result takes the batches in flight into account. When a batch
+fails, every later one in flight fails too (the writer rolls them all back), and
+the pipeline lets them all settle before it stamps the next batch, from the
+log's end.
 
 Diskless mode (memory log + memory engine) does no I/O, so it runs on the hub:
 the memory engine must not be mutated from another thread while the hub reads
@@ -27,7 +34,8 @@ segments below it), and also every :data:`CHECKPOINT_BYTES` of records committed
 or :data:`CHECKPOINT_SECONDS` after the first commit since the last checkpoint,
 whichever comes first (also when the node has gone idle), so a damaged WAL
 segment never holds more than that of records storage has not made durable.
-Checkpoints run in the pipeline's greenlet between batches, off the hub.
+Checkpoints run in the pipeline's greenlet between batches, off the hub, once
+no batch is in flight.
 """
 from __future__ import annotations
 
@@ -55,6 +63,8 @@ WriteOp = tuple[Op, bytes, bytes]
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 #: ... or this many seconds after the first commit since the last checkpoint, whichever comes first.
 CHECKPOINT_SECONDS = 5.0
+#: Batches in flight at once (handed to the writer, not yet answered).
+WINDOW = 4
 
 
 class Log(Protocol):
@@ -68,7 +78,13 @@ class Log(Protocol):
 
 
 class BatchWriter(Protocol):
-    """Makes a stamped batch durable and applied (or raises a DKVError saying how it failed)."""
+    """Makes a stamped batch durable and applied.
+
+    ``write`` raises a definite DKVError if it cannot start the batch; else it returns a
+    handle (an ``AsyncResult``) set once the batch is durable and applied, or failed with a
+    DKVError saying how (any other exception: the log failed). Handles of consecutive
+    batches settle in LSN order.
+    """
 
     @property
     def epoch(self) -> int: ...
@@ -76,7 +92,7 @@ class BatchWriter(Protocol):
     def check(self) -> None:
         """Raise a definite error if a write cannot succeed now (nothing is sequenced then)."""
 
-    def write(self, records: list[Record]) -> None: ...
+    def write(self, records: list[Record]) -> gevent.event.AsyncResult: ...
 
 
 def offloaded(offload: bool, fn: Any, *args: Any) -> Any:
@@ -118,8 +134,15 @@ class LocalWriter:
     def check(self) -> None:
         pass
 
-    def write(self, records: list[Record]) -> None:
-        offloaded(self._offload, self._persist, records)
+    def write(self, records: list[Record]) -> gevent.event.AsyncResult:
+        """Durable and applied before it returns (one batch in flight at a time)."""
+        done = gevent.event.AsyncResult()
+        try:
+            offloaded(self._offload, self._persist, records)
+            done.set(None)
+        except Exception as e:
+            done.set_exception(e)
+        return done
 
     def _persist(self, records: list[Record]) -> None:
         self._log.append(records)
@@ -134,10 +157,22 @@ class _Pending:
     size: int = 0
 
 
+@dataclass
+class _InFlight:
+    """A stamped batch handed to the writer: its submissions, their results, its handle."""
+
+    batch: list[_Pending]
+    results: list[list[Any]]
+    records: list[Record]
+    size: int
+    done: gevent.event.AsyncResult
+
+
 class WritePipeline:
     def __init__(self, log: Log, store: Store, writer: BatchWriter, *, max_batch_records: int = 8192,
                  page_bytes: int = DEFAULT_PAGE_BYTES, offload: bool = True,
-                 checkpoint_bytes: int = CHECKPOINT_BYTES, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
+                 checkpoint_bytes: int = CHECKPOINT_BYTES, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+                 window: int = WINDOW) -> None:
         self._log = log
         self._store = store
         self._writer = writer
@@ -157,7 +192,14 @@ class WritePipeline:
         self._failed: DKVError | None = None
         self.batches = 0
         self.records = 0
+        self._window = window
+        self._inflight: deque[_InFlight] = deque()
+        self._more = gevent.event.Event()      # a batch was handed over
+        self._settled = gevent.event.Event()   # a batch in flight was answered
+        #: key -> (exists, last lsn of its batch) as the batches in flight leave it
+        self._exists: dict[bytes, tuple[bool, int]] = {}
         self._loop = gevent.spawn(self._run)
+        self._answerer = gevent.spawn(self._answer_loop)
 
     @property
     def writer(self) -> BatchWriter:
@@ -219,7 +261,13 @@ class WritePipeline:
         self._wake.set()
         self._loop.join(timeout)
         self._loop.kill()
-        self._fail_queued(Unavailable("node is shutting down"))
+        self._answerer.kill()
+        error = Unavailable("node is shutting down")
+        self._fail_queued(error)
+        for f in self._inflight:  # not settled within the timeout: may or may not be applied
+            for p in f.batch:
+                if not p.done.ready():
+                    p.done.set_exception(WriteTimeout("node shut down with the write in flight"))
 
     # -- the loop ------------------------------------------------------------
 
@@ -228,10 +276,12 @@ class WritePipeline:
             self._wake.wait(self._checkpoint_due_in())
             self._wake.clear()
             while self._queue and self._failed is None:
+                self._maybe_checkpoint()
                 self._commit(self._take())
             if self._closing:
+                self._drain()
                 return
-            self._checkpoint()
+            self._maybe_checkpoint()
 
     def _take(self) -> list[_Pending]:
         """The next batch: whole submissions while they fit ``max_batch_records`` and
@@ -248,7 +298,8 @@ class WritePipeline:
         return taken
 
     def _sequence(self, batch: list[_Pending]) -> tuple[list[Record], list[list[Any]], int]:
-        """Stamp records and compute per-op results against the applied state; also the framed size."""
+        """Stamp records and compute per-op results against the applied state and the batches
+        in flight; also the framed size."""
         size = 0
         records: list[Record] = []
         results: list[list[Any]] = []
@@ -260,7 +311,12 @@ class WritePipeline:
             for op, key, value in p.ops:
                 size += MIN_FRAME_BYTES + len(key) + len(value)
                 if op is Op.DELETE:
-                    res.append(overlay[key] if key in overlay else self._store.exists(key))
+                    if key in overlay:
+                        res.append(overlay[key])
+                    elif key in self._exists:
+                        res.append(self._exists[key][0])
+                    else:
+                        res.append(self._store.exists(key))
                     overlay[key] = False
                 else:
                     res.append(None)
@@ -271,44 +327,96 @@ class WritePipeline:
         return records, results, size
 
     def _commit(self, batch: list[_Pending]) -> None:
+        """Hand one batch to the writer (once the window has room); its answer comes from
+        :meth:`_answer_loop`."""
+        while len(self._inflight) >= self._window:
+            self._settled.clear()
+            self._settled.wait()
         try:
             self.writer.check()
         except DKVError as e:  # definite: nothing was sequenced
-            for p in batch:
-                p.done.set_exception(e)
+            self._fail(batch, e)
             return
-        self._next_lsn = self._log.last_lsn + 1  # a failed batch may have been rolled back
+        if any(f.done.ready() and not f.done.successful() for f in self._inflight):
+            self._drain()  # a failed batch takes every later one with it: start again from the log
+        if self._failed is not None:
+            self._fail(batch, self._failed)
+            return
+        if not self._inflight:
+            self._next_lsn = self._log.last_lsn + 1  # a failed batch may have been rolled back
         records, results, size = self._sequence(batch)
+        done = gevent.event.AsyncResult()
         if not records:  # only barriers
-            for p, res in zip(batch, results):
-                p.done.set(res)
+            done.set(None)
+        else:
+            try:
+                done = self.writer.write(records)
+            except (QuorumNotReached, WriteTimeout, Unavailable, Moved) as e:
+                self._fail(batch, e)  # the writer refused it up front
+                return
+            except Exception as e:
+                done.set_exception(e)
+            self._next_lsn = records[-1].lsn + 1
+            last = records[-1].lsn
+            for r in records:
+                self._exists[r.key] = (r.op is not Op.DELETE, last)
+        self._inflight.append(_InFlight(batch, results, records, size, done))
+        self._more.set()
+
+    def _answer_loop(self) -> None:
+        """Answer the batches in flight in LSN order."""
+        while True:
+            while not self._inflight:
+                self._more.clear()
+                self._more.wait()
+            f = self._inflight[0]
+            try:
+                f.done.get()
+            except (QuorumNotReached, WriteTimeout, Unavailable, Moved) as e:
+                # the replicated writer decided the outcome (definite or not) and cleaned up
+                self._fail(f.batch, e)
+            except Exception as exc:
+                # An I/O error in append or fsync leaves the log's durable state
+                # unknown (a failed fsync may have dropped dirty pages), so the node
+                # stops taking writes instead of acknowledging on top of it.
+                logger.critical("write-ahead log failed at lsn %d: %s; refusing writes until restart",
+                                f.records[0].lsn, exc, exc_info=True)
+                self._failed = Unavailable(f"write-ahead log failed ({exc}); restart the node")
+                self._fail(f.batch, WriteTimeout("the log failed while writing; outcome unknown"))
+                self._fail_queued(self._failed)
+            else:
+                if f.records:
+                    self.batches += 1
+                    self.records += len(f.records)
+                    self._unchecked_bytes += f.size
+                    if self._unchecked_since is None:
+                        self._unchecked_since = time.monotonic()
+                for p, res in zip(f.batch, f.results):
+                    p.done.set(res)
+            self._inflight.popleft()
+            if f.records:
+                last = f.records[-1].lsn
+                for r in f.records:  # the store (or nothing, after a failure) now tells
+                    if r.key in self._exists and self._exists[r.key][1] <= last:
+                        del self._exists[r.key]
+            self._settled.set()
+            self._wake.set()  # the loop re-arms its checkpoint timer
+
+    def _drain(self) -> None:
+        """Wait until every batch in flight is answered."""
+        while self._inflight:
+            self._settled.clear()
+            self._settled.wait()
+
+    def _fail(self, batch: list[_Pending], error: DKVError) -> None:
+        for p in batch:
+            p.done.set_exception(error)
+
+    def _maybe_checkpoint(self) -> None:
+        """Checkpoint (with no batch in flight) once the WAL rolled over or one is due."""
+        if self._log.segment_count <= 1 and self._checkpoint_due_in() != 0.0:
             return
-        try:
-            self.writer.write(records)
-        except (QuorumNotReached, WriteTimeout, Unavailable, Moved) as e:
-            # the replicated writer decided the outcome (definite or not) and cleaned up
-            for p in batch:
-                p.done.set_exception(e)
-            return
-        except Exception as exc:
-            # An I/O error in append or fsync leaves the log's durable state
-            # unknown (a failed fsync may have dropped dirty pages), so the node
-            # stops taking writes instead of acknowledging on top of it.
-            logger.critical("write-ahead log failed at lsn %d: %s; refusing writes until restart",
-                            records[0].lsn, exc, exc_info=True)
-            self._failed = Unavailable(f"write-ahead log failed ({exc}); restart the node")
-            for p in batch:
-                p.done.set_exception(WriteTimeout("the log failed while writing; outcome unknown"))
-            self._fail_queued(self._failed)
-            return
-        self._next_lsn = records[-1].lsn + 1
-        self.batches += 1
-        self.records += len(records)
-        for p, res in zip(batch, results):
-            p.done.set(res)
-        self._unchecked_bytes += size
-        if self._unchecked_since is None:
-            self._unchecked_since = time.monotonic()
+        self._drain()
         self._checkpoint(rolled=checkpoint(self._log, self._store, self._offload))
 
     def _checkpoint_due_in(self) -> float | None:
