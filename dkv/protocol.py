@@ -21,6 +21,15 @@ One failing op never fails the others.
 gets until they reach the page budget (at least one); the gets after that are not
 read and fail alone with the retryable :class:`~dkv.errors.Deferred`, which the
 client resends in its next batch.
+
+**Framing** (:mod:`dkv.transport`): every RPC, ``batch`` and the internal ones
+alike, travels as a *lean call*: one zerorpc-format event each way over a
+ZeroMQ DEALER -> ROUTER connection (CURVE-encrypted with auth). The request is
+one frame, msgpack ``[{"message_id": id, "v": 3, "dkv_lean": 1}, method, args]``;
+the answer is ``[{"response_to": id, "v": 3}, "OK", [result]]`` or
+``[..., "ERR", [error class name, message, ""]]``. A node also answers classic
+zerorpc clients (channels and heartbeats) on the same port, so ``zerorpc.Client``
+works for debugging.
 """
 from __future__ import annotations
 

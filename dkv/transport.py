@@ -1,4 +1,13 @@
-"""zerorpc, hardened: the one module that reaches into zerorpc's channel internals.
+"""The wire between dkv processes: lean calls, and zerorpc hardened (the one module that
+reaches into zerorpc's internals).
+
+**Lean calls** (:class:`LeanClient`, answered by :class:`RPCServer`) carry every
+dkv RPC: one zerorpc-format event each way, without zerorpc's per-call channel,
+buffered channel and heartbeat greenlets on both ends, which cost more than
+ZeroMQ itself (benchmarks/README.md). Liveness comes from ZeroMQ's own heartbeat
+and the socket monitor. All of dkv's sockets are pyzmq's green sockets
+(:class:`GreenContext`). The node still serves classic zerorpc calls, made
+robust as follows.
 
 zerorpc reads each socket with one dispatcher greenlet, which hands every event
 to its channel with a *blocking* put into a one-slot queue. A channel left
