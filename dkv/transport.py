@@ -60,7 +60,7 @@ import zmq
 import zmq.green
 import zmq.utils.z85
 from zerorpc.channel import BufferedChannel, Channel, ChannelMultiplexer
-from zerorpc.events import Event, get_pyzmq_frame_buffer
+from zerorpc.events import Event, SequentialReceiver, get_pyzmq_frame_buffer
 from zerorpc.heartbeat import HeartBeatOnChannel
 
 from dkv.auth import PEER, Credentials
@@ -318,9 +318,11 @@ class LeanClient:
             raise AuthError(self.watch.reason)
         if self.lost:
             raise zerorpc.LostRemote(self.lost)
-        if not self.watch.up.is_set() and not self.watch.up.wait(timeout=min(timeout, LEAN_CONNECT_TIMEOUT)):
+        if not self.watch.up.is_set():  # not connected yet: wait for the handshake (or its refusal)
+            gevent.wait([self.watch.up, self.watch.failed], timeout=min(timeout, LEAN_CONNECT_TIMEOUT), count=1)
             if self.watch.failed.is_set():
                 raise AuthError(self.watch.reason)
+        if not self.watch.up.is_set():
             self._lost(f"cannot connect to {self.addr}")  # nothing was sent: the next call starts afresh
             raise zerorpc.LostRemote(self.lost)
         mid = next(self._ids)
@@ -439,6 +441,18 @@ def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None],
         queue.put_nowait(event)
 
 
+def _arity(sig: inspect.Signature) -> tuple[int, float]:
+    """How many positional arguments a method takes: (at least, at most)."""
+    low, high = 0, 0.0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            high = float("inf")
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            high += 1
+            low += p.default is p.empty
+    return low, high
+
+
 def _close_now(bufchan: BufferedChannel, hbchan: HeartBeatOnChannel, channel: Channel) -> None:
     """Close a request's channel stack without yielding (zerorpc's own close yields at
     each greenlet kill, where a late LostRemote can cut it short)."""
@@ -473,6 +487,7 @@ class RPCServer(zerorpc.Server):
         self.max_inflight_bytes = max(MIN_INFLIGHT_BYTES, 4 * max_message_bytes)
         self._signatures = {name: inspect.signature(self._methods[name]._functor)
                             for name in access if name in self._methods}
+        self._arity = {name: _arity(sig) for name, sig in self._signatures.items()}
         missing = set(access) - set(self._signatures)
         if missing:
             raise TypeError(f"access names methods the server lacks: {sorted(missing)}")
@@ -489,6 +504,11 @@ class RPCServer(zerorpc.Server):
         if creds is not None:
             self._zap = ZapHandler(creds.roles())
             secure_server(sock, creds)
+        # Read the socket in the dispatcher itself: zerorpc's reader greenlet (spawned, not
+        # started) would hand every message over through a channel, a switch each.
+        receiver = self._events._recv
+        receiver._recv_task.kill(block=False)
+        self._read_frames = lambda: SequentialReceiver._recv(receiver)
         harden(self, self._recv_request, self._lean)
 
     def close(self) -> None:
@@ -501,7 +521,7 @@ class RPCServer(zerorpc.Server):
 
     def _recv_request(self) -> Event | None:
         """The next event, checked; None (and a rate-limited warning) for undecodable input."""
-        parts = self._events._recv()
+        parts = self._read_frames()
         blob = parts[-1]
         try:
             event = Event.unpack(get_pyzmq_frame_buffer(blob))
@@ -551,10 +571,13 @@ class RPCServer(zerorpc.Server):
         args = event.args
         if not isinstance(args, (list, tuple)):
             raise InvalidArgument(f"{name}: arguments must be a list")
-        try:
-            self._signatures[name].bind(*args)
-        except TypeError as e:
-            raise InvalidArgument(f"{name}: {e}") from None
+        low, high = self._arity[name]
+        if not low <= len(args) <= high:
+            try:  # the precise message
+                self._signatures[name].bind(*args)
+            except TypeError as e:
+                raise InvalidArgument(f"{name}: {e}") from None
+            raise InvalidArgument(f"{name}: takes {low} to {high} arguments")
         self._inflight[conn] = self._inflight.get(conn, 0) + 1
         self._inflight_bytes += size
 
