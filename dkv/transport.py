@@ -95,8 +95,9 @@ GARBAGE_LOG_INTERVAL = 10.0
 
 #: A lean call's header flag (see :class:`LeanClient`).
 LEAN = "dkv_lean"
-#: A lean client drops a connection whose node answered no ZeroMQ ping for this long (s),
-#: and gives up a call when it could not connect for this long (nothing was sent then).
+#: A lean client fails the calls in flight to a node that sent nothing for this long (s; it
+#: pings a quiet node meanwhile), and gives up a call when it could not connect for this
+#: long (nothing was sent then).
 LEAN_HEARTBEAT_TIMEOUT = 2 * HEARTBEAT
 LEAN_CONNECT_TIMEOUT = 2 * HEARTBEAT
 
@@ -280,13 +281,17 @@ class LeanClient:
     reader greenlet hands each answer to its caller. Requests on one socket reach the
     node in the order they were sent.
 
-    Liveness comes from ZeroMQ, not from per-call heartbeats: the socket pings the
-    node every :data:`HEARTBEAT` seconds and drops the connection after
-    :data:`LEAN_HEARTBEAT_TIMEOUT` without an answer (libzmq's I/O thread answers
-    pings, so a busy node is not taken for dead; a stopped one is). A dropped
-    connection (the node died, or stopped answering pings) or a refused handshake
-    fails every call in flight at once; the caller then opens a new socket, so
-    nothing queued on this one reaches a node restarted on the address later. A
+    Liveness, one watchdog per socket instead of a heartbeat per call: while calls
+    are in flight and the node has sent nothing for :data:`HEARTBEAT` seconds, the
+    client sends it a lean ``ping``; after :data:`LEAN_HEARTBEAT_TIMEOUT` of
+    silence every call in flight fails (the node is stopped or unreachable), as
+    zerorpc's heartbeats made them. (ZeroMQ's own ZMTP heartbeats would do this
+    in the I/O thread, but libzmq 4.3 aborts the process on a heartbeat timeout
+    under backpressure: "Assertion failed: !_io_error", zeromq/libzmq#4364,
+    #3937; a replica resumed from SIGSTOP died of it.) The socket monitor fails
+    every call in flight as soon as the connection drops (the node died) or a
+    handshake is refused; the caller then opens a new socket, so nothing queued
+    on this one reaches a node restarted on the address later. A
     call on a socket that has not connected waits at most
     :data:`LEAN_CONNECT_TIMEOUT` for the connection (a dead address fails fast,
     as it did with zerorpc's heartbeats), and sends nothing if it does not come.
@@ -298,8 +303,6 @@ class LeanClient:
         sock.setsockopt(zmq.LINGER, 0)  # unsent requests die with the socket
         sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
         sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LEAN_HEARTBEAT_TIMEOUT * 1000))
         if creds is not None:
             secure_client(sock, creds)
         self._socket = sock
@@ -310,6 +313,9 @@ class LeanClient:
         self.watch = HandshakeWatch(sock, addr, creds is not None, on_lost=self._lost)
         sock.connect(f"tcp://{addr}")
         self._reader = gevent.spawn(self._read)
+        #: monotonic time the node last sent us anything; the watchdog (while calls are in flight)
+        self._heard = 0.0
+        self._watchdog: gevent.Greenlet | None = None
 
     def call(self, method: str, args: Any, timeout: float) -> Any:
         """The call's result; raises ``zerorpc.RemoteError`` (the node's error),
@@ -327,7 +333,11 @@ class LeanClient:
             raise zerorpc.LostRemote(self.lost)
         mid = next(self._ids)
         result = gevent.event.AsyncResult()
+        if not self._pending:
+            self._heard = time.monotonic()  # silence counts from the first call in flight
         self._pending[mid] = result
+        if self._watchdog is None:
+            self._watchdog = gevent.spawn(self._watch)
         try:
             self._socket.send(msgpack.packb(({"message_id": mid, "v": 3, LEAN: 1}, method, args),
                                             use_bin_type=True))
@@ -343,6 +353,7 @@ class LeanClient:
                 frames = self._socket.recv_multipart()
             except zmq.ZMQError:
                 return  # closed
+            self._heard = time.monotonic()
             try:
                 header, name, args = msgpack.unpackb(frames[-1], raw=False)
                 result = self._pending.get(header["response_to"])
@@ -355,6 +366,29 @@ class LeanClient:
             else:
                 result.set_exception(zerorpc.RemoteError(*(list(args) + ["", "", ""])[:3]))
 
+    def _watch(self) -> None:
+        """While calls are in flight: ping a node that has gone quiet, and give up on it
+        (fail every call in flight) once it has been silent for LEAN_HEARTBEAT_TIMEOUT."""
+        try:
+            while self._pending and not self.lost:
+                gevent.sleep(HEARTBEAT / 2)
+                silent = time.monotonic() - self._heard
+                if not self._pending or self.lost:
+                    break
+                if silent >= LEAN_HEARTBEAT_TIMEOUT:
+                    self._lost(f"{self.addr} sent nothing for {silent:.1f}s")
+                    break
+                if silent >= HEARTBEAT / 2:  # any answer counts, even an error
+                    ping = ({"message_id": next(self._ids), "v": 3, LEAN: 1}, "ping", ())
+                    try:
+                        self._socket.send(msgpack.packb(ping, use_bin_type=True), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # the queue to the node is full: the silence decides
+        except zmq.ZMQError:
+            pass  # closed
+        finally:
+            self._watchdog = None
+
     def _lost(self, reason: str) -> None:
         self.lost = self.lost or reason
         pending, self._pending = self._pending, {}
@@ -364,6 +398,8 @@ class LeanClient:
     def close(self) -> None:
         self._lost("closed")
         self._reader.kill(block=False)
+        if self._watchdog is not None:
+            self._watchdog.kill(block=False)
         self.watch.close()
         self._socket.close()
 

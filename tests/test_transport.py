@@ -208,3 +208,39 @@ def test_a_lean_call_to_an_address_nobody_listens_on_fails_fast() -> None:
             srv.close()
     finally:
         conn.close()
+
+
+def test_a_silent_node_fails_lean_calls_in_flight_and_a_slow_live_one_does_not() -> None:
+    """A node that accepts the connection but sends nothing (stopped, wedged) fails the calls
+    in flight once it has been silent for the watchdog's limit, long before their timeout; a
+    live node that takes longer than that to answer one call is pinged and not given up on."""
+    import zmq
+
+    from dkv.transport import LEAN_HEARTBEAT_TIMEOUT, GreenContext
+
+    addr = f"127.0.0.1:{_free_port()}"
+    mute = GreenContext.instance().socket(zmq.ROUTER)  # takes the connection, never answers
+    mute.linger = 0
+    mute.bind(f"tcp://{addr}")
+    conn = Connection(addr, timeout=60)
+    try:
+        call = gevent.spawn(conn.request, "ping")
+        call.join(timeout=20)  # a bound on the test: 60 s would be the call's timeout
+        assert call.ready(), "a call to a silent node waited for its timeout"
+        assert isinstance(call.exception, TransportError)
+        assert "sent nothing" in str(call.exception)
+    finally:
+        conn.close()
+        mute.close()
+
+    srv = RPCServer(Failing(), access={"ping": "client", "slow": "client"})
+    addr = f"127.0.0.1:{_free_port()}"
+    srv.bind(f"tcp://{addr}")
+    runner = gevent.spawn(srv.run)
+    conn = Connection(addr, timeout=60)
+    try:
+        assert conn.request("slow", LEAN_HEARTBEAT_TIMEOUT + 1.5) == "done"
+    finally:
+        conn.close()
+        runner.kill()
+        srv.close()
