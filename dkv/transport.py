@@ -219,9 +219,7 @@ class HandshakeWatch:
         self.addr = addr
         self.secured = secured
         self.failed = gevent.event.Event()
-        #: a handshake has succeeded on this socket (calls then need no watching)
-        self.connected = False
-        #: set once a handshake has succeeded (as an event to wait on)
+        #: set once a handshake has succeeded (calls wait for it before they send)
         self.up = gevent.event.Event()
         self.reason = ""
         self._on_lost = on_lost
@@ -238,7 +236,6 @@ class HandshakeWatch:
             except zmq.ZMQError:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True
                 self.up.set()
                 self.failed.clear()
             elif event == zmq.EVENT_DISCONNECTED:
@@ -339,13 +336,16 @@ class LeanClient:
         if self._watchdog is None:
             self._watchdog = gevent.spawn(self._watch)
         try:
-            self._socket.send(msgpack.packb(({"message_id": mid, "v": 3, LEAN: 1}, method, args),
-                                            use_bin_type=True))
+            self._socket.send(self._request(mid, method, args))
             return result.get(timeout=timeout)
         except gevent.Timeout:
             raise zerorpc.TimeoutExpired(timeout) from None
         finally:
             self._pending.pop(mid, None)
+
+    @staticmethod
+    def _request(mid: int, method: str, args: Any) -> bytes:
+        return msgpack.packb(({"message_id": mid, "v": 3, LEAN: 1}, method, args), use_bin_type=True)
 
     def _read(self) -> None:
         while True:
@@ -379,9 +379,8 @@ class LeanClient:
                     self._lost(f"{self.addr} sent nothing for {silent:.1f}s")
                     break
                 if silent >= HEARTBEAT / 2:  # any answer counts, even an error
-                    ping = ({"message_id": next(self._ids), "v": 3, LEAN: 1}, "ping", ())
                     try:
-                        self._socket.send(msgpack.packb(ping, use_bin_type=True), zmq.NOBLOCK)
+                        self._socket.send(self._request(next(self._ids), "ping", ()), zmq.NOBLOCK)
                     except zmq.Again:
                         pass  # the queue to the node is full: the silence decides
         except zmq.ZMQError:
@@ -425,24 +424,6 @@ def harden(socket: zerorpc.Server | zerorpc.Client,
     if old is not None:
         old.kill(block=False)  # spawned but not started: it never reads an event
     mux._channel_dispatcher_task = gevent.spawn(_dispatch, mux, recv or mux._events.recv, lean)
-
-
-def close_client(client: zerorpc.Client) -> None:
-    """Close a zerorpc client without hanging.
-
-    zerorpc's close kills the socket's sender greenlet and waits for it to die. If
-    that greenlet is between the two frames of a request when its connection goes
-    away for good (a CURVE handshake the node refused terminates the pipe), it
-    catches the GreenletExit, retries the last frame, and blocks for ever: no peer
-    will take it. ``close`` then never returns (a caller with a wrong key hung in
-    about one call in a few hundred). Throw again until it dies.
-    """
-    task = getattr(getattr(client._events, "_send", None), "_send_task", None)
-    for _ in range(10):
-        if task is None or task.dead:
-            break
-        task.kill(block=True, timeout=0.1)
-    client.close()
 
 
 def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None],

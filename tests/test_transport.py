@@ -110,14 +110,7 @@ def test_request_channels_are_closed_when_calls_end_or_clients_vanish(server: An
 # -- lean calls (dkv.transport.LeanClient) --------------------------------------------
 
 
-class Failing:
-    def ping(self) -> str:
-        return "pong"
-
-    def slow(self, seconds: float) -> str:
-        gevent.sleep(seconds)
-        return "done"
-
+class Failing(Methods):
     def boom(self) -> None:
         raise InvalidArgument("no such thing")
 
@@ -164,7 +157,9 @@ def test_a_dropped_connection_fails_lean_calls_in_flight_at_once(lean_server: An
     try:
         assert conn.request("ping") == "pong"
         call = gevent.spawn(conn.request, "slow", 30)
-        gevent.sleep(0.1)
+        with gevent.Timeout(10):  # a bound on the test: the request reaches the node at once
+            while not srv._inflight:
+                gevent.sleep(0.01)
         srv.close()  # the node's socket goes away: the peer sees the connection drop
         call.join(timeout=20)  # a bound on the test, not an assertion: 60 s would be the timeout
         assert call.ready(), "the call in flight was not failed when the connection dropped"
