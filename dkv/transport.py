@@ -426,6 +426,24 @@ def harden(socket: zerorpc.Server | zerorpc.Client,
     mux._channel_dispatcher_task = gevent.spawn(_dispatch, mux, recv or mux._events.recv, lean)
 
 
+def close_client(client: zerorpc.Client) -> None:
+    """Close a zerorpc client without hanging.
+
+    zerorpc's close kills the socket's sender greenlet and waits for it to die. If
+    that greenlet is between the two frames of a request when its connection goes
+    away for good (a CURVE handshake the node refused terminates the pipe), it
+    catches the GreenletExit, retries the last frame, and blocks for ever: no peer
+    will take it. ``close`` then never returns (a caller with a wrong key hung in
+    about one call in a few hundred). Throw again until it dies.
+    """
+    task = getattr(getattr(client._events, "_send", None), "_send_task", None)
+    for _ in range(10):
+        if task is None or task.dead:
+            break
+        task.kill(block=True, timeout=0.1)
+    client.close()
+
+
 def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None],
               lean: Callable[[Event], None] | None) -> None:
     while True:
