@@ -2,14 +2,36 @@
 
 A client sends ``batch(ops)`` where every op is a list ``[name, key, *args]``:
 
-=========  ==========================  =================================
-name       args                        result
-=========  ==========================  =================================
-``get``    ``key[, consistency]``      value bytes, or ``None``
-``exists`` ``key``                     ``bool``
-``set``    ``key, value``              ``None``
-``del``    ``key``                     ``bool`` (the key existed)
-=========  ==========================  =================================
+===========  =====================================  =============================================
+name         args                                   result
+===========  =====================================  =============================================
+``get``      ``key[, consistency]``                 value bytes, or ``None``
+``getm``     ``key[, consistency]``                 ``[value, revision, expires_at]`` or ``None``
+``exists``   ``key[, consistency]``                 ``bool``
+``ttl``      ``key[, consistency]``                 milliseconds left, or ``None`` (no deadline,
+                                                    or no key)
+``set``      ``key, value[, px[, cond]]``           the write's revision, or ``None``: ``cond``
+                                                    (``"nx"``: only if absent, ``"xx"``: only if
+                                                    present) failed and nothing changed
+``cas``      ``key, expected, new[, px]``           revision, or ``None`` if the value was not
+                                                    ``expected`` (``None``: absent)
+``del``      ``key[, if_value]``                    ``bool``: the key existed (and had ``if_value``)
+                                                    and is deleted
+``incr``     ``key, amount``                        the new integer (the value is an ASCII decimal;
+                                                    absent counts as 0; the deadline stays)
+``expire``   ``key, px``                            ``bool``: the key exists and got the deadline
+``persist``  ``key``                                ``bool``: the key had a deadline and lost it
+===========  =====================================  =============================================
+
+``px`` is a time to live in milliseconds (a positive integer, at most
+:data:`MAX_TTL_MS`; ``None``: no deadline): the key expires that long after the
+writer decides the write. ``set`` and ``cas`` replace the deadline (none unless
+``px``); ``incr`` keeps it. ``expires_at`` is milliseconds since the Unix epoch
+(0: none). A revision is an integer that increases with every change of a shard
+(across failovers and migrations); a key's revision is that of its last write.
+Every condition is decided by the shard's writer, once (DESIGN §11).
+
+Watches are a separate, streaming RPC (``watch``), see :mod:`dkv.watch`.
 
 The reply is one entry per op, in order: ``[0, result]`` on success or
 ``[1, [code, message, data]]`` on failure (see :func:`dkv.errors.to_wire`).
@@ -39,12 +61,22 @@ from dkv.errors import DKVError, from_wire, to_wire
 from dkv.keys import ITEM_OVERHEAD
 
 GET = "get"
+GETM = "getm"
 EXISTS = "exists"
+TTL = "ttl"
 SET = "set"
+CAS = "cas"
 DEL = "del"
+INCR = "incr"
+EXPIRE = "expire"
+PERSIST = "persist"
 
-READ_OPS = frozenset({GET, EXISTS})
-WRITE_OPS = frozenset({SET, DEL})
+READ_OPS = frozenset({GET, GETM, EXISTS, TTL})
+WRITE_OPS = frozenset({SET, CAS, DEL, INCR, EXPIRE, PERSIST})
+#: set's conditions
+NX, XX = "nx", "xx"
+#: the longest time to live (about 100 years), in milliseconds
+MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
 
 CONSISTENCY_LEVELS = ("sequential", "linearizable", "eventual")
 

@@ -16,6 +16,7 @@ import gevent.event
 import msgpack
 import pytest
 
+from dkv.node.sequencer import delete as del_w, put as put_w
 from dkv import protocol
 from dkv.client.connection import MAX_BATCH_BYTES, MAX_BATCH_OPS, Connection
 from dkv.client.core import CHUNK, _chunks, iter_scan
@@ -107,10 +108,10 @@ def test_group_commit_takes_submissions_up_to_the_page_budget() -> None:
     log, store = MemoryLog(), Store.open("memory")
     writer = _RecordingWriter(log, store)
     pipe = WritePipeline(log, store, writer, offload=False)
-    big_alone = [(Op.PUT, f"alone{i}".encode(), BIG) for i in range(12)]  # one submission over the budget
-    jobs = [gevent.spawn(pipe.submit, [(Op.PUT, f"k{i}".encode(), BIG)]) for i in range(N_BIG)]
+    big_alone = [put_w(f"alone{i}".encode(), BIG) for i in range(12)]  # one submission over the budget
+    jobs = [gevent.spawn(pipe.submit, [put_w(f"k{i}".encode(), BIG)]) for i in range(N_BIG)]
     jobs.append(gevent.spawn(pipe.submit, big_alone))
-    jobs += [gevent.spawn(pipe.submit, [(Op.PUT, f"small{i}".encode(), b"s")]) for i in range(100)]
+    jobs += [gevent.spawn(pipe.submit, [put_w(f"small{i}".encode(), b"s")]) for i in range(100)]
     gevent.joinall(jobs, raise_error=True)
     pipe.close()
     assert store.applied_lsn == N_BIG + 12 + 100
@@ -225,7 +226,7 @@ def _source() -> tuple[MigrationSource, Store, MemoryLog, WritePipeline]:
     log, store = MemoryLog(), Store.open("memory")
     pipe = WritePipeline(log, store, LocalWriter(log, store, 1, offload=False), offload=False)
     for r in big_records():
-        pipe.submit([(r.op, r.key, r.value)])
+        pipe.submit([put_w(r.key, r.value)])
     return MigrationSource(log, store, pipe, False, confirm_frozen=lambda mid: (None, 0)), store, log, pipe  # type: ignore[arg-type,return-value]
 
 
@@ -273,7 +274,8 @@ def service() -> Any:
 def _load(svc: NodeService, n: int = N_BIG) -> list[bytes]:
     keys = [f"big{i:03d}".encode() for i in range(n)]
     for k in keys:
-        assert svc.batch([["set", k, BIG]]) == [[0, None]]
+        [[ok, rev]] = svc.batch([["set", k, BIG]])
+        assert ok == 0 and isinstance(rev, int)
     return keys
 
 
@@ -283,7 +285,7 @@ def test_a_batch_over_the_budget_is_refused_whole_and_changes_nothing(service: N
     with pytest.raises(InvalidArgument, match="split it"):
         service.batch(ops)
     assert service.store.applied_lsn == 0
-    assert service.batch(ops[:7]) == [[0, None]] * 7  # within the budget
+    assert [r[0] for r in service.batch(ops[:7])] == [0] * 7  # within the budget
 
 
 def test_gets_past_the_reply_budget_are_deferred_not_read(service: NodeService) -> None:
@@ -329,7 +331,7 @@ def test_each_odd_op_fails_alone_and_changes_nothing(service: NodeService, bad: 
     service.batch([["set", b"k", b"old"]])
     lsn = service.store.applied_lsn
     reply = service.batch([["get", b"k"], bad, ["set", b"other", b"1"], ["get", b"k"]])
-    assert reply[0] == [0, b"old"] and reply[2] == [0, None] and reply[3] == [0, b"old"]
+    assert reply[0] == [0, b"old"] and reply[2][0] == 0 and reply[3] == [0, b"old"]
     assert reply[1][0] == protocol.ERR
     code, message, _ = reply[1][1]
     assert code in (InvalidArgument.code, "KEY_EMPTY")

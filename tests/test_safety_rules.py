@@ -21,6 +21,7 @@ from typing import Any
 import gevent
 import pytest
 
+from dkv.node.sequencer import delete as del_w, put as put_w
 from dkv.client.connection import TransportError
 from dkv.cluster.follower import FollowerDriver, PromiseFile
 from dkv.cluster.leader import ReplicatedWriter
@@ -209,17 +210,17 @@ def test_a_rolled_back_record_kept_by_a_replica_never_passes_for_the_next_one() 
     b, c = w.replicas["b"], w.replicas["c"]
     try:
         with gevent.Timeout(30, AssertionError("the scenario hung")):
-            pipe.submit([(Op.PUT, b"base", b"1")])
+            pipe.submit([put_w(b"base", b"1")])
             assert store.applied_lsn == 1 and w.epoch == 2
             w.links.update(b=PREPARES_ONLY, c=DOWN)
             with pytest.raises(WriteTimeout):  # b may hold it: not a definite failure
-                pipe.submit([(Op.PUT, b"ghost", b"rolled back")])
+                pipe.submit([put_w(b"ghost", b"rolled back")])
             assert log.last_lsn == 1 and store.applied_lsn == 1  # rolled back here
             kept = list(b.log.read_from(2))
             assert [(r.epoch, r.lsn, r.key) for r in kept] == [(2, 2, b"ghost")]  # ... not on b
             assert bumps == []  # the bump comes with the next write
             w.links.update(b=DOWN, c=UP)
-            pipe.submit([(Op.PUT, b"fresh", b"2")])  # acknowledged: the writer and c
+            pipe.submit([put_w(b"fresh", b"2")])  # acknowledged: the writer and c
             assert bumps == [3] and w.epoch == 3, "the epoch must rise before the next acknowledged write"
             records = list(log.read_from(1))
             assert [(r.lsn, r.key) for r in records] == [(1, b"base"), (2, b"fresh")]

@@ -86,7 +86,7 @@ def test_decode_from_returns_none_on_garbage_without_raising() -> None:
         "len-too-small": frame(body[:20]),
         "len-too-big": struct.pack("<II", MAX_BODY_BYTES + 1, 0) + body,
         "unknown-op": frame(body[:16] + b"\x09" + body[17:]),
-        "key-len-overflows": frame(body[:17] + struct.pack("<I", 999) + body[21:]),
+        "key-len-overflows": frame(body[:33] + struct.pack("<I", 999) + body[37:]),  # past op, rev, expires_at
         "value-len-short": frame(body[:-len(b"value") - 4] + struct.pack("<I", 4) + b"value"),
         "zeros": bytes(64),
     }

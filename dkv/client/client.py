@@ -21,6 +21,7 @@ import atexit
 import threading
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import gevent
@@ -38,6 +39,33 @@ T = TypeVar("T")
 Job = Callable[[ClientCore], Any]
 
 DEFAULT_ADDR = "127.0.0.1:7000"
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """A value with its metadata, from ``get(key, with_meta=True)``."""
+
+    value: bytes
+    #: the revision of the key's last write: it increases with every change of the key's
+    #: shard, across failovers and migrations
+    revision: int
+    #: when the key expires (Unix time, seconds), or None
+    expires_at: float | None
+
+
+def ttl_ms(ex: float | None, px: int | None) -> int | None:
+    """A time to live in milliseconds from ``ex`` (seconds) or ``px`` (milliseconds), checked."""
+    if ex is not None and px is not None:
+        raise InvalidArgument("give ex (seconds) or px (milliseconds), not both")
+    if ex is not None:
+        if isinstance(ex, bool) or not isinstance(ex, (int, float)) or not ex > 0:
+            raise InvalidArgument("ex must be a positive number of seconds")
+        return max(1, round(ex * 1000))
+    if px is not None:
+        if isinstance(px, bool) or not isinstance(px, int) or px <= 0:
+            raise InvalidArgument("px must be a positive whole number of milliseconds")
+        return px
+    return None
 
 
 class _InlineRunner:
@@ -168,20 +196,85 @@ class Client:
 
     # -- single keys ----------------------------------------------------------
 
-    def set(self, key: bytes | str, value: bytes | str) -> None:
-        self._one([protocol.SET, _key(key), as_bytes(value, "value")])
+    def set(self, key: bytes | str, value: bytes | str, *, ex: float | None = None, px: int | None = None,
+            nx: bool = False, xx: bool = False) -> bool:
+        """Set ``key``; True if written. ``ex`` (seconds) or ``px`` (milliseconds): the key
+        expires that long after the write (without either it never does, whatever it had).
+        ``nx``: only if the key is absent; ``xx``: only if it is present. False means the
+        condition failed and nothing changed; a plain ``set`` always returns True."""
+        return self.set_revision(key, value, ex=ex, px=px, nx=nx, xx=xx) is not None
 
-    def get(self, key: bytes | str, consistency: str = "sequential") -> bytes | None:
-        """The value of ``key`` or None. ``consistency="eventual"`` may read from any up member
-        of the key's shard (a replica may lag); ``sequential``/``linearizable`` read the writer."""
-        return self._one([protocol.GET, _key(key), consistency])
+    def set_revision(self, key: bytes | str, value: bytes | str, *, ex: float | None = None,
+                     px: int | None = None, nx: bool = False, xx: bool = False) -> int | None:
+        """:meth:`set`, returning the write's revision (None: the condition failed)."""
+        if nx and xx:
+            raise InvalidArgument("nx and xx exclude each other")
+        op: list[Any] = [protocol.SET, _key(key), as_bytes(value, "value")]
+        ttl, cond = ttl_ms(ex, px), protocol.NX if nx else protocol.XX if xx else None
+        if ttl is not None or cond is not None:
+            op += [ttl, cond]
+        return self._one(op)
+
+    def cas(self, key: bytes | str, expected: bytes | str | None, new: bytes | str, *,
+            ex: float | None = None, px: int | None = None) -> bool:
+        """Set ``key`` to ``new`` only if its value is ``expected`` (None: only if absent);
+        True if written. ``ex``/``px`` as for :meth:`set`."""
+        op: list[Any] = [protocol.CAS, _key(key), None if expected is None else as_bytes(expected, "expected"),
+                         as_bytes(new, "value")]
+        ttl = ttl_ms(ex, px)
+        if ttl is not None:
+            op.append(ttl)
+        return self._one(op) is not None
+
+    def get(self, key: bytes | str, consistency: str = "sequential", *,
+            with_meta: bool = False) -> "bytes | Meta | None":
+        """The value of ``key`` or None (also once it expired). ``consistency="eventual"`` may
+        read from any up member of the key's shard (a replica may lag);
+        ``sequential``/``linearizable`` read the writer. ``with_meta``: a :class:`Meta`."""
+        if not with_meta:
+            return self._one([protocol.GET, _key(key), consistency])
+        got = self._one([protocol.GETM, _key(key), consistency])
+        if got is None:
+            return None
+        value, rev, expires_at = got
+        return Meta(value, rev, expires_at / 1000 if expires_at else None)
 
     def exists(self, key: bytes | str) -> bool:
         return self._one([protocol.EXISTS, _key(key)])
 
-    def delete(self, key: bytes | str) -> bool:
-        """Delete ``key``; True if it existed. Deleting a missing key is not an error."""
-        return self._one([protocol.DEL, _key(key)])
+    def delete(self, key: bytes | str, *, if_value: bytes | str | None = None) -> bool:
+        """Delete ``key``; True if it existed (and, with ``if_value``, had that value: else
+        nothing changes). Deleting a missing key is not an error."""
+        if if_value is None:
+            return self._one([protocol.DEL, _key(key)])
+        return self._one([protocol.DEL, _key(key), as_bytes(if_value, "if_value")])
+
+    def incr(self, key: bytes | str, amount: int = 1) -> int:
+        """Add ``amount`` to the integer stored at ``key`` (an ASCII decimal; absent counts as
+        0) and return the result. A value that is not an integer: ``InvalidArgument``."""
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise InvalidArgument("amount must be an integer")
+        return self._one([protocol.INCR, _key(key), amount])
+
+    def decr(self, key: bytes | str, amount: int = 1) -> int:
+        """Subtract ``amount``; see :meth:`incr`."""
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise InvalidArgument("amount must be an integer")
+        return self.incr(key, -amount)
+
+    def ttl(self, key: bytes | str) -> float | None:
+        """Seconds until ``key`` expires; None if it has no deadline or does not exist."""
+        ms = self._one([protocol.TTL, _key(key)])
+        return None if ms is None else max(0.0, ms / 1000)
+
+    def expire(self, key: bytes | str, seconds: float) -> bool:
+        """Make ``key`` expire ``seconds`` from now; False if it does not exist."""
+        ttl = ttl_ms(seconds, None)
+        return self._one([protocol.EXPIRE, _key(key), ttl])
+
+    def persist(self, key: bytes | str) -> bool:
+        """Remove ``key``'s deadline; False if it has none or does not exist."""
+        return self._one([protocol.PERSIST, _key(key)])
 
     # -- many keys ------------------------------------------------------------
 

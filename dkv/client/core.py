@@ -161,9 +161,9 @@ class ClientCore:
         return replies  # type: ignore[return-value]
 
     def _route(self, smap: SlotMap, op: list[Any], spread: bool) -> str:
-        """The node for ``op``: its slot's writer, or (``spread``) any candidate for an eventual get."""
+        """The node for ``op``: its slot's writer, or (``spread``) any candidate for an eventual read."""
         slot = slot_of(op[1])
-        if spread and op[0] == protocol.GET and len(op) > 2:
+        if spread and op[0] in protocol.READ_OPS and len(op) > 2:
             return smap.reader(slot, op[2], self._rng)
         return smap.writer(slot)
 

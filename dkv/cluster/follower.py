@@ -265,14 +265,14 @@ class FollowerDriver:
             snap.close()
 
     def snapshot_chunk(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
-                       lsn: int, last_epoch: int) -> list[Any]:
+                       lsn: int, last_epoch: int, rev: int = 0) -> list[Any]:
         """Install one chunk of the writer's storage snapshot taken at ``lsn``."""
         epoch, lsn = int(epoch), int(lsn)
         self._check_recorded(epoch)
         with self._lock:
             refusal = self.state.on_snapshot(epoch, lsn)
             if refusal is None:
-                self._run(self._install, first, pairs, done, lsn, last_epoch)
+                self._run(self._install, first, pairs, done, lsn, last_epoch, rev)
                 if done:
                     self.state.snapshot_installed(lsn)
                     logger.info("installed a snapshot at lsn %d", lsn)
@@ -283,17 +283,16 @@ class FollowerDriver:
         return Reply("", self.state.promised, self.log.last_lsn, self.log.last_epoch,
                      self.log.last_lsn if done else 0, self.store.applied_lsn).to_wire()
 
-    def _install(self, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int) -> None:
+    def _install(self, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int,
+                 rev: int) -> None:
         if first:
             self._unapplied.clear()
             self.store.clear()
-        with self.store.batch() as b:
-            for k, v in pairs:
-                b.put(k, v)
+        self.store.install(pairs)
         if done:
-            self.store.set_applied(lsn, last_epoch)
+            self.store.set_applied(lsn, last_epoch, rev)
             self.store.checkpoint()
-            self.log.reset_to(lsn)
+            self.log.reset_to(lsn, rev)
 
     def track_shard(self, epoch: int, same_shard: bool) -> None:
         """The cluster view shows our shard at ``epoch`` (``same_shard``: the shard we

@@ -359,7 +359,7 @@ class ReplicatedWriter:
     def _send_snapshot(self, rid: str) -> None:
         snap = self.store.snapshot()
         try:
-            lsn, epoch = snap.applied_lsn, snap.applied_epoch
+            lsn, epoch, rev = snap.applied_lsn, snap.applied_epoch, snap.applied_rev
             logger.info("%s: sending replica %s a snapshot at lsn %d", self.shard_id, rid, lsn)
             # A replica installs a snapshot only as far as we have shown it our log: a
             # heartbeat carrying the commit point (its reply may well be a gap: no matter).
@@ -375,7 +375,7 @@ class ReplicatedWriter:
                 chunk = offloaded(self._offload, lambda: [[k, v] for k, v in take_page(
                     pairs, self.config.limits.page_bytes, pair_bytes, SNAPSHOT_CHUNK)])
                 done = not page_is_full(chunk, self.config.limits.page_bytes, pair_bytes, SNAPSHOT_CHUNK)
-                reply = self._call(rid, "repl_snapshot", self.epoch, first, chunk, done, lsn, epoch)
+                reply = self._call(rid, "repl_snapshot", self.epoch, first, chunk, done, lsn, epoch, rev)
                 first = False
                 if done or not reply.ok:
                     self.leader.on_reply(rid, reply)

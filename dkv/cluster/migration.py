@@ -66,15 +66,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from dkv.wal.record import Op
+from dkv.node.sequencer import Kind, Write
+from dkv.storage import entry as entries
+from dkv.wal.record import Op, Record
 
 #: Freeze once the source's committed log is at most this many records ahead of our tail.
 FREEZE_LAG = 500
 #: Seconds a range may stay frozen before the move is cancelled (``--migration-freeze-timeout``).
 FREEZE_TIMEOUT = 10.0
 
-#: one write as the target's pipeline takes it: (op, key, value)
-ImportOp = tuple[Op, bytes, bytes]
+#: one write as the target's pipeline takes it (IMPORT, PURGE or FLOOR)
+ImportOp = Write
+
+
+def import_op(rec: Record) -> ImportOp | None:
+    """What the target writes for one of the source's records: the entry as the source stored
+    it (revision and deadline included), a delete without a watch event, or nothing."""
+    if rec.op == Op.PUT:
+        return Write(Kind.IMPORT, rec.key, entries.encode(rec.value, rec.rev, rec.expires_at))
+    if rec.op == Op.IMPORT:
+        return Write(Kind.IMPORT, rec.key, rec.value)
+    if rec.op in (Op.DELETE, Op.EXPIRE, Op.PURGE):
+        return Write(Kind.PURGE, rec.key)
+    return None
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,8 @@ class TailPage:
 class Frozen:
     final_lsn: int
     source_version: int
+    #: the source's applied revision at the freeze: the target's revisions go above it
+    final_rev: int = 0
 
 
 class Importer:
@@ -227,7 +243,7 @@ class Importer:
         elif isinstance(act, CopyPage):
             page: Page = result
             then: Action = Tail(self._tail_at) if page.next_after is None else CopyPage(page.next_after)
-            self._import([(Op.PUT, k, v) for k, v in page.pairs], then, "copy")
+            self._import([Write(Kind.IMPORT, k, v) for k, v in page.pairs], then, "copy")
         elif isinstance(act, Import):
             self.imported += len(act.ops)
             assert self._after_import is not None
@@ -236,7 +252,9 @@ class Importer:
             self._on_tail(result)
         elif isinstance(act, Freeze):
             self._final = result
-            self._next = self._after_tail()
+            # every later revision of the target goes above the source's: the range's revisions
+            # (lock tokens, watch positions) keep increasing across the move
+            self._import([Write(Kind.FLOOR, b"", deadline=result.final_rev)], self._after_tail(), "drain")
         elif isinstance(act, Flip):
             if result:
                 self._next = Done()

@@ -21,14 +21,14 @@ from dkv.client.connection import TransportError, call_once
 from dkv.cluster import layout
 from dkv.cluster.layout import FROZEN, Migration, SlotRanges, cancel_migration
 from dkv.cluster.migration import (FREEZE_TIMEOUT, Begin, Cancel, Clear, CopyPage, Flip, Freeze, Frozen, Import,
-                                   Importer, Page, RecordStart, Tail, TailPage)
-from dkv.cluster.replication import record_bytes, records_to_wire
+                                   Importer, Page, RecordStart, Tail, TailPage, import_op)
+from dkv.cluster.replication import record_bytes, records_from_wire, records_to_wire
 from dkv.errors import DKVError, InvalidArgument, TryAgain, Unavailable
 from dkv.keys import page_is_full, pair_bytes, quote, take_page
 from dkv.node.pipeline import WritePipeline, offloaded
 from dkv.slots import SlotRange, slot_of, user_key
 from dkv.storage import Store
-from dkv.wal.record import Op
+from dkv.node.sequencer import Kind, Write
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def delete_range(pipeline: WritePipeline, store: Store, slots: SlotRange, offloa
     page = offloaded(offload, lambda: store.page_slots(slots, after, PAGE, pipeline.page_bytes))
     if not page:
         return None
-    pipeline.submit([(Op.DELETE, user_key(k), b"") for k, _ in page])
+    pipeline.submit([Write(Kind.PURGE, user_key(k)) for k, _ in page])
     return page[-1][0]
 
 
@@ -93,10 +93,11 @@ class MigrationSource:
         return out
 
     def freeze(self, migration_id: str) -> list[int]:
-        """Refuse the range from now on, settle the writes already queued: [final_lsn, shard version]."""
+        """Refuse the range from now on, settle the writes already queued: [final_lsn, shard version,
+        final revision]."""
         _, version = self._confirm_frozen(migration_id)
         self.pipeline.barrier()
-        return [self.store.applied_lsn, version]
+        return [self.store.applied_lsn, version, self.store.applied_rev]
 
 
 def _range(start: int, end: int) -> SlotRange:
@@ -213,13 +214,13 @@ class Migrator:
             return None
         if isinstance(act, Tail):
             t = self._call("mig_tail", m.start, m.end, act.after_lsn, PAGE)
-            ops = [(Op(o), bytes(k), bytes(v)) for _, _, o, k, v in t["records"]]
+            ops = [op for r in records_from_wire(t["records"]) if (op := import_op(r)) is not None]
             return TailPage(ops, int(t["scanned_to"]), int(t["committed"]), bool(t["compacted"]))
         if isinstance(act, Freeze):
             self._update(lambda cur: None if cur.state == FROZEN else
                          Migration(cur.id, cur.start, cur.end, cur.source, cur.target, FROZEN, cur.from_lsn))
-            final, version = self._call("mig_freeze", m.id)
-            return Frozen(int(final), int(version))
+            final, version, rev = self._call("mig_freeze", m.id)
+            return Frozen(int(final), int(version), int(rev))
         if isinstance(act, Flip):
             return self._flip(act.source_version)
         if isinstance(act, Cancel):

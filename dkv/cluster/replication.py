@@ -43,7 +43,7 @@ from dkv.wal.record import Op, Record
 
 
 def records_to_wire(records: Sequence[Record]) -> list[list[Any]]:
-    return [[r.epoch, r.lsn, int(r.op), r.key, r.value] for r in records]
+    return [[r.epoch, r.lsn, int(r.op), r.key, r.value, r.rev, r.expires_at] for r in records]
 
 
 def record_bytes(r: Record) -> int:
@@ -52,7 +52,8 @@ def record_bytes(r: Record) -> int:
 
 
 def records_from_wire(wire: Sequence[Sequence[Any]]) -> tuple[Record, ...]:
-    return tuple(Record(int(e), int(n), Op(o), bytes(k), bytes(v)) for e, n, o, k, v in wire)
+    return tuple(Record(int(e), int(n), Op(o), bytes(k), bytes(v), int(rev), int(exp))
+                 for e, n, o, k, v, rev, exp in wire)
 
 
 @dataclass(frozen=True)

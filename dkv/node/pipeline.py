@@ -17,8 +17,10 @@ returns); a shard writer plugs in the replicated writer
 (:mod:`dkv.cluster.leader`), which returns at once with a handle that is set
 once a quorum of replicas has the batch. Up to :data:`WINDOW` batches are in
 flight at once: batch N+1 is stamped and handed over while batch N waits for its
-quorum. The pipeline sequences, batches and answers, always in LSN order; a
-delete's "existed" result takes the batches in flight into account. When a batch
+quorum. The pipeline batches and answers, always in LSN order; the
+:class:`~dkv.node.sequencer.Sequencer` decides every write (conditions,
+increments, expiry, revisions) against the store and the batches in flight,
+and stamps the records. When a batch
 fails, every later one in flight fails too (the writer rolls them all back), and
 the pipeline lets them all settle before it stamps the next batch, from the
 log's end.
@@ -50,14 +52,13 @@ import gevent.event
 
 from dkv.errors import DKVError, Moved, QuorumNotReached, Unavailable, WriteTimeout
 from dkv.keys import DEFAULT_PAGE_BYTES, item_bytes
+from dkv.node.sequencer import Sequencer, Write
 from dkv.storage import Store
+from dkv.storage.entry import now_ms
 from dkv.wal.codec import MIN_FRAME_BYTES
-from dkv.wal.record import Op, Record
+from dkv.wal.record import Record
 
 logger = logging.getLogger(__name__)
-
-#: One write as the pipeline takes it: (op, key, value).
-WriteOp = tuple[Op, bytes, bytes]
 
 #: The pipeline checkpoints storage after this many bytes of records (as framed in the WAL) ...
 CHECKPOINT_BYTES = 8 * 1024 * 1024
@@ -71,6 +72,7 @@ class Log(Protocol):
     """What the pipeline needs of a log (WriteAheadLog or MemoryLog)."""
 
     last_lsn: int
+    last_rev: int
     segment_count: int
 
     def append(self, records: Sequence[Record]) -> None: ...
@@ -151,7 +153,7 @@ class LocalWriter:
 
 @dataclass
 class _Pending:
-    ops: Sequence[WriteOp]
+    ops: Sequence[Write]
     done: gevent.event.AsyncResult = field(default_factory=gevent.event.AsyncResult)
     #: what the ops count against the batch's byte budget
     size: int = 0
@@ -166,13 +168,18 @@ class _InFlight:
     records: list[Record]
     size: int
     done: gevent.event.AsyncResult
+    #: the batch in flight before this one when it was sequenced: a batch that writes nothing
+    #: (conditions that failed) was decided on its outcome, so it shares that batch's failure
+    after: "_InFlight | None" = None
+    #: how it failed, once answered
+    error: DKVError | None = None
 
 
 class WritePipeline:
     def __init__(self, log: Log, store: Store, writer: BatchWriter, *, max_batch_records: int = 8192,
                  page_bytes: int = DEFAULT_PAGE_BYTES, offload: bool = True,
                  checkpoint_bytes: int = CHECKPOINT_BYTES, checkpoint_seconds: float = CHECKPOINT_SECONDS,
-                 window: int = WINDOW) -> None:
+                 window: int = WINDOW, clock: Any = now_ms) -> None:
         self._log = log
         self._store = store
         self._writer = writer
@@ -196,8 +203,10 @@ class WritePipeline:
         self._inflight: deque[_InFlight] = deque()
         self._more = gevent.event.Event()      # a batch was handed over
         self._settled = gevent.event.Event()   # a batch in flight was answered
-        #: key -> (exists, last lsn of its batch) as the batches in flight leave it
-        self._exists: dict[bytes, tuple[bool, int]] = {}
+        self._clock = clock
+        self._seq = Sequencer(store.raw_entry, max(log.last_rev, store.applied_rev))
+        #: called with the records of every batch once committed, in LSN order (watches)
+        self.on_commit: list[Any] = []
         self._loop = gevent.spawn(self._run)
         self._answerer = gevent.spawn(self._answer_loop)
 
@@ -219,17 +228,17 @@ class WritePipeline:
 
     # -- client side -------------------------------------------------------
 
-    def submit(self, ops: Sequence[WriteOp]) -> list[Any]:
+    def submit(self, ops: Sequence[Write]) -> list[Any]:
         """Make ``ops`` durable and applied; block this greenlet until then.
 
-        Returns one result per op: ``None`` for a put, ``bool`` (the key
-        existed) for a delete.
+        Returns one result per op, as the :class:`~dkv.node.sequencer.Sequencer`
+        decided it (a :class:`DKVError` instance for a write refused alone).
         """
         if self._failed is not None:
             raise self._failed
         if self._closing:
             raise Unavailable("node is shutting down")
-        pending = _Pending(ops, size=sum(item_bytes(k, v) for _, k, v in ops))
+        pending = _Pending(ops, size=sum(item_bytes(w.key, w.value) + len(w.expected or b"") for w in ops))
         self._queue.append(pending)
         self._wake.set()
         return pending.done.get()
@@ -298,33 +307,10 @@ class WritePipeline:
         return taken
 
     def _sequence(self, batch: list[_Pending]) -> tuple[list[Record], list[list[Any]], int]:
-        """Stamp records and compute per-op results against the applied state and the batches
-        in flight; also the framed size."""
-        size = 0
-        records: list[Record] = []
-        results: list[list[Any]] = []
-        overlay: dict[bytes, bool] = {}  # key -> exists, within this batch
-        lsn = self._next_lsn
-        epoch = self.writer.epoch
-        for p in batch:
-            res: list[Any] = []
-            for op, key, value in p.ops:
-                size += MIN_FRAME_BYTES + len(key) + len(value)
-                if op is Op.DELETE:
-                    if key in overlay:
-                        res.append(overlay[key])
-                    elif key in self._exists:
-                        res.append(self._exists[key][0])
-                    else:
-                        res.append(self._store.exists(key))
-                    overlay[key] = False
-                else:
-                    res.append(None)
-                    overlay[key] = True
-                records.append(Record(epoch, lsn, op, key, value))
-                lsn += 1
-            results.append(res)
-        return records, results, size
+        """Records and per-op results (:class:`~dkv.node.sequencer.Sequencer`); also the framed size."""
+        records, results = self._seq.sequence([p.ops for p in batch], self.writer.epoch, self._next_lsn,
+                                              self._clock())
+        return records, results, sum(MIN_FRAME_BYTES + len(r.key) + len(r.value) for r in records)
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Hand one batch to the writer (once the window has room); its answer comes from
@@ -344,6 +330,7 @@ class WritePipeline:
             return
         if not self._inflight:
             self._next_lsn = self._log.last_lsn + 1  # a failed batch may have been rolled back
+            self._seq.observe(max(self._log.last_rev, self._store.applied_rev))  # e.g. a new writer's log
         records, results, size = self._sequence(batch)
         done = gevent.event.AsyncResult()
         if not records:  # only barriers
@@ -357,10 +344,8 @@ class WritePipeline:
             except Exception as e:
                 done.set_exception(e)
             self._next_lsn = records[-1].lsn + 1
-            last = records[-1].lsn
-            for r in records:
-                self._exists[r.key] = (r.op is not Op.DELETE, last)
-        self._inflight.append(_InFlight(batch, results, records, size, done))
+        self._inflight.append(_InFlight(batch, results, records, size, done,
+                                        self._inflight[-1] if self._inflight else None))
         self._more.set()
 
     def _answer_loop(self) -> None:
@@ -372,8 +357,11 @@ class WritePipeline:
             f = self._inflight[0]
             try:
                 f.done.get()
+                if not f.records and f.after is not None and f.after.error is not None:
+                    raise f.after.error
             except (QuorumNotReached, WriteTimeout, Unavailable, Moved) as e:
                 # the replicated writer decided the outcome (definite or not) and cleaned up
+                f.error = e
                 self._fail(f.batch, e)
             except Exception as exc:
                 # An I/O error in append or fsync leaves the log's durable state
@@ -382,7 +370,8 @@ class WritePipeline:
                 logger.critical("write-ahead log failed at lsn %d: %s; refusing writes until restart",
                                 f.records[0].lsn, exc, exc_info=True)
                 self._failed = Unavailable(f"write-ahead log failed ({exc}); restart the node")
-                self._fail(f.batch, WriteTimeout("the log failed while writing; outcome unknown"))
+                f.error = WriteTimeout("the log failed while writing; outcome unknown")
+                self._fail(f.batch, f.error)
                 self._fail_queued(self._failed)
             else:
                 if f.records:
@@ -393,12 +382,14 @@ class WritePipeline:
                         self._unchecked_since = time.monotonic()
                 for p, res in zip(f.batch, f.results):
                     p.done.set(res)
+                for listener in self.on_commit:
+                    try:
+                        listener(f.records)
+                    except Exception:
+                        logger.exception("a commit listener failed")
             self._inflight.popleft()
-            if f.records:
-                last = f.records[-1].lsn
-                for r in f.records:  # the store (or nothing, after a failure) now tells
-                    if r.key in self._exists and self._exists[r.key][1] <= last:
-                        del self._exists[r.key]
+            f.after = None  # the chain must not keep every answered batch alive
+            self._seq.settled(f.records)  # the store (or nothing, after a failure) now tells
             self._settled.set()
             self._wake.set()  # the loop re-arms its checkpoint timer
 

@@ -18,6 +18,7 @@ from dkv.auth import CLIENT, PEER
 from dkv.errors import CorruptLog, DKVError, InvalidArgument, Unavailable
 from dkv.keys import as_bytes, quote
 from dkv.node.config import NodeConfig
+from dkv.node.expiry import Expirer
 from dkv.node.pipeline import LocalWriter, WritePipeline
 from dkv.node.service import NodeService
 from dkv.protocol import unwrap
@@ -116,12 +117,13 @@ class RPC:
         return self._rt().repl_fence(epoch)
 
     def repl_snapshot(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
-                      lsn: int, last_epoch: int) -> list[Any]:
+                      lsn: int, last_epoch: int, rev: int = 0) -> list[Any]:
         if not isinstance(pairs, (list, tuple)) or not all(
                 isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], bytes) and p[0]
                 and isinstance(p[1], bytes) for p in pairs):
             raise InvalidArgument("snapshot pairs must be a list of [key, value] bytes")
-        args = (_int(epoch, "epoch"), bool(first), pairs, bool(done), _int(lsn, "lsn"), _int(last_epoch, "last_epoch"))
+        args = (_int(epoch, "epoch"), bool(first), pairs, bool(done), _int(lsn, "lsn"), _int(last_epoch, "last_epoch"),
+                _int(rev, "rev"))
         return self._rt().repl_snapshot(*args)
 
     def repl_read(self, start: int, limit: int) -> list[list[Any]]:
@@ -203,6 +205,7 @@ class Node:
                                       max_batch_records=cfg.max_batch_records,
                                       page_bytes=cfg.limits.page_bytes, offload=cfg.durable)
         self.service = NodeService(cfg, self.store, self.log, self.pipeline)
+        self.expirer = Expirer(self.store, self.pipeline, self.service.may_write, offload=cfg.durable)
         if cfg.cluster:
             from dkv.cluster.follower import PromiseFile
             from dkv.cluster.runtime import ClusterRuntime
@@ -235,7 +238,7 @@ class Node:
             # cut). The store is ahead, so restart the log after it.
             logger.warning("WAL ends at lsn %d but storage applied %d; restarting the log at %d",
                            self.log.last_lsn, applied, applied)
-            self.log.reset_to(applied)
+            self.log.reset_to(applied, self.store.applied_rev)
             return
         if not replay:
             return
@@ -255,6 +258,7 @@ class Node:
             gevent.signal_handler(sig, self._on_signal, sig)
         gevent.signal_handler(signal.SIGUSR1, self._dump_stacks)
         runner = gevent.spawn(self._server.run)
+        self.expirer.start()
         if self.runtime is not None:
             try:
                 self.runtime.start()
@@ -280,6 +284,7 @@ class Node:
         self._stopped.set()
 
     def _shutdown(self) -> None:
+        self.expirer.stop()
         if self.runtime is not None:
             self.runtime.stop()  # leave ZooKeeper first: peers see us go at once
         if self._server is not None:

@@ -14,10 +14,11 @@ from dkv import __version__, protocol
 from dkv.errors import Deferred, DKVError, InvalidArgument
 from dkv.keys import as_bytes, pair_bytes, quote, take_page
 from dkv.node.config import NodeConfig
-from dkv.node.pipeline import WriteOp, WritePipeline, offloaded
+from dkv.node.pipeline import WritePipeline, offloaded
+from dkv.node.sequencer import Kind, Write
 from dkv.slots import ALL_SLOTS, SlotRange
 from dkv.storage import Store
-from dkv.wal.record import Op
+from dkv.storage.entry import now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,21 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_OPS = 10_000
 #: Most keys one scan page returns.
 MAX_SCAN_PAGE = 10_000
+
+
+#: op -> (fewest, most) arguments after the name
+_ARITY = {protocol.GET: (1, 2), protocol.GETM: (1, 2), protocol.EXISTS: (1, 2), protocol.TTL: (1, 2),
+          protocol.SET: (2, 4), protocol.CAS: (3, 4), protocol.DEL: (1, 2), protocol.INCR: (2, 2),
+          protocol.EXPIRE: (2, 2), protocol.PERSIST: (1, 1)}
+
+
+def _ttl(px: Any) -> int | None:
+    """A time to live in milliseconds (None: none), checked."""
+    if px is None:
+        return None
+    if not isinstance(px, int) or isinstance(px, bool) or not 0 < px <= protocol.MAX_TTL_MS:
+        raise InvalidArgument(f"a time to live is a whole number of milliseconds in 1..{protocol.MAX_TTL_MS}")
+    return px
 
 
 class NodeService:
@@ -63,7 +79,7 @@ class NodeService:
             raise InvalidArgument(f"a batch of {len(ops)} ops counts {size} bytes; the limit is {budget}: "
                                   "split it", limit=budget)
         replies: list[list[Any] | None] = [None] * len(ops)
-        parsed: list[tuple[int, str, bytes, bytes, str | None]] = []
+        parsed: list[tuple[int, str, bytes, Write | None, str | None]] = []
         used = 0  # bytes of the reply so far
         for i, op in enumerate(ops):
             try:
@@ -79,27 +95,25 @@ class NodeService:
             except DKVError as e:
                 confirm_error = e
         # -- no yield from here until the reads are read and the writes queued --
-        writes: list[WriteOp] = []
+        writes: list[Write] = []
         write_at: list[int] = []
         own = self.router.ownership() if self.router is not None else None
         read_any = False
-        for i, name, key, value, consistency in parsed:
+        now = now_ms()
+        for i, name, key, write, consistency in parsed:
             try:
                 if consistency in confirm and confirm_error is not None:
                     raise confirm_error
                 if self.router is not None:
                     self.router.route(name, key, consistency, own)
-                if name == protocol.GET:
-                    if used >= budget and read_any:
-                        raise Deferred("the reply is full; resend this get")
-                    replies[i] = protocol.ok(self.store.get(key, None))
-                    read_any = True
-                elif name == protocol.EXISTS:
-                    replies[i] = protocol.ok(self.store.exists(key))
-                else:
-                    writes.append((Op.PUT if name == protocol.SET else Op.DELETE, key, value))
+                if write is not None:
+                    writes.append(write)
                     write_at.append(i)
                     continue
+                if name in (protocol.GET, protocol.GETM) and used >= budget and read_any:
+                    raise Deferred("the reply is full; resend this get")
+                replies[i] = protocol.ok(self._read(name, key, now))
+                read_any = True
             except DKVError as e:
                 replies[i] = protocol.err(e)
             used += protocol.reply_bytes(replies[i])  # type: ignore[arg-type]
@@ -107,32 +121,72 @@ class NodeService:
             try:
                 results = self.pipeline.submit(writes)
                 for i, r in zip(write_at, results):
-                    replies[i] = protocol.ok(r)
+                    replies[i] = protocol.err(r) if isinstance(r, DKVError) else protocol.ok(r)
             except DKVError as e:
                 for i in write_at:
                     replies[i] = protocol.err(e)
         return replies  # type: ignore[return-value]
 
-    def _parse(self, op: Any) -> tuple[str, bytes, bytes, str | None]:
-        """Validate one op: (name, key, value, consistency of a read)."""
+    def may_write(self, key: bytes) -> bool:
+        """May this node write ``key`` now (the expirer's check; no yield)?"""
+        if self.router is None:
+            return True
+        try:
+            self.router.route(protocol.DEL, key, None)
+            return True
+        except DKVError:
+            return False
+
+    def _read(self, name: str, key: bytes, now: int) -> Any:
+        """The result of one read op (expired entries are absent)."""
+        if name == protocol.GET:
+            return self.store.get(key, None)
+        e = self.store.entry(key, now)
+        if name == protocol.EXISTS:
+            return e is not None
+        if name == protocol.TTL:
+            return None if e is None or not e.expires_at else e.expires_at - now
+        return None if e is None else [e.value, e.rev, e.expires_at]
+
+    def _parse(self, op: Any) -> tuple[str, bytes, Write | None, str | None]:
+        """Validate one op: (name, key, the write of a write op, consistency of a read)."""
         if not isinstance(op, (list, tuple)) or not op:
             raise InvalidArgument("an op is a non-empty list [name, key, ...]")
         name, args = op[0], op[1:]
-        arity = {protocol.GET: (1, 2), protocol.EXISTS: (1, 1), protocol.SET: (2, 2), protocol.DEL: (1, 1)}
-        if not isinstance(name, str) or name not in arity:
+        if not isinstance(name, str) or name not in _ARITY:
             raise InvalidArgument(f"unknown op {quote(name)}")
-        lo, hi = arity[name]
+        lo, hi = _ARITY[name]
         if not lo <= len(args) <= hi:
             raise InvalidArgument(f"{name} takes {lo}..{hi} arguments, got {len(args)}")
         key = self.limits.key(args[0])
+        args = list(args) + [None] * (hi - len(args))
+        if name in protocol.READ_OPS:
+            consistency = args[1] if args[1] is not None else "sequential"
+            if consistency not in protocol.CONSISTENCY_LEVELS:
+                raise InvalidArgument(f"consistency must be one of {', '.join(protocol.CONSISTENCY_LEVELS)}")
+            return name, key, None, consistency
+        value = self.limits.value
         if name == protocol.SET:
-            return name, key, self.limits.value(args[1]), None
+            cond = args[3]
+            if cond not in (None, protocol.NX, protocol.XX):
+                raise InvalidArgument(f"set's condition is {protocol.NX!r}, {protocol.XX!r} or none")
+            return name, key, Write(Kind.SET, key, value(args[1]), px=_ttl(args[2]), cond=cond), None
+        if name == protocol.CAS:
+            expected = None if args[1] is None else value(args[1])
+            return name, key, Write(Kind.CAS, key, value(args[2]), expected=expected, px=_ttl(args[3])), None
         if name == protocol.DEL:
-            return name, key, b"", None
-        consistency = args[1] if len(args) == 2 else "sequential"
-        if consistency not in protocol.CONSISTENCY_LEVELS:
-            raise InvalidArgument(f"consistency must be one of {', '.join(protocol.CONSISTENCY_LEVELS)}")
-        return name, key, b"", consistency
+            return name, key, Write(Kind.DELETE, key, expected=None if args[1] is None else value(args[1])), None
+        if name == protocol.INCR:
+            amount = args[1]
+            if not isinstance(amount, int) or isinstance(amount, bool) or not -2 ** 63 <= amount < 2 ** 63:
+                raise InvalidArgument("incr's amount must be a 64-bit integer")
+            return name, key, Write(Kind.INCR, key, amount=amount), None
+        if name == protocol.EXPIRE:
+            px = _ttl(args[1])
+            if px is None:
+                raise InvalidArgument("expire needs a time to live")
+            return name, key, Write(Kind.EXPIRE, key, px=px), None
+        return name, key, Write(Kind.PERSIST, key), None
 
     def scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000,
              slot_version: Any = None) -> list[list[bytes]]:

@@ -4,7 +4,11 @@ Every record is framed as (all integers little-endian)::
 
     u32 body_len | u32 crc32(body) | body
 
-    body = u64 epoch | u64 lsn | u8 op | u32 key_len | key | u32 value_len | value
+    body = u64 epoch | u64 lsn | u8 op | u64 rev | u64 expires_at | u32 key_len | key
+           | u32 value_len | value
+
+This is format 2 (revisions and deadlines); :mod:`dkv.wal.log` marks a log
+directory with its format and refuses one written in another.
 
 ``crc32`` is :func:`zlib.crc32` over the body bytes. ``body_len`` is at least
 :data:`MIN_BODY_BYTES` (a record with an empty key and value) and at most
@@ -29,7 +33,7 @@ from typing import Iterable, Iterator
 from dkv.wal.record import Op, Record
 
 _HEADER = struct.Struct("<II")  # body_len, crc32(body)
-_BODY_HEAD = struct.Struct("<QQBI")  # epoch, lsn, op, key_len
+_BODY_HEAD = struct.Struct("<QQBQQI")  # epoch, lsn, op, rev, expires_at, key_len
 _U32 = struct.Struct("<I")  # value_len
 _LSN = struct.Struct("<Q")
 _LSN_OFFSET = _HEADER.size + 8  # of the lsn in a frame: past the header and the epoch
@@ -56,7 +60,7 @@ def encode(rec: Record) -> bytes:
     body_len = MIN_BODY_BYTES + len(rec.key) + len(rec.value)
     if body_len > MAX_BODY_BYTES:
         raise ValueError(f"record lsn {rec.lsn} is {body_len} bytes; the limit is {MAX_BODY_BYTES}")
-    body = b"".join((_BODY_HEAD.pack(rec.epoch, rec.lsn, Op(rec.op), len(rec.key)), rec.key,
+    body = b"".join((_BODY_HEAD.pack(rec.epoch, rec.lsn, Op(rec.op), rec.rev, rec.expires_at, len(rec.key)), rec.key,
                      _U32.pack(len(rec.value)), rec.value))
     return _HEADER.pack(body_len, zlib.crc32(body)) + body
 
@@ -83,7 +87,7 @@ def decode_from(buf: bytes | memoryview, offset: int) -> tuple[Record, int] | No
         return None
     if zlib.crc32(view[body_start:end]) != crc:
         return None
-    epoch, lsn, op_code, key_len = _BODY_HEAD.unpack_from(view, body_start)
+    epoch, lsn, op_code, rev, expires_at, key_len = _BODY_HEAD.unpack_from(view, body_start)
     key_start = body_start + _BODY_HEAD.size
     key_end = key_start + key_len
     if key_end + _U32.size > end:
@@ -94,7 +98,8 @@ def decode_from(buf: bytes | memoryview, offset: int) -> tuple[Record, int] | No
     op = _OPS.get(op_code)
     if op is None:
         return None
-    return Record(epoch, lsn, op, bytes(view[key_start:key_end]), bytes(view[value_start:end])), end
+    return Record(epoch, lsn, op, bytes(view[key_start:key_end]), bytes(view[value_start:end]), rev,
+                  expires_at), end
 
 
 def iter_records(buf: bytes | memoryview, offset: int = 0) -> Iterator[tuple[Record, int, int]]:

@@ -70,6 +70,12 @@ logger = logging.getLogger(__name__)
 _SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
 _FRAME_LEN = struct.Struct("<I")  # a frame's leading body_len (see dkv.wal.codec)
 _FRAME_HEADER_BYTES = 8  # body_len and crc32
+#: The file that names a log directory's record format (:mod:`dkv.wal.codec`); a directory
+#: with segments but another format (or none: written before formats were named) is refused.
+FORMAT_FILE = "FORMAT"
+FORMAT = "dkv-wal 2"
+#: The file that remembers the revision of the last record compaction deleted (watch history).
+BASE_REV_FILE = "base-rev"
 
 #: A segment's sparse index gets an entry for a record that starts at least this
 #: many records ...
@@ -150,6 +156,8 @@ class WriteAheadLog:
         self._active_bytes = 0
         self._last_lsn = 0
         self._last_epoch = 0
+        self._last_rev = 0
+        self._base_rev = 0
         self._appends = 0
         self._fsyncs = 0
         self._closed = False
@@ -161,6 +169,7 @@ class WriteAheadLog:
         #: epoch boundaries of the retained records (for replication)
         self.epochs = EpochIndex()
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._check_format()
         self._recover()
         logger.info("opened WAL %s: %d segment(s), lsn %d..%d",
                     self._dir, len(self._segments), self.first_lsn, self._last_lsn)
@@ -183,6 +192,17 @@ class WriteAheadLog:
     def last_epoch(self) -> int:
         """The epoch of the last record; 0 if the log holds no record."""
         return self._last_epoch
+
+    @property
+    def last_rev(self) -> int:
+        """The revision of the last record; ``base_rev`` if the log holds no record."""
+        return self._last_rev if self.first_lsn else self._base_rev
+
+    @property
+    def base_rev(self) -> int:
+        """The revision of the last record before the first one retained (compacted or reset
+        away; 0 if none was): history from the log is complete for revisions above it."""
+        return self._base_rev
 
     @property
     def segment_count(self) -> int:
@@ -234,6 +254,7 @@ class WriteAheadLog:
         self.epochs.note_all(records)
         self._last_lsn = records[-1].lsn
         self._last_epoch = records[-1].epoch
+        self._last_rev = records[-1].rev
         self._appends += 1
 
     def read_from(self, lsn: int, limit: int | None = None) -> Iterator[Record]:
@@ -276,12 +297,12 @@ class WriteAheadLog:
             del self._segments[keep + 1:]
             index = self._index[self._segments[keep]]
             _, cut = index.floor(lsn)
-            epoch = 0
+            epoch, rev = 0, self._base_rev
             with closing(self._scan(self._segments[keep], cut)) as scan:
                 for rec, _, end in scan:
                     if rec.lsn > lsn:
                         break
-                    cut, epoch = end, rec.epoch
+                    cut, epoch, rev = end, rec.epoch, rec.rev
             index.truncate_after(lsn)
             self._open(self._segments[-1])
             self._cut(cut)
@@ -289,6 +310,7 @@ class WriteAheadLog:
         self.epochs.truncate_after(lsn)
         self._last_lsn = lsn
         self._last_epoch = epoch
+        self._last_rev = rev
         logger.info("WAL truncated after lsn %d: %d record(s) removed", lsn, removed)
         return removed
 
@@ -315,6 +337,9 @@ class WriteAheadLog:
             n -= min(kept, self.max_retained_segments)
         if n:
             with self._close_on_error(f"compact to lsn {checkpoint_lsn}"):
+                last_deleted = list(self.read_from(self._segments[n] - 1, 1))
+                if last_deleted:  # first, so a crash can only leave it ahead of the segments
+                    self._write_base_rev(last_deleted[0].rev)
                 self._delete(self._segments[:n])  # oldest first: a crash leaves a suffix
             for first in self._segments[:n]:
                 del self._index[first]
@@ -322,16 +347,18 @@ class WriteAheadLog:
             logger.info("WAL compacted to checkpoint lsn %d: %d segment(s) deleted", checkpoint_lsn, n)
         return n
 
-    def reset_to(self, lsn: int) -> None:
+    def reset_to(self, lsn: int, rev: int = 0) -> None:
         """Durably drop the whole log so that the next append must be ``lsn + 1``.
 
-        Used after installing a snapshot at ``lsn``. A crash during the call
-        leaves a prefix of the old log (or none); the caller redoes the reset.
+        Used after installing a snapshot at ``lsn`` whose last record had revision
+        ``rev``. A crash during the call leaves a prefix of the old log (or none);
+        the caller redoes the reset.
         """
         self._check_open()
         if lsn < 0:
             raise ValueError(f"lsn must be >= 0, got {lsn}")
         with self._close_on_error(f"reset to lsn {lsn}"):
+            self._write_base_rev(rev)
             self._close_fd()
             self._delete(self._segments[::-1])
             self._segments = []
@@ -340,6 +367,7 @@ class WriteAheadLog:
         self.epochs.reset()
         self._last_lsn = lsn
         self._last_epoch = 0
+        self._last_rev = rev
         logger.info("WAL reset: next lsn is %d", lsn + 1)
 
     def close(self) -> None:
@@ -349,6 +377,28 @@ class WriteAheadLog:
             self._close_fd()
 
     # -- internals ---------------------------------------------------------
+
+    def _check_format(self) -> None:
+        """Refuse a directory whose segments are in another record format; name a new one's."""
+        marker = self._dir / FORMAT_FILE
+        has_segments = any(_SEGMENT_NAME.fullmatch(p.name) for p in self._dir.iterdir())
+        if marker.exists():
+            found = marker.read_text().strip()
+            if found != FORMAT:
+                raise CorruptLog(f"WAL directory {self._dir} holds records in format {found!r}; this dkv "
+                                 f"reads {FORMAT!r}")
+        elif has_segments:
+            raise CorruptLog(f"WAL directory {self._dir} was written by a dkv before revisions and TTL "
+                             f"(no {FORMAT_FILE} file); this dkv cannot read it: export its data with "
+                             "that version, or start this node with an empty data directory")
+        else:
+            _write_durably(marker, FORMAT + "\n", self._fsync)
+        base = self._dir / BASE_REV_FILE
+        self._base_rev = int(base.read_text()) if base.exists() else 0
+
+    def _write_base_rev(self, rev: int) -> None:
+        self._base_rev = rev
+        _write_durably(self._dir / BASE_REV_FILE, f"{rev}\n", self._fsync)
 
     def _recover(self) -> None:
         """Load the segment list and cut a torn tail of the last segment; raise CorruptLog on corruption."""
@@ -368,7 +418,7 @@ class WriteAheadLog:
                     break
                 self.epochs.note(rec.epoch, rec.lsn)
                 index.note(rec.lsn, start)
-                expected, good_end, self._last_epoch = expected + 1, end, rec.epoch
+                expected, good_end, self._last_epoch, self._last_rev = expected + 1, end, rec.epoch, rec.rev
             is_last = i == len(self._segments) - 1
             if good_end != len(data) and not is_last:
                 raise self._corrupt(i, good_end, expected - 1, "later segments follow the damage")
@@ -597,6 +647,18 @@ def repair(directory: str | os.PathLike[str], fsync: bool = True) -> Repair | No
                    if lsns else "no valid record was found in them", ", ".join(quarantined))
     WriteAheadLog(wal_dir, fsync=fsync).close()  # it opens now (raises if it still does not)
     return report
+
+
+def _write_durably(path: Path, text: str, fsync: bool) -> None:
+    """Replace ``path`` with ``text`` atomically (write a temporary file, sync, rename, sync the dir)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent, fsync)
 
 
 def _fsync_dir(directory: Path, fsync: bool) -> None:

@@ -19,6 +19,7 @@ class MemoryLog:
         self._retain = retain
         self._records: list[Record] = []
         self._base = 0  # lsn of the record before the first retained one
+        self._base_rev = 0  # and its revision
         self._closed = False
         self._appends = 0
         #: keep records from this LSN on (a slot migration reads them), up to 10 x ``retain``
@@ -36,6 +37,15 @@ class MemoryLog:
     @property
     def last_epoch(self) -> int:
         return self._records[-1].epoch if self._records else 0
+
+    @property
+    def last_rev(self) -> int:
+        return self._records[-1].rev if self._records else self._base_rev
+
+    @property
+    def base_rev(self) -> int:
+        """Revision of the last record dropped (0 if none was): history is complete above it."""
+        return self._base_rev
 
     @property
     def segment_count(self) -> int:
@@ -60,7 +70,9 @@ class MemoryLog:
             cut = len(self._records) - self._retain
             if self.retain_from is not None and len(self._records) <= 10 * self._retain:
                 cut = min(cut, max(0, self.retain_from - self.first_lsn))
-            del self._records[:cut]
+            if cut > 0:
+                self._base, self._base_rev = self._records[cut - 1].lsn, self._records[cut - 1].rev
+                del self._records[:cut]
 
     def read_from(self, lsn: int, limit: int | None = None) -> Iterator[Record]:
         self._check_open()
@@ -72,6 +84,8 @@ class MemoryLog:
 
     def truncate_after(self, lsn: int) -> int:
         self._check_open()
+        if lsn >= self.last_lsn:
+            return 0
         keep = [r for r in self._records if r.lsn <= lsn]
         removed = len(self._records) - len(keep)
         self._records = keep
@@ -83,10 +97,10 @@ class MemoryLog:
         # durable checkpoint to compact below: keep everything.
         return 0
 
-    def reset_to(self, lsn: int) -> None:
+    def reset_to(self, lsn: int, rev: int = 0) -> None:
         self._check_open()
         self._records = []
-        self._base = lsn
+        self._base, self._base_rev = lsn, rev
         self.epochs.reset()
 
     def close(self) -> None:
