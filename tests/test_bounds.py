@@ -118,7 +118,7 @@ def test_group_commit_takes_submissions_up_to_the_page_budget() -> None:
     assert len(writer.batches) > N_BIG * len(BIG) // BUDGET
     for batch in writer.batches:
         size = sum(record_bytes(r) for r in batch)
-        alone = {r.key for r in batch} == {k for _, k, _ in big_alone}
+        alone = {r.key for r in batch} == {w.key for w in big_alone}
         assert size <= BUDGET or alone, f"a batch of {len(batch)} records counts {size} bytes"
         # the replication prepare of that batch is a legal message
         prepare = Prepare(1, batch[0].lsn - 1, 1, tuple(batch), batch[0].lsn - 1)
@@ -320,7 +320,11 @@ HUGE_LIST = list(range(100_000))
 ODD_OPS: list[Any] = [
     123, None, "get", b"get", [], [None], [123, b"k"], [["get"], b"k"], ["get"], ["get", None], ["get", 5],
     ["get", [b"k"]], ["get", b"k", "strong"], ["get", b"k", ["sequential"]], ["get", b"k", "sequential", 1],
-    ["set", b"k"], ["set", b"k", None], ["set", b"k", 1.5], ["set", b"", b"v"], ["del"], ["del", b"k", b"x"],
+    ["set", b"k"], ["set", b"k", None], ["set", b"k", 1.5], ["set", b"", b"v"], ["del"], ["del", b"k", 5],
+    ["set", b"k", b"v", -1], ["set", b"k", b"v", 0], ["set", b"k", b"v", 1.5], ["set", b"k", b"v", None, "zz"],
+    ["set", b"k", b"v", None, "nx", 1], ["cas", b"k"], ["cas", b"k", 5, b"v"], ["incr", b"k", "1"],
+    ["incr", b"k", 2 ** 63], ["incr", b"k", 1], ["expire", b"k", 0], ["expire", b"k", None], ["persist"],
+    ["ttl", b"k", "bogus"], ["getm", b"k", 1],
     ["exists", {}], ["nope", b"k"], ["x" * 5_000_000, b"k"], HUGE_LIST, ["get", HUGE_LIST],
     ["set", b"k" * 2000, b"v"], ["set", b"k", b"v" * (LIMITS.max_value_bytes + 1)], [[[[[]]]]],
 ]

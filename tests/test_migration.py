@@ -10,7 +10,10 @@ from dkv.cluster.controller import AddReplica, CreateSlots, MoveBackoff, NewShar
 from dkv.cluster.layout import ClusterView, Migration, Shard, SlotRanges
 from dkv.cluster.migration import (FREEZE_LAG, Begin, Cancel, Clear, CopyPage, Done, Flip, Freeze, Frozen,
                                    Import, Importer, Page, RecordStart, Tail, TailPage)
+from dkv.node.sequencer import Kind, Write
 from dkv.wal.record import Op
+
+FLOOR = Import([Write(Kind.FLOOR, b"", deadline=0)])  # the revision floor a freeze imports first
 
 
 def view(shards: dict[str, tuple[str | None, list[str]]], slots: SlotRanges | None,
@@ -94,7 +97,7 @@ def run_to_freeze(imp: Importer, pairs: list[tuple[bytes, bytes]]) -> None:
     assert imp.on(None) == CopyPage(None)
     act = imp.on(Page(pairs, None))
     if pairs:
-        assert act == Import([(Op.PUT, k, v) for k, v in pairs])
+        assert act == Import([Write(Kind.IMPORT, k, v) for k, v in pairs])
         act = imp.on(None)
     assert act == Tail(100)  # an empty page imports nothing
 
@@ -104,24 +107,24 @@ def test_importer_happy_path() -> None:
     assert imp.phase == "clear"
     run_to_freeze(imp, [(b"k1", b"v1"), (b"k2", b"v2")])
     assert imp.phase == "tail"
-    ops = [(Op.PUT, b"k1", b"v9"), (Op.DELETE, b"k2", b"")]
+    ops = [Write(Kind.IMPORT, b"k1", b"v9"), Write(Kind.PURGE, b"k2")]
     assert imp.on(TailPage(ops, 150, 150)) == Import(ops)  # caught up: import, then freeze
     assert imp.phase == "tail"
     assert imp.on(None) == Freeze()
     assert imp.phase == "freeze"
-    assert imp.on(Frozen(160, 7)) == Tail(150)  # the source settled up to 160
+    assert imp.on(Frozen(160, 7)) == FLOOR and imp.on(None) == Tail(150)  # the source settled up to 160
     assert imp.phase == "drain"
     assert imp.on(TailPage([], 160, 160)) == Flip(7)
     assert imp.phase == "flip"
     assert imp.on(True) == Done()
-    assert imp.done and imp.imported == 4 and imp.phase == "done"
+    assert imp.done and imp.imported == 5 and imp.phase == "done"  # 2 copied, 2 tailed, the floor
 
 
 def test_importer_phase_while_importing_a_copy_page() -> None:
     imp = Importer()
     imp.on(None), imp.on(100), imp.on(None)
     assert imp.phase == "copy"
-    assert imp.on(Page([(b"k", b"v")], None)) == Import([(Op.PUT, b"k", b"v")])
+    assert imp.on(Page([(b"k", b"v")], None)) == Import([Write(Kind.IMPORT, b"k", b"v")])
     assert imp.phase == "copy"  # the last page is still the copy, though the tail comes next
 
 
@@ -143,10 +146,10 @@ def test_importer_asks_again_when_the_flip_is_refused() -> None:
     imp = Importer()
     run_to_freeze(imp, [])
     assert imp.on(TailPage([], 120, 120)) == Freeze()
-    assert imp.on(Frozen(120, 3)) == Flip(3)  # already at the final lsn
+    assert imp.on(Frozen(120, 3)) == FLOOR and imp.on(None) == Flip(3)  # already at the final lsn
     assert imp.on(False) == Freeze()  # the source failed over meanwhile
-    assert imp.on(Frozen(130, 5)) == Tail(120)
-    assert imp.on(TailPage([(Op.PUT, b"x", b"1")], 130, 130)) == Import([(Op.PUT, b"x", b"1")])
+    assert imp.on(Frozen(130, 5)) == FLOOR and imp.on(None) == Tail(120)
+    assert imp.on(TailPage([Write(Kind.IMPORT, b"x", b"1")], 130, 130)) == Import([Write(Kind.IMPORT, b"x", b"1")])
     assert imp.on(None) == Flip(5)
 
 
@@ -164,13 +167,13 @@ def test_importer_cancels_a_freeze_that_outlasts_its_timeout() -> None:
     run_to_freeze(imp, [])
     clock.now += 60  # copying and tailing take as long as they take: no deadline before the freeze
     assert imp.next() == Tail(100)
-    ops = [(Op.PUT, b"k", b"v")]
+    ops = [Write(Kind.IMPORT, b"k", b"v")]
     assert imp.on(TailPage(ops, 120, 120)) == Import(ops)  # the last page before the freeze...
     clock.now += 60  # ... takes long (the target's quorum is slow): nothing is frozen yet
     assert imp.on(None) == Freeze()
     clock.now += 4.0
     assert imp.next() == Freeze()  # e.g. the source's writer did not answer: asked again
-    assert imp.on(Frozen(130, 3)) == Tail(120)
+    assert imp.on(Frozen(130, 3)) == FLOOR and imp.on(None) == Tail(120)
     clock.now += 1.5  # the drain's imports fail (the target lost its quorum) past the timeout
     assert imp.next() == Cancel()
     assert imp.on(True) == Done()
@@ -182,7 +185,7 @@ def test_importer_flips_rather_than_cancels_when_the_flip_is_due() -> None:
     imp = Importer(freeze_timeout=5.0, clock=clock)
     run_to_freeze(imp, [])
     assert imp.on(TailPage([], 120, 120)) == Freeze()
-    assert imp.on(Frozen(120, 3)) == Flip(3)
+    assert imp.on(Frozen(120, 3)) == FLOOR and imp.on(None) == Flip(3)
     clock.now += 30  # ZooKeeper was slow to take the multi-op: it still ends the freeze
     assert imp.next() == Flip(3)
     assert imp.on(True) == Done() and not imp.cancelled

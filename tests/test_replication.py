@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from dkv.storage import entry
 from dkv.cluster.follower import FollowerDriver, PromiseFile, apply_actions, apply_log
 from dkv.cluster.replication import (AHEAD, BEYOND_EPOCH, BEYOND_LOG, COMMITTED, DIVERGED, GAP, IN_SYNC, LOCAL,
                                      MATCH, MISMATCH, NOT_COMPARABLE, STALE_EPOCH, AppendLocal, BumpEpoch, CatchUp,
@@ -511,7 +512,7 @@ def test_the_driver_refuses_a_forged_snapshot_and_keeps_its_data(tmp_path, caplo
     assert "refused a snapshot chunk (beyond_log" in caplog.text
     assert max(len(r.getMessage()) for r in caplog.records) < 600  # the input is quoted, bounded
     # The writer's own catch-up: a snapshot at a position it has shown is installed.
-    ok = Reply.from_wire(d.snapshot_chunk(2, True, [[b"k1", b"v"]], True, 5, 2))
+    ok = Reply.from_wire(d.snapshot_chunk(2, True, [[b"k1", entry.encode(b"v", 7)]], True, 5, 2))
     assert ok.ok and d.store.applied_lsn == 5 and dict(d.store.scan()) == {b"k1": b"v"}
 
 

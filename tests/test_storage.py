@@ -6,8 +6,9 @@ from typing import Iterator, Sequence
 
 import pytest
 
-from dkv.errors import DKVError, InvalidArgument, KeyIsEmpty, KeyNotFound, StorageClosed
-from dkv.slots import ALL_SLOTS, NUM_SLOTS, SlotRange, slot_of
+from dkv.storage import entry
+from dkv.errors import CorruptLog, DKVError, InvalidArgument, KeyIsEmpty, KeyNotFound, StorageClosed
+from dkv.slots import ALL_SLOTS, NUM_SLOTS, SlotRange, slot_of, storage_key
 from dkv.storage import Engine, LevelDBEngine, MemoryEngine, Store
 from dkv.storage.engine import EngineSnapshot, WriteOp
 from dkv.storage.store import META_PREFIX
@@ -164,7 +165,7 @@ def test_batch_applies_atomically_in_order(store, counting):
     with store.batch() as b:
         b.put(b"a", b"1").delete(b"a").delete(b"b").put(b"b", b"new").put(b"c", b"1")
     assert not store.exists(b"a") and store.get(b"b") == b"new" and store.get(b"c") == b"1"
-    assert len(counting.writes) == 2
+    assert len(counting.writes) == 3  # the format mark at open, the put, the batch
     with pytest.raises(RuntimeError):
         with store.batch() as b:
             b.put(b"d", b"1")
@@ -193,7 +194,7 @@ def test_apply_and_replay(store, counting):
     last = counting.writes[-1]
     assert len(counting.writes) == writes + 1
     assert {k for k, _ in last} >= {META_PREFIX + b"applied_lsn", META_PREFIX + b"applied_epoch"}
-    assert len(last) == 3 + 2
+    assert len(last) == 3 + 3  # data, applied lsn, epoch, revision
     # a fresh Store over the same engine reads the persisted metadata
     again = Store(counting)
     assert (again.applied_lsn, again.applied_epoch) == (6, 2)
@@ -298,7 +299,7 @@ def test_iter_slots_and_count_slot(store):
     model = fill(store, 2000)
     r = SlotRange(100, 300)
     want = sorted((kv for kv in model.items() if slot_of(kv[0]) in r), key=lambda kv: (slot_of(kv[0]), kv[0]))
-    assert list(store.iter_slots(r)) == want
+    assert [(k, entry.decode(v).value) for k, v in store.iter_slots(r)] == want
     assert len(list(store.iter_slots(ALL_SLOTS))) == len(model)
     for slot in (0, 100, 1023):
         assert store.count_slot(slot) == sum(1 for k in model if slot_of(k) == slot)
@@ -385,3 +386,66 @@ def test_closed_store_raises(store):
     ):
         with pytest.raises(StorageClosed):
             call()
+
+
+# --- entries: revisions, deadlines, the expiry index --------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_entries_round_trip_and_garbage_is_refused() -> None:
+    for value, rev, exp in ((b"", 0, 0), (b"v" * 100, 2 ** 63, 0), (b"x", 5, 1_700_000_000_000)):
+        e = entry.decode(entry.encode(value, rev, exp))
+        assert (e.value, e.rev, e.expires_at) == (value, rev, exp)
+    for bad in (b"", b"\x00" * 8, b"\x01" + b"\x00" * 12, b"\x80" + b"\x00" * 8):
+        with pytest.raises(ValueError):
+            entry.decode(bad)
+
+
+def test_reads_hide_an_expired_entry_at_once_and_apply_removes_it_with_its_index_row(engine) -> None:
+    clock = Clock(1_000_000)
+    store = Store(engine, clock)
+    store.apply([Record(1, 1, Op.PUT, b"t", b"v", 10, 1_000_500), Record(1, 2, Op.PUT, b"p", b"w", 11, 0)])
+    assert store.get(b"t") == b"v" and store.entry(b"t") == entry.Entry(b"v", 10, 1_000_500)
+    assert store.applied_rev == 11 and store.due(clock.now, 10) == []
+    clock.now = 1_000_500  # the deadline: gone for every read, still stored until its EXPIRE record
+    assert store.get(b"t", None) is None and not store.exists(b"t") and store.entry(b"t") is None
+    assert dict(store.scan()) == {b"p": b"w"} and store.raw_entry(b"t") is not None
+    [(deadline, skey)] = store.due(clock.now, 10)
+    assert deadline == 1_000_500 and skey.endswith(b"t")
+    store.apply([Record(1, 3, Op.EXPIRE, b"t", b"", 12, 1_000_500)])
+    assert store.raw_entry(b"t") is None and store.due(clock.now, 10) == []
+
+
+def test_stale_index_rows_are_dropped_locally(engine) -> None:
+    store = Store(engine, Clock(5_000))
+    store.apply([Record(1, 1, Op.PUT, b"k", b"v", 1, 4_000)])
+    store.apply([Record(1, 2, Op.PUT, b"k", b"v2", 2, 0)])  # overwritten without a deadline: the row is stale
+    rows = store.due(5_000, 10)
+    assert len(rows) == 1 and store.get(b"k") == b"v2"
+    store.drop_due(rows)
+    assert store.due(5_000, 10) == []
+
+
+def test_install_writes_entries_with_their_index_rows_and_refuses_garbage(engine) -> None:
+    store = Store(engine, Clock(0))
+    store.install([(b"a", entry.encode(b"1", 3, 77)), (b"b", entry.encode(b"2", 4))])
+    assert store.entry(b"a") == entry.Entry(b"1", 3, 77) and len(store.due(100, 10)) == 1
+    with pytest.raises(InvalidArgument):
+        store.install([(b"c", b"\x09")])
+    assert store.raw_entry(b"c") is None
+    assert store.clear() == 2 and store.due(100, 10) == []
+
+
+def test_a_store_written_before_entries_is_refused_not_misread(tmp_path) -> None:
+    engine = make_engine("leveldb", str(tmp_path / "db"))
+    engine.write([(storage_key(b"k"), b"raw old value")])
+    with pytest.raises(CorruptLog, match="before revisions and TTL"):
+        Store(engine)
+    engine.close()

@@ -884,3 +884,43 @@ def test_a_record_bigger_than_a_read_chunk_is_read_in_one_go(tmp_path: Path, mon
     assert opened[-1].calls <= 3  # the chunk with its start, then the rest of it at once
     assert list(wal.read_from(1)) == model
     wal.close()
+
+
+# -- format 2: revisions, deadlines, the compaction boundary ---------------------------------------
+
+def test_records_keep_their_revision_and_deadline_across_a_reopen(tmp_path: Path) -> None:
+    log = WriteAheadLog(tmp_path)
+    log.append([Record(1, 1, Op.PUT, b"k", b"v", 100, 1_700_000_000_000), Record(1, 2, Op.EXPIRE, b"k", b"", 101,
+                                                                                 1_700_000_000_000)])
+    log.close()
+    again = WriteAheadLog(tmp_path)
+    assert [(r.rev, r.expires_at) for r in again.read_from(1)] == [(100, 1_700_000_000_000), (101, 1_700_000_000_000)]
+    assert again.last_rev == 101
+    assert again.truncate_after(1) == 1 and again.last_rev == 100
+
+
+def test_a_log_written_in_an_older_format_is_refused_not_cut(tmp_path: Path) -> None:
+    (tmp_path / "wal-00000000000000000001.log").write_bytes(b"\x01" * 64)  # segments, no FORMAT file
+    with pytest.raises(CorruptLog, match="before revisions and TTL"):
+        WriteAheadLog(tmp_path)
+    assert (tmp_path / "wal-00000000000000000001.log").read_bytes() == b"\x01" * 64
+    (tmp_path / "FORMAT").write_text("dkv-wal 9\n")
+    with pytest.raises(CorruptLog, match="format"):
+        WriteAheadLog(tmp_path)
+
+
+def test_compaction_remembers_the_revision_of_the_last_record_it_deleted(tmp_path: Path) -> None:
+    log = WriteAheadLog(tmp_path, segment_bytes=200)
+    for i in range(1, 21):
+        log.append([Record(1, i, Op.PUT, b"k%d" % i, b"v" * 50, 1000 + i)])
+    assert log.base_rev == 0 and log.segment_count > 2
+    assert log.compact(15) > 0
+    first = log.first_lsn
+    assert log.base_rev == 1000 + first - 1  # the record just before the first one kept
+    log.close()
+    again = WriteAheadLog(tmp_path, segment_bytes=200)
+    assert again.base_rev == 1000 + first - 1 and again.last_rev == 1020
+    again.reset_to(50, rev=7777)
+    assert again.base_rev == again.last_rev == 7777
+    again.close()
+    assert WriteAheadLog(tmp_path).base_rev == 7777
