@@ -160,9 +160,14 @@ class Sequencer:
     def _decide(self, w: Write, changed: dict[bytes, Entry | None], epoch: int, lsn: int,
                 now: int) -> tuple[Record | None, Any]:
         key = w.key
+        kind = w.kind
+        if kind is Kind.SET and w.cond is None:  # the hot path: a blind write reads nothing
+            rev = self._next_rev(now)
+            expires_at = now + w.px if w.px else 0
+            changed[key] = Entry(w.value, rev, expires_at)
+            return Record(epoch, lsn, Op.PUT, key, w.value, rev, expires_at), rev
         cur = changed[key] if key in changed else self._current(key)
         live = cur if cur is not None and not cur.expired(now) else None
-        kind = w.kind
 
         def write(value: bytes, expires_at: int) -> tuple[Record, int]:
             rev = self._next_rev(now)

@@ -56,13 +56,15 @@ class RPC:
         self._svc = service
 
     def batch(self, ops: list[Any]) -> list[list[Any]]:
-        """Run many get/exists/set/del ops; one [0, result] or [1, error] per op."""
+        """Run many ops (get, getm, exists, ttl, set, cas, del, incr, expire, persist: see
+        :mod:`dkv.protocol`); one [0, result] or [1, error] per op."""
         return self._svc.batch(ops)
 
     def get(self, key: Any, consistency: str = "sequential") -> bytes | None:
         return self._svc.one(["get", key, consistency])
 
-    def set(self, key: Any, value: Any) -> None:
+    def set(self, key: Any, value: Any) -> int:
+        """Set ``key``; the write's revision."""
         return self._svc.one(["set", key, value])
 
     def delete(self, key: Any) -> bool:
@@ -205,7 +207,8 @@ class Node:
                                       max_batch_records=cfg.max_batch_records,
                                       page_bytes=cfg.limits.page_bytes, offload=cfg.durable)
         self.service = NodeService(cfg, self.store, self.log, self.pipeline)
-        self.expirer = Expirer(self.store, self.pipeline, self.service.may_write, offload=cfg.durable)
+        self.expirer = self.service.expirer = Expirer(self.store, self.pipeline, self.service.may_write,
+                                                      offload=cfg.durable)
         if cfg.cluster:
             from dkv.cluster.follower import PromiseFile
             from dkv.cluster.runtime import ClusterRuntime

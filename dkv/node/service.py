@@ -53,6 +53,8 @@ class NodeService:
         self.started = time.time()
         #: cluster mode: the node's ClusterRuntime (routing, replication); None standalone
         self.router: Any = None
+        #: the node's Expirer (its counters show in info)
+        self.expirer: Any = None
 
     # -- key/value ops -------------------------------------------------------
 
@@ -236,6 +238,8 @@ class NodeService:
             "epoch": self.pipeline.epoch,
             "applied_lsn": self.store.applied_lsn,
             "wal": self.log.stats,
+            "applied_rev": self.store.applied_rev,
+            "expired_keys": self.expirer.expired if self.expirer is not None else 0,
             "queued_writes": self.pipeline.queued,
             "group_commits": self.pipeline.batches,
             "records_written": self.pipeline.records,
