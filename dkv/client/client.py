@@ -58,7 +58,7 @@ def ttl_ms(ex: float | None, px: int | None) -> int | None:
     if ex is not None and px is not None:
         raise InvalidArgument("give ex (seconds) or px (milliseconds), not both")
     if ex is not None:
-        if isinstance(ex, bool) or not isinstance(ex, (int, float)) or not ex > 0:
+        if isinstance(ex, bool) or not isinstance(ex, (int, float)) or not 0 < ex < float("inf"):
             raise InvalidArgument("ex must be a positive number of seconds")
         return max(1, round(ex * 1000))
     if px is not None:
