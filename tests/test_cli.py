@@ -533,6 +533,43 @@ def test_bench_smoke(node: NodeProcess) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def bench_json(node: NodeProcess, *args: str) -> dict[str, object]:
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--json", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_incr_does_one_increment_per_op(node: NodeProcess, client: Client) -> None:
+    doc = bench_json(node, "--op", "incr", "--clients", "8", "--ops", "600", "--keys", "7")
+    assert doc["op"] == "incr" and doc["succeeded"] == doc["ops"] == 600 and doc["failed"] == 0
+    counters = dict(client.scan("bench-incr:"))
+    assert len(counters) <= 7 and sum(int(v) for v in counters.values()) == 600
+
+
+def test_bench_cas_succeeds_every_time_and_counts_on_fresh_keys(node: NodeProcess, client: Client) -> None:
+    from dkv.cli.bench import cas_value
+
+    before = {k for k, _ in client.scan("bench-cas:")}
+    doc = bench_json(node, "--op", "cas", "--clients", "8", "--ops", "500", "--keys", "20", "--value-size", "10")
+    assert doc["op"] == "cas" and doc["succeeded"] == doc["ops"] == 500 and doc["errors"] == {}
+    values = {k: v for k, v in client.scan("bench-cas:") if k not in before}
+    assert len(values) == 20 and len({k.rsplit(b":", 1)[0] for k in values}) == 1  # this run's prefix
+    # The first cas of a key writes 0 (expected: absent), the n-th writes n - 1.
+    counts = [int(v.rstrip(b".")) for v in values.values()]
+    assert all(cas_value(n, 10) == v for n, v in zip(counts, values.values()))
+    assert sum(n + 1 for n in counts) == 500
+
+
+def test_bench_refuses_cas_with_fewer_keys_than_clients(node: NodeProcess) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--op", "cas",
+                           "--clients", "4", "--keys", "3", "--ops", "10"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "--op cas needs --keys >= --clients" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_admin_refuses_bad_invocations_with_clear_errors(capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from dkv.cli.main import main
