@@ -4,7 +4,12 @@ Starts a standalone node and a 1-shard x 3-member cluster (write quorum 2)
 against a running ZooKeeper (``make zk-up``), runs ``dkv bench`` at each client
 count against both, prints the reports, and stops every process it started.
 
-    python benchmarks/cluster_bench.py [--zk 127.0.0.1:2181] [--clients 1 32] [--ops 20000]
+    python benchmarks/cluster_bench.py [--zk 127.0.0.1:2181] [--clients 1 32] [--ops 20000] \
+        [--op set cas incr] [--keys 1000]
+
+Each ``--op`` is a ``dkv bench --op``: ``set`` (sets only), ``cas`` (every op one
+successful ``cas`` on a key only it holds), ``incr`` (one increment of a random counter).
+Per client count the ops run in turn against each target, in the same window.
 """
 from __future__ import annotations
 
@@ -57,10 +62,10 @@ def answers(addr: str, check: Callable[[dict[str, Any]], bool] = lambda i: True)
         return False
 
 
-def bench(addr: str, clients: int, ops: int, value_size: int) -> None:
+def bench(addr: str, clients: int, ops: int, value_size: int, op: str = "set", keys: int = 100_000) -> None:
     subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", addr, "--clients", str(clients),
-                    "--ops", str(ops), "--value-size", str(value_size), "--ratio", "1:0", "--no-progress"],
-                   check=True)
+                    "--ops", str(ops), "--value-size", str(value_size), "--op", op, "--keys", str(keys),
+                    "--no-progress"], check=True)
 
 
 def start_nodes(data: str, zk: str, procs: list[subprocess.Popen[bytes]],
@@ -103,6 +108,9 @@ def main() -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     p.add_argument("--ops", type=int, default=20000, help="ops at the highest client count (1 client: a quarter)")
     p.add_argument("--value-size", type=int, default=100)
+    p.add_argument("--op", nargs="+", default=["set"], choices=["set", "cas", "incr"],
+                   help="dkv bench --op of each run (default: set)")
+    p.add_argument("--keys", type=int, default=100_000, help="key space of each run")
     args = p.parse_args()
     data = tempfile.mkdtemp(prefix="dkv-bench-")
     zk = f"{args.zk}/dkv-bench-{uuid.uuid4().hex[:8]}"
@@ -112,8 +120,10 @@ def main() -> int:
         for clients in args.clients:
             ops = args.ops if clients == max(args.clients) else max(1000, args.ops // 4)
             for name, addr in (("standalone", standalone), ("cluster 1x3, write_quorum=2", writer_addr)):
-                print(f"== {name}: {clients} client(s), {ops} sets of {args.value_size} bytes", flush=True)
-                bench(addr, clients, ops, args.value_size)
+                for op in args.op:
+                    values = "" if op == "incr" else f", {args.value_size}-byte values"
+                    print(f"== {name}: {clients} client(s), {ops} {op} ops{values}, {args.keys} keys", flush=True)
+                    bench(addr, clients, ops, args.value_size, op, args.keys)
         return 0
     finally:
         stop_all(procs, data)

@@ -223,6 +223,141 @@ def test_cli_with_unreachable_zk_fails_cleanly() -> None:
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def ttl_of(client: Client, key: str) -> float:
+    out = run(client, f"ttl {key}")
+    assert out.endswith(" s"), out
+    return float(out[:-2])
+
+
+def test_set_with_expiry_and_conditions_options_in_any_case(client: Client, k: str) -> None:
+    assert run(client, f"set {k}a 1 EX 100 NX") == "OK"
+    assert 99 < ttl_of(client, f"{k}a") <= 100
+    assert run(client, f"set {k}a 2 nx") == "(nil)"  # present: not written
+    assert run(client, f"set {k}b 2 Xx") == "(nil)"  # absent: not written
+    assert run(client, f"get {k}a") == "1" and run(client, f"get {k}b") == "(nil)"
+    assert run(client, f"set {k}a 3 px 50000 XX") == "OK"
+    assert 49 < ttl_of(client, f"{k}a") <= 50
+    assert run(client, f"set {k}a 4") == "OK"  # a plain set clears the deadline
+    assert run(client, f"ttl {k}a") == "(no expiry)"
+    assert run(client, f"ttl {k}nope") == "(nil)"
+
+
+@pytest.mark.parametrize("options, message", [
+    ("EX", "EX needs a value"),
+    ("EX 0", "EX must be a positive number of seconds (at most 3153600000), not '0'"),
+    ("EX -1", "EX must be a positive number of seconds (at most 3153600000), not '-1'"),
+    ("EX abc", "EX must be a positive number of seconds (at most 3153600000), not 'abc'"),
+    ("EX inf", "EX must be a positive number of seconds (at most 3153600000), not 'inf'"),
+    ("EX nan", "EX must be a positive number of seconds (at most 3153600000), not 'nan'"),
+    ("PX 1.5", "PX must be a whole number of milliseconds in 1..3153600000000, not '1.5'"),
+    ("PX 0", "PX must be a whole number of milliseconds in 1..3153600000000, not '0'"),
+    ("PX 99999999999999", "PX must be a whole number of milliseconds in 1..3153600000000, not '99999999999999'"),
+    ("EX 1 PX 100", "give EX or PX, not both"),
+    ("NX XX", "NX and XX exclude each other"),
+    ("EX 1 ex 2", "EX given twice"),
+    ("KEEPTTL", "unknown option 'KEEPTTL' (expected EX, PX, NX, XX)"),
+])
+def test_set_refuses_bad_options_and_changes_nothing(client: Client, k: str, options: str, message: str) -> None:
+    assert execute(client, f"set {k}a 1 {options}") == (False, f"(error) {message}")
+    assert run(client, f"exists {k}a") == "(integer) 0"
+
+
+def test_cas_with_the_absent_token_and_expiry(client: Client, k: str) -> None:
+    assert run(client, f"cas {k}a (nil) 1") == "OK"  # (nil): only if absent
+    assert run(client, f"cas {k}a (nil) 2") == "(nil)"
+    assert run(client, f"cas {k}a 9 2") == "(nil)"
+    assert run(client, f"get {k}a") == "1"
+    assert run(client, f"cas {k}a 1 2 ex 100") == "OK"
+    assert run(client, f"get {k}a") == "2" and 99 < ttl_of(client, f"{k}a") <= 100
+    assert run(client, f"cas {k}a 2 3") == "OK"  # like set: no EX, no deadline
+    assert run(client, f"ttl {k}a") == "(no expiry)"
+    assert execute(client, f"cas {k}a 3 4 NX") == (False, "(error) unknown option 'NX' (expected EX, PX)")
+    assert execute(client, f"cas {k}a 3") == (False, "(error) usage: cas KEY EXPECTED NEW [EX SECONDS|PX MS]")
+    assert run(client, f"get {k}a") == "3"
+    assert "(nil): only if KEY is absent" in run(client, "help cas")
+
+
+def test_incr_decr(client: Client, k: str) -> None:
+    assert run(client, f"incr {k}n") == "(integer) 1"
+    assert run(client, f"incr {k}n 41") == "(integer) 42"
+    assert run(client, f"decr {k}n") == "(integer) 41"
+    assert run(client, f"DECR {k}n 50") == "(integer) -9"
+    assert run(client, f"incr {k}n -1") == "(integer) -10"
+    for bad in ("1.5", "x", str(2 ** 63)):
+        assert execute(client, f"incr {k}n {bad}") == (
+            False, f"(error) the amount must be a 64-bit integer, not '{bad}'")
+    run(client, f"set {k}s abc")
+    ok, out = execute(client, f"incr {k}s")
+    assert not ok and out.startswith("(error) InvalidArgument: ")
+    assert run(client, f"get {k}n") == "-10" and run(client, f"get {k}s") == "abc"
+
+
+def test_incr_keeps_the_deadline(client: Client, k: str) -> None:
+    run(client, f"set {k}n 5 EX 100")
+    assert run(client, f"incr {k}n") == "(integer) 6"
+    assert 99 < ttl_of(client, f"{k}n") <= 100
+
+
+def test_expire_persist_ttl(client: Client, k: str) -> None:
+    assert run(client, f"expire {k}a 10") == "(integer) 0"  # absent
+    assert run(client, f"persist {k}a") == "(integer) 0"
+    run(client, f"set {k}a 1")
+    assert run(client, f"persist {k}a") == "(integer) 0"  # no deadline to remove
+    assert run(client, f"expire {k}a 100") == "(integer) 1"
+    assert 99 < ttl_of(client, f"{k}a") <= 100
+    assert execute(client, f"expire {k}a 0") == (
+        False, "(error) seconds must be a positive number of seconds (at most 3153600000), not '0'")
+    assert run(client, f"persist {k}a") == "(integer) 1"
+    assert run(client, f"ttl {k}a") == "(no expiry)"
+    assert run(client, f"expire {k}a 0.05") == "(integer) 1"
+    wait_until(lambda: run(client, f"get {k}a") == "(nil)", 10, "the key to expire")
+    assert run(client, f"ttl {k}a") == "(nil)"
+
+
+def test_getm_shows_value_revision_and_expiry(client: Client, k: str) -> None:
+    assert run(client, f"getm {k}a") == "(nil)"
+    run(client, f"set {k}a hello")
+    fields = dict(line.split(":", 1) for line in run(client, f"getm {k}a").splitlines())
+    assert fields["value"].strip() == "hello" and fields["expires_at"].strip() == "never"
+    rev = int(fields["revision"])
+    run(client, f"set {k}a again EX 100")
+    fields = dict(line.split(":", 1) for line in run(client, f"getm {k}a").splitlines())
+    assert int(fields["revision"]) > rev
+    meta = client.get(f"{k}a", with_meta=True)
+    assert meta is not None and not isinstance(meta, bytes) and meta.expires_at is not None
+    assert fields["expires_at"].split()[0] == f"{meta.expires_at:.3f}"
+
+
+def test_completion_of_names_and_options() -> None:
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from dkv.cli.repl import command_completer
+
+    completer = command_completer()
+
+    def words(text: str) -> list[str]:
+        return [c.text for c in completer.get_completions(Document(text), CompleteEvent())]
+
+    assert {"incr", "decr"} <= set(words("")) and words("inc") == ["incr"]
+    assert words("help pe") == ["persist"] and sorted(words("ex")) == ["exists", "exit", "expire"]
+    assert words("set k") == [] and words("set k ") == []  # a key or a value comes next
+    assert words("set k v ") == ["EX", "PX", "NX", "XX"]
+    assert words("set k v e") == ["EX"] and words("set k v EX ") == []
+    assert words("set k v EX 10 ") == ["PX", "NX", "XX"]
+    assert words("cas k a b ") == ["EX", "PX"] and words("get k ") == []
+
+
+def test_stdin_mode_coordination_commands(node: NodeProcess, k: str) -> None:
+    script = (f"set {k}a 1 EX 100 NX\nset {k}a 2 NX\ncas {k}a 1 2\nincr {k}n 5\ndecr {k}n\n"
+              f"persist {k}a\nttl {k}a\nset {k}a 3 EX\nget {k}a\n")
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
+                          input=script, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines() == ["OK", "(nil)", "OK", "(integer) 5", "(integer) 4", "(integer) 0",
+                                        "(no expiry)", "(error) EX needs a value", "2"]
+    assert proc.returncode == 1  # one command failed
+
+
 def test_help(client: Client) -> None:
     out = run(client, "help")
     assert "set KEY VALUE" in out and "scan [PREFIX] [LIMIT]" in out
@@ -234,7 +369,7 @@ def test_unknown_command(client: Client) -> None:
 
 
 def test_wrong_arity(client: Client) -> None:
-    assert execute(client, "set onlykey") == (False, "(error) usage: set KEY VALUE")
+    assert execute(client, "set onlykey") == (False, "(error) usage: set KEY VALUE [EX SECONDS|PX MS] [NX|XX]")
     assert execute(client, "get") == (False, "(error) usage: get KEY")
 
 
@@ -396,6 +531,43 @@ def test_bench_smoke(node: NodeProcess) -> None:
     assert any(line.startswith("latency p99:") and line.endswith("ms") for line in lines)
     assert any(line.split() == ["errors:", "0"] for line in lines)
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def bench_json(node: NodeProcess, *args: str) -> dict[str, object]:
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--json", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_incr_does_one_increment_per_op(node: NodeProcess, client: Client) -> None:
+    doc = bench_json(node, "--op", "incr", "--clients", "8", "--ops", "600", "--keys", "7")
+    assert doc["op"] == "incr" and doc["succeeded"] == doc["ops"] == 600 and doc["failed"] == 0
+    counters = dict(client.scan("bench-incr:"))
+    assert len(counters) <= 7 and sum(int(v) for v in counters.values()) == 600
+
+
+def test_bench_cas_succeeds_every_time_and_counts_on_fresh_keys(node: NodeProcess, client: Client) -> None:
+    from dkv.cli.bench import cas_value
+
+    before = {k for k, _ in client.scan("bench-cas:")}
+    doc = bench_json(node, "--op", "cas", "--clients", "8", "--ops", "500", "--keys", "20", "--value-size", "10")
+    assert doc["op"] == "cas" and doc["succeeded"] == doc["ops"] == 500 and doc["errors"] == {}
+    values = {k: v for k, v in client.scan("bench-cas:") if k not in before}
+    assert len(values) == 20 and len({k.rsplit(b":", 1)[0] for k in values}) == 1  # this run's prefix
+    # The first cas of a key writes 0 (expected: absent), the n-th writes n - 1.
+    counts = [int(v.rstrip(b".")) for v in values.values()]
+    assert all(cas_value(n, 10) == v for n, v in zip(counts, values.values()))
+    assert sum(n + 1 for n in counts) == 500
+
+
+def test_bench_refuses_cas_with_fewer_keys_than_clients(node: NodeProcess) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--op", "cas",
+                           "--clients", "4", "--keys", "3", "--ops", "10"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "--op cas needs --keys >= --clients" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_admin_refuses_bad_invocations_with_clear_errors(capsys: pytest.CaptureFixture[str],

@@ -195,13 +195,65 @@ def bench_key(i: int) -> bytes:
     return f"bench:{i:010d}".encode()
 
 
+#: ``dkv bench --op``: the SET:GET mix of ``--ratio``, only sets, only gets, counters, CAS loops
+OPS = ("mix", "set", "get", "incr", "cas")
+
+
+class CasMismatch(Exception):
+    """A ``cas`` whose expected value (the last one this run wrote) was not the key's value."""
+
+
+def cas_value(n: int, value_size: int) -> bytes:
+    """The ``n``-th value of a CAS-benchmark key: ``n`` in decimal, padded with dots to ``value_size``."""
+    return str(n).encode().ljust(value_size, b".")
+
+
+class CasKeys:
+    """The keys of ``dkv bench --op cas`` and the value this run last wrote to each.
+
+    An op takes a key no other op holds (:meth:`take`), so it knows the key's value
+    and its ``cas(expected=last, new=next)`` must succeed; it gives the key back
+    with the new count (:meth:`give`), or with None when the outcome is unknown (an
+    error, a mismatch): the next op on that key reads it first. Keys are taken in
+    turn (FIFO), so with ``keys >= clients`` no op waits for one.
+    """
+
+    def __init__(self, prefix: str, keys: int) -> None:
+        from gevent.queue import Queue
+
+        self.prefix = prefix
+        self._free: Queue[int] = Queue()
+        for i in range(keys):
+            self._free.put(i)
+        #: per key: the count last written (-1: absent, the run's keys are new), None: unknown
+        self.last: list[int | None] = [-1] * keys
+
+    def key(self, i: int) -> bytes:
+        return f"{self.prefix}{i:010d}".encode()
+
+    def take(self) -> int:
+        return self._free.get()
+
+    def give(self, i: int, count: int | None) -> None:
+        self.last[i] = count
+        self._free.put(i)
+
+
 def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, ratio: tuple[int, int],
               keys: int, timeout: float, progress: bool, consistency: str = "sequential",
-              auth: str | None = None, duration: float | None = None, as_json: bool = False) -> int:
+              auth: str | None = None, duration: float | None = None, as_json: bool = False,
+              op_kind: str = "mix") -> int:
     """``dkv bench``: run the load against ``addrs``, print the report; 1 if any op failed.
 
     Exactly one of ``ops`` and ``duration`` (seconds) bounds the run. With
     ``as_json`` the report is one line of JSON (:func:`report_json`).
+
+    ``op_kind`` (:data:`OPS`): ``mix`` sets and gets ``bench:`` keys in the
+    ``ratio``; ``set`` and ``get`` do only that; ``incr`` increments a random
+    ``bench-incr:`` counter per op; ``cas`` gives every op a key no other op holds
+    (keys named for this run, so they start absent) and does one
+    ``cas(key, last value written, next value)``: every one must succeed, a
+    mismatch is counted as a ``CasMismatch`` error (and the key is re-read).
     """
     # Patch first: the client must see a gevent-patched `threading` when it is
     # imported and built, so it runs inline on this hub (not on a private hub
@@ -212,7 +264,11 @@ def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, 
     from dkv.client import Client
     from dkv.errors import InvalidArgument
 
-    sets, gets = ratio
+    if op_kind not in OPS:
+        raise InvalidArgument(f"--op must be one of {', '.join(OPS)}, not {op_kind!r}")
+    sets, gets = {"mix": ratio, "set": (1, 0), "get": (0, 1)}.get(op_kind, ratio)
+    if op_kind == "cas" and keys < clients:
+        raise InvalidArgument("--op cas needs --keys >= --clients (each op holds a key of its own)")
     if (ops is None) == (duration is None):
         raise InvalidArgument("give exactly one of --ops and --duration")
     if duration is not None and not duration > 0:
@@ -228,13 +284,37 @@ def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, 
     try:
         client.get(bench_key(0))  # connect and learn the slot map outside the timed run
 
+        cas_keys = CasKeys(f"bench-cas:{os.urandom(4).hex()}:", keys) if op_kind == "cas" else None
+
         def op(i: int) -> None:
+            if op_kind == "incr":
+                client.incr(f"bench-incr:{rng.randrange(keys):010d}")
+                return
+            if cas_keys is not None:
+                cas_op()
+                return
             key = bench_key(rng.randrange(keys))
             if i % period < sets:
                 at = rng.randrange(1024)
                 client.set(key, buf[at:at + value_size])
             else:
                 client.get(key, consistency=consistency)
+
+        def cas_op() -> None:
+            assert cas_keys is not None
+            k = cas_keys.take()
+            key, last = cas_keys.key(k), cas_keys.last[k]
+            count: int | None = None
+            try:
+                if last is None:  # unknown after an error: read it (part of this op's time)
+                    value = client.get(key)
+                    last = -1 if value is None else int(value.split(b".", 1)[0])
+                expected = None if last == -1 else cas_value(last, value_size)
+                if not client.cas(key, expected, cas_value(last + 1, value_size)):
+                    raise CasMismatch(f"{key!r} did not hold {expected!r}")
+                count = last + 1
+            finally:
+                cas_keys.give(k, count)
 
         result = run_load(op, clients=clients, ops=ops, duration=duration,
                           progress=None if as_json else progress_stream(progress))
@@ -243,21 +323,26 @@ def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, 
     if as_json:
         print(report_json([
             ("target", ",".join(addrs)),
+            ("op", op_kind),
             ("clients", clients),
             ("duration_s", duration),
             ("value_size", value_size),
-            ("ratio", [sets, gets]),
+            ("ratio", [sets, gets] if op_kind in ("mix", "set", "get") else None),
             ("consistency", consistency),
             ("keys", keys),
         ], result), flush=True)
         return 1 if result.failed else 0
-    print(format_report([
+    params = [
         ("target", ",".join(addrs)),
+        ("op", op_kind),
         ("clients", str(clients)),
         ("ops", str(result.ops) if duration is None else f"{result.ops} in {duration:g} s"),
-        ("value size", f"{value_size} bytes"),
-        ("ratio", f"{sets}:{gets} (SET:GET)"),
-        ("gets", consistency),
-        ("keys", str(keys)),
-    ], result), flush=True)
+        ("value size", f"{value_size} bytes" if op_kind != "incr" else "-"),
+    ]
+    if op_kind in ("mix", "set", "get"):
+        params += [("ratio", f"{sets}:{gets} (SET:GET)"), ("gets", consistency)]
+    if op_kind == "cas":
+        params.append(("cas", f"{result.succeeded} of {result.ops} succeeded"))
+    params.append(("keys", str(keys)))
+    print(format_report(params, result), flush=True)
     return 1 if result.failed else 0

@@ -116,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(b, "--duration", type=float, default=None,
               help="run for this many seconds instead of a number of ops (not with --ops)")
     _env_flag(b, "--value-size", type=int, default=100, help="value size in bytes")
-    _env_flag(b, "--ratio", type=_ratio, default=(1, 1), help="SET:GET mix, e.g. 1:1, 1:0, 0:1")
+    _env_flag(b, "--op", default="mix", choices=["mix", "set", "get", "incr", "cas"],
+              help="what each op does: mix = sets and gets in --ratio; set, get; incr = one incr of a "
+                   "random counter; cas = one cas(key, last value, next value) on a key no other op "
+                   "holds (every one should succeed; needs --keys >= --clients)")
+    _env_flag(b, "--ratio", type=_ratio, default=(1, 1), help="SET:GET mix of --op mix, e.g. 1:1, 1:0, 0:1")
     _env_flag(b, "--keys", type=int, default=100_000, help="size of the key space")
     _env_flag(b, "--timeout", type=float, default=10.0, help="seconds per request")
     _env_flag(b, "--consistency", choices=["sequential", "linearizable", "eventual"], default="sequential",
@@ -216,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              value_size=args.value_size, ratio=args.ratio, keys=args.keys,
                              timeout=args.timeout, progress=not args.no_progress,
                              consistency=args.consistency, auth=args.auth, duration=duration,
-                             as_json=args.json)
+                             as_json=args.json, op_kind=args.op)
         if args.command == "wal":
             return _wal(args)
         if args.command == "admin":

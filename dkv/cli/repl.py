@@ -9,15 +9,18 @@ stdin is a terminal, else one command per stdin line with plain output.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from dkv.errors import DKVError
+from dkv.protocol import MAX_TTL_MS
 from dkv.slots import slot_of
 
 if TYPE_CHECKING:
@@ -185,9 +188,112 @@ def _get(client: "Client", args: list[str]) -> str:
     return _nil_or(client.get(_enc(args[0])))
 
 
+#: ``cas``'s EXPECTED for "the key is absent" (what ``get`` prints for a missing key)
+ABSENT = "(nil)"
+
+
+def _seconds(word: str, text: str) -> float:
+    """A positive, finite number of seconds (``EX``, ``expire``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value * 1000 <= MAX_TTL_MS):
+        raise CommandError(f"{word} must be a positive number of seconds (at most {MAX_TTL_MS // 1000}), "
+                           f"not {text!r}")
+    return value
+
+
+def _millis(text: str) -> int:
+    """A positive whole number of milliseconds (``PX``)."""
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_TTL_MS:
+        raise CommandError(f"PX must be a whole number of milliseconds in 1..{MAX_TTL_MS}, not {text!r}")
+    return int(text)
+
+
+def _options(words: list[str], allowed: tuple[str, ...]) -> dict[str, Any]:
+    """``EX seconds``, ``PX ms``, ``NX``, ``XX`` (any case, any order; each at most once) among
+    ``allowed``, as keyword arguments of the client call. Raises before anything is sent."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(words):
+        word = words[i].upper()
+        if word not in allowed:
+            raise CommandError(f"unknown option {words[i]!r} (expected {', '.join(allowed)})")
+        if word.lower() in out:
+            raise CommandError(f"{word} given twice")
+        if word in ("EX", "PX"):
+            if i + 1 >= len(words):
+                raise CommandError(f"{word} needs a value")
+            out[word.lower()] = _seconds("EX", words[i + 1]) if word == "EX" else _millis(words[i + 1])
+            i += 2
+        else:
+            out[word.lower()] = True
+            i += 1
+    if "ex" in out and "px" in out:
+        raise CommandError("give EX or PX, not both")
+    if out.get("nx") and out.get("xx"):
+        raise CommandError("NX and XX exclude each other")
+    return out
+
+
 def _set(client: "Client", args: list[str]) -> str:
-    client.set(_enc(args[0]), _enc(args[1]))
-    return "OK"
+    options = _options(args[2:], ("EX", "PX", "NX", "XX"))
+    return "OK" if client.set(_enc(args[0]), _enc(args[1]), **options) else "(nil)"
+
+
+def _cas(client: "Client", args: list[str]) -> str:
+    options = _options(args[3:], ("EX", "PX"))
+    expected = None if args[1] == ABSENT else _enc(args[1])
+    return "OK" if client.cas(_enc(args[0]), expected, _enc(args[2]), **options) else "(nil)"
+
+
+def _amount(args: list[str]) -> int:
+    if len(args) < 2:
+        return 1
+    try:
+        amount = int(args[1])
+    except ValueError:
+        amount = None
+    if amount is None or not -2 ** 63 < amount < 2 ** 63:
+        raise CommandError(f"the amount must be a 64-bit integer, not {args[1]!r}")
+    return amount
+
+
+def _incr(client: "Client", args: list[str]) -> str:
+    return f"(integer) {client.incr(_enc(args[0]), _amount(args))}"
+
+
+def _decr(client: "Client", args: list[str]) -> str:
+    return f"(integer) {client.decr(_enc(args[0]), _amount(args))}"
+
+
+def _ttl(client: "Client", args: list[str]) -> str:
+    key = _enc(args[0])
+    left = client.ttl(key)
+    if left is not None:
+        return f"{left:.3f} s"
+    return "(no expiry)" if client.exists(key) else "(nil)"
+
+
+def _expire(client: "Client", args: list[str]) -> str:
+    return f"(integer) {int(client.expire(_enc(args[0]), _seconds('seconds', args[1])))}"
+
+
+def _persist(client: "Client", args: list[str]) -> str:
+    return f"(integer) {int(client.persist(_enc(args[0])))}"
+
+
+def _getm(client: "Client", args: list[str]) -> str:
+    meta = client.get(_enc(args[0]), with_meta=True)
+    if meta is None:
+        return "(nil)"
+    assert not isinstance(meta, bytes)
+    expires = "never"
+    if meta.expires_at is not None:
+        when = datetime.fromtimestamp(meta.expires_at, timezone.utc).isoformat(timespec="milliseconds")
+        expires = f"{meta.expires_at:.3f} ({when})"
+    return format_mapping({"value": format_value(meta.value), "revision": meta.revision, "expires_at": expires})
 
 
 def _del(client: "Client", args: list[str]) -> str:
@@ -269,7 +375,19 @@ def _help(client: "Client", args: list[str]) -> str:
 
 COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
     Command("get", "KEY", "the value of KEY, or (nil)", 1, 1, _get),
-    Command("set", "KEY VALUE", "set KEY to VALUE", 2, 2, _set),
+    Command("set", "KEY VALUE [EX SECONDS|PX MS] [NX|XX]",
+            "set KEY to VALUE, expiring after EX/PX; NX: only if absent, XX: only if present "
+            "(else (nil))", 2, 6, _set),
+    Command("cas", "KEY EXPECTED NEW [EX SECONDS|PX MS]",
+            f"set KEY to NEW only if its value is EXPECTED (else (nil)); EXPECTED {ABSENT}: "
+            "only if KEY is absent", 3, 5, _cas),
+    Command("incr", "KEY [AMOUNT]", "add AMOUNT (default 1) to the integer at KEY (absent: 0); "
+            "prints the result", 1, 2, _incr),
+    Command("decr", "KEY [AMOUNT]", "subtract AMOUNT (default 1); see incr", 1, 2, _decr),
+    Command("ttl", "KEY", "seconds until KEY expires, (no expiry), or (nil) if absent", 1, 1, _ttl),
+    Command("expire", "KEY SECONDS", "make KEY expire SECONDS from now; 1, or 0 if absent", 2, 2, _expire),
+    Command("persist", "KEY", "remove KEY's expiry; 1, or 0 if it had none or is absent", 1, 1, _persist),
+    Command("getm", "KEY", "KEY's value, revision and expiry (Unix time), or (nil)", 1, 1, _getm),
     Command("del", "KEY [KEY ...]", "delete keys; prints how many existed", 1, None, _del),
     Command("exists", "KEY", "1 if KEY exists, else 0", 1, 1, _exists),
     Command("mget", "KEY [KEY ...]", "the values of many keys", 1, None, _mget),
@@ -360,12 +478,47 @@ def open_history(path: Path) -> "History":
 def make_session(addr: str, history: "History") -> "PromptSession[str]":
     """The interactive prompt: ``dkv ADDR> `` (ADDR: a node, or ``zk:HOSTS``) with command-name completion."""
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.completion import NestedCompleter
 
-    names = {name: None for name in COMMANDS}
-    completer = NestedCompleter.from_nested_dict({**names, "help": dict(names)})
-    return PromptSession(f"dkv {addr}> ", history=history, completer=completer,
+    return PromptSession(f"dkv {addr}> ", history=history, completer=command_completer(),
                          complete_while_typing=True)
+
+
+#: option words completed after a command's required arguments
+OPTION_WORDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "set": ("EX", "PX", "NX", "XX"),
+    "cas": ("EX", "PX"),
+})
+
+
+def command_completer() -> Any:
+    """Completes command names (first word, and after ``help``), and the option words of
+    ``set``/``cas`` (:data:`OPTION_WORDS`) once their required arguments are typed."""
+    from prompt_toolkit.completion import Completer, Completion, WordCompleter
+
+    names = WordCompleter(list(COMMANDS), ignore_case=True)
+
+    class _Completer(Completer):
+        def get_completions(self, document: Any, complete_event: Any) -> Any:
+            before = document.text_before_cursor
+            words = before.split()
+            typing = bool(before) and not before[-1].isspace()
+            done = words[:-1] if typing else words  # the finished words
+            if not done or (len(done) == 1 and done[0].lower() == "help"):
+                yield from names.get_completions(document, complete_event)
+                return
+            cmd = COMMANDS.get(done[0].lower())
+            options = OPTION_WORDS.get(done[0].lower(), ())
+            if cmd is None or not options or len(done) - 1 < cmd.min_args:
+                return
+            if done[-1].upper() in ("EX", "PX"):  # a value comes next
+                return
+            word = words[-1] if typing else ""
+            used = {w.upper() for w in done[1 + cmd.min_args:]}
+            for option in options:
+                if option not in used and option.startswith(word.upper()):
+                    yield Completion(option, start_position=-len(word))
+
+    return _Completer()
 
 
 def repl_loop(client: "Client", session: "PromptSession[str]", emit: Emit) -> int:
