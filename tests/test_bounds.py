@@ -16,7 +16,7 @@ import gevent.event
 import msgpack
 import pytest
 
-from dkv.node.sequencer import delete as del_w, put as put_w
+from dkv.node.sequencer import put as put_w
 from dkv import protocol
 from dkv.client.connection import MAX_BATCH_BYTES, MAX_BATCH_OPS, Connection
 from dkv.client.core import CHUNK, _chunks, iter_scan

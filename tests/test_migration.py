@@ -11,7 +11,6 @@ from dkv.cluster.layout import ClusterView, Migration, Shard, SlotRanges
 from dkv.cluster.migration import (FREEZE_LAG, Begin, Cancel, Clear, CopyPage, Done, Flip, Freeze, Frozen,
                                    Import, Importer, Page, RecordStart, Tail, TailPage)
 from dkv.node.sequencer import Kind, Write
-from dkv.wal.record import Op
 
 FLOOR = Import([Write(Kind.FLOOR, b"", deadline=0)])  # the revision floor a freeze imports first
 

@@ -21,7 +21,7 @@ from typing import Any
 import gevent
 import pytest
 
-from dkv.node.sequencer import delete as del_w, put as put_w
+from dkv.node.sequencer import put as put_w
 from dkv.client.connection import TransportError
 from dkv.cluster.follower import FollowerDriver, PromiseFile
 from dkv.cluster.leader import ReplicatedWriter
