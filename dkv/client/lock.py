@@ -30,9 +30,10 @@ keep the lock busy for longer than ``ttl``.
 
 **Validity.** ``Lock.valid`` is False once a renewal found the key taken or
 gone, and once ``ttl`` passed since the last successful acquire or renewal was
-*sent* (client's monotonic clock): the writer sets the deadline when the
-request arrives, so the holder's view of the lease ends no later than the
-store's, as long as the clocks of the client and the writers run at the same
+*sent* (client's monotonic clock); once False it stays False (a renewal that
+comes back after the lease lapsed on our clock ends it). The writer sets the
+deadline when the request arrives, so the holder's view of the lease ends no
+later than the store's, as long as the clocks of the client and the writers run at the same
 rate and the writers' wall clocks agree (a new writer whose clock runs ahead
 expires the key early by that much). A holder should check ``valid`` before
 acting, and pass ``token`` to the resources it changes, which refuse a token
@@ -131,9 +132,16 @@ class _Lease:
     stop: threading.Event = field(default_factory=threading.Event)
     mutex: threading.Lock = field(default_factory=threading.Lock)
 
-    def extend(self, sent: float, ttl: float) -> None:
+    def extend(self, sent: float, ttl: float) -> bool:
+        """A renewal sent at ``sent`` succeeded: the lease now holds until ``sent + ttl``,
+        unless it had already lapsed on our clock (then it is lost for good: ``valid``
+        never turns True again). Whether it still holds."""
         with self.mutex:
+            if self.lost or time.monotonic() >= self.valid_until:
+                self.lost = True
+                return False
             self.valid_until = max(self.valid_until, sent + ttl)
+            return True
 
     def valid(self) -> bool:
         with self.mutex:
@@ -166,7 +174,9 @@ def _renew(client: "Client", key: bytes, ttl: float, lease: _Lease, first_delay:
                 lease.lost = True
             logger.warning("lock %r was lost: its key expired or has another owner", key)
             return
-        lease.extend(sent, ttl)
+        if not lease.extend(sent, ttl):
+            logger.warning("lock %r lapsed before a renewal came back; the holder must stop", key)
+            return
         delay = max(0.0, sent + interval - time.monotonic())
 
 
