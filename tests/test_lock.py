@@ -310,16 +310,19 @@ def test_cli_lock_usage_errors(client: dkv.Client) -> None:
 # -- cluster -------------------------------------------------------------------------------------
 
 
-def test_contended_lock_while_the_writer_is_killed(zk: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ttl", [3.0, 10.0], ids=["lease-shorter-than-failover", "lease-outlives-failover"])
+def test_contended_lock_while_the_writer_is_killed(zk: str, tmp_path: Path, ttl: float) -> None:
     """Acceptance: 8 threads contend for one lock while its shard's writer is killed with
     kill -9; no two holders overlap, tokens strictly increase, and holders keep coming after
-    the failover."""
+    the failover. With a short ttl the lease held at the kill lapses (the next holder gets
+    the lock once the new writer expired the key); with a long one the holder renews it
+    with the new writer and releases it."""
     cluster = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=4.0)
     try:
         cluster.start()
         client = cluster.client(timeout=10)
         resource = FencedResource()
-        contenders = Contenders(client, "acceptance", resource, n=8, ttl=3.0).start()
+        contenders = Contenders(client, "acceptance", resource, n=8, ttl=ttl).start()
         try:
             wait_until(lambda: len(resource.accepted) >= 20, 60, "acquisitions before the kill")
             old = cluster.writer_of("shard-1")
