@@ -10,6 +10,8 @@ keep increasing when the lock's slot moves to a new shard.
 """
 from __future__ import annotations
 
+import gc
+import logging
 import signal
 import subprocess
 import sys
@@ -245,17 +247,72 @@ def test_valid_turns_false_when_the_store_stops_answering(node: NodeProcess) -> 
         lock.release()
 
 
+def test_an_acquire_of_unknown_outcome_learns_whether_it_won(node: NodeProcess,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The node is paused while an acquire is in flight: the write times out (WriteTimeout,
+    may or may not be applied). Once the node answers again, the acquirer re-reads the key:
+    the lock is ours, with a token, and the key holds our owner id."""
+    key = LOCK_PREFIX + b"unknown"
+    caplog.set_level(logging.DEBUG, logger="dkv.client.lock")
+    with dkv.Client(node.addr, timeout=1) as c:
+        core = c._runner._core  # type: ignore[attr-defined]
+        assert c.get(key) is None  # connected, and the slot map known: the acquire's write is sent
+        lock = c.lock("unknown", ttl=5.0, timeout=30)
+        outcome: list[BaseException | None] = []
+
+        def acquire() -> None:
+            try:
+                lock.acquire()
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        node.pause()
+        try:
+            t = threading.Thread(target=acquire, daemon=True)
+            t.start()
+            # the write timed out: the client now waits for the node to answer a ping
+            wait_until(lambda: node.addr in core._suspects, 10, "the acquire to time out")
+        finally:
+            node.resume()
+        t.join(30)
+        assert outcome == [None], outcome
+        assert "an attempt of unknown outcome won it" in caplog.text, caplog.text
+        assert lock.valid and lock.token is not None
+        meta = c.get(key, with_meta=True)
+        assert meta is not None and meta.value == lock.owner and meta.revision >= lock.token
+        with pytest.raises(LockTimeout):
+            c.lock("unknown", timeout=0).acquire()
+        first = lock.token
+        assert lock.release() is True
+        with c.lock("unknown", timeout=0) as again:
+            assert again.token is not None and again.token > first
+
+
 def test_closing_the_client_stops_the_renewal(node: NodeProcess) -> None:
     c = dkv.Client(node.addr, timeout=5)
     lock = c.lock("closing", ttl=1.0)
     lock.acquire()
+    renewer = lock._renewer
+    assert renewer is not None and renewer.is_alive()
     c.close()
     assert not lock.valid
-    wait_until(lambda: not any(t.name.startswith("dkv-lock-renew") and t.is_alive() for t in threading.enumerate()),
-               10, "the renewal thread to end")
+    wait_until(lambda: not renewer.is_alive(), 10, "the renewal thread to end")
     with dkv.Client(node.addr, timeout=5) as c2:
         with c2.lock("closing", timeout=10) as again:  # the unrenewed lease expired
             assert again.token is not None and lock.token is not None and again.token > lock.token
+
+
+def test_a_lock_dropped_without_release_stops_renewing(client: dkv.Client) -> None:
+    lock = client.lock("dropped", ttl=1.0)
+    lock.acquire()
+    token, renewer = lock.token, lock._renewer
+    assert token is not None and renewer is not None and renewer.is_alive()
+    del lock
+    gc.collect()
+    wait_until(lambda: not renewer.is_alive(), 10, "the renewal thread to end")
+    with client.lock("dropped", timeout=10) as again:  # its lease expired
+        assert again.token is not None and again.token > token
 
 
 def test_bad_names_and_arguments_are_invalid_and_write_nothing(client: dkv.Client) -> None:

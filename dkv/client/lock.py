@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from dkv.errors import DKVError, InvalidArgument, LockTimeout, TryAgain, Unavailable, WriteTimeout
+from dkv.errors import DKVError, InvalidArgument, LockTimeout, Moved, TryAgain, Unavailable
 from dkv.keys import DEFAULT_MAX_KEY
 
 if TYPE_CHECKING:
@@ -78,8 +78,15 @@ MAX_TTL = 24 * 3600.0
 POLL_START = 0.02
 POLL_MAX = 0.5
 
-#: Errors after which nothing was applied and a retry may succeed (no writer right now, a frozen range).
-_TRANSIENT = (Unavailable, TryAgain)
+#: Errors after which nothing was applied and a retry may succeed (no writer right now, a frozen
+#: range, a map still catching up).
+_TRANSIENT = (Unavailable, TryAgain, Moved)
+
+
+def _retryable(e: DKVError) -> bool:
+    """Whether a write that failed with ``e`` may be tried again: it was not applied but may
+    succeed later, or its outcome is unknown (``WriteTimeout``, ``Internal``)."""
+    return isinstance(e, _TRANSIENT) or not e.definite
 
 
 def lock_key(name: bytes | str) -> bytes:
@@ -161,11 +168,17 @@ def _renew(client: "Client", key: bytes, ttl: float, lease: _Lease, first_delay:
         sent = time.monotonic()
         try:
             renewed = client.cas(key, lease.owner, lease.owner, px=px)
-        except (WriteTimeout, *_TRANSIENT) as e:  # may be applied, or nothing to apply it now: try again
-            logger.debug("renewal of %r failed (%s); retrying", key, e)
-            delay = min(interval, max(0.05, interval / 4))
-            continue
-        except DKVError as e:  # the client is closed, or refuses: stop renewing
+        except DKVError as e:
+            if _retryable(e):  # may be applied, or nothing could apply it now: try again
+                if not lease.valid():  # lapsed meanwhile: a later success could not revive it
+                    with lease.mutex:
+                        lease.lost = True
+                    logger.warning("lock %r lapsed: no renewal succeeded within its ttl (%s)", key, e)
+                    return
+                logger.debug("renewal of %r failed (%s); retrying", key, e)
+                delay = min(interval, max(0.05, interval / 4))
+                continue
+            # the client is closed, or refuses: stop renewing
             logger.warning("renewal of %r stopped: %s", key, e)
             lease.stop.set()
             return
@@ -251,16 +264,20 @@ class Lock:
                 token: int | None = None
                 try:
                     token = client.set_revision(key, owner, px=px, nx=True)
-                except WriteTimeout:
-                    first_unknown = sent if first_unknown is None else first_unknown
                 except _TRANSIENT:
                     pass
+                except DKVError as e:
+                    if e.definite:
+                        raise
+                    logger.debug("acquire of %r: outcome unknown (%s); re-reading the key", key, e)
+                    first_unknown = sent if first_unknown is None else first_unknown  # WriteTimeout
                 if token is not None:
                     self._start(owner, token, valid_until=sent + ttl, renew_now=False)
                     return self
                 if first_unknown is not None:  # one of our attempts may have taken it
                     rev = self._revision_if_ours(owner)
                     if rev is not None:
+                        logger.debug("acquire of %r: an attempt of unknown outcome won it", key)
                         # its deadline is at least ttl after the earliest such attempt was
                         # sent; renew at once to learn a fresher one
                         self._start(owner, rev, valid_until=first_unknown + ttl, renew_now=True)
@@ -321,12 +338,10 @@ class Lock:
             try:
                 released = self._client.delete(self.key, if_value=lease.owner)
                 break
-            except (WriteTimeout, *_TRANSIENT) as e:
-                if time.monotonic() >= lease.valid_until:
-                    logger.warning("release of %r: %s; the lease expires by itself", self.key, e)
-                    break
-                time.sleep(POLL_START)
             except DKVError as e:
+                if _retryable(e) and time.monotonic() < lease.valid_until:
+                    time.sleep(POLL_START)
+                    continue
                 logger.warning("release of %r failed: %s; the lease expires by itself", self.key, e)
                 break
         if thread is not None and thread is not threading.current_thread():
