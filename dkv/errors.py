@@ -92,6 +92,12 @@ class QuorumNotReached(DKVError):
     code = "QUORUM_NOT_REACHED"
 
 
+class LockTimeout(DKVError):
+    """The lock was not acquired within the timeout; nothing is held (definite)."""
+
+    code = "LOCK_TIMEOUT"
+
+
 class CorruptLog(DKVError):
     """The write-ahead log is damaged in a way recovery must not paper over."""
 

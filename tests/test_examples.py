@@ -1,4 +1,4 @@
-"""The cluster tooling as a user runs it: ``examples/cluster/run.py`` and ``scripts/zk.sh``."""
+"""The examples as a user runs them: ``examples/cluster/run.py``, ``scripts/zk.sh`` and ``examples/locks.py``."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ from typing import IO, Any, Iterator
 import pytest
 
 from tests.support import zookeeper
-from tests.support.procs import free_port
+from tests.support.procs import NodeProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_PY = ROOT / "examples" / "cluster" / "run.py"
@@ -263,3 +263,17 @@ def test_zk_sh_up_status_down_local(tmp_path: Path) -> None:
     r = zk_sh("status", env=env)
     assert r.returncode == 3, r
     assert (tmp_path / "zk" / "data").is_dir(), "down keeps the data"
+
+
+# -- examples/locks.py ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_locks_example_runs_against_a_standalone_node(node: NodeProcess) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "locks.py"), "--addr", node.addr,
+                        "--workers", "3", "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's dkv
+    assert r.returncode == 0, r
+    assert "9 holders, tokens strictly increasing" in r.stdout, r.stdout
+    assert "stale holder refused: token" in r.stdout, r.stdout
+    assert "another acquire times out" in r.stdout, r.stdout

@@ -59,7 +59,10 @@ class Command:
     summary: str
     min_args: int
     max_args: int | None  # None: no upper bound
-    run: Callable[["Client", list[str]], str] | None  # None: handled by the front end
+    #: ``run(client, args) -> text``; with ``streams``, ``run(client, args, emit)``, which may
+    #: emit lines before it returns. None: handled by the front end.
+    run: Callable[..., str] | None
+    streams: bool = False
 
     @property
     def usage(self) -> str:
@@ -363,6 +366,34 @@ def _nodes(client: "Client", args: list[str]) -> str:
     return format_nodes(client.cluster_info())
 
 
+#: How often a held ``lock`` checks that its lease is still valid (seconds).
+LOCK_CHECK_INTERVAL = 0.2
+
+
+def _lock(client: "Client", args: list[str], emit: Emit) -> str:
+    """Acquire lock NAME (waiting as long as it takes), print its token, hold it (renewed in
+    the background) until Ctrl-C, then release it."""
+    import time
+
+    try:
+        ttl = float(args[1]) if len(args) > 1 else 10.0
+    except ValueError:
+        raise UsageError from None
+    lock = client.lock(args[0], ttl=ttl)
+    try:
+        lock.acquire()
+    except KeyboardInterrupt:
+        return "(interrupted) not acquired"
+    emit(True, f"(integer) {lock.token}\nholding {args[0]!r} (ttl {ttl:g}s, renewed); Ctrl-C releases it")
+    try:
+        while lock.valid:
+            time.sleep(LOCK_CHECK_INTERVAL)
+    except KeyboardInterrupt:
+        return "released" if lock.release() else "released (its lease had already expired)"
+    lock.release()
+    raise CommandError(f"lost lock {args[0]!r}: its lease expired or another holder took it")
+
+
 def _help(client: "Client", args: list[str]) -> str:
     if args:
         cmd = COMMANDS.get(args[0].lower())
@@ -395,6 +426,8 @@ COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
     Command("scan", "[PREFIX] [LIMIT]", f"keys with PREFIX in key order (LIMIT default {DEFAULT_SCAN_LIMIT})",
             0, 2, _scan),
     Command("slot", "KEY", "the slot (0..1023) that owns KEY", 1, 1, _slot),
+    Command("lock", "NAME [TTL]", "acquire lock NAME, print its fencing token, hold it until Ctrl-C",
+            1, 2, _lock, streams=True),
     Command("info", "", "the cluster's shards (and the node's status when standalone)", 0, 0, _info),
     Command("nodes", "", "the cluster's nodes: id, address, role, shard, status", 0, 0, _nodes),
     Command("help", "[COMMAND]", "list the commands, or show one command's usage", 0, 1, _help),
@@ -409,8 +442,11 @@ def is_exit(line: str) -> bool:
     return len(words) == 1 and words[0].lower() in EXIT_WORDS
 
 
-def execute(client: "Client", line: str) -> Result:
-    """Run one command line; ``(ok, text to print)``. Never raises for a failing command."""
+def execute(client: "Client", line: str, emit: Emit | None = None) -> Result:
+    """Run one command line; ``(ok, text to print)``. Never raises for a failing command.
+
+    ``emit`` receives what a streaming command (``lock``) prints before it ends
+    (default: printed to stdout)."""
     try:
         argv = shlex.split(line)
     except ValueError as e:  # e.g. "No closing quotation"
@@ -426,6 +462,8 @@ def execute(client: "Client", line: str) -> Result:
     if cmd.run is None:  # exit/quit: the front end leaves before calling execute
         return True, ""
     try:
+        if cmd.streams:
+            return True, cmd.run(client, args, emit or _print_plain)
         return True, cmd.run(client, args)
     except UsageError:
         return False, f"(error) usage: {cmd.usage}"
@@ -447,7 +485,7 @@ def run_lines(client: "Client", lines: Iterable[str], emit: Emit) -> int:
             continue
         if is_exit(line):
             break
-        ok, text = execute(client, line)
+        ok, text = execute(client, line, emit)
         failed = failed or not ok
         emit(ok, text)
     return 1 if failed else 0
@@ -533,7 +571,7 @@ def repl_loop(client: "Client", session: "PromptSession[str]", emit: Emit) -> in
         if is_exit(line):
             return 0
         try:
-            ok, text = execute(client, line)
+            ok, text = execute(client, line, emit)
         except KeyboardInterrupt:
             ok, text = False, "(interrupted)"
         emit(ok, text)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import gevent.monkey
 from dkv import protocol
 from dkv.auth import Credentials, load_optional
 from dkv.client.core import ClientCore, iter_scan
+from dkv.client.lock import Lock, _Lease
 from dkv.errors import DKVError, InvalidArgument, WriteTimeout
 from dkv.keys import as_bytes
 from dkv.slots import slot_of
@@ -189,6 +191,8 @@ class Client:
         seeds = _parse_addrs(addrs) if addrs or not zk else []
         creds = load_optional(auth)
         factory = lambda: ClientCore(seeds, timeout, max_inflight, zk=zk, auth=creds)  # noqa: E731
+        #: the leases of this client's held locks (their renewal stops when the client closes)
+        self._leases: "weakref.WeakSet[_Lease]" = weakref.WeakSet()
         if gevent.monkey.is_module_patched("threading"):
             self._runner: _InlineRunner | _ThreadRunner = _InlineRunner(factory())
         else:
@@ -276,6 +280,24 @@ class Client:
         """Remove ``key``'s deadline; False if it has none or does not exist."""
         return self._one([protocol.PERSIST, _key(key)])
 
+    # -- locks ----------------------------------------------------------------------
+
+    def lock(self, name: bytes | str, ttl: float = 10.0, timeout: float | None = None) -> Lock:
+        """A fenced lock (:class:`~dkv.client.lock.Lock`, not yet acquired):
+        ``with client.lock("name") as lock: ... lock.token ...``.
+
+        Acquiring blocks up to ``timeout`` seconds (None: forever), then raises
+        :class:`~dkv.errors.LockTimeout`. The holder renews its ``ttl``-second lease
+        in the background until release; ``lock.valid`` says whether it may still
+        hold it. ``lock.token`` (the fencing token) strictly increases from one holder
+        of ``name`` to the next, across failover and resharding: give it to the
+        resources the lock protects so they refuse a stale holder. A bad name, ttl or
+        timeout raises ``InvalidArgument``."""
+        return Lock(self, name, ttl, timeout)
+
+    def _track_lease(self, lease: _Lease) -> None:
+        self._leases.add(lease)
+
     # -- many keys ------------------------------------------------------------
 
     def mset(self, mapping: Mapping[bytes | str, bytes | str]) -> None:
@@ -332,6 +354,10 @@ class Client:
         return self._runner.run(lambda core: core.request(addr, "info"))
 
     def close(self) -> None:
+        """Close the connections. Held locks stop being renewed (their leases expire
+        ``ttl`` later): release them first."""
+        for lease in list(self._leases):
+            lease.stop.set()
         self._runner.close()
 
     def __enter__(self) -> "Client":
