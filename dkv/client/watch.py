@@ -203,6 +203,9 @@ class WatchDriver:
         self._retry_at = 0.0
         self._published: int | None = None
         self._stopped = False
+        #: streams opened so far, and why the last few ended (introspection, tests)
+        self.opened = 0
+        self.endings: deque[str] = deque(maxlen=100)
         core.watches.add(self)
         self._main = gevent.spawn(self._run)
 
@@ -235,6 +238,7 @@ class WatchDriver:
             for s in slots:
                 self._covered[s] = 1
             g = gevent.spawn(self._stream, addr, merge_ranges(slots))
+            self.opened += 1
             self._streams.add(g)
         if sum(len(v) for v in groups.values()) < len(todo):  # a shard has no writer (failover)
             self.core._invalidate_map()
@@ -317,6 +321,7 @@ class WatchDriver:
                 self._covered[s] = 0
         if self._stopped:
             return
+        self.endings.append(f"{ranges[0].start}..{ranges[-1].end}: {type(error).__name__}: {error}")
         if isinstance(error, FATAL):
             self.stop(error)
             return
