@@ -20,7 +20,7 @@ from dkv.client import Event, Watch
 from dkv.client.watch import Cursors, Handoff, _Revision
 from dkv.cluster.layout import FROZEN, Migration, SlotRanges
 from dkv.cluster.routing import Ownership
-from dkv.errors import Compacted, DKVError, InvalidArgument, WriteTimeout, from_wire, to_wire
+from dkv.errors import AuthError, Compacted, DKVError, InvalidArgument, WriteTimeout, from_wire, to_wire
 from dkv.keys import Limits
 from dkv.node.pipeline import LocalWriter, WritePipeline
 from dkv.node.sequencer import Kind, Write, delete as del_w, put as put_w
@@ -322,6 +322,24 @@ def test_watch_rpc_refuses_bad_arguments_over_the_wire(node: NodeProcess) -> Non
     finally:
         c.close()
     assert rpc(node.addr, "ping") == "pong"
+
+
+@pytest.mark.integration
+def test_watch_with_auth_needs_a_key(tmp_path: Path, node_factory: Callable[..., NodeProcess]) -> None:
+    from dkv.auth import CLIENT_KEY, init_keys
+
+    keys = tmp_path / "auth"
+    init_keys(str(keys))
+    n = node_factory("--auth-dir", str(keys))
+    with dkv.Client(n.addr, timeout=5, auth=str(keys / CLIENT_KEY)) as c:
+        start = c.set_revision("sec/a", "1")
+        r = c.set_revision("sec/b", "2")
+        with c.watch("sec/", since=start) as w:  # CURVE, with the client key
+            assert collect(w, 1) == [Event("set", b"sec/b", b"2", r)]
+    with dkv.Client(n.addr, timeout=5) as anonymous:
+        with anonymous.watch("sec/", since=start) as w:
+            with pytest.raises(AuthError):
+                w.next(timeout=10)
 
 
 @pytest.mark.integration

@@ -212,7 +212,7 @@ class WatchDriver:
     # -- the loop: every slot without a stream gets one ----------------------------------
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped:
             todo = [s for s in range(NUM_SLOTS) if not self._covered[s]]
             wait: float | None = None
             if todo:
@@ -226,6 +226,9 @@ class WatchDriver:
         """Open streams for ``todo`` per the slot map; how long to wait before trying the rest."""
         try:
             smap = self.core.slot_map()
+        except FATAL as e:  # e.g. our key is refused
+            self.stop(e)
+            return None
         except DKVError as e:
             logger.debug("watch: no slot map (%s); retrying", e)
             return self._retry_later()

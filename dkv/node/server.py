@@ -2,6 +2,8 @@
 
 This is the thin I/O adapter around :class:`~dkv.node.service.NodeService`:
 it owns the files (WAL, LevelDB), the zerorpc socket and the signal handlers.
+Every RPC is a lean request/reply call except ``watch``, a zerorpc stream served
+by :class:`~dkv.watch.stream.WatchService` (format: :mod:`dkv.watch`).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class RPC:
     (The RPC server checks each call's arity against these signatures first.)
     """
 
-    def __init__(self, service: NodeService, watches: WatchService) -> None:
+    def __init__(self, service: NodeService, watches: WatchService | None = None) -> None:
         self._svc = service
         self._watches = watches
 
@@ -101,6 +103,8 @@ class RPC:
         (MOVED/UNAVAILABLE/TRYAGAIN: resume elsewhere from the cursor; COMPACTED: the
         history after ``since`` is gone). Format and guarantees: :mod:`dkv.watch`.
         """
+        if self._watches is None:
+            raise Unavailable("this node serves no watches")
         return self._watches.open(prefix, slots, since)
 
     def info(self) -> dict[str, Any]:
