@@ -117,6 +117,25 @@ class Internal(DKVError):
     definite = False
 
 
+class Compacted(DKVError):
+    """The history a watch needs was compacted away: re-read the keys, then watch again
+    with ``since`` at least ``revision`` (history is complete for revisions above it)."""
+
+    code = "COMPACTED"
+
+    def __init__(self, revision: "int | str" = 0, /, **data: Any) -> None:
+        message = ""
+        if isinstance(revision, str):  # rebuilt from the wire: (message, revision=...)
+            message, revision = revision, data.pop("revision", 0)
+        else:
+            data.pop("revision", None)
+        revision = revision if isinstance(revision, int) and not isinstance(revision, bool) else 0
+        super().__init__(message or f"the history up to revision {revision} was compacted: re-read, "
+                                    f"then watch again from revision {revision} or later", revision=revision, **data)
+        #: the oldest ``since`` a watch may start from now
+        self.revision = revision
+
+
 class StorageClosed(DKVError):
     """The storage engine or log is closed (node shutting down)."""
 

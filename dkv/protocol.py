@@ -31,7 +31,16 @@ writer decides the write. ``set`` and ``cas`` replace the deadline (none unless
 (across failovers and migrations); a key's revision is that of its last write.
 Every condition is decided by the shard's writer, once (DESIGN §11).
 
-Watches are a separate, streaming RPC (``watch``), see :mod:`dkv.watch`.
+**Watches** are a separate RPC, a zerorpc *stream* (not a lean call):
+``watch(prefix, slots, since)`` on a shard's writer, ``slots`` a list of
+``[start, end]`` ranges (None: all it writes), ``since`` a revision (None: from
+now). It yields ``["events", progress_rev, excluded, [[type, key, value, rev],
+...]]`` (``type`` ``set``/``delete``/``expire``; every event of the covered slots
+up to ``progress_rev`` was sent, except in the ``excluded`` ranges), a mark at
+least every second when idle, and ends with ``["end", [code, message, data]]``:
+``MOVED``/``UNAVAILABLE``/``TRYAGAIN`` (resume elsewhere from the cursor) or
+``COMPACTED`` (``data["revision"]``: the oldest ``since`` still possible).
+Details: :mod:`dkv.watch`.
 
 The reply is one entry per op, in order: ``[0, result]`` on success or
 ``[1, [code, message, data]]`` on failure (see :func:`dkv.errors.to_wire`).

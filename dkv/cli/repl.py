@@ -332,6 +332,35 @@ def _scan(client: "Client", args: list[str]) -> str:
     return "\n".join(lines)
 
 
+def format_event(event: Any) -> str:
+    """One watch event as a line: ``set KEY VALUE (rev N)``, ``delete KEY (rev N)``."""
+    value = f" {format_value(event.value)}" if event.type == "set" else ""
+    return f"{event.type} {format_value(event.key)}{value} (rev {event.revision})"
+
+
+def _watch(client: "Client", args: list[str]) -> str:
+    """Print the events of keys with PREFIX as they come (each line at once), until COUNT events
+    or Ctrl-C; returns where it stopped (a ``since`` to resume from)."""
+    prefix = _enc(args[0]) if args else b""
+    try:
+        count = int(args[1]) if len(args) > 1 else None
+    except ValueError:
+        raise UsageError from None
+    if count is not None and count < 1:
+        raise UsageError
+    seen = 0
+    with client.watch(prefix) as w:
+        try:
+            for event in w:
+                print(format_event(event), flush=True)
+                seen += 1
+                if count is not None and seen >= count:
+                    break
+        except KeyboardInterrupt:
+            pass
+        return f"({seen} event{'' if seen == 1 else 's'}; resume with since={w.revision})"
+
+
 def _slot(client: "Client", args: list[str]) -> str:
     return f"(integer) {slot_of(_enc(args[0]))}"
 
@@ -425,6 +454,8 @@ COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
     Command("mset", "KEY VALUE [KEY VALUE ...]", "set many keys", 2, None, _mset),
     Command("scan", "[PREFIX] [LIMIT]", f"keys with PREFIX in key order (LIMIT default {DEFAULT_SCAN_LIMIT})",
             0, 2, _scan),
+    Command("watch", "[PREFIX] [COUNT]", "print changes of keys with PREFIX as they come (Ctrl-C stops; "
+            "COUNT: stop after that many)", 0, 2, _watch),
     Command("slot", "KEY", "the slot (0..1023) that owns KEY", 1, 1, _slot),
     Command("lock", "NAME [TTL]", "acquire lock NAME, print its fencing token, hold it until Ctrl-C",
             1, 2, _lock, streams=True),

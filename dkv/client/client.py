@@ -11,6 +11,9 @@ instead, and concurrent greenlets are coalesced the same way.
 With ``zk=`` the client reads the slot map from ZooKeeper and keeps it fresh
 with watches (:mod:`dkv.client.zkmap`), on the same hub.
 
+``watch`` streams run on the same hub and hand their events to the caller's
+thread through a bounded queue (:mod:`dkv.client.watch`).
+
 Thread-safety: one ``Client`` may be shared by every thread of a process; that
 is the intended use (coalescing works across threads). Do not use it after
 ``close()`` or across ``fork()``.
@@ -33,6 +36,7 @@ from dkv import protocol
 from dkv.auth import Credentials, load_optional
 from dkv.client.core import ClientCore, iter_scan
 from dkv.client.lock import Lock, _Lease
+from dkv.client.watch import Event, Watch  # noqa: F401  (Event: re-exported beside Meta)
 from dkv.errors import DKVError, InvalidArgument, WriteTimeout
 from dkv.keys import as_bytes
 from dkv.slots import slot_of
@@ -336,6 +340,26 @@ class Client:
 
         return iter_scan(page, as_bytes(prefix, "prefix"),
                          None if start is None else as_bytes(start, "start"), limit, page_size)
+
+    # -- watch --------------------------------------------------------------------
+
+    def watch(self, prefix: bytes | str = b"", since: int | None = None) -> Watch:
+        """Iterate the committed changes (:class:`Event`: ``set``, ``delete``, ``expire``) of keys
+        with ``prefix``, as they happen: in revision order per shard, each once, across writer
+        failovers and slot migrations.
+
+        ``since``: start after that revision (e.g. a ``Meta.revision``, or a previous watch's
+        ``revision``): the events the shards' logs still hold are replayed first; if they no
+        longer hold them all, :class:`~dkv.errors.Compacted` is raised (its ``revision`` is the
+        oldest ``since`` possible now: re-read the keys, then watch again). None: from now on.
+
+        The iterator's ``revision`` is a resume point (every event up to it was yielded); close it
+        (``close()`` or ``with``) when done. Events wait in a bounded buffer for the caller: a
+        caller that falls far behind makes the stream catch up from the log.
+        """
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2 ** 63):
+            raise InvalidArgument("since must be a revision (an integer >= 0) or None")
+        return Watch(self._runner, as_bytes(prefix, "prefix"), since)
 
     # -- cluster -----------------------------------------------------------------
 

@@ -64,6 +64,8 @@ class ClientCore:
         self._map_doc: dict[str, Any] | None = None  # the document _map was built from
         self._rng = random.Random()
         self._zkmap = ZkClusterMap(zk, timeout) if zk else None
+        #: open watches (:class:`~dkv.client.watch.WatchDriver`), ended when the client closes
+        self.watches: set[Any] = set()
 
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
@@ -290,6 +292,8 @@ class ClientCore:
         return pairs[:limit], cut is not None or len(pairs) > limit
 
     def close(self) -> None:
+        for w in list(self.watches):
+            w.stop(DKVError("the client is closed"))
         gevent.killall(list(self._suspects.values()), block=False)
         for c in self._conns.values():
             c.close()

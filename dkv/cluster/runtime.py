@@ -248,6 +248,44 @@ class ClusterRuntime:
             return decision
         raise self._refusal(decision, None)
 
+    # -- watches (:mod:`dkv.watch.stream`) -------------------------------------------------
+
+    def watch_scope(self, ranges: list[SlotRange] | None) -> tuple[list[SlotRange], Any]:
+        """The slots a watch stream covers here (every slot of our shard when ``ranges`` is None)
+        and a token of our term as the writer; raises where to go instead unless we are the ready
+        writer of a shard owning them all (frozen slots included: nothing commits in them)."""
+        own = self.ownership()
+        if not own.loaded:
+            raise Unavailable(f"{self.config.node_id} has not read the cluster map yet")
+        if own.role != WRITER or self.writer is None:
+            raise self.not_writer_error()
+        if not own.writer_ready:
+            raise self._refusal(routing.NotReady(), None)
+        if ranges is None:
+            ranges = [SlotRange(a, b) for a, b in own.slots.of_shard(own.shard)] if own.shard else []
+            if not ranges:
+                raise Unavailable(f"{own.shard} owns no slot yet")
+        for r in ranges:
+            for slot in r:
+                owner = own.slots.owner(slot)
+                if owner != own.shard:
+                    raise self._refusal(routing.NotOwner(owner) if owner else routing.NoOwner("no owner"), slot)
+        return ranges, self.writer
+
+    def watch_check(self, token: Any) -> tuple[DKVError | None, routing.Ownership]:
+        """Whether a watch stream opened in the writer term ``token`` may go on: None, or the error
+        that ends it (we stopped being that writer); with what we know of the slots now."""
+        own = self.ownership()
+        if self.role != WRITER or self.writer is not token:
+            return self.not_writer_error(), own
+        return None, own
+
+    def writer_of_shard(self, shard_id: str | None, why: str, **data: Any) -> DKVError:
+        """MOVED to the writer of ``shard_id`` (Unavailable while it has none, or no shard)."""
+        if shard_id is None:
+            return Unavailable(why, **data)
+        return self._to_writer_of(shard_id, why, **data)
+
     def _refusal(self, decision: routing.Decision, slot: int | None) -> DKVError:
         """The error that tells the client where to go instead (``slot``: None for a scan)."""
         if isinstance(decision, routing.NoOwner):

@@ -2,6 +2,8 @@
 
 This is the thin I/O adapter around :class:`~dkv.node.service.NodeService`:
 it owns the files (WAL, LevelDB), the zerorpc socket and the signal handlers.
+Every RPC is a lean request/reply call except ``watch``, a zerorpc stream served
+by :class:`~dkv.watch.stream.WatchService` (format: :mod:`dkv.watch`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import zerorpc
 import zmq
 
 from dkv.auth import CLIENT, PEER
@@ -26,6 +29,7 @@ from dkv.storage import Store
 from dkv.transport import RPCServer
 from dkv.wal.log import Repair, WriteAheadLog, repair
 from dkv.wal.memory import MemoryLog
+from dkv.watch.stream import WatchService
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +56,9 @@ class RPC:
     (The RPC server checks each call's arity against these signatures first.)
     """
 
-    def __init__(self, service: NodeService) -> None:
+    def __init__(self, service: NodeService, watches: WatchService | None = None) -> None:
         self._svc = service
+        self._watches = watches
 
     def batch(self, ops: list[Any]) -> list[list[Any]]:
         """Run many ops (get, getm, exists, ttl, set, cas, del, incr, expire, persist: see
@@ -87,6 +92,22 @@ class RPC:
         """One page of [key, value] pairs in key order, keys >= start (in cluster mode: of the
         slots this node owns, checked against the client's slot map version)."""
         return self._svc.scan(prefix, start, limit, slot_version)
+
+    @zerorpc.stream
+    def watch(self, prefix: Any = b"", slots: Any = None, since: Any = None) -> Any:
+        """A stream of the committed changes of keys with ``prefix`` in ``slots`` (a list of
+        ``[start, end]`` ranges; None: every slot this node writes) with a revision above
+        ``since`` (None: from now on), from this node as their shard's writer.
+
+        A zerorpc *stream* (not a lean call: call it through ``zerorpc.Client``): messages
+        ``["events", progress_rev, excluded_ranges, [[type, key, value, rev], ...]]``, a
+        progress mark at least every second, and a last ``["end", [code, message, data]]``
+        (MOVED/UNAVAILABLE/TRYAGAIN: resume elsewhere from the cursor; COMPACTED: the
+        history after ``since`` is gone). Format and guarantees: :mod:`dkv.watch`.
+        """
+        if self._watches is None:
+            raise Unavailable("this node serves no watches")
+        return self._watches.open(prefix, slots, since)
 
     def info(self) -> dict[str, Any]:
         return self._svc.info()
@@ -167,7 +188,7 @@ class RPC:
 #: internal ones (replication, migration, digests, test hooks) only the cluster key.
 #: Anything not listed here is refused as an unknown method.
 ACCESS: dict[str, str] = {
-    **{name: CLIENT for name in ("batch", "get", "set", "delete", "mset", "mget", "scan", "info",
+    **{name: CLIENT for name in ("batch", "get", "set", "delete", "mset", "mget", "scan", "watch", "info",
                                  "cluster_info", "ping")},
     **{name: PEER for name in ("digest", "repl_prepare", "repl_truncate", "repl_fence", "repl_snapshot",
                                "repl_read", "repl_digest", "debug_zk_session", "mig_position", "mig_scan",
@@ -207,6 +228,7 @@ class Node:
                                       max_batch_records=cfg.max_batch_records,
                                       page_bytes=cfg.limits.page_bytes, offload=cfg.durable)
         self.service = NodeService(cfg, self.store, self.log, self.pipeline)
+        self.watches = WatchService(self.log, self.store, self.pipeline, cfg.limits, offload=cfg.durable)
         self.expirer = self.service.expirer = Expirer(self.store, self.pipeline, self.service.may_write,
                                                       offload=cfg.durable)
         if cfg.cluster:
@@ -215,8 +237,8 @@ class Node:
 
             promise = PromiseFile(os.path.join(cfg.data_dir, "promise") if cfg.durable else None)
             self.runtime = ClusterRuntime(cfg, self.log, self.store, self.pipeline, promise)
-            self.service.router = self.runtime
-        self._server = RPCServer(RPC(self.service), access=ACCESS, creds=cfg.credentials,
+            self.service.router = self.watches.router = self.runtime
+        self._server = RPCServer(RPC(self.service, self.watches), access=ACCESS, creds=cfg.credentials,
                                  max_message_bytes=cfg.limits.max_message_bytes)
         try:
             self._server.bind(cfg.endpoint)
@@ -288,6 +310,7 @@ class Node:
 
     def _shutdown(self) -> None:
         self.expirer.stop()
+        self.watches.close()  # streams end with UNAVAILABLE: their clients resume elsewhere
         if self.runtime is not None:
             self.runtime.stop()  # leave ZooKeeper first: peers see us go at once
         if self._server is not None:
