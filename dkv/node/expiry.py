@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 #: seconds between sweeps
 INTERVAL = 0.1
+#: seconds between sweeps while every due row awaits another node's expiry (a replica, a range
+#: frozen by a migration): only stale rows are dropped then, so there is no hurry
+IDLE_INTERVAL = 1.0
 #: due rows handled per sweep (more wait for the next one, which comes at once)
 SWEEP_ROWS = 1000
 
@@ -56,18 +59,18 @@ class Expirer:
     def _run(self) -> None:
         while True:
             try:
-                full = self.sweep()
+                delay = self.sweep()
             except Exception:  # housekeeping: never let it die; the next sweep tries again
                 logger.exception("expiry sweep failed")
-                full = False
-            gevent.sleep(0 if full else self.interval)
+                delay = self.interval
+            gevent.sleep(delay)
 
-    def sweep(self) -> bool:
-        """One pass over the due rows; True if there may be more due now."""
+    def sweep(self) -> float:
+        """One pass over the due rows; the seconds to wait before the next (0: more are due now)."""
         now = self._clock()
         rows = offloaded(self.offload, self.store.due, now, SWEEP_ROWS)
         if not rows:
-            return False
+            return self.interval
         stale, mine = [], []
         for deadline, skey in rows:
             e = self.store.raw_entry(user_key(skey))
@@ -83,8 +86,10 @@ class Expirer:
                 self.expired += sum(1 for r in results if r is True)
             except DKVError as e:
                 logger.debug("expiring %d key(s) failed (%s); retrying", len(writes), e)
-                return False
+                return self.interval
         if stale:
             offloaded(self.offload, self.store.drop_due, stale)
             self.dropped += len(stale)
-        return len(rows) == SWEEP_ROWS and bool(writes or stale)
+        if not writes and not stale:
+            return IDLE_INTERVAL * self.interval / INTERVAL  # nothing this node can do yet
+        return 0.0 if len(rows) == SWEEP_ROWS else self.interval
