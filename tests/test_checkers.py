@@ -16,9 +16,10 @@ import pytest
 import dkv
 from dkv.client.connection import TransportError
 from dkv.errors import InvalidArgument, QuorumNotReached, Unavailable, WriteTimeout
-from tests.faults.checkers import CheckResult, check_acknowledged, check_converged, check_linearizable
+from tests.faults.checkers import (CheckResult, check_acknowledged, check_converged, check_counters,
+                                   check_linearizable)
 from tests.faults.history import History, Op
-from tests.faults.workload import MixedWorkload, Workload, WorkloadError
+from tests.faults.workload import COORDINATION_MIX, MixedWorkload, Workload, WorkloadError
 from tests.support.procs import NodeProcess
 
 
@@ -45,6 +46,20 @@ class Builder:
             key: str = "k") -> Op:
         return self._add(p, "get", key, value, invoke, complete, outcome)
 
+    def cas(self, p: int, expected: str | None, new: str, invoke: float, complete: float | None,
+            outcome: str = "ok", result: bool = True, key: str = "k") -> Op:
+        """A cas; ``result`` is what an ``ok`` one returned."""
+        op = self._add(p, "cas", key, new, invoke, complete, outcome)
+        op.expected = expected
+        op.result = result if outcome == "ok" else None
+        return op
+
+    def incr(self, p: int, invoke: float, complete: float | None, result: int | None = None,
+             outcome: str = "ok", key: str = "c") -> Op:
+        op = self._add(p, "incr", key, None, invoke, complete, outcome)
+        op.result = result if outcome == "ok" else None
+        return op
+
 
 def final(values: dict[str, str | None]) -> Any:
     """A ``final_read`` answering from a dict."""
@@ -53,14 +68,16 @@ def final(values: dict[str, str | None]) -> Any:
 
 def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: float = 0.5,
                    p_fail: float = 0.05, p_info: float = 0.1, p_get_fail: float = 0.02,
-                   p_delete: float = 0.0) -> list[Op]:
+                   p_delete: float = 0.0, p_cas: float = 0.0) -> list[Op]:
     """A history produced by a real sequential register per key.
 
     Op ``k`` takes effect at time ``k``; its window is ``[k - U(0, width), k + U(0, width)]``
     (so about ``2 * width`` ops overlap), on the first process free at its invocation.
     Failed sets never take effect; info sets take effect (at ``k``, possibly after their
     recorded completion) or not, by a coin flip; failed gets read nothing. A fraction
-    ``p_delete`` of the writes are deletes (writes of None).
+    ``p_delete`` of the writes are deletes (writes of None), and a fraction ``p_cas`` are
+    cas ops, expecting the current value (mostly) or an older value or None; an info
+    cas is attempted or not by a coin flip and, if attempted, applies iff its condition holds.
     """
     rng = random.Random(seed)
     state: dict[str, str | None] = {}
@@ -73,7 +90,25 @@ def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: 
         process = next((p for p, t in enumerate(free_at) if t < invoke), len(free_at))
         if process == len(free_at):
             free_at.append(0.0)
-        if rng.random() < p_set:
+        if p_cas and rng.random() < p_set * p_cas:
+            current = state.get(key)
+            expected = current if rng.random() < 0.6 else rng.choice([None, f"v{rng.randrange(k)}" if k else None])
+            r = rng.random()
+            result: bool | None = None
+            if r < p_fail:
+                outcome = "fail"
+            elif r < p_fail + p_info:
+                outcome = "info"
+                complete = invoke + rng.uniform(0, width)
+                if rng.random() < 0.5 and current == expected:
+                    state[key] = f"v{k}"
+            else:
+                outcome, result = "ok", current == expected
+                if result:
+                    state[key] = f"v{k}"
+            op = Op(k, process, "cas", key, f"v{k}", invoke, complete, outcome,  # type: ignore[arg-type]
+                    expected=expected, result=result)
+        elif rng.random() < p_set:
             value: str | None = f"v{k}"
             kind = "set"
             if p_delete and rng.random() < p_delete:
@@ -288,10 +323,12 @@ def test_budget_exhaustion_is_inconclusive_not_ok() -> None:
 
 
 def brute_force_linearizable(ops: list[Op]) -> bool:
-    """The definition, by exhaustion (tiny histories only): some subset of the info sets and
-    some order of the remaining ops respects real time and register semantics."""
-    sets = [o for o in ops if o.is_write and o.outcome != "fail"]
-    must = [o for o in sets if o.outcome == "ok"] + [o for o in ops if o.kind == "get" and o.outcome == "ok"]
+    """The definition, by exhaustion (tiny histories only): some subset of the info writes and
+    some order of the remaining ops respects real time and register semantics (a cas
+    that returned False saw another value than it expected; an info cas included applied)."""
+    sets = [o for o in ops if o.writes_register and o.outcome != "fail"]
+    must = ([o for o in sets if o.outcome == "ok"] + [o for o in ops if o.kind == "get" and o.outcome == "ok"]
+            + [o for o in ops if o.kind == "cas" and o.outcome == "ok" and o.result is False])
     maybe = [o for o in sets if o.outcome != "ok"]
 
     def end(o: Op) -> float:
@@ -304,7 +341,14 @@ def brute_force_linearizable(ops: list[Op]) -> bool:
                     continue  # b finished before a began, yet comes after it
                 state: str | None = None
                 for o in order:
-                    if o.is_write:
+                    if o.kind == "cas" and o.outcome == "ok" and o.result is False:
+                        if o.expected == state:
+                            break
+                    elif o.kind == "cas":
+                        if o.expected != state:
+                            break
+                        state = o.value
+                    elif o.is_write:
                         state = o.value
                     elif o.value != state:
                         break
@@ -313,7 +357,7 @@ def brute_force_linearizable(ops: list[Op]) -> bool:
     return False
 
 
-def tiny_random_history(rng: random.Random, p_delete: float = 0.0) -> list[Op]:
+def tiny_random_history(rng: random.Random, p_delete: float = 0.0, p_cas: float = 0.0) -> list[Op]:
     """Up to 6 arbitrary ops (not from a real register) on small integer times, so ties happen."""
     ops: list[Op] = []
     written: list[str] = []
@@ -322,7 +366,13 @@ def tiny_random_history(rng: random.Random, p_delete: float = 0.0) -> list[Op]:
         start = rng.randint(0, 10)
         complete = start + rng.randint(0, 5)
         outcome = rng.choices(["ok", "fail", "info"], [6, 1, 2])[0]
-        if rng.random() < p_delete:
+        if p_cas and rng.random() < p_cas:
+            value = f"v{i}" if unique else rng.choice(["x", "y"])
+            expected = rng.choice([*written, None])
+            written.append(value)
+            ops.append(Op(i, i, "cas", "k", value, float(start), float(complete), outcome,  # type: ignore[arg-type]
+                          expected=expected, result=rng.random() < 0.6 if outcome == "ok" else None))
+        elif rng.random() < p_delete:
             ops.append(Op(i, i, "delete", "k", None, float(start), float(complete), outcome))  # type: ignore[arg-type]
         elif rng.random() < 0.5:
             value = f"v{i}" if unique else rng.choice(["x", "y"])
@@ -573,6 +623,311 @@ def test_check_result_format_cuts_long_lists() -> None:
     assert not r
 
 
+# -- compare-and-set (registers) ------------------------------------------------------------------------------
+
+
+def test_successful_cas_is_a_conditional_write() -> None:
+    b = Builder()
+    b.cas(0, None, "a", 0, 1)  # absent -> a
+    b.cas(1, "a", "b", 2, 3)
+    b.get(0, "b", 4, 5)
+    r = check_linearizable(b.ops)
+    assert r.ok, r.format()
+
+
+def test_lost_cas_is_caught() -> None:
+    """An acknowledged cas whose value a later read does not see."""
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    cas = b.cas(1, "a", "b", 2, 3)
+    b.get(0, "a", 4, 5)
+    r = check_linearizable(b.ops)
+    assert not r.ok and r.details["failed_keys"] == ["k"]
+    assert any(o.index == cas.index for o in r.evidence["k"])
+
+
+def test_cas_that_succeeded_on_a_stale_value_is_caught() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(0, "b", 2, 3)
+    stuck = b.cas(1, "a", "c", 4, 5)  # the register holds b: this cas must fail
+    r = check_linearizable(b.ops)
+    assert not r.ok and r.evidence["k"][0].index == stuck.index
+    assert "cas('k', 'a' -> 'c')" in r.format()
+
+
+def test_two_cas_from_the_same_value_cannot_both_succeed() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.cas(1, "a", "b", 2, 4)
+    b.cas(2, "a", "c", 2, 4)
+    assert not check_linearizable(b.ops).ok
+    b.ops[-1].result = False  # one of them lost the race: fine
+    assert check_linearizable(b.ops).ok
+
+
+def test_failed_cas_is_a_read_of_another_value() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.cas(1, "a", "b", 2, 3, result=False)  # nothing else wrote: it had to find a
+    assert not check_linearizable(b.ops).ok
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(2, "c", 1.5, 5)  # concurrent: it may have found c
+    b.cas(1, "a", "b", 2, 3, result=False)
+    b.get(0, "c", 6, 7)
+    assert check_linearizable(b.ops).ok
+    b.ops[-1].value = "b"  # ... and then b was never written
+    assert not check_linearizable(b.ops).ok
+
+
+def test_failed_cas_expecting_absence() -> None:
+    b = Builder()
+    b.cas(0, None, "a", 0, 1, result=False)  # the key was absent all along
+    assert not check_linearizable(b.ops).ok
+    b = Builder()
+    b.set(1, "x", 0, 1)
+    b.cas(0, None, "a", 2, 3, result=False)
+    assert check_linearizable(b.ops).ok
+
+
+def test_cas_after_delete_expects_absence() -> None:
+    b = BuilderD()
+    b.set(0, "a", 0, 1)
+    b.delete(0, 2, 3)
+    b.cas(1, None, "b", 4, 5)
+    b.get(0, "b", 6, 7)
+    assert check_linearizable(b.ops).ok
+    b.ops[2].expected = "a"  # a was deleted before this cas began
+    assert not check_linearizable(b.ops).ok
+
+
+def test_an_unread_indeterminate_write_may_explain_a_failed_cas() -> None:
+    """Nobody read b, yet the info set of b may be what the failed cas found (an unread
+    indeterminate write is not simply dropped when a failed cas follows it)."""
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.set(1, "b", 2, 3, outcome="info")
+    b.cas(0, "a", "c", 4, 5, result=False)
+    assert check_linearizable(b.ops).ok
+    b.ops[1].outcome = "fail"  # ... not if it definitely failed
+    assert not check_linearizable(b.ops).ok
+    b = Builder()  # nor if it began after the cas ended
+    b.set(0, "a", 0, 1)
+    b.cas(0, "a", "c", 2, 3, result=False)
+    b.set(1, "b", 4, 5, outcome="info")
+    assert not check_linearizable(b.ops).ok
+
+
+@pytest.mark.parametrize("seen", ["a", "b"])
+def test_indeterminate_cas_may_apply_or_not(seen: str) -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.cas(1, "a", "b", 2, 3, outcome="info")
+    b.get(0, seen, 4, 5)
+    assert check_linearizable(b.ops).ok
+
+
+def test_indeterminate_cas_needs_its_expected_value_to_apply() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.cas(1, "x", "b", 2, None, outcome="info")  # x never held: it cannot have applied
+    b.get(0, "b", 4, 5)
+    assert not check_linearizable(b.ops).ok
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.cas(1, "a", "b", 2, 3, outcome="info")
+    b.set(0, "c", 4, 5)
+    b.get(0, "b", 6, 7)  # b could only apply before c, which then replaced it
+    assert not check_linearizable(b.ops).ok
+
+
+def test_indeterminate_cas_may_explain_a_failed_cas() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.cas(1, "a", "b", 2, 3, outcome="info")
+    b.cas(0, "a", "c", 4, 5, result=False)
+    assert check_linearizable(b.ops).ok
+    b.ops[1].expected = "x"  # ... only if it could apply
+    assert not check_linearizable(b.ops).ok
+
+
+def test_failed_cas_is_not_an_acknowledged_write() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.cas(1, "a", "b", 2, 3, result=False)
+    assert check_acknowledged(b.ops, final({"k": "a"})).ok
+    b.cas(1, "a", "c", 4, 5)
+    r = check_acknowledged(b.ops, final({"k": "a"}))  # the acknowledged cas was lost
+    assert not r.ok and r.details["lost"][0]["reason"] == "overwritten value"
+    assert check_acknowledged(b.ops, final({"k": "c"})).ok
+
+
+def test_search_agrees_with_brute_force_on_tiny_histories_with_cas() -> None:
+    rng = random.Random(2026)
+    verdicts = {True: 0, False: 0}
+    for _ in range(4000):
+        ops = tiny_random_history(rng, p_delete=rng.choice([0.0, 0.2]), p_cas=rng.choice([0.3, 0.6, 0.9]))
+        expected = brute_force_linearizable(ops)
+        verdicts[expected] += 1
+        assert check_linearizable(ops).ok == expected, "\n".join(map(str, ops))
+    assert min(verdicts.values()) > 1000
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_large_random_history_with_cas_is_linearizable(seed: int) -> None:
+    ops = random_history(seed, n=2000, p_delete=0.1, p_cas=0.5)
+    assert sum(o.kind == "cas" and o.result is True for o in ops) > 50
+    assert sum(o.kind == "cas" and o.result is False for o in ops) > 50
+    r = check_linearizable(ops)
+    assert r.ok, r.format()
+    assert r.details["states"] <= 3 * len(ops), r.details["states"]  # the search stays near-linear
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_large_random_history_with_one_flipped_cas_is_caught(seed: int) -> None:
+    """A cas that returned True turned False (a cas the store applied while saying it did
+    not, or a stale read) or the other way round, in a long history, is caught. (Ops do not
+    overlap here, so no flip is explicable by a concurrent write.)"""
+    ops = random_history(seed, n=2000, p_cas=0.5, p_info=0.0, width=0.45)
+    rng = random.Random(seed)
+    victims = [o for o in ops if o.kind == "cas" and o.outcome == "ok" and o.invoke > 500]
+    caught = 0
+    for victim in rng.sample(victims, 10):
+        victim.result = not victim.result
+        caught += not check_linearizable(ops).ok
+        victim.result = not victim.result
+    assert check_linearizable(ops).ok
+    assert caught == 10, caught
+
+
+# -- counters ---------------------------------------------------------------------------------------------------
+
+
+def test_counter_history_passes() -> None:
+    b = Builder()
+    b.incr(0, 0, 1, 1)
+    b.incr(1, 0.5, 3, 3)
+    b.incr(2, 0.6, 2, 2)
+    b.incr(0, 4, 5, 4)
+    r = check_counters(b.ops, final({"c": "4"}))
+    assert r.ok, r.format()
+    assert r.details["per_key"]["c"]["acked"] == 4
+
+
+@pytest.mark.parametrize("value", ["2", "3"])
+def test_indeterminate_increments_may_count_or_not(value: str) -> None:
+    b = Builder()
+    b.incr(0, 0, 1, 1)
+    b.incr(1, 0.5, None, outcome="info")
+    b.incr(0, 2, 3, int(value))
+    b.incr(2, 0.2, 0.8, outcome="fail")  # definitely not applied
+    assert check_counters(b.ops, final({"c": value})).ok
+
+
+def test_lost_increment_is_caught() -> None:
+    b = Builder()
+    for i in range(3):
+        b.incr(0, 2 * i, 2 * i + 1, i + 1)
+    r = check_counters(b.ops, final({"c": "2"}))
+    assert not r.ok and "lost increments" in r.format()
+    assert not check_counters(b.ops, final({"c": None})).ok  # the counter vanished
+
+
+def test_increment_applied_twice_or_after_a_definite_failure_is_caught() -> None:
+    b = Builder()
+    b.incr(0, 0, 1, 1)
+    b.incr(0, 2, 3, outcome="info")
+    b.incr(0, 4, 5, outcome="fail")
+    assert check_counters(b.ops, final({"c": "2"})).ok
+    r = check_counters(b.ops, final({"c": "3"}))
+    assert not r.ok and "too many increments" in r.format()
+
+
+def test_duplicate_increment_results_are_caught() -> None:
+    b = Builder()
+    b.incr(0, 0, 2, 1)
+    b.incr(1, 0, 2, 1)
+    b.incr(2, 0, None, outcome="info")
+    r = check_counters(b.ops, final({"c": "2"}))  # two acks, and the count is right...
+    assert not r.ok and "2 increments returned 1" in r.format()  # ... but they returned the same
+    assert r.evidence["c"]
+
+
+def test_increment_result_out_of_range_is_caught() -> None:
+    b = Builder()
+    b.incr(0, 0, 1, 1)
+    b.incr(1, 0, 1, 7)
+    r = check_counters(b.ops, final({"c": "2"}))
+    assert not r.ok and "outside [1, 2]" in r.format()
+
+
+def test_increment_results_respect_real_time() -> None:
+    b = Builder()
+    b.incr(0, 0, 1, 2)
+    b.incr(1, 2, 3, 1)  # began after the one that returned 2 had ended
+    r = check_counters(b.ops, final({"c": "2"}))
+    assert not r.ok and "real-time order" in r.format()
+    b.ops[1].invoke = 0.5  # concurrent: either order
+    assert check_counters(b.ops, final({"c": "2"})).ok
+
+
+def test_increment_cannot_count_increments_invoked_after_it() -> None:
+    b = Builder()
+    b.incr(0, 0, 1, 2)  # only one increment had begun by the time it returned 2
+    b.incr(1, 2, 3, 3)
+    b.incr(2, 2.5, None, outcome="info")
+    r = check_counters(b.ops, final({"c": "3"}))
+    assert not r.ok and "only 1 increments were invoked" in r.format()
+
+
+def test_counter_final_value_must_be_an_integer() -> None:
+    b = Builder()
+    b.incr(0, 0, 1, 1)
+    assert not check_counters(b.ops, final({"c": "one"})).ok
+    assert check_counters(b.ops, lambda keys: [b"1" for _ in keys]).ok
+
+
+def test_registers_and_counters_are_judged_apart() -> None:
+    b = Builder()
+    b.set(0, "a", 0, 1)
+    b.incr(0, 2, 3, 1, key="c")
+    b.get(1, "a", 4, 5)
+    lin = check_linearizable(b.ops)
+    assert lin.ok and lin.details["keys"] == 1
+    acked = check_acknowledged(b.ops, final({"k": "a"}))
+    assert acked.ok and acked.details["keys"] == 1
+    counters = check_counters(b.ops, final({"c": "1"}))
+    assert counters.ok and counters.details["keys"] == 1
+
+
+def test_history_records_cas_and_incr() -> None:
+    h = History()
+    assert h.record(0, "cas", "k", "v1", lambda: True, expected=None) is True
+    assert h.record(0, "cas", "k", b"v2", lambda: False, expected=b"zz") is False
+    assert h.record(0, "incr", "c", None, lambda: 7) == 7
+    for err in (WriteTimeout("t"), TransportError("gone"), QuorumNotReached("q")):
+        with pytest.raises(type(err)):
+            h.record(1, "cas", "k", f"x-{type(err).__name__}", lambda: (_ for _ in ()).throw(err), expected="v1")
+        with pytest.raises(type(err)):
+            h.record(1, "incr", "c", None, lambda: (_ for _ in ()).throw(err))
+    for bad in (lambda: h.invoke(0, "cas", "k", None), lambda: h.invoke(0, "incr", "c", "1"),
+                lambda: h.invoke(0, "set", "k", "1", expected="x"),
+                lambda: h.record_many(0, "cas", [("k", "1")], lambda: None)):  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            bad()
+    ops = h.ops
+    assert [(o.kind, o.expected, o.value, o.outcome, o.result) for o in ops] == [
+        ("cas", None, "v1", "ok", True), ("cas", "zz", "v2", "ok", False), ("incr", None, None, "ok", 7),
+        ("cas", "v1", "x-WriteTimeout", "info", None), ("incr", None, None, "info", None),
+        ("cas", "v1", "x-TransportError", "info", None), ("incr", None, None, "info", None),
+        ("cas", "v1", "x-QuorumNotReached", "fail", None), ("incr", None, None, "fail", None)]
+    assert [o.writes_register for o in ops[:3]] == [True, False, False]
+    assert "cas('k', None -> 'v1')" in str(ops[0]) and "-> 7" in str(ops[2])
+    s = h.summary()
+    assert s["cass_ok"] == 2 and s["cass_info"] == 2 and s["cass_fail"] == 1 and s["incrs_ok"] == 1
+
+
 # -- Workload ---------------------------------------------------------------------------------------------------
 
 
@@ -694,6 +1049,94 @@ def test_mixed_workload_records_every_kind_per_key() -> None:
     assert check_acknowledged(h, clients[0].mget).ok
 
 
+class CoordinationMemoryClient(MultiMemoryClient):
+    """:class:`MultiMemoryClient` with an atomic cas and incr."""
+
+    def cas(self, key: str, expected: str | None, new: str) -> bool:
+        with self._lock:
+            if self.data.get(key) != (None if expected is None else expected.encode()):
+                return False
+            self.data[key] = new.encode()
+            return True
+
+    def incr(self, key: str, amount: int = 1) -> int:
+        with self._lock:
+            n = int(self.data.get(key, b"0")) + amount
+            self.data[key] = str(n).encode()
+            return n
+
+
+def run_coordination(client: Any, threads: int, seed: int, max_ops: int = 1500) -> tuple[History, MixedWorkload]:
+    h = History()
+    w = MixedWorkload(client, h, [f"k{i}" for i in range(4)], threads=threads, seed=seed, max_ops=max_ops,
+                      max_duration=60, mix=COORDINATION_MIX, counters=["c0", "c1"])
+    w.run(timeout=60)
+    return h, w
+
+
+def test_mixed_workload_with_cas_and_incr_passes_the_checkers() -> None:
+    client = CoordinationMemoryClient()
+    h, w = run_coordination([client] * 4, threads=4, seed=12)
+    assert all(w.calls.values()), w.calls
+    ops = h.ops
+    assert {o.kind for o in ops} == {"set", "get", "delete", "cas", "incr"} and all(o.outcome == "ok" for o in ops)
+    cas = [o for o in ops if o.kind == "cas"]
+    assert sum(o.result is True for o in cas) > 20 and sum(o.result is False for o in cas) > 20
+    assert sum(o.expected is None for o in cas) > 5
+    written = [o.value for o in ops if o.kind in ("set", "cas")]
+    assert len(written) == len(set(written))
+    assert {o.key for o in ops if o.kind == "incr"} == {"c0", "c1"}
+    r = check_linearizable(h)
+    assert r.ok, r.format()
+    assert r.details["keys"] == 4
+    assert check_acknowledged(h, client.mget).ok
+    counters = check_counters(h, client.mget)
+    assert counters.ok, counters.format()
+    assert sum(v["acked"] for v in counters.details["per_key"].values()) == w.calls["incr"]
+
+
+def test_workload_catches_a_cas_that_ignores_its_condition() -> None:
+    class Unconditional(CoordinationMemoryClient):
+        def cas(self, key: str, expected: str | None, new: str) -> bool:
+            with self._lock:
+                self.data[key] = new.encode()
+                return True
+
+    h, _ = run_coordination(Unconditional(), threads=1, seed=13, max_ops=400)  # one thread: deterministic
+    r = check_linearizable(h)
+    assert not r.ok and r.evidence, r.format()
+    assert any(o.kind == "cas" for ev in r.evidence.values() for o in ev)
+
+
+def test_workload_catches_a_cas_that_reports_failure_but_writes() -> None:
+    class Liar(CoordinationMemoryClient):
+        def cas(self, key: str, expected: str | None, new: str) -> bool:
+            with self._lock:
+                ok = self.data.get(key) == (None if expected is None else expected.encode())
+                self.data[key] = new.encode()
+                return ok
+
+    h, _ = run_coordination(Liar(), threads=1, seed=14, max_ops=400)
+    assert not check_linearizable(h).ok
+
+
+def test_workload_catches_lost_and_duplicated_increments() -> None:
+    class Forgetful(CoordinationMemoryClient):
+        n = 0
+
+        def incr(self, key: str, amount: int = 1) -> int:
+            self.n += 1
+            if self.n % 7:
+                return super().incr(key, amount)
+            with self._lock:  # answered, never stored
+                return int(self.data.get(key, b"0")) + amount
+
+    client: CoordinationMemoryClient = Forgetful()
+    h, _ = run_coordination(client, threads=1, seed=15, max_ops=400)
+    r = check_counters(h, client.mget)
+    assert not r.ok and "lost increments" in r.format() and "increments returned" in r.format(), r.format()
+
+
 def test_mixed_workload_records_errors_of_multi_key_calls() -> None:
     class Flaky(MultiMemoryClient):
         def mset(self, mapping: dict[str, str]) -> None:
@@ -743,6 +1186,24 @@ def test_mixed_workload_against_a_real_node_passes_both_checkers(node: NodeProce
         assert acked.ok, acked.format()
         lin = check_linearizable(h)
         assert lin.ok, lin.format()
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_cas_and_incr_workload_against_a_real_node_passes_the_checkers(node: NodeProcess) -> None:
+    client = dkv.Client(node.addr, timeout=5)
+    try:
+        h, w = run_coordination(client, threads=4, seed=44, max_ops=400)
+        s = h.summary()
+        assert s["pending"] == 0 and s["cass_ok"] > 0 and s["incrs_ok"] == w.calls["incr"] > 0, s
+        assert s["sets_fail"] == s["sets_info"] == s["cass_fail"] == s["cass_info"] == 0, s
+        lin = check_linearizable(h)
+        assert lin.ok, lin.format()
+        acked = check_acknowledged(h, lambda ks: client.mget(ks))
+        assert acked.ok, acked.format()
+        counters = check_counters(h, lambda ks: client.mget(ks))
+        assert counters.ok, counters.format()
     finally:
         client.close()
 

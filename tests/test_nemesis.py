@@ -1,8 +1,10 @@
 """A randomized, seeded nemesis against a 2 shards x 3 cluster (DESIGN §2 G1-G4, §9; issue 8).
 
 Six client threads, each with its own ``dkv.Client(zk=...)``, run sets of unique
-values, ``get(key, consistency="linearizable")``, deletes, ``mset`` and
-``mget`` (linearizable) on 24 hot keys spread over both shards, while
+values, ``get(key, consistency="linearizable")``, deletes, ``mset``, ``mget``
+(linearizable) and ``cas`` (expecting the value the thread last saw, or absence)
+on 24 hot keys spread over both shards, and ``incr`` on 4 counter keys (2 per
+shard), while
 :class:`~tests.faults.nemesis.Nemesis` injects a fault every 2-5 s: kill -9,
 SIGSTOP past the session timeout, forced session expiry (of writers and
 replicas), ``drain``/``undrain`` of shard-2 (slot ranges move under the load),
@@ -13,8 +15,10 @@ namespaces can reach). At most one member of a shard is down at a time.
 After the faults stop and everything is healed (resumed, restarted, undrained,
 the cluster formed and in sync) the run must show: the cluster heals (a write
 and a linearizable read succeed on every shard), every acknowledged write is
-readable (G1), the history is linearizable per key, and every shard's members
-converge (G3).
+readable (G1), the history is linearizable per key (a register with
+compare-and-set), every counter's final value counts every acknowledged
+increment and some of the indeterminate ones, the increments returned distinct
+counts in real-time order, and every shard's members converge (G3).
 
 The cluster runs with auth (``--auth-dir``: CURVE on every connection, ZooKeeper
 ACLs; clients hold the client key), as a production cluster should;
@@ -42,11 +46,12 @@ from typing import Any, Callable
 import pytest
 
 import dkv
-from tests.faults.checkers import CheckResult, check_acknowledged, check_converged, check_linearizable
+from tests.faults.checkers import (CheckResult, check_acknowledged, check_converged, check_counters,
+                                   check_linearizable)
 from tests.faults.history import History, Op
 from tests.faults.nemesis import DEFAULT_WEIGHTS, PARTITION_WEIGHTS, Fault, Nemesis
 from tests.faults.timeline import LogLine, around, merged_logs, rebase
-from tests.faults.workload import MixedWorkload
+from tests.faults.workload import COORDINATION_MIX, MixedWorkload
 from tests.support.cluster import Cluster
 from tests.support.netns import NetLab
 from tests.support.procs import wait_until
@@ -61,6 +66,7 @@ SOAK_SEEDS = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15]
 DURATION = float(os.environ.get("DKV_NEMESIS_DURATION", "60"))
 THREADS = 6
 KEYS_PER_SHARD = 12
+COUNTERS_PER_SHARD = 2
 SHARDS = ("shard-1", "shard-2")
 #: key -> the shard that owned it when the run started
 _OWNERS: dict[str, str] = {}
@@ -158,12 +164,16 @@ def test_nemesis(seed: int, zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
         owners = {k: sid for sid in SHARDS for k in cluster.keys_of_shard(sid, KEYS_PER_SHARD, prefix="hot")}
         _OWNERS.clear()
         _OWNERS.update(owners)
+        counter_owners = {k: sid for sid in SHARDS
+                          for k in cluster.keys_of_shard(sid, COUNTERS_PER_SHARD, prefix="ctr")}
+        _OWNERS.update(counter_owners)
+        counters = list(counter_owners)
         keys = list(owners)
         clients = [dkv.Client(zk=cluster.zk, timeout=10, auth=cluster.client_key) for _ in range(THREADS)]
         history = History()
         wall0, t0 = time.time(), time.monotonic()
         workload = MixedWorkload(clients, history, keys, THREADS, seed, max_ops=10 ** 7, max_duration=DURATION,
-                                 pause=0.01)
+                                 pause=0.01, mix=COORDINATION_MIX, counters=counters)
         nemesis = Nemesis(cluster, seed, t0=t0, partitions=lab is not None, weights=_weights(lab is not None),
                           log=lambda line: print(line, flush=True))
         print(f"\nnemesis seed {seed}, {DURATION:g}s; {lab_note}; replay: {_replay(seed)}", flush=True)
@@ -230,6 +240,10 @@ def _check(cluster: Cluster, client: dkv.Client, history: History, keys: list[st
         checks["acknowledged"] = check_acknowledged(ops, final_read)
     except TimeoutError as e:
         problems.append(f"G1: the final reads failed: {e}")
+    try:
+        checks["counters"] = check_counters(ops, final_read)
+    except TimeoutError as e:
+        problems.append(f"counters: the final reads failed: {e}")
     checks["linearizable"] = check_linearizable(ops)
     for sid in SHARDS:
         try:
@@ -246,6 +260,9 @@ def _check(cluster: Cluster, client: dkv.Client, history: History, keys: list[st
                             f"{[x['key'] for x in r.details['lost']]}"
                             + (f", definitely failed writes applied on {len(r.details['failed_applied'])}"
                                if r.details["failed_applied"] else ""))
+        elif name == "counters":
+            problems.append(f"counters: {len(r.details['problems'])} problem(s): "
+                            + "; ".join(f"{x['key']}: {x['problem']}" for x in r.details["problems"][:5]))
         elif name == "linearizable":
             problems.append(f"linearizability: keys {r.details['failed_keys']} not linearizable"
                             + (f", {r.details['inconclusive_keys']} inconclusive" if r.details["inconclusive_keys"]
@@ -261,13 +278,20 @@ def _check(cluster: Cluster, client: dkv.Client, history: History, keys: list[st
 def figures(workload: MixedWorkload, history: History, nemesis: Nemesis) -> dict[str, Any]:
     ops = history.ops
     writes = [o for o in ops if o.is_write]
+    cas = [o for o in ops if o.kind == "cas"]
+    incrs = [o for o in ops if o.kind == "incr"]
     return {
         "calls": sum(workload.calls.values()),
         "calls by kind": dict(workload.calls),
         "ops (per key)": len(ops),
-        "acknowledged writes": sum(1 for o in writes if o.outcome == "ok"),
-        "indeterminate writes": sum(1 for o in writes if o.outcome == "info"),
+        "acknowledged writes (set, delete, cas that wrote)": sum(1 for o in writes if o.outcome == "ok"
+                                                                 and o.writes_register),
+        "indeterminate writes (incl. cas, incr)": sum(1 for o in writes if o.outcome == "info"),
         "failed writes (definite)": sum(1 for o in writes if o.outcome == "fail"),
+        "cas ok: wrote / found another value": (f"{sum(1 for o in cas if o.outcome == 'ok' and o.result)} / "
+                                                f"{sum(1 for o in cas if o.outcome == 'ok' and not o.result)}"),
+        "incr acknowledged / indeterminate": (f"{sum(1 for o in incrs if o.outcome == 'ok')} / "
+                                              f"{sum(1 for o in incrs if o.outcome == 'info')}"),
         "linearizable reads ok": sum(1 for o in ops if o.kind == "get" and o.outcome == "ok"),
         "failed reads": sum(1 for o in ops if o.kind == "get" and o.outcome == "fail"),
         "faults injected": sum(nemesis.counts().values()),
@@ -315,6 +339,13 @@ def _report(seed: int, cluster: Cluster, workload: MixedWorkload, history: Histo
             lines += _explain(key, evidence, cluster, nemesis.faults, logs)
         if len(lin.evidence) > 4:
             lines.append(f"(and {len(lin.evidence) - 4} more keys: {sorted(lin.evidence)[4:]})")
+    ctr = checks.get("counters")
+    if ctr is not None and ctr.evidence:
+        lines.append("")
+        lines.append("offending increments, with the faults and node log lines around them:")
+        for key, evidence in list(ctr.evidence.items())[:2]:
+            if evidence:
+                lines += _explain(key, evidence, cluster, nemesis.faults, logs)
     if nemesis.unhealthy and nemesis.faults:
         last = nemesis.faults[-1]
         lines.append("")

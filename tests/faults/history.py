@@ -4,7 +4,8 @@ This module's single job is *recording*. Every operation is an :class:`Op`
 invoked at ``time.monotonic()`` and completed with one of three outcomes:
 
 ``"ok"``
-    The operation took effect (a set or delete was acknowledged; a get returned ``value``).
+    The operation took effect (a set or delete was acknowledged; a get returned ``value``;
+    a cas returned ``result``, True or False; an incr returned ``result``, the new count).
 ``"fail"``
     Definite: the operation had no effect. A set that got a *definite* ``DKVError``
     (DESIGN G5: "not applied") and every get that failed, whatever the error
@@ -15,7 +16,11 @@ invoked at ``time.monotonic()`` and completed with one of three outcomes:
     checkers an ``info`` write's window never closes.
 
 Kinds: ``"set"`` writes ``value``; ``"delete"`` is a write of ``None`` (the key
-is absent afterwards: its ``value`` is always ``None``); ``"get"`` reads. A
+is absent afterwards: its ``value`` is always ``None``); ``"get"`` reads;
+``"cas"`` writes ``value`` if the key holds ``expected`` (``None``: absent) and
+its ``result`` says whether it did (an ``ok`` cas whose result is False is a
+read that saw something other than ``expected``); ``"incr"`` adds 1 to a
+counter key (never a register key) and its ``result`` is the new count. A
 multi-key call is recorded as one op per key sharing its window (see
 :meth:`History.record_many`), which is exactly what a per-key register checker
 needs: each key's effect happened somewhere inside the call.
@@ -36,9 +41,12 @@ import zerorpc
 from dkv.client.connection import TransportError
 from dkv.errors import DKVError
 
-Kind = Literal["set", "delete", "get"]
-#: the kinds that write (a delete writes None)
-WRITE_KINDS = ("set", "delete")
+Kind = Literal["set", "delete", "get", "cas", "incr"]
+KINDS = ("set", "delete", "get", "cas", "incr")
+#: the kinds that may change state (a delete writes None; a cas may not, see Op.writes_register)
+WRITE_KINDS = ("set", "delete", "cas", "incr")
+#: the kinds of a register (per-key linearizability); incr works on separate counter keys
+REGISTER_KINDS = ("set", "delete", "get", "cas")
 Outcome = Literal["ok", "fail", "info"]
 T = TypeVar("T")
 
@@ -64,8 +72,10 @@ def _text(value: str | bytes | None) -> str | None:
 class Op:
     """One client operation on one key.
 
-    ``value`` is the written value for a set (``None`` for a delete), and the
-    value read (filled at completion; ``None`` for an absent key) for a get. ``complete`` and
+    ``value`` is the written value for a set or a cas (``None`` for a delete and an
+    incr), and the value read (filled at completion; ``None`` for an absent key) for a
+    get. ``expected`` is a cas's expected value (``None``: absent). ``result`` is what an
+    ``ok`` cas (True/False) or incr (the new count) returned. ``complete`` and
     ``outcome`` are ``None`` while the operation is in flight.
     """
 
@@ -78,6 +88,8 @@ class Op:
     complete: float | None = None
     outcome: Outcome | None = None
     error: str | None = None
+    expected: str | None = None
+    result: bool | int | None = None
 
     @property
     def pending(self) -> bool:
@@ -85,14 +97,28 @@ class Op:
 
     @property
     def is_write(self) -> bool:
-        """A set or a delete (a write of ``None``)."""
+        """A set, delete (a write of ``None``), cas or incr: an op whose failure may be indeterminate."""
         return self.kind in WRITE_KINDS
+
+    @property
+    def writes_register(self) -> bool:
+        """A register write that may have taken effect, or definitely failed: a set, a delete, a
+        cas (not one known to have found another value: that is a read)."""
+        if self.kind == "cas":
+            return not (self.outcome == "ok" and self.result is False)
+        return self.kind in ("set", "delete")
 
     def __str__(self) -> str:
         done = "…" if self.complete is None else f"{self.complete:.6f}"
         err = f" ({self.error})" if self.error else ""
-        return (f"#{self.index} p{self.process} {self.kind}({self.key!r}, {self.value!r}) "
-                f"[{self.invoke:.6f}, {done}] {self.outcome or 'pending'}{err}")
+        if self.kind == "cas":
+            call = f"cas({self.key!r}, {self.expected!r} -> {self.value!r})"
+        elif self.kind == "incr":
+            call = f"incr({self.key!r})"
+        else:
+            call = f"{self.kind}({self.key!r}, {self.value!r})"
+        res = f" -> {self.result}" if self.outcome == "ok" and self.kind in ("cas", "incr") else ""
+        return f"#{self.index} p{self.process} {call} [{self.invoke:.6f}, {done}] {self.outcome or 'pending'}{res}{err}"
 
 
 class History:
@@ -110,21 +136,27 @@ class History:
 
     # -- recording -----------------------------------------------------------------
 
-    def invoke(self, process: int, kind: Kind, key: str, value: str | bytes | None = None) -> Op:
-        """Record the start of an operation; ``value`` is the value a set writes."""
-        if kind not in ("set", "delete", "get"):
+    def invoke(self, process: int, kind: Kind, key: str, value: str | bytes | None = None, *,
+               expected: str | bytes | None = None) -> Op:
+        """Record the start of an operation; ``value`` is the value a set or cas writes,
+        ``expected`` the value a cas expects (None: absent)."""
+        if kind not in KINDS:
             raise ValueError(f"unknown op kind {kind!r}")
-        if kind == "set" and value is None:
-            raise ValueError("a set needs a value")
-        if kind == "delete" and value is not None:
-            raise ValueError("a delete writes no value")
+        if kind in ("set", "cas") and value is None:
+            raise ValueError(f"a {kind} needs a value")
+        if kind in ("delete", "incr") and value is not None:
+            raise ValueError(f"a {kind} writes no value")
+        if kind != "cas" and expected is not None:
+            raise ValueError("only a cas expects a value")
         with self._lock:
-            op = Op(len(self._ops), process, kind, key, _text(value) if kind == "set" else None, self._clock())
+            op = Op(len(self._ops), process, kind, key, _text(value) if kind in ("set", "cas") else None,
+                    self._clock(), expected=_text(expected))
             self._ops.append(op)
             return op
 
-    def ok(self, op: Op, value: str | bytes | None = None) -> None:
-        """The operation took effect; for a get, ``value`` is what it read."""
+    def ok(self, op: Op, value: Any = None) -> None:
+        """The operation took effect; for a get, ``value`` is what it read; for a cas or an
+        incr, what it returned."""
         self._complete(op, "ok", None, value)
 
     def fail(self, op: Op, error: BaseException | str | None = None) -> None:
@@ -149,18 +181,25 @@ class History:
                 op.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
             if outcome == "ok" and op.kind == "get":
                 op.value = _text(value)
+            elif outcome == "ok" and op.kind == "cas":
+                op.result = bool(value)
+            elif outcome == "ok" and op.kind == "incr":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"an incr returns an int, got {value!r}")
+                op.result = value
 
     def record(self, process: int, kind: Kind, key: str, value: str | bytes | None,
-               fn: Callable[[], T]) -> T:
+               fn: Callable[[], T], *, expected: str | bytes | None = None) -> T:
         """Invoke, run ``fn()``, complete with the classified outcome, return ``fn``'s result.
 
-        A get's result is recorded as the value read. On an exception the outcome
-        is classified, then the exception is re-raised for the caller to judge:
-        a set gets ``"fail"`` only for a *definite* ``DKVError``; ``WriteTimeout``,
-        transport errors and any other exception make it ``"info"`` (it may have
-        been applied). Any error on a get makes it ``"fail"``.
+        A get's result is recorded as the value read, a cas's or an incr's as its
+        ``result``. On an exception the outcome is classified, then the exception is
+        re-raised for the caller to judge: a write (set, delete, cas, incr) gets
+        ``"fail"`` only for a *definite* ``DKVError``; ``WriteTimeout``, transport
+        errors and any other exception make it ``"info"`` (it may have been
+        applied). Any error on a get makes it ``"fail"``.
         """
-        op = self.invoke(process, kind, key, value)
+        op = self.invoke(process, kind, key, value, expected=expected)
         try:
             result = fn()
         except BaseException as e:
@@ -169,7 +208,7 @@ class History:
             else:
                 self.info(op, e)  # a get becomes "fail"
             raise
-        self.ok(op, result if kind == "get" else None)  # type: ignore[arg-type]
+        self.ok(op, result if kind in ("get", "cas", "incr") else None)
         return result
 
     def record_many(self, process: int, kind: Kind, items: Sequence[tuple[str, str | bytes | None]],
@@ -182,6 +221,8 @@ class History:
         write of the call is ``"info"`` (the client reports one error for the call, so
         which keys were applied is unknown) and every get ``"fail"``; it is re-raised.
         """
+        if kind not in ("set", "get"):
+            raise ValueError("a multi-key call is a set or a get")
         with self._lock:  # one invocation instant for the whole call
             now = self._clock()
             ops = []
@@ -229,7 +270,7 @@ class History:
 
     def summary(self) -> dict[str, Any]:
         """Counts: ops, sets_ok, sets_fail, sets_info, gets_ok, gets_fail, pending
-        (and deletes_ok, deletes_fail, deletes_info once a delete was recorded)."""
+        (and deletes_/cass_/incrs_ ok, fail, info once such an op was recorded)."""
         counts = {"ops": 0, "sets_ok": 0, "sets_fail": 0, "sets_info": 0,
                   "gets_ok": 0, "gets_fail": 0, "pending": 0}
         for op in self.ops:
@@ -237,7 +278,7 @@ class History:
             if op.outcome is None:
                 counts["pending"] += 1
             else:
-                if op.kind == "delete" and "deletes_ok" not in counts:
-                    counts.update(deletes_ok=0, deletes_fail=0, deletes_info=0)
+                if op.kind in ("delete", "cas", "incr") and f"{op.kind}s_ok" not in counts:
+                    counts.update({f"{op.kind}s_{o}": 0 for o in ("ok", "fail", "info")})
                 counts[f"{op.kind}s_{op.outcome}"] += 1
         return counts

@@ -8,7 +8,8 @@ threads contend on them) and either sets it to a value unique to that operation
 count and by a duration, so the threads always stop by themselves; ``stop()``
 ends it early (between operations) and joins the threads.
 
-:class:`MixedWorkload` adds deletes and multi-key calls (``mset``/``mget``) and
+:class:`MixedWorkload` adds deletes, multi-key calls (``mset``/``mget``),
+compare-and-set on the same keys and increments of separate counter keys, and
 reads with a chosen consistency level (one client per thread, or a shared one).
 
 Errors that faults are expected to cause (dkv errors, transport errors) are
@@ -185,9 +186,20 @@ class MultiKVClient(Protocol):
 
     def mget(self, keys: list[str], consistency: str = ...) -> list[bytes | None]: ...
 
+    def cas(self, key: str, expected: str | None, new: str) -> bool: ...
+
+    def incr(self, key: str, amount: int = ...) -> int: ...
+
 
 #: The default mix of :class:`MixedWorkload`: call kind -> weight.
 DEFAULT_MIX = {"get": 0.40, "set": 0.30, "delete": 0.08, "mset": 0.10, "mget": 0.12}
+#: Every kind :class:`MixedWorkload` knows (``incr`` needs counter keys).
+KINDS = (*DEFAULT_MIX, "cas", "incr")
+#: A mix with compare-and-set and counters too (the nemesis test's).
+COORDINATION_MIX = {"get": 0.34, "set": 0.22, "delete": 0.06, "mset": 0.08, "mget": 0.10, "cas": 0.12,
+                    "incr": 0.08}
+#: How often a cas expects absence (None) rather than the value its thread last saw
+CAS_EXPECT_ABSENT = 0.15
 
 
 class MixedWorkload(Workload):
@@ -195,9 +207,11 @@ class MixedWorkload(Workload):
 
     Each op is one *call* drawn from ``mix`` (kind -> weight): ``get`` (with
     ``consistency``), ``set`` (a value unique to the op), ``delete``, ``mset``
-    and ``mget`` of 2..``max_multi`` distinct keys. Multi-key calls are recorded
-    as one op per key sharing the call's window (:meth:`History.record_many`),
-    deletes as writes of None. ``clients`` is one client shared by every thread
+    and ``mget`` of 2..``max_multi`` distinct keys, ``cas`` (expecting the value
+    the thread last read or wrote on the key, or absence; writing a value unique to
+    the op), ``incr`` (by 1, of one of ``counters``: keys no other kind touches).
+    Multi-key calls are recorded as one op per key sharing the call's window
+    (:meth:`History.record_many`), deletes as writes of None. ``clients`` is one client shared by every thread
     or a list (thread ``i`` uses ``clients[i % len(clients)]``). ``max_ops``
     bounds the calls. Only ``consistency="linearizable"`` reads may be judged
     by :func:`~tests.faults.checkers.check_linearizable`.
@@ -206,11 +220,15 @@ class MixedWorkload(Workload):
     def __init__(self, clients: MultiKVClient | Sequence[MultiKVClient], history: History, keys: list[str],
                  threads: int, seed: int, *, max_ops: int, max_duration: float, pause: float = 0.0,
                  first_process: int = 0, mix: dict[str, float] | None = None,
-                 consistency: str = "linearizable", max_multi: int = 4) -> None:
+                 consistency: str = "linearizable", max_multi: int = 4, counters: Sequence[str] = ()) -> None:
         mix = dict(DEFAULT_MIX if mix is None else mix)
-        unknown = set(mix) - set(DEFAULT_MIX)
+        unknown = set(mix) - set(KINDS)
         if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
-            raise ValueError(f"mix must weigh some of {sorted(DEFAULT_MIX)}, got {mix}")
+            raise ValueError(f"mix must weigh some of {sorted(KINDS)}, got {mix}")
+        if mix.get("incr", 0) > 0 and not counters:
+            raise ValueError("incr needs counter keys")
+        if set(counters) & set(keys):
+            raise ValueError("counter keys must not be register keys")
         if max_multi < 2 or max_multi > len(keys):
             raise ValueError("max_multi must be within [2, len(keys)]")
         client_list: list[MultiKVClient] = (list(clients) if isinstance(clients, (list, tuple))
@@ -224,6 +242,7 @@ class MixedWorkload(Workload):
         self.mix = mix
         self.consistency = consistency
         self.max_multi = max_multi
+        self.counters = list(counters)
         #: calls made, by kind (a multi-key call counts once)
         self.calls: dict[str, int] = {k: 0 for k in mix}
 
@@ -232,6 +251,11 @@ class MixedWorkload(Workload):
         kinds, weights = list(self.mix), list(self.mix.values())
         h, level = self.history, self.consistency
         counter = 0
+        known: dict[str, str | None] = {}  # key -> the value this thread last read or wrote there
+
+        def text(v: bytes | str | None) -> str | None:
+            return v.decode() if isinstance(v, bytes) else v
+
         try:
             while self._claim():
                 kind = rng.choices(kinds, weights)[0]
@@ -241,24 +265,40 @@ class MixedWorkload(Workload):
                     if kind in ("mset", "mget"):
                         keys = rng.sample(self.keys, rng.randint(2, self.max_multi))
                         if kind == "mget":
-                            h.record_many(process, "get", [(k, None) for k in keys],
-                                          lambda: client.mget(keys, consistency=level))
+                            got = h.record_many(process, "get", [(k, None) for k in keys],
+                                                lambda: client.mget(keys, consistency=level))
+                            known.update(zip(keys, map(text, got)))
                         else:
                             items = []
                             for k in keys:
                                 counter += 1
                                 items.append((k, f"{process}-{counter}"))
                             h.record_many(process, "set", items, lambda: client.mset(dict(items)))
+                            known.update(items)
+                        continue
+                    if kind == "incr":
+                        ckey = rng.choice(self.counters)
+                        h.record(process, "incr", ckey, None, lambda: client.incr(ckey, 1))
                         continue
                     key = rng.choice(self.keys)
                     if kind == "get":
-                        h.record(process, "get", key, None, lambda: client.get(key, consistency=level))
+                        known[key] = text(h.record(process, "get", key, None,
+                                                   lambda: client.get(key, consistency=level)))
                     elif kind == "delete":
                         h.record(process, "delete", key, None, lambda: client.delete(key))
+                        known[key] = None
+                    elif kind == "cas":
+                        counter += 1
+                        value = f"{process}-{counter}"
+                        expected = None if rng.random() < CAS_EXPECT_ABSENT else known.get(key)
+                        if h.record(process, "cas", key, value, lambda: client.cas(key, expected, value),
+                                    expected=expected):
+                            known[key] = value
                     else:
                         counter += 1
                         value = f"{process}-{counter}"
                         h.record(process, "set", key, value, lambda: client.set(key, value))
+                        known[key] = value
                 except Exception as e:
                     if not is_expected_error(e):
                         raise
