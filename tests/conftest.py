@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.support import zookeeper
+from tests.support.cluster import Cluster
 from tests.support.procs import NodeProcess
 
 
@@ -76,3 +77,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cluster_1x3(zk: str, tmp_path: Path) -> Iterator[Cluster]:
+    """One shard of three members (rf 3, write quorum 2, session timeout 4 s), started."""
+    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=4.0)
+    try:
+        yield c.start()
+    finally:
+        c.stop()  # resumes paused nodes first

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gevent
@@ -44,13 +43,8 @@ KEY = "lin-key"
 
 
 @pytest.fixture
-def cluster(zk: str, tmp_path: Path) -> Iterator[Cluster]:
-    """1 shard x 3 (rf 3, write quorum 2, session timeout 4 s)."""
-    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=4.0)
-    try:
-        yield c.start()
-    finally:
-        c.stop()  # resumes paused nodes first
+def cluster(cluster_1x3: Cluster) -> Cluster:
+    return cluster_1x3
 
 
 def shard_seen_by(addr: str) -> dict[str, Any] | None:

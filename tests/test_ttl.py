@@ -12,7 +12,6 @@ key's ``get(with_meta=True)`` is None, ``incr`` keeps the deadline and a plain
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -34,12 +33,8 @@ PAGE = 500
 
 
 @pytest.fixture
-def cluster(zk: str, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=4.0)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+def cluster(cluster_1x3: Cluster) -> Cluster:
+    return cluster_1x3
 
 
 def members(cluster: Cluster) -> list[str]:

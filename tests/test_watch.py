@@ -461,12 +461,8 @@ def wait_all_seen(watcher: Watcher, writers: Writers, timeout: float = 30) -> No
 
 
 @pytest.fixture
-def failover_cluster(zk: str, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=4.0)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+def failover_cluster(cluster_1x3: Cluster) -> Cluster:
+    return cluster_1x3
 
 
 @pytest.mark.integration
