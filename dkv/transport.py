@@ -639,6 +639,7 @@ class RPCServer(zerorpc.Server):
         """Answer a lean request (:class:`LeanClient`): the same checks and errors as a
         zerorpc call, one event back."""
         release: Callable[[], None] | None = None
+        args: tuple[Any, ...]
         try:
             release = self._admit(event)
             functor = self._methods[event.name]

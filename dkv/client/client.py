@@ -26,7 +26,7 @@ import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar, overload
 
 import gevent
 import gevent.event
@@ -233,6 +233,12 @@ class Client:
         if ttl is not None:
             op.append(ttl)
         return self._one(op) is not None
+
+    @overload
+    def get(self, key: bytes | str, consistency: str = ..., *, with_meta: Literal[False] = ...) -> bytes | None: ...
+
+    @overload
+    def get(self, key: bytes | str, consistency: str = ..., *, with_meta: Literal[True]) -> "Meta | None": ...
 
     def get(self, key: bytes | str, consistency: str = "sequential", *,
             with_meta: bool = False) -> "bytes | Meta | None":

@@ -142,8 +142,8 @@ class Sequencer:
             results.append(res)
         if records:
             last = records[-1].lsn
-            for key, e in changed.items():
-                self._overlay[key] = (e, last)
+            for key, ent in changed.items():
+                self._overlay[key] = (ent, last)
         return records, results
 
     def settled(self, records: Iterable[Record]) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import gevent.event
 
@@ -199,7 +199,7 @@ class _Stream:
             excluded = excluded_wire(out, self.scope)
         return [EVENTS, self.last_rev, excluded, events], len(events)
 
-    def _page(self, pos: int, limit: int) -> Iterator[list[Any]]:
+    def _page(self, pos: int, limit: int) -> Generator[list[Any], None, int]:
         """Read (and send) one page of committed records from ``pos``; the next position."""
         records: list[Record] = self._read(
             lambda: take_page(self.svc.log.read_from(pos, limit=limit), self.svc.page_bytes, record_bytes))
