@@ -9,9 +9,10 @@ import gevent
 import gevent.event
 import pytest
 
-from dkv.node.sequencer import delete as del_w, put as put_w
 from dkv.errors import Unavailable, WriteTimeout
 from dkv.node.pipeline import CHECKPOINT_BYTES, LocalWriter, WritePipeline
+from dkv.node.sequencer import delete as del_w
+from dkv.node.sequencer import put as put_w
 from dkv.storage import Store
 from dkv.storage.leveldb import LevelDBEngine
 from dkv.storage.store import META_PREFIX

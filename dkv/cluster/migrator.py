@@ -20,15 +20,30 @@ from dkv.auth import Credentials
 from dkv.client.connection import TransportError, call_once
 from dkv.cluster import layout
 from dkv.cluster.layout import FROZEN, Migration, SlotRanges, cancel_migration
-from dkv.cluster.migration import (FREEZE_TIMEOUT, Begin, Cancel, Clear, CopyPage, Flip, Freeze, Frozen, Import,
-                                   Importer, Page, RecordStart, Tail, TailPage, import_op)
+from dkv.cluster.migration import (
+    FREEZE_TIMEOUT,
+    Begin,
+    Cancel,
+    Clear,
+    CopyPage,
+    Flip,
+    Freeze,
+    Frozen,
+    Import,
+    Importer,
+    Page,
+    RecordStart,
+    Tail,
+    TailPage,
+    import_op,
+)
 from dkv.cluster.replication import record_bytes, records_from_wire, records_to_wire
 from dkv.errors import DKVError, InvalidArgument, TryAgain, Unavailable
 from dkv.keys import page_is_full, pair_bytes, quote, take_page
 from dkv.node.pipeline import WritePipeline, offloaded
+from dkv.node.sequencer import Kind, Write
 from dkv.slots import SlotRange, slot_of, user_key
 from dkv.storage import Store
-from dkv.node.sequencer import Kind, Write
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from dkv.errors import CorruptLog, InvalidArgument, KeyIsEmpty, KeyNotFound
 from dkv.keys import pair_bytes, quote, take_page
 from dkv.slots import ALL_SLOTS, SLOT_PREFIX_LEN, SlotRange, slot_prefix, storage_key
 from dkv.storage import entry as entries
-from dkv.storage.entry import Entry, now_ms
 from dkv.storage.engine import Engine, Reader, WriteOp
+from dkv.storage.entry import Entry, now_ms
 from dkv.storage.leveldb import LevelDBEngine
 from dkv.storage.memory import MemoryEngine
 from dkv.wal.record import Op, Record

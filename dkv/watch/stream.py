@@ -40,10 +40,18 @@ from dkv.keys import Limits, as_bytes, take_page
 from dkv.node.pipeline import WritePipeline, offloaded
 from dkv.slots import ALL_SLOTS, SlotRange
 from dkv.storage import Store
-from dkv.watch import END, EVENTS, MARK_INTERVAL
-from dkv.watch.feed import Feed, Scope, Subscription, excluded_wire, frozen_ranges, history_start, lost_slots, \
-    parse_slots
 from dkv.wal.record import Record
+from dkv.watch import END, EVENTS, MARK_INTERVAL
+from dkv.watch.feed import (
+    Feed,
+    Scope,
+    Subscription,
+    excluded_wire,
+    frozen_ranges,
+    history_start,
+    lost_slots,
+    parse_slots,
+)
 
 logger = logging.getLogger(__name__)
 
