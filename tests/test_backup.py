@@ -150,7 +150,7 @@ def test_entries_expired_by_restore_time_are_left_out(node_factory: Factory, tmp
     assert "restored 1 keys" in out.stdout and "(1 expired, skipped)" in out.stdout
     with dkv.Client(dst.addr) as c:
         assert c.get("soon") is None and c.get("stays") == b"y"
-        assert c.scan() == [(b"stays", b"y")]
+        assert list(c.scan()) == [(b"stays", b"y")]
 
 
 def test_a_damaged_backup_is_refused_before_anything_is_written(node_factory: Factory, tmp_path: Path) -> None:
@@ -188,7 +188,7 @@ def test_a_damaged_backup_is_refused_before_anything_is_written(node_factory: Fa
         (d / MANIFEST).write_text(json.dumps(m))
 
     damaged("flipped", flip, "the SHA-256 of")
-    damaged("cut", cut, "has 4 bytes") if False else damaged("cut", cut, "bytes; the manifest says")
+    damaged("cut", cut, "bytes; the manifest says")
     damaged("reframed", resum, "ends inside a frame")
     damaged("no-manifest", lambda d: (d / MANIFEST).unlink(), "holds no manifest.json")
     damaged("no-data", lambda d: (d / name).unlink(), "is missing")
@@ -198,7 +198,7 @@ def test_a_damaged_backup_is_refused_before_anything_is_written(node_factory: Fa
     info = call_once(dst.addr, "info", timeout=5, auth=None)
     assert info["applied_lsn"] == lsn, "nothing was written"
     with dkv.Client(dst.addr) as c:
-        assert c.scan(limit=1) == []
+        assert list(c.scan(limit=1)) == []
 
 
 def test_bad_arguments_get_one_clear_line_and_change_nothing(node_factory: Factory, tmp_path: Path) -> None:

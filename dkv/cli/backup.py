@@ -572,7 +572,7 @@ def run_restore(addrs: list[str], zk: str, in_dir: str, *, timeout: float = 30.0
         r.finish()
         floor = m.doc["max_rev"]
         for _, addr in nodes.writers():
-            _retry(lambda a=addr: nodes.call(a, "restore_floor", floor), max(timeout, 30.0))
+            _retry(nodes.call, max(timeout, 30.0), addr, "restore_floor", floor)
         progress.show(final=True)
     finally:
         nodes.close()
@@ -581,11 +581,11 @@ def run_restore(addrs: list[str], zk: str, in_dir: str, *, timeout: float = 30.0
     return 0
 
 
-def _retry(fn: Callable[[], Any], for_s: float) -> Any:
+def _retry(fn: Callable[..., Any], for_s: float, *args: Any) -> Any:
     deadline, delay = time.monotonic() + for_s, 0.05
     while True:
         try:
-            return fn()
+            return fn(*args)
         except _RETRY:
             if time.monotonic() > deadline:
                 raise
