@@ -160,6 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(a, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot] of the cluster")
     _env_flag(a, "--timeout", type=float, default=10.0, help="seconds to reach ZooKeeper")
     _env_flag(a, "--auth-dir", default="", help="directory holding the cluster key of a cluster with auth")
+
+    for name, what in (("backup", "copy every shard's data (at one committed LSN per shard) into DIR"),
+                       ("restore", "load a backup from DIR into an empty node or cluster")):
+        r = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. Format, manifest and "
+                           "guarantees: the docstring of dkv/cli/backup.py (README: Backup and restore).")
+        r.add_argument("addr", nargs="?", metavar="ADDR",
+                       help="a node HOST:PORT (default 127.0.0.1:7000 unless --zk) [env DKV_ADDR]")
+        r.add_argument("dir", metavar="DIR", help="the backup directory")
+        _env_flag(r, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot] of the cluster")
+        _env_flag(r, "--auth", default="", help="the cluster key (cluster.key, or the directory holding it) "
+                                                "of a cluster with auth")
+        _env_flag(r, "--timeout", type=float, default=30.0, help="seconds per request to a node")
+        _env_flag(r, "--quiet", action="store_true", help="no progress lines on stderr")
+        if name == "backup":
+            _env_flag(r, "--migration-wait", type=float, default=60.0,
+                      help="seconds to wait for a slot migration under way to finish before giving up")
+        else:
+            _env_flag(r, "--force", action="store_true",
+                      help="restore into a target that holds data (the backup's keys overwrite, others stay)")
     return p
 
 
@@ -227,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dkv.cli.admin import run_admin
 
             return run_admin(args.zk, args.action, args.name, timeout=args.timeout, auth_dir=args.auth_dir)
+        if args.command in ("backup", "restore"):
+            return _backup(args)
         if args.command == "auth":
             from dkv.auth import init_keys
 
@@ -262,6 +283,18 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
     serve(config)
     return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from dkv.cli import backup
+
+    addrs = [] if args.zk and not args.addr else _addrs([args.addr] if args.addr else [])
+    directory = args.dir
+    if args.command == "backup":
+        return backup.run_backup(addrs, args.zk, directory, timeout=args.timeout, auth=args.auth,
+                                 quiet=args.quiet, migration_wait=args.migration_wait)
+    return backup.run_restore(addrs, args.zk, directory, timeout=args.timeout, auth=args.auth,
+                              quiet=args.quiet, force=args.force)
 
 
 def _wal(args: argparse.Namespace) -> int:
