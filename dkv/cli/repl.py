@@ -332,7 +332,9 @@ def format_nodes(cluster: Mapping[str, Any]) -> str:
 
 
 def _get(client: "Client", args: list[str]) -> Reply:
-    return client.get(_enc(args[0]))
+    value = client.get(_enc(args[0]))
+    assert value is None or isinstance(value, bytes)  # no with_meta: the value
+    return value
 
 
 #: ``cas``'s EXPECTED for "the key is absent" (what ``get`` prints for a missing key)
@@ -791,8 +793,8 @@ def toolbar_text(line: str) -> str:
     if len(words) == 1 and typing:
         names = [c for c in COMMANDS if c.startswith(name)]
         if len(names) == 1 or name in COMMANDS:
-            cmd = COMMANDS[name if name in COMMANDS else names[0]]
-            return f"{cmd.usage}  - {cmd.summary}"
+            only = COMMANDS[name if name in COMMANDS else names[0]]
+            return f"{only.usage}  - {only.summary}"
         if names:
             return "  ".join(names)
     cmd = COMMANDS.get(name)
