@@ -98,15 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
               help="allow a non-loopback --host without --auth-dir: anyone who can reach the port can "
                    "read, change or wipe the data (only on a network you trust entirely)")
 
-    c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin)",
-                       description="Interactive dkv prompt. When stdin is not a terminal, runs one "
-                                   "command per line and prints plain results.")
+    c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin or the command line)",
+                       description="Interactive dkv prompt, printing replies as redis-cli does. Words "
+                                   "after the addresses are one command to run (dkv cli 127.0.0.1:7000 "
+                                   "get k; put -- before a word starting with -). When stdin is not a "
+                                   "terminal, runs one command per line.")
     c.add_argument("addrs", nargs="*", metavar="ADDR",
-                   help="node HOST:PORT (default 127.0.0.1:7000 unless --zk) [env DKV_ADDR]")
+                   help="node HOST:PORT (default 127.0.0.1:7000 unless --zk) [env DKV_ADDR], then "
+                        "optionally COMMAND [ARG ...]")
     _env_flag(c, "--timeout", type=float, default=5.0, help="seconds per command")
     _env_flag(c, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot]: take the cluster "
                                          "map from ZooKeeper (ADDRs then optional)")
     _env_flag(c, "--auth", default="", help="key file (client.key, or cluster.key) of a cluster with auth")
+    _env_flag(c, "--raw", action="store_true", help="print replies as redis-cli --raw: values as they are "
+                                                    "(no quotes), nil as an empty line, integers bare, "
+                                                    "one array element a line")
+    _env_flag(c, "--latency", action="store_true", help="print each command's round trip, e.g. (0.4 ms), "
+                                                        "after its reply (the latency command toggles it)")
 
     b = sub.add_parser("bench", help="measure throughput and latency of a node",
                        description="Benchmark a dkv node with concurrent clients.")
@@ -220,17 +228,24 @@ def _bench_bound(ops: int | None, duration: float | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "cli" or any(w.startswith("--") and len(w) > 2 for w in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # dkv cli ADDR --raw get k: the command's words after a flag
+        args.addrs = [*args.addrs, *(w for w in extra if w != "--")]
     from dkv.errors import DKVError
 
     try:
         if args.command == "serve":
             return _serve(args)
         if args.command == "cli":
-            from dkv.cli.repl import run_cli
+            from dkv.cli.repl import run_cli, split_command
 
-            addrs = _addrs(args.addrs) if args.addrs or not args.zk else []
-            return run_cli(addrs, timeout=args.timeout, zk=args.zk, auth=args.auth)
+            given, command = split_command(args.addrs)
+            addrs = _addrs(given) if given or not args.zk else []
+            return run_cli(addrs, timeout=args.timeout, zk=args.zk, auth=args.auth, raw=args.raw,
+                           latency=args.latency, command=command)
         if args.command == "bench":
             from dkv.cli.bench import run_bench
 

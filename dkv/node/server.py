@@ -121,6 +121,11 @@ class RPC:
     def ping(self) -> str:
         return "pong"
 
+    def dbsize(self, after: Any = None) -> list[Any]:
+        """``[keys, resume]``: live keys this node serves as writer, counted in bounded pages
+        (call again with ``after=resume`` until it is None)."""
+        return self._svc.dbsize(after)
+
     def digest(self, start: int = 0, end: int = 1023) -> list[Any]:
         """[applied_lsn, sha256] of slots start..end, to compare the members of a shard."""
         return self._svc.digest(_int(start, "start"), _int(end, "end"))
@@ -222,7 +227,7 @@ class RPC:
 #: Anything not listed here is refused as an unknown method.
 ACCESS: dict[str, str] = {
     **{name: CLIENT for name in ("batch", "get", "set", "delete", "mset", "mget", "scan", "watch", "info",
-                                 "cluster_info", "ping")},
+                                 "cluster_info", "ping", "dbsize")},
     **{name: PEER for name in ("digest", "repl_prepare", "repl_truncate", "repl_fence", "repl_snapshot",
                                "repl_read", "repl_digest", "debug_zk_session", "mig_position", "mig_scan",
                                "mig_tail", "mig_freeze", "backup_open", "backup_page", "backup_close",

@@ -186,6 +186,29 @@ class StoreView:
     def count_slot(self, slot: int) -> int:
         return sum(1 for _ in self.iter_slots(SlotRange(slot, slot)))
 
+    def count_live(self, ranges: Sequence[SlotRange], after: bytes | None,
+                   budget: int) -> tuple[int, bytes | None]:
+        """``(live keys, resume)`` of ``ranges`` in storage order after storage key ``after``,
+        reading at most ``budget`` stored rows; ``resume`` is the last storage key read when
+        the budget ran out (pass it as ``after``), None when the ranges are done."""
+        now = self._clock()
+        live = read = 0
+        last: bytes | None = None
+        for r in sorted(ranges, key=lambda r: r.start):
+            lo, hi = r.storage_bounds()
+            if after is not None:
+                lo = max(lo, after + b"\x00")
+            if lo >= hi:
+                continue
+            for k, blob in self._src.iterate(lo, hi):
+                if read >= budget:
+                    return live, last
+                read += 1
+                last = k
+                if entries.value_of(blob, now) is not None:
+                    live += 1
+        return live, None
+
     def due(self, now: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` index rows with a deadline at or before ``now``: ``(deadline, storage key)``."""
         lo, hi = EXPIRY_PREFIX, EXPIRY_PREFIX + (now + 1).to_bytes(8, "big")
