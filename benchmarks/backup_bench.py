@@ -17,8 +17,9 @@ import tempfile
 import time
 import uuid
 
-import dkv
 from cluster_bench import answers, serve, start_nodes, stop_all, wait_for
+
+import dkv
 
 
 def load(addr: str, keys: int, value_size: int) -> None:

@@ -60,7 +60,7 @@ def delete_range(pipeline: WritePipeline, store: Store, slots: SlotRange, offloa
     page = offloaded(offload, lambda: store.page_slots(slots, after, PAGE, pipeline.page_bytes))
     if not page:
         return None
-    pipeline.submit([Write(Kind.PURGE, user_key(k)) for k, _ in page])
+    pipeline.submit_all([Write(Kind.PURGE, user_key(k)) for k, _ in page])
     return page[-1][0]
 
 
@@ -225,7 +225,7 @@ class Migrator:
             pairs, nxt = self._call("mig_scan", m.start, m.end, act.after, PAGE)
             return Page([(bytes(k), bytes(v)) for k, v in pairs], None if nxt is None else bytes(nxt))
         if isinstance(act, Import):
-            self.pipeline.submit(act.ops)
+            self.pipeline.submit_all(act.ops)  # a write refused alone fails the import: it is retried
             return None
         if isinstance(act, Tail):
             t = self._call("mig_tail", m.start, m.end, act.after_lsn, PAGE)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import gevent
 
 from dkv import protocol
-from dkv.errors import DKVError, InvalidArgument, TryAgain, Unavailable
+from dkv.errors import InvalidArgument, TryAgain, Unavailable
 from dkv.keys import Limits, quote
 from dkv.node.pipeline import WritePipeline, offloaded
 from dkv.node.sequencer import Kind, Write
@@ -240,15 +240,13 @@ class BackupService:
                 self.router.route(protocol.SET, w.key, None, own)
         # -- no yield from the routing to the queueing (see NodeService.batch) --
         if writes:
-            for r in self.pipeline.submit(writes):
-                if isinstance(r, DKVError):
-                    raise r
+            self.pipeline.submit_all(writes)
         return [len(writes), skipped]
 
     def floor(self, rev: Any) -> int:
         """Raise the revision floor to ``rev``: later writes get higher revisions. The applied revision."""
         if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev < _INT64:
             raise InvalidArgument("a revision floor is an integer in 0..2**63-1")
-        self.pipeline.submit([Write(Kind.FLOOR, b"", deadline=rev)])
+        self.pipeline.submit_all([Write(Kind.FLOOR, b"", deadline=rev)])
         return self.store.applied_rev
 
