@@ -321,3 +321,33 @@ def _shard_of(c: dkv.Client, key: bytes) -> str:
         if any(a <= slot <= b for a, b in s["slots"]):
             return s["id"]
     raise AssertionError(f"no shard owns slot {slot}")
+
+
+def test_http_port_flag_env_and_refusals(tmp_path: Path, node_factory: Callable[..., NodeProcess]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dkv.cli.main", "serve", "--data-dir", str(tmp_path / "x"),
+                               *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+
+    r = serve("--port", "7123", "--http-port", "7123")
+    assert r.returncode == 1 and "--http-port" in r.stderr, r.stderr
+    r = serve("--http-port", "70000")
+    assert r.returncode == 1 and "--http-port" in r.stderr, r.stderr
+    # DKV_HTTP_PORT turns it on
+    port = free_port()
+    n = NodeProcess(tmp_path / "env" / "data", None, node_id="env")
+    os.environ["DKV_HTTP_PORT"] = str(port)
+    try:
+        n.start()
+    finally:
+        del os.environ["DKV_HTTP_PORT"]
+    try:
+        assert Http(port).json("GET", "/health")[0] == 200
+        # a taken HTTP port: the second node says so and exits
+        r = serve("--port", str(free_port()), "--http-port", str(port))
+        assert r.returncode == 1 and "cannot listen for HTTP" in r.stderr, r.stderr
+    finally:
+        n.stop()

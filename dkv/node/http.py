@@ -3,7 +3,8 @@
 Served by gevent's WSGI server (:mod:`gevent.pywsgi`) in the node's own process and
 hub, on the node's ``--host`` (so the same protected mode applies: loopback only
 unless ``--auth-dir`` or ``--insecure``). At most :data:`MAX_CONCURRENT` requests
-are served at once; more wait in the listen backlog.
+are served at once; more wait in the listen backlog; a connection silent for
+:data:`IDLE_TIMEOUT` is closed.
 
 Routes:
 
@@ -90,6 +91,8 @@ MAX_SCAN_LIMIT = 1000
 DEFAULT_SCAN_LIMIT = 100
 #: Seconds an op forwarded to another node may take, retries included.
 FORWARD_TIMEOUT = 5.0
+#: Seconds a connection may stay silent (mid-request or idle between requests) before it is closed.
+IDLE_TIMEOUT = 30.0
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
             412: "Precondition Failed", 413: "Payload Too Large", 500: "Internal Server Error",
@@ -460,6 +463,14 @@ def health_of(node: Any) -> tuple[str, str | None, str | None]:
     return rt.role, shard, "not assigned to a shard yet"
 
 
+class _Handler(gevent.pywsgi.WSGIHandler):
+    """gevent's handler, with a socket timeout: a silent client cannot hold a request slot."""
+
+    def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None) -> None:
+        sock.settimeout(IDLE_TIMEOUT)
+        super().__init__(sock, address, server, rfile)
+
+
 class HttpServer:
     """The node's HTTP listener (a :class:`gevent.pywsgi.WSGIServer` on the node's hub)."""
 
@@ -468,7 +479,7 @@ class HttpServer:
         self.api = HttpApi(node)
         self.server = gevent.pywsgi.WSGIServer(
             (cfg.host, cfg.http_port), self.api, spawn=gevent.pool.Pool(MAX_CONCURRENT),
-            log=None, error_log=logging.getLogger(__name__ + ".server"))
+            handler_class=_Handler, log=None, error_log=logging.getLogger(__name__ + ".server"))
 
     def start(self) -> None:
         """Bind and serve (raises DKVError if the port is taken)."""
