@@ -61,21 +61,30 @@ class OpStats:
 
     def record(self, ops: Any, replies: Sequence[Sequence[Any]], seconds: float) -> None:
         """Count one answered batch: ``replies[i]`` (``[0, result]`` or ``[1, [code, ...]]``) of ``ops[i]``."""
+        if len(replies) == 1:  # the common request: no tally
+            self._observe(self._key(ops[0], replies[0]), seconds, 1)
+            return
         tally: dict[tuple[str, str], int] = {}
-        names = self.names
         for op, reply in zip(ops, replies):
-            name = op[0] if isinstance(op, (list, tuple)) and op and isinstance(op[0], str) else ""
-            key = (name if name in names else "invalid", "ok" if reply[0] == 0 else str(reply[1][0]).lower())
+            key = self._key(op, reply)
             tally[key] = tally.get(key, 0) + 1
         for key, n in tally.items():
-            self._histogram(key).observe(seconds, n)
+            self._observe(key, seconds, n)
 
-    def one(self, name: str, outcome: str, seconds: float) -> None:
-        """Count one op (or one whole refused request) by name and outcome."""
-        self._histogram((name, outcome.lower())).observe(seconds)
+    def _key(self, op: Any, reply: Sequence[Any]) -> tuple[str, str]:
+        try:
+            name = op[0] if op[0] in self.names else "invalid"
+        except (TypeError, IndexError, KeyError):  # not a list, empty, an unhashable name
+            name = "invalid"
+        return name, "ok" if reply[0] == 0 else str(reply[1][0]).lower()
 
-    def _histogram(self, key: tuple[str, str]) -> Histogram:
+    def _observe(self, key: tuple[str, str], seconds: float, n: int) -> None:
         h = self.by_key.get(key)
         if h is None:
             h = self.by_key[key] = Histogram(LATENCY_BOUNDS)
-        return h
+        h.counts[bisect_left(h.bounds, seconds)] += n
+        h.total += seconds * n
+
+    def one(self, name: str, outcome: str, seconds: float) -> None:
+        """Count one op (or one whole refused request) by name and outcome."""
+        self._observe((name, outcome.lower()), seconds, 1)
