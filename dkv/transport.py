@@ -539,6 +539,10 @@ class RPCServer(zerorpc.Server):
         if creds is not None:
             self._zap = ZapHandler(creds.roles())
             secure_server(sock, creds)
+        #: TCP connections open to the socket now (clients, peers, probes), from its monitor
+        self.connections = 0
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._counter = gevent.spawn(self._count_connections)
         # Read the socket in the dispatcher itself: zerorpc's reader greenlet (spawned, not
         # started) would hand every message over through a channel, a switch each.
         receiver = self._events._recv
@@ -547,10 +551,32 @@ class RPCServer(zerorpc.Server):
         harden(self, self._recv_request, self._lean)
 
     def close(self) -> None:
+        self._counter.kill(block=False)
+        try:
+            self._events._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.linger = 0
+        self._monitor.close()
         super().close()
         if self._zap is not None:
             self._zap.close()
             self._zap = None
+
+    def _count_connections(self) -> None:
+        """Every accepted connection is disconnected exactly once (ZeroMQ reports a refused
+        handshake as a disconnect too): their difference is what is open."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor)["event"]
+            except zmq.ZMQError:
+                return
+            if event == zmq.EVENT_ACCEPTED:
+                self.connections += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connections = max(0, self.connections - 1)
 
     # -- reading requests --------------------------------------------------------
 

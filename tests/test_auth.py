@@ -219,7 +219,7 @@ def test_docker_compose_publishes_every_port_on_loopback_only() -> None:
 
     compose = (Path(__file__).parent.parent / "docker-compose.yml").read_text()
     published = re.findall(r'^\s*-\s*"([^"]+:\d+)"\s*$', compose, flags=re.M)
-    assert len(published) == 4, published  # ZooKeeper and three nodes
+    assert len(published) == 7, published  # ZooKeeper, and three nodes' RPC and HTTP ports
     assert all(p.startswith("127.0.0.1:") for p in published), published
 
 

@@ -134,10 +134,13 @@ def test_cluster_example_starts_two_shards_and_stops_on_sigint(
         example_chroot: tuple[str, str], tmp_path: Path, auth: bool) -> None:
     hosts, chroot = example_chroot
     base_port = free_port_range(4)
+    http_base = free_port_range(4)
+    while abs(http_base - base_port) < 4:
+        http_base = free_port_range(4)
     stderr_path = tmp_path / "run.stderr"
     argv = [sys.executable, str(RUN_PY), "--zk", hosts, "--chroot", chroot, "--shards", "2",
             "--replicas-per-shard", "2", "--base-port", str(base_port), "--data-dir", str(tmp_path / "data"),
-            *(["--auth"] if auth else [])]
+            "--http-base-port", str(http_base), *(["--auth"] if auth else [])]
     client_key = str(tmp_path / "data" / "auth" / "client.key") if auth else None
     pids: list[int] = []
     with open(stderr_path, "w") as stderr:
@@ -179,6 +182,19 @@ def test_cluster_example_starts_two_shards_and_stops_on_sigint(
             for i in range(20):
                 client.set(f"example-key-{i}", f"v{i}")
             assert [client.get(f"example-key-{i}") for i in range(20)] == [f"v{i}".encode() for i in range(20)]
+
+        # each node's metrics URL is printed after the connect lines, and serves
+        urls = []
+        while len(urls) < 4:
+            line = lines.get(timeout=10)
+            assert line is not None, stdout
+            if "/metrics" in line:
+                urls.append(line.split()[-2])
+        assert urls == [f"http://127.0.0.1:{http_base + i}/metrics" for i in range(4)], urls
+        import urllib.request
+
+        with urllib.request.urlopen(urls[0], timeout=10) as resp:
+            assert b"dkv_role{" in resp.read()
 
         proc.send_signal(signal.SIGINT)
         try:

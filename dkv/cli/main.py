@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(s, "--node-id", default="", help="node name (default node-PORT)")
     _env_flag(s, "--host", default="127.0.0.1", help="address to listen on")
     _env_flag(s, "--port", type=int, default=7000, help="port to listen on")
+    _env_flag(s, "--http-port", type=int, default=0,
+              help="serve HTTP on this port of --host: Prometheus /metrics, /health and the JSON API "
+                   "/v1/kv/KEY, /v1/kv?prefix=, /v1/cluster (0: off)")
     _env_flag(s, "--advertise", default="", help="HOST:PORT peers and clients use to reach this node "
                                                  "(default HOST:PORT; needed with --host 0.0.0.0)")
     _env_flag(s, "--data-dir", default="", help="data directory (default dkv-data/NODE_ID)")
@@ -284,6 +287,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dkv.node.server import serve
 
     config = NodeConfig(node_id=args.node_id, host=args.host, port=args.port, advertise=args.advertise,
+                        http_port=args.http_port,
                         data_dir=args.data_dir,
                         engine=args.engine, log_level=args.log_level,
                         max_key_bytes=args.max_key_bytes, max_value_bytes=args.max_value_bytes,

@@ -18,6 +18,8 @@ class NodeConfig:
     node_id: str = ""
     host: str = "127.0.0.1"
     port: int = 7000
+    #: port of the HTTP listener (/metrics, /health, /v1 JSON API) on ``host``; 0: none
+    http_port: int = 0
     #: the HOST:PORT peers and clients use to reach this node (default host:port)
     advertise: str = ""
     data_dir: str = ""
@@ -70,6 +72,9 @@ class NodeConfig:
             raise InvalidArgument(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if not 0 < self.port < 65536:
             raise InvalidArgument(f"--port must be 1..65535, not {self.port}")
+        if not 0 <= self.http_port < 65536 or self.http_port == self.port:
+            raise InvalidArgument(f"--http-port must be 1..65535 and not --port ({self.port}), or 0 for none, "
+                                  f"not {self.http_port}")
         if self.log_level not in LOG_LEVELS:
             raise InvalidArgument(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.max_key_bytes < 1 or self.max_value_bytes < 0:

@@ -53,6 +53,7 @@ import gevent.event
 from dkv.errors import DKVError, Moved, QuorumNotReached, Unavailable, WriteTimeout
 from dkv.keys import DEFAULT_PAGE_BYTES, item_bytes
 from dkv.node.sequencer import Sequencer, Write
+from dkv.stats import BATCH_BOUNDS, LATENCY_BOUNDS, Histogram
 from dkv.storage import Store
 from dkv.storage.entry import now_ms
 from dkv.wal.codec import MIN_FRAME_BYTES
@@ -173,6 +174,8 @@ class _InFlight:
     after: "_InFlight | None" = None
     #: how it failed, once answered
     error: DKVError | None = None
+    #: perf_counter when it was handed to the writer
+    started: float = 0.0
 
 
 class WritePipeline:
@@ -199,6 +202,9 @@ class WritePipeline:
         self._failed: DKVError | None = None
         self.batches = 0
         self.records = 0
+        #: records per committed batch, and seconds from handing a batch over to its commit
+        self.batch_sizes = Histogram(BATCH_BOUNDS)
+        self.commit_seconds = Histogram(LATENCY_BOUNDS)
         self._window = window
         self._inflight: deque[_InFlight] = deque()
         self._more = gevent.event.Event()      # a batch was handed over
@@ -273,6 +279,11 @@ class WritePipeline:
     def epoch(self) -> int:
         return self.writer.epoch
 
+    @property
+    def failure(self) -> DKVError | None:
+        """Why the pipeline refuses every write until a restart (its log failed), or None."""
+        return self._failed
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking writes, finish those already queued."""
         self._closing = True
@@ -342,6 +353,7 @@ class WritePipeline:
             self._seq.observe(max(self._log.last_rev, self._store.applied_rev))  # e.g. a new writer's log
         records, results, size = self._sequence(batch)
         done = gevent.event.AsyncResult()
+        started = time.perf_counter()
         if not records:  # only barriers
             done.set(None)
         else:
@@ -354,7 +366,7 @@ class WritePipeline:
                 done.set_exception(e)
             self._next_lsn = records[-1].lsn + 1
         self._inflight.append(_InFlight(batch, results, records, size, done,
-                                        self._inflight[-1] if self._inflight else None))
+                                        self._inflight[-1] if self._inflight else None, started=started))
         self._more.set()
 
     def _answer_loop(self) -> None:
@@ -386,6 +398,8 @@ class WritePipeline:
                 if f.records:
                     self.batches += 1
                     self.records += len(f.records)
+                    self.batch_sizes.observe(len(f.records))
+                    self.commit_seconds.observe(time.perf_counter() - f.started)
                     self._unchecked_bytes += f.size
                     if self._unchecked_since is None:
                         self._unchecked_since = time.monotonic()

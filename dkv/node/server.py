@@ -241,6 +241,11 @@ class Node:
         self._stopped = gevent.event.Event()
         self._server: RPCServer | None = None
         self.runtime: Any = None
+        self.http: Any = None
+
+    @property
+    def rpc_server(self) -> RPCServer | None:
+        return self._server
 
     def open(self) -> None:
         """Open (and recover) the log and the store, start the pipeline, bind the socket."""
@@ -324,6 +329,17 @@ class Node:
         gevent.signal_handler(signal.SIGUSR1, self._dump_stacks)
         runner = gevent.spawn(self._server.run)
         self.expirer.start()
+        if self.config.http_port:
+            from dkv.node.http import HttpServer
+
+            self.http = HttpServer(self)
+            try:
+                self.http.start()
+            except DKVError:
+                self.http = None
+                runner.kill()
+                self._shutdown()
+                raise
         if self.runtime is not None:
             try:
                 self.runtime.start()
@@ -349,6 +365,8 @@ class Node:
         self._stopped.set()
 
     def _shutdown(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.expirer.stop()
         self.watches.close()  # streams end with UNAVAILABLE: their clients resume elsewhere
         if self.runtime is not None:

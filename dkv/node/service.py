@@ -17,6 +17,7 @@ from dkv.node.config import NodeConfig
 from dkv.node.pipeline import WritePipeline, offloaded
 from dkv.node.sequencer import Kind, Write
 from dkv.slots import ALL_SLOTS, SlotRange
+from dkv.stats import OpStats
 from dkv.storage import Store
 from dkv.storage.entry import now_ms
 
@@ -57,10 +58,24 @@ class NodeService:
         self.router: Any = None
         #: the node's Expirer (its counters show in info)
         self.expirer: Any = None
+        #: ops answered, by name and outcome, with their request latency (the metrics read it)
+        self.op_stats = OpStats([*_ARITY, "batch", "scan"])
 
     # -- key/value ops -------------------------------------------------------
 
     def batch(self, ops: Any) -> list[list[Any]]:
+        """Run many ops (:meth:`_batch`), counted in :attr:`op_stats` (a batch refused whole
+        counts as one op ``batch``)."""
+        t0 = time.perf_counter()
+        try:
+            replies = self._batch(ops)
+        except DKVError as e:
+            self.op_stats.one("batch", e.code, time.perf_counter() - t0)
+            raise
+        self.op_stats.record(ops, replies, time.perf_counter() - t0)
+        return replies
+
+    def _batch(self, ops: Any) -> list[list[Any]]:
         """Run many ops; one ``[0, result]`` or ``[1, error]`` per op (a bad op fails alone).
 
         In cluster mode every op is routed (may this node answer it *now*?) after the one
@@ -194,6 +209,18 @@ class NodeService:
 
     def scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000,
              slot_version: Any = None) -> list[list[bytes]]:
+        """:meth:`_scan`, counted in :attr:`op_stats` as op ``scan``."""
+        t0 = time.perf_counter()
+        try:
+            page = self._scan(prefix, start, limit, slot_version)
+        except DKVError as e:
+            self.op_stats.one("scan", e.code, time.perf_counter() - t0)
+            raise
+        self.op_stats.one("scan", "ok", time.perf_counter() - t0)
+        return page
+
+    def _scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000,
+              slot_version: Any = None) -> list[list[bytes]]:
         """One page of ``(key, value)`` pairs in key order, keys >= ``start``: at most ``limit``
         pairs, and no more once they count ``page_bytes`` (:func:`dkv.keys.take_page`).
 

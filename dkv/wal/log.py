@@ -54,6 +54,7 @@ import logging
 import os
 import re
 import struct
+import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import BinaryIO, Generator, Iterator, Sequence
 
 from dkv.errors import CorruptLog, StorageClosed
+from dkv.stats import LATENCY_BOUNDS, Histogram
 from dkv.wal.codec import MAX_BODY_BYTES, MIN_BODY_BYTES, decode_from, encode, find_resync, iter_records
 from dkv.wal.epochs import EpochIndex
 from dkv.wal.record import Record, check_continues
@@ -160,6 +162,8 @@ class WriteAheadLog:
         self._base_rev = 0
         self._appends = 0
         self._fsyncs = 0
+        #: how long each append's fdatasync took (the metrics read it)
+        self.fsync_seconds = Histogram(LATENCY_BOUNDS)
         self._closed = False
         #: compaction keeps every record from this LSN on (a slot migration reads them) ...
         self.retain_from: int | None = None
@@ -212,9 +216,16 @@ class WriteAheadLog:
     def stats(self) -> dict[str, int]:
         """Segment count, total bytes, append calls, data syncs (one per append) and LSN range."""
         return {"segments": len(self._segments),
-                "bytes": sum(self._path(first).stat().st_size for first in self._segments),
+                "bytes": sum(map(self._size, list(self._segments))),
                 "appends": self._appends, "fsyncs": self._fsyncs,
                 "first_lsn": self.first_lsn, "last_lsn": self._last_lsn}
+
+    def _size(self, first: int) -> int:
+        """A segment file's size (0 if compaction deleted it meanwhile, off the hub)."""
+        try:
+            return self._path(first).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     # -- operations --------------------------------------------------------
 
@@ -244,7 +255,9 @@ class WriteAheadLog:
             while view:
                 view = view[os.write(self._fd, view):]
             if self._fsync:
+                t0 = time.perf_counter()
                 os.fdatasync(self._fd)
+                self.fsync_seconds.observe(time.perf_counter() - t0)
                 self._fsyncs += 1
         index, offset = self._index[self._segments[-1]], self._active_bytes
         for rec, frame in zip(records, frames):

@@ -4,6 +4,7 @@
 Usage (from the repository root, with a ZooKeeper running: ``make zk-up``)::
 
     .venv/bin/python examples/cluster/run.py            # 2 shards x 3 nodes, ports 7101-7106
+                                                        # (HTTP /metrics, /health, /v1: 8101-8106)
     .venv/bin/python examples/cluster/run.py --shards 3 --replicas-per-shard 2 --fresh
 
 Nodes ``node-1`` .. ``node-N`` (N = shards x replicas-per-shard) are started one
@@ -82,6 +83,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address the nodes listen on (default %(default)s)")
     p.add_argument("--base-port", type=int, default=7101,
                    help="port of node-1; node-K gets BASE_PORT+K-1 (default %(default)s)")
+    p.add_argument("--http-base-port", type=int, default=None, metavar="PORT",
+                   help="HTTP port (/metrics, /health, /v1) of node-1; node-K gets PORT+K-1 "
+                        "(default BASE_PORT+1000; 0: no HTTP)")
     p.add_argument("--data-dir", type=Path, default=HERE / "data",
                    help="nodes' data and logs (default examples/cluster/data)")
     p.add_argument("--session-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -115,6 +119,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     last_port = args.base_port + args.shards * args.replicas_per_shard - 1
     if not (0 < args.base_port and last_port < 65536):
         p.error(f"ports {args.base_port}..{last_port} are not all valid")
+    if args.http_base_port is None:
+        args.http_base_port = args.base_port + 1000
+    n = args.shards * args.replicas_per_shard
+    if args.http_base_port and not (0 < args.http_base_port and args.http_base_port + n - 1 < 65536):
+        p.error(f"HTTP ports {args.http_base_port}..{args.http_base_port + n - 1} are not all valid")
+    if args.http_base_port and abs(args.http_base_port - args.base_port) < n:
+        p.error("--http-base-port's range overlaps --base-port's")
     if args.timeout <= 0 or args.stop_timeout <= 0 or args.session_timeout <= 0:
         p.error("--timeout, --stop-timeout and --session-timeout must be positive")
     args.data_dir = args.data_dir.resolve()
@@ -149,6 +160,8 @@ class Node:
     host: str
     port: int
     data_root: Path
+    #: HTTP port (/metrics, /health, /v1); 0: none
+    http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     client: Any = None  # dkv.Client talking to this node only
     exit_reported: bool = False
@@ -186,6 +199,7 @@ class Node:
                 "--write-quorum", str(args.write_quorum),
                 "--session-timeout", f"{args.session_timeout:g}",
                 "--log-level", args.log_level,
+                *(["--http-port", str(self.http_port)] if self.http_port else []),
                 *(["--auth-dir", str(args.auth_dir)] if args.auth_dir is not None else [])]
 
     def start(self, args: argparse.Namespace, zk: str) -> None:
@@ -239,13 +253,16 @@ def display(path: Path) -> str:
 def check_ports_free(nodes: list[Node]) -> None:
     """Fail early when a node's port is taken (as the node binds: connections in TIME_WAIT are fine)."""
     for n in nodes:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((n.host, n.port))
-            except OSError as e:
-                raise ClusterError(f"cannot use {n.addr} for {n.id}: {e.strerror or e} "
-                                   f"(is a cluster already running? --base-port picks other ports)") from None
+        for port, flag in ((n.port, "--base-port"), (n.http_port, "--http-base-port")):
+            if not port:
+                continue
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((n.host, port))
+                except OSError as e:
+                    raise ClusterError(f"cannot use {n.host}:{port} for {n.id}: {e.strerror or e} "
+                                       f"(is a cluster already running? {flag} picks other ports)") from None
 
 
 def wipe(data_root: Path) -> None:
@@ -417,7 +434,8 @@ class ClusterRun:
         self.args = args
         self.zk = args.zk + args.chroot
         n = args.shards * args.replicas_per_shard
-        self.nodes = [Node(k, args.host, args.base_port + k - 1, args.data_dir) for k in range(1, n + 1)]
+        self.nodes = [Node(k, args.host, args.base_port + k - 1, args.data_dir,
+                           args.http_base_port + k - 1 if args.http_base_port else 0) for k in range(1, n + 1)]
         self.signals = 0
 
     # signals: the handler only counts; the loops below look at the count
@@ -509,6 +527,9 @@ class ClusterRun:
         auth = f" --auth {display(Path(key))}" if (key := client_key(self.args)) else ""
         print(f"\nconnect: {dkv} cli{auth} --zk {self.zk}", flush=True)
         print(f"     or: {dkv} cli{auth} {writers}", flush=True)
+        for i, node in enumerate(n for n in self.nodes if n.http_port):
+            print(f"{'metrics:' if i == 0 else '':9}http://{node.host}:{node.http_port}/metrics ({node.id})",
+                  flush=True)
 
     def wait(self) -> None:
         """Until a signal; a node that exits meanwhile is reported (and left down)."""
