@@ -54,6 +54,24 @@ class Credentials:
     #: (cluster key only) the secret behind dkv's ZooKeeper digest ACL
     zk_secret: str | None = None
     path: str = ""
+    #: (client key) the bearer token of the HTTP API (:func:`http_token`); None in a key file made
+    #: before it existed (``dkv auth token DIR`` prints it)
+    client_http_token: str | None = None
+
+    def http_tokens(self) -> dict[str, str]:
+        """(cluster key only) role -> the HTTP bearer token a node admits for it."""
+        if not self.is_peer:
+            raise AuthError(f"{self.path} is a client key; only the cluster key knows the HTTP tokens")
+        return {CLIENT: http_token(self.secret, CLIENT), PEER: http_token(self.secret, PEER)}
+
+    def bearer_token(self) -> str:
+        """The token this key's holder sends to the HTTP API."""
+        if self.is_peer:
+            return http_token(self.secret, PEER)
+        if self.client_http_token is None:
+            raise AuthError(f"{self.path} has no http_token line: print it with `dkv auth token DIR` "
+                            "(DIR holds cluster.key) and add 'http_token = ...' to the file")
+        return self.client_http_token
 
     @property
     def is_peer(self) -> bool:
@@ -94,6 +112,13 @@ class Credentials:
 
         return [make_digest_acl(ZK_USER, self.zk_password(), all=True),
                 make_acl("world", "anyone", read=True)]
+
+
+def http_token(cluster_secret: bytes, role: str) -> str:
+    """The HTTP API's bearer token for ``role``, derived from the cluster's secret: a node checks it
+    without holding anything new, and the token reveals nothing of the CURVE secrets (HTTP is not
+    encrypted: a token seen on the wire gives HTTP access, not the cluster's transport keys)."""
+    return hmac.new(cluster_secret, b"dkv http bearer token: " + role.encode(), hashlib.sha256).hexdigest()
 
 
 def kazoo_args(creds: Credentials | None) -> dict[str, Any]:
@@ -160,7 +185,9 @@ def init_keys(directory: str, zookeeper_from: str = "") -> tuple[str, str]:
     }, "dkv cluster key: for the nodes (dkv serve --auth-dir) and dkv admin (--auth-dir).")
     _write_key_file(client_path, "client", {
         "public": client_pub.decode(), "secret": client_sec.decode(), "server": server_pub.decode(),
-    }, "dkv client key: for applications (dkv.Client(auth=...), dkv cli/bench --auth).")
+        "http_token": http_token(server_sec, CLIENT),
+    }, "dkv client key: for applications (dkv.Client(auth=...), dkv cli/bench --auth); http_token: the "
+       "bearer token of the nodes' HTTP API.")
     return cluster_path, client_path
 
 
@@ -204,7 +231,8 @@ def load_key(path: str) -> Credentials:
         return Credentials(PEER, public, secret, server_public=public,
                            client_public=_z85(fields, "client_public", path), zk_secret=zk, path=path)
     if kind == "client":
-        return Credentials(CLIENT, public, secret, server_public=_z85(fields, "server", path), path=path)
+        return Credentials(CLIENT, public, secret, server_public=_z85(fields, "server", path), path=path,
+                           client_http_token=fields.get("http_token") or None)
     raise InvalidArgument(f"{path}: 'kind' must be cluster or client (is it a dkv key file?)")
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,6 +97,11 @@ def test_init_writes_private_key_files_and_never_overwrites(tmp_path: Path) -> N
     assert app.server_public == peer.server_public == peer.public
     assert peer.client_public == app.public
     assert peer.roles() == {peer.public: PEER, app.public: CLIENT}
+    # the HTTP token: in the client key, derived from the cluster key, and printed by `dkv auth token`
+    assert app.bearer_token() == peer.http_tokens()[CLIENT] != peer.bearer_token() == peer.http_tokens()[PEER]
+    out = subprocess.run([sys.executable, "-m", "dkv.cli.main", "auth", "token", str(d)], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == app.bearer_token()
 
 
 def test_key_files_others_can_read_or_that_are_not_keys_are_refused(keys: Path, tmp_path: Path) -> None:

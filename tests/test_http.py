@@ -207,15 +207,19 @@ def test_bad_http_input_gets_typed_errors_and_changes_nothing(node_factory: Call
         assert list(c.scan()) == [(b"k", b"x" * 1000)]
 
 
-def test_auth_requires_the_key_secret_as_bearer_token(tmp_path: Path,
+def test_auth_requires_the_http_token_as_bearer_token(tmp_path: Path,
                                                       node_factory: Callable[..., NodeProcess]) -> None:
     auth_dir = tmp_path / "auth"
     init_keys(str(auth_dir))
-    client_secret = load_key(str(auth_dir / CLIENT_KEY)).secret.decode()
-    cluster_secret = load_key(str(auth_dir / CLUSTER_KEY)).secret.decode()
+    client_key, cluster_key = load_key(str(auth_dir / CLIENT_KEY)), load_key(str(auth_dir / CLUSTER_KEY))
+    client_secret = client_key.bearer_token()
+    cluster_secret = cluster_key.bearer_token()
+    assert client_secret == cluster_key.http_tokens()["client"] and client_secret != cluster_secret
+    assert client_key.secret.decode() not in (client_secret, cluster_secret)  # no CURVE secret on the wire
     n, h = http_node(node_factory, "--auth-dir", str(auth_dir))
-    for headers in ({}, {"Authorization": "Bearer " + "x" * 40}, {"Authorization": "Basic Zm9vOmJhcg=="},
-                    {"Authorization": "Bearer " + client_secret[:-1]}, {"Authorization": "Bearer"}):
+    for headers in ({}, {"Authorization": "Bearer " + "x" * 64}, {"Authorization": "Basic Zm9vOmJhcg=="},
+                    {"Authorization": "Bearer " + client_secret[:-1]}, {"Authorization": "Bearer"},
+                    {"Authorization": "Bearer " + client_key.secret.decode()}):
         status, hdrs, body = h.request("PUT", kv(b"k"), b"v", headers=headers)
         assert status == 401 and json.loads(body)["code"] == "AUTH", headers
         assert hdrs["www-authenticate"].startswith("Bearer")
@@ -243,7 +247,7 @@ class HttpCluster(Cluster):
 
     def add_node(self, node_id: str) -> NodeProcess:
         port = free_port()
-        token = load_key(self.client_key).secret.decode() if self.client_key else None  # DKV_TEST_AUTH=1
+        token = load_key(self.client_key).bearer_token() if self.client_key else None  # DKV_TEST_AUTH=1
         self.http[node_id] = Http(port, token)
         flags = self.flags
         self.flags = (*flags, "--http-port", str(port))

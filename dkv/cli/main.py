@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DIR; and dkv admin --auth-dir DIR) and DIR/client.key (for "
                                    "applications: dkv.Client(auth=...), dkv cli/bench --auth FILE), "
                                    "mode 0600. It never overwrites a key.")
-    k.add_argument("action", choices=["init"])
+    k.add_argument("action", choices=["init", "token"],
+                   help="init: make the keys; token: print the HTTP API's bearer token for clients "
+                        "(from DIR/cluster.key)")
     k.add_argument("dir", metavar="DIR", help="directory for the keys (created, mode 0700, if missing)")
     k.add_argument("--zookeeper-from", default="", metavar="CLUSTER_KEY",
                    help="key rotation: keep this old cluster.key's ZooKeeper secret, so the new key may "
@@ -266,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_admin(args.zk, args.action, args.name, timeout=args.timeout, auth_dir=args.auth_dir)
         if args.command in ("backup", "restore"):
             return _backup(args)
+        if args.command == "auth" and args.action == "token":
+            from dkv.auth import CLIENT, load_auth_dir
+
+            print(load_auth_dir(args.dir).http_tokens()[CLIENT])
+            return 0
         if args.command == "auth":
             from dkv.auth import init_keys
 

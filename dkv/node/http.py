@@ -48,12 +48,12 @@ retrying ``TRYAGAIN``), so an HTTP client needs no slot map. In cluster mode a s
 page is merged from every writer the same way.
 
 **Auth.** With ``--auth-dir``, every ``/v1`` request needs ``Authorization: Bearer
-TOKEN`` where TOKEN is the ``secret`` of the client key (``client.key``; the cluster
-key's works too): the 40-character Z85 string in the key file. The node checks it by
-deriving the key's public half and comparing it, in constant time, with the keys it
-admits. HTTP itself is not encrypted: the token crosses the network in clear, so put a
-TLS proxy in front of the port or keep it on a trusted network, and use the client
-key, never the cluster key, there. ``/metrics`` and ``/health`` need no token and
+TOKEN`` where TOKEN is the ``http_token`` of the client key (``client.key``; derived from the
+cluster's secret by :func:`dkv.auth.http_token`, so it reveals no CURVE secret; the cluster
+key's token works too). The node derives the tokens from its cluster key and compares, in
+constant time. HTTP itself is not encrypted: the token crosses the network in clear (it
+gives HTTP access, not the transport's keys), so put a TLS proxy in front of the port or
+keep it on a trusted network, and use the client's token there. ``/metrics`` and ``/health`` need no token and
 show no keys or values.
 """
 from __future__ import annotations
@@ -254,10 +254,10 @@ class HttpApi:
         self.requests = Counter("dkv_http_requests", "HTTP requests, by method, route and status.",
                                 ["method", "route", "status"], registry=self.registry)
         creds = self.config.credentials
-        #: public keys whose secret is a valid bearer token (None: no auth)
+        #: the bearer tokens admitted (None: no auth), see :func:`dkv.auth.http_token`
         self._admitted: list[bytes] | None = None
         if creds is not None:
-            self._admitted = [creds.server_public] + ([creds.client_public] if creds.client_public else [])
+            self._admitted = [t.encode() for t in creds.http_tokens().values()]
         self._core: Any = None
 
     # -- WSGI ---------------------------------------------------------------------------
@@ -309,25 +309,19 @@ class HttpApi:
         return checked
 
     def check_token(self, header: str) -> None:
-        """Admit a ``Bearer`` token that is the secret of the client or the cluster key."""
+        """Admit a ``Bearer`` token: the client key's ``http_token`` (or the cluster key's)."""
         if self._admitted is None:
             return
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("this node has auth: send 'Authorization: Bearer SECRET' with the secret of the "
-                            "client key (client.key)")
-        import zmq
-
-        token = token.strip()
-        try:
-            public = zmq.curve_public(token.encode("ascii")) if len(token) == 40 else b""
-        except (ValueError, UnicodeEncodeError, zmq.ZMQError):
-            public = b""
+            raise AuthError("this node has auth: send 'Authorization: Bearer TOKEN' with the http_token of "
+                            "the client key (client.key; `dkv auth token DIR` prints it)")
+        given = token.strip().encode("ascii", "replace")
         ok = False
         for admitted in self._admitted:  # no early exit: the same work for any token
-            ok |= hmac.compare_digest(public or b"\0" * len(admitted), admitted)
+            ok |= hmac.compare_digest(given, admitted)
         if not ok:
-            raise AuthError("the bearer token is not the secret of this cluster's client or cluster key")
+            raise AuthError("the bearer token is not this cluster's HTTP token")
 
     # -- metrics and health -------------------------------------------------------------
 
