@@ -556,8 +556,9 @@ class RPCServer(zerorpc.Server):
             self._events._socket.disable_monitor()
         except zmq.ZMQError:
             pass
-        self._monitor.linger = 0
-        self._monitor.close()
+        if not self._monitor.closed:  # close() may run twice (a test, a shutdown after a stop)
+            self._monitor.linger = 0
+            self._monitor.close()
         super().close()
         if self._zap is not None:
             self._zap.close()
