@@ -14,9 +14,15 @@ WARNING/ERROR messages), plus the same count for this process (the load's ``dkv.
 harness's probes) and the load's ops and errors. Exit 0 when no BUG line was found, 1 otherwise.
 
 ``--green-check S`` runs the nodes with pyzmq's own missed-event check switched on
-(``zmq.green.Socket._debug_gevent``, re-checking after S seconds instead of 11.6): the same
-one-second check zerorpc's sockets make, so a missed event on pyzmq's green sockets would be
-printed rather than silently waited out.
+(``zmq.green.Socket._debug_gevent``, re-checking after S seconds instead of 11.6): the check
+zerorpc's sockets make every second. Read its lines as zerorpc's: a re-check that finds a
+message prints one whether the message was missed or just arrived (or the hub was busy), so
+with S = 1 a quiet cluster's ~1 s traffic prints some; a message truly missed would also
+show as a late answer (the load's errors).
+
+Why zerorpc's line appeared (tests/test_quiet.py shows it): its sockets re-check every second
+while waiting and log at ERROR when a message is there, though nothing was missed or late.
+dkv's sockets are pyzmq's green ones (dkv.transport.GreenContext), which do not.
 """
 from __future__ import annotations
 

@@ -636,6 +636,11 @@ def _print_styled(ok: bool, text: str) -> None:
         print_formatted_text(FormattedText([("" if ok else "ansired", text)]))
 
 
+#: ``dkv cli``'s liveness (:class:`dkv.Client`): a stopped or paused node is reported after
+#: about this many seconds of silence, not the library's 2 (a person is waiting on the prompt)
+INTERACTIVE_LIVENESS = 1.0
+
+
 def run_cli(addrs: list[str], timeout: float, zk: str = "", auth: str | None = None) -> int:
     """``dkv cli``: interactive on a terminal, else run commands from stdin.
 
@@ -645,7 +650,7 @@ def run_cli(addrs: list[str], timeout: float, zk: str = "", auth: str | None = N
 
     # kazoo reports reconnects as warnings; the CLI reports failed commands itself.
     logging.getLogger("kazoo").setLevel(logging.ERROR)
-    client = Client(addrs, zk=zk or None, timeout=timeout, auth=auth or None)
+    client = Client(addrs, zk=zk or None, timeout=timeout, auth=auth or None, liveness=INTERACTIVE_LIVENESS)
     try:
         if not sys.stdin.isatty():
             return run_lines(client, sys.stdin, _print_plain)
