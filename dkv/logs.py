@@ -32,11 +32,17 @@ def setup_cli(verbose: int) -> None:
     root logger, so not even the last-resort handler prints), else INFO (``-v``) or DEBUG
     (``-vv``) records of every logger, kazoo's included, on stderr."""
     root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "dkv_cli", False)]:  # called again (in-process)
+        root.removeHandler(h)
+    handler: logging.Handler
     if verbose <= 0:
-        root.addHandler(logging.NullHandler())
-        return
-    logging.basicConfig(level=CLI_LEVELS.get(verbose, logging.DEBUG), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler = logging.NullHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.setLevel(CLI_LEVELS.get(verbose, logging.DEBUG))
+    setattr(handler, "dkv_cli", True)  # ours: replaced if called again
+    root.addHandler(handler)
 
 
 class LastWarning(logging.Handler):

@@ -148,6 +148,11 @@ def test_a_shorter_liveness_gives_up_on_a_silent_node_sooner_but_not_on_a_slow_l
 
     from dkv.client.connection import Connection, TransportError
     from dkv.transport import LEAN_HEARTBEAT_TIMEOUT, GreenContext, RPCServer
+    from dkv.errors import InvalidArgument
+
+    for bad in (0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(InvalidArgument):
+            dkv.Client("127.0.0.1:1", liveness=bad)  # type: ignore[arg-type]
 
     addr = f"127.0.0.1:{free_port()}"
     mute = GreenContext.instance().socket(zmq.ROUTER)

@@ -50,7 +50,7 @@ def _connect(zk: str, timeout: float, creds: Credentials | None) -> KazooClient:
 
 def status(zk: KazooClient, timeout: float = 2.0, creds: Credentials | None = None) -> str:
     """The map as ZooKeeper holds it (one read); each writer is asked for its replicas' lag."""
-    from dkv.cli.repl import INTERACTIVE_LIVENESS, writer_infos
+    from dkv.cli.repl import writer_infos
     from dkv.client import Client
 
     info = layout.read_cluster_info(zk)
@@ -59,7 +59,7 @@ def status(zk: KazooClient, timeout: float = 2.0, creds: Credentials | None = No
     addrs = [n["addr"] for n in info["nodes"] if n.get("status") == "up" and n.get("addr")]
     infos = {}
     if addrs:
-        with Client(addrs, timeout=timeout, auth=creds, liveness=INTERACTIVE_LIVENESS) as client:
+        with Client(addrs, timeout=timeout, auth=creds) as client:
             infos = writer_infos(client, info)
     return status_tables(info, infos)
 

@@ -198,7 +198,8 @@ class Client:
                  liveness: float | None = None) -> None:
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
-        if liveness is not None and not (isinstance(liveness, (int, float)) and 0 < liveness < float("inf")):
+        if liveness is not None and (isinstance(liveness, bool) or not isinstance(liveness, (int, float))
+                                     or not 0 < liveness < float("inf")):
             raise InvalidArgument("liveness must be a positive number of seconds")
         if zk is not None and not zk.strip():
             raise InvalidArgument("zk must be HOST:PORT[,HOST:PORT...][/chroot]")
