@@ -6,8 +6,14 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-soak bench zookeeper clean
+.PHONY: help install lint run test test-soak bench zookeeper clean
 
+## help: this list of targets
+help:
+	@awk '/^## [a-z-]+:/ { sub(/^## /, ""); split($$0, a, ": "); printf "  %-15s %s\n", a[1], substr($$0, length(a[1]) + 3); next } \
+	     /^##  / { sub(/^## +/, ""); printf "  %-15s %s\n", "", $$0 }' $(MAKEFILE_LIST)
+
+## install: the virtualenv .venv with dkv (editable) and the test tools; redone when pyproject.toml changes
 install: $(STAMP)
 
 # pip's and setuptools' output (its "Editable installation" banner shows even with --quiet) goes
@@ -25,8 +31,13 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/dkv serve $(ARGS)
 
-## test: the whole suite (installs a local ZooKeeper when needed and possible)
-test: install zookeeper
+## lint: ruff (lint rules and import order) and mypy over dkv/, as configured in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check dkv tests benchmarks examples
+	$(PY) -m mypy dkv
+
+## test: lint, then the whole suite (installs a local ZooKeeper when needed and possible)
+test: install zookeeper lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ## test-soak: the long fault scenarios too (e.g. twenty kill -9 failovers in a row, ten nemesis seeds)
@@ -41,6 +52,7 @@ zookeeper:
 bench: install
 	scripts/bench.sh
 
+## clean: remove the virtualenv and build leftovers
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 

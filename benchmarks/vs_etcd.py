@@ -46,9 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster_bench import free_port, start_nodes, stop_all
+from cluster_bench import free_port, start_nodes, stop_all  # noqa: E402 (after the path set-up)
 
-from dkv.cli.bench import LoadResult, bench_key, percentile
+from dkv.cli.bench import LoadResult, bench_key, percentile  # noqa: E402
 
 # --------------------------------------------------------------------------- protobuf, by hand
 

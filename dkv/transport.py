@@ -375,7 +375,7 @@ class LeanClient:
     def _watch(self) -> None:
         """While calls are in flight: ping a node that has gone quiet, and give up on it
         (fail every call in flight) once it has been silent for ``silence_timeout``."""
-        tick = min(HEARTBEAT, self.silence_timeout) / 2
+        tick = min(HEARTBEAT / 2, self.silence_timeout / 4)  # a node is pinged 3 times before it is given up
         try:
             while self._pending and not self.lost:
                 gevent.sleep(tick)
@@ -646,6 +646,7 @@ class RPCServer(zerorpc.Server):
         """Answer a lean request (:class:`LeanClient`): the same checks and errors as a
         zerorpc call, one event back."""
         release: Callable[[], None] | None = None
+        args: tuple[Any, ...]
         try:
             release = self._admit(event)
             functor = self._methods[event.name]

@@ -16,7 +16,6 @@ import gevent.event
 import msgpack
 import pytest
 
-from dkv.node.sequencer import put as put_w
 from dkv import protocol
 from dkv.client.connection import MAX_BATCH_BYTES, MAX_BATCH_OPS, Connection
 from dkv.client.core import CHUNK, _chunks, iter_scan
@@ -25,10 +24,20 @@ from dkv.cluster.leader import ReplicatedWriter
 from dkv.cluster.migrator import MigrationSource, delete_range
 from dkv.cluster.replication import IN_SYNC, Prepare, Reply, record_bytes
 from dkv.errors import Deferred, InvalidArgument
-from dkv.keys import (DEFAULT_PAGE_BYTES, ITEM_OVERHEAD, MESSAGE_OVERHEAD, Limits, item_bytes, page_is_full,
-                      pair_bytes, quote, take_page)
+from dkv.keys import (
+    DEFAULT_PAGE_BYTES,
+    ITEM_OVERHEAD,
+    MESSAGE_OVERHEAD,
+    Limits,
+    item_bytes,
+    page_is_full,
+    pair_bytes,
+    quote,
+    take_page,
+)
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import LocalWriter, WritePipeline
+from dkv.node.sequencer import put as put_w
 from dkv.node.server import RPC
 from dkv.node.service import NodeService
 from dkv.slots import SlotRange

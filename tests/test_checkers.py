@@ -16,12 +16,10 @@ import pytest
 import dkv
 from dkv.client.connection import TransportError
 from dkv.errors import InvalidArgument, QuorumNotReached, Unavailable, WriteTimeout
-from tests.faults.checkers import (CheckResult, check_acknowledged, check_converged, check_counters,
-                                   check_linearizable)
+from tests.faults.checkers import CheckResult, check_acknowledged, check_converged, check_counters, check_linearizable
 from tests.faults.history import History, Op
 from tests.faults.workload import COORDINATION_MIX, MixedWorkload, Workload, WorkloadError
 from tests.support.procs import NodeProcess
-
 
 # -- building synthetic histories -------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 from kazoo.client import KazooClient
 
 from dkv.cli.bench import LoadResult, bench_key, format_report, percentile, report_json, run_load
-from dkv.cli.repl import execute, format_nodes, format_shards, make_session, open_history, repl_loop
+from dkv.cli.repl import CliState, execute, format_nodes, format_shards, make_session, open_history, repl_loop
 from dkv.client import Client
 from dkv.cluster import layout
 from dkv.cluster.layout import Shard, SlotRanges
@@ -67,7 +67,7 @@ def run(client: Client, line: str) -> str:
 
 def test_set_get_del_exists(client: Client, k: str) -> None:
     assert run(client, f"set {k}a 1") == "OK"
-    assert run(client, f"get {k}a") == "1"
+    assert run(client, f"get {k}a") == '"1"'
     assert run(client, f"exists {k}a") == "(integer) 1"
     assert run(client, f"del {k}a {k}missing") == "(integer) 1"
     assert run(client, f"exists {k}a") == "(integer) 0"
@@ -80,17 +80,35 @@ def test_get_missing_is_nil(client: Client, k: str) -> None:
 
 def test_quoted_value_with_spaces(client: Client, k: str) -> None:
     assert run(client, f'set "{k}my key" "hello  world"') == "OK"
-    assert run(client, f"get '{k}my key'") == "hello  world"
+    assert run(client, f"get '{k}my key'") == '"hello  world"'
+    assert client.get(f"{k}my key") == b"hello  world"
 
 
-def test_binary_value_is_shown_as_bytes_repr(client: Client, k: str) -> None:
+def test_binary_value_is_quoted_with_escapes_and_escapes_are_accepted(client: Client, k: str) -> None:
     client.set(f"{k}bin", b"\x00\xff")
-    assert run(client, f"get {k}bin") == r"b'\x00\xff'"
+    assert run(client, f"get {k}bin") == r'"\x00\xff"'
+    assert run(client, rf'set {k}typed "\x00\xff"') == "OK"  # two bytes, not eight characters
+    assert client.get(f"{k}typed") == b"\x00\xff"
+    assert run(client, f"get {k}typed") == r'"\x00\xff"'
+    assert run(client, rf'set {k}esc "a\"b\\c\nd\te\x41" ') == "OK"
+    assert client.get(f"{k}esc") == b'a"b\\c\nd\teA'
+    assert run(client, f"get {k}esc") == r'"a\"b\\c\nd\teA"'
+    client.set(f"{k}utf8", "héllo wörld ✓")  # printable UTF-8 stays text
+    assert run(client, f"get {k}utf8") == '"héllo wörld ✓"'
+    client.set(f"{k}ctl", "é\x7f\u200b".encode() + b"\xc3")  # control, format char, cut UTF-8
+    assert run(client, f"get {k}ctl") == r'"é\x7f\xe2\x80\x8b\xc3"'
+
+
+def test_empty_value_prints_two_quotes(client: Client, k: str) -> None:
+    assert run(client, f'set {k}e ""') == "OK"
+    assert client.get(f"{k}e") == b""
+    assert run(client, f"get {k}e") == '""'
+    assert execute(client, f"get {k}e", state=CliState(raw=True)) == (True, "")
 
 
 def test_mset_mget(client: Client, k: str) -> None:
     assert run(client, f"mset {k}x 1 {k}y 2") == "OK"
-    assert run(client, f"mget {k}x {k}nope {k}y") == "1) 1\n2) (nil)\n3) 2"
+    assert run(client, f"mget {k}x {k}nope {k}y") == '1) "1"\n2) (nil)\n3) "2"'
 
 
 def test_mset_odd_count_is_usage_error(client: Client, k: str) -> None:
@@ -99,10 +117,20 @@ def test_mset_odd_count_is_usage_error(client: Client, k: str) -> None:
 
 def test_scan(client: Client, k: str) -> None:
     run(client, f"mset {k}b 2 {k}a 1 {k}c 3")
-    assert run(client, f"scan {k}") == f"{k}a 1\n{k}b 2\n{k}c 3\n(3 keys)"
-    assert run(client, f"scan {k} 2") == f"{k}a 1\n{k}b 2\n(2 keys)"
-    assert run(client, f"scan {k}zz") == "(0 keys)"
-    assert execute(client, f"scan {k} many") == (False, "(error) usage: scan [PREFIX] [LIMIT]")
+    assert run(client, f"scan 0 MATCH {k}") == f'1) "0"\n2) 1) "{k}a"\n   2) "{k}b"\n   3) "{k}c"'
+    assert run(client, f"scan match {k}*") == run(client, f"scan 0 MATCH {k}")  # cursor 0 implied; k* = prefix
+    first = run(client, f"scan 0 MATCH {k} COUNT 2")
+    cursor = first.splitlines()[0][len('1) "'):-1]
+    assert cursor != "0" and first.splitlines()[1:] == [f'2) 1) "{k}a"', f'   2) "{k}b"']
+    assert run(client, f"scan {cursor} MATCH {k} COUNT 2") == f'1) "0"\n2) 1) "{k}c"'
+    assert run(client, f"scan 0 MATCH {k}zz") == '1) "0"\n2) (empty array)'
+    assert run(client, f"scan 0 MATCH {k}[ac]") == f'1) "0"\n2) 1) "{k}a"\n   2) "{k}c"'  # a glob: filtered
+    assert execute(client, f"scan 0 MATCH {k} COUNT many") == (
+        False, "(error) COUNT must be a whole number in 1..10000, not 'many'")
+    assert execute(client, "scan nothex") == (
+        False, "(error) invalid cursor 'nothex': give 0 to start, then the cursor the last scan printed")
+    assert execute(client, f"scan 0 MATCH {k} COUNT") == (
+        False, "(error) usage: scan [CURSOR] [MATCH PATTERN] [COUNT N]")
 
 
 def test_slot(client: Client) -> None:
@@ -213,7 +241,7 @@ def test_info_and_nodes_through_zookeeper(zk: str, kz: KazooClient, node: NodePr
     publish(kz, {"w": node.addr, "r1": node.addr}, [Shard("shard-1", 5, "w", ["r1", "r2"])], ALL)
     with Client(zk=zk, timeout=5) as zc:
         assert run(zc, f"set {k}z 1") == "OK"
-        assert run(zc, f"get {k}z") == "1"
+        assert run(zc, f"get {k}z") == '"1"'
         assert [line.split() for line in run(zc, "info").splitlines()] == [  # cluster mode: no node info
             ["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"],
             ["shard-1", "5", "w", "r1", "(lag", "?),", "r2", "(down)", "0-1023"]]  # no lag in a standalone's info
@@ -231,7 +259,7 @@ def test_stdin_mode_with_zk_from_env(zk: str, kz: KazooClient, node: NodeProcess
                           input=f"set {k}a 1\nget {k}a\nnodes\n", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [line.split() for line in proc.stdout.splitlines()] == [
-        ["OK"], ["1"], ["ID", "ADDR", "ROLE", "SHARD", "STATUS"], ["w", node.addr, "writer", "shard-1", "up"]]
+        ["OK"], ['"1"'], ["ID", "ADDR", "ROLE", "SHARD", "STATUS"], ["w", node.addr, "writer", "shard-1", "up"]]
 
 
 def test_cli_with_unreachable_zk_fails_cleanly() -> None:
@@ -253,7 +281,7 @@ def test_set_with_expiry_and_conditions_options_in_any_case(client: Client, k: s
     assert 99 < ttl_of(client, f"{k}a") <= 100
     assert run(client, f"set {k}a 2 nx") == "(nil)"  # present: not written
     assert run(client, f"set {k}b 2 Xx") == "(nil)"  # absent: not written
-    assert run(client, f"get {k}a") == "1" and run(client, f"get {k}b") == "(nil)"
+    assert run(client, f"get {k}a") == '"1"' and run(client, f"get {k}b") == "(nil)"
     assert run(client, f"set {k}a 3 px 50000 XX") == "OK"
     assert 49 < ttl_of(client, f"{k}a") <= 50
     assert run(client, f"set {k}a 4") == "OK"  # a plain set clears the deadline
@@ -285,14 +313,14 @@ def test_cas_with_the_absent_token_and_expiry(client: Client, k: str) -> None:
     assert run(client, f"cas {k}a (nil) 1") == "OK"  # (nil): only if absent
     assert run(client, f"cas {k}a (nil) 2") == "(nil)"
     assert run(client, f"cas {k}a 9 2") == "(nil)"
-    assert run(client, f"get {k}a") == "1"
+    assert run(client, f"get {k}a") == '"1"'
     assert run(client, f"cas {k}a 1 2 ex 100") == "OK"
-    assert run(client, f"get {k}a") == "2" and 99 < ttl_of(client, f"{k}a") <= 100
+    assert run(client, f"get {k}a") == '"2"' and 99 < ttl_of(client, f"{k}a") <= 100
     assert run(client, f"cas {k}a 2 3") == "OK"  # like set: no EX, no deadline
     assert run(client, f"ttl {k}a") == "(no expiry)"
     assert execute(client, f"cas {k}a 3 4 NX") == (False, "(error) unknown option 'NX' (expected EX, PX)")
     assert execute(client, f"cas {k}a 3") == (False, "(error) usage: cas KEY EXPECTED NEW [EX SECONDS|PX MS]")
-    assert run(client, f"get {k}a") == "3"
+    assert run(client, f"get {k}a") == '"3"'
     assert "(nil): only if KEY is absent" in run(client, "help cas")
 
 
@@ -308,7 +336,7 @@ def test_incr_decr(client: Client, k: str) -> None:
     run(client, f"set {k}s abc")
     ok, out = execute(client, f"incr {k}s")
     assert not ok and out.startswith("(error) InvalidArgument: ")
-    assert run(client, f"get {k}n") == "-10" and run(client, f"get {k}s") == "abc"
+    assert run(client, f"get {k}n") == '"-10"' and run(client, f"get {k}s") == '"abc"'
 
 
 def test_incr_keeps_the_deadline(client: Client, k: str) -> None:
@@ -337,7 +365,7 @@ def test_getm_shows_value_revision_and_expiry(client: Client, k: str) -> None:
     assert run(client, f"getm {k}a") == "(nil)"
     run(client, f"set {k}a hello")
     fields = dict(line.split(":", 1) for line in run(client, f"getm {k}a").splitlines())
-    assert fields["value"].strip() == "hello" and fields["expires_at"].strip() == "never"
+    assert fields["value"].strip() == '"hello"' and fields["expires_at"].strip() == "never"
     rev = int(fields["revision"])
     run(client, f"set {k}a again EX 100")
     fields = dict(line.split(":", 1) for line in run(client, f"getm {k}a").splitlines())
@@ -373,18 +401,20 @@ def test_stdin_mode_coordination_commands(node: NodeProcess, k: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
                           input=script, capture_output=True, text=True, timeout=60)
     assert proc.stdout.splitlines() == ["OK", "(nil)", "OK", "(integer) 5", "(integer) 4", "(integer) 0",
-                                        "(no expiry)", "(error) EX needs a value", "2"]
+                                        "(no expiry)", "(error) EX needs a value", '"2"']
     assert proc.returncode == 1  # one command failed
 
 
 def test_help(client: Client) -> None:
     out = run(client, "help")
-    assert "set KEY VALUE" in out and "scan [PREFIX] [LIMIT]" in out
+    assert "set KEY VALUE" in out and "scan [CURSOR] [MATCH PATTERN] [COUNT N]" in out
     assert run(client, "help get").startswith("usage: get KEY")
 
 
 def test_unknown_command(client: Client) -> None:
     assert execute(client, "foo bar") == (False, "(error) unknown command 'foo'; type 'help'")
+    assert execute(client, "sett a 1") == (False, "(error) unknown command 'sett'; did you mean 'set'?")
+    assert execute(client, "DBSZE") == (False, "(error) unknown command 'DBSZE'; did you mean 'dbsize'?")
 
 
 def test_wrong_arity(client: Client) -> None:
@@ -402,14 +432,14 @@ def test_oversized_key_is_invalid_argument_and_node_keeps_serving(client: Client
     assert not ok
     assert out == "(error) InvalidArgument: key is 2000 bytes; the limit is 1024"
     assert run(client, f"set {k}after 1") == "OK"
-    assert run(client, f"get {k}after") == "1"
+    assert run(client, f"get {k}after") == '"1"'
 
 
 def test_stdin_mode_end_to_end(node: NodeProcess, k: str) -> None:
     script = f"# a comment\n\nset {k}a 1\nget {k}a\nget {k}nope\nfoo\n"
     proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
                           input=script, capture_output=True, text=True, timeout=60)
-    assert proc.stdout.splitlines() == ["OK", "1", "(nil)", "(error) unknown command 'foo'; type 'help'"]
+    assert proc.stdout.splitlines() == ["OK", '"1"', "(nil)", "(error) unknown command 'foo'; type 'help'"]
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
 
@@ -433,7 +463,7 @@ def test_interactive_prompt(client: Client, k: str) -> None:
         session = make_session("127.0.0.1:7000", InMemoryHistory())
         status = repl_loop(client, session, lambda ok, text: results.append((ok, text)))
     assert status == 0
-    assert results == [(True, "OK"), (True, "1"), (False, "(error) unknown command 'nope'; type 'help'")]
+    assert results == [(True, "OK"), (True, '"1"'), (False, "(error) unknown command 'nope'; did you mean 'nodes'?")]
 
 
 def test_history_falls_back_to_memory_when_unwritable(tmp_path: Path) -> None:
@@ -666,3 +696,306 @@ def test_admin_cancel_deletes_the_migration_and_nothing_else(zk: str, kz: KazooC
     assert kz.get_children(layout.MIGRATIONS) == [] and kz.get(layout.SLOTS)[0] == slots_before
     assert main(["admin", "--zk", zk, "cancel", mid]) == 1
     assert f"no migration '{mid}'" in capsys.readouterr().err
+
+
+# -- issue 12: redis-cli-grade input, output and commands -----------------------------------------
+
+
+def test_split_args_like_redis_cli() -> None:
+    from dkv.cli.repl import CommandError, split_args
+
+    assert split_args(r'set k "\x00\xff"') == ["set", "k", "\x00\udcff"]  # 0xff: a surrogateescape'd byte
+    assert split_args(r'''a "b c" 'd "e' "\"\\\n\t\r\a\b\q"''') == ["a", "b c", 'd "e', '"\\\n\t\r\a\bq']
+    assert split_args(r"'it\'s' x\y \x41") == ["it's", "x\\y", r"\x41"]  # outside quotes: as typed
+    assert split_args('  "" \'\'  ') == ["", ""] and split_args("   ") == []
+    assert split_args('a"b c"') == ["ab c"] and split_args("héllo wörld") == ["héllo", "wörld"]
+    for bad in ('set a "b', "set a 'b", 'set "a"b', "set 'a'b"):
+        with pytest.raises(CommandError):
+            split_args(bad)
+
+
+def test_render_like_redis_cli_and_raw() -> None:
+    from dkv.cli.repl import Status, render
+
+    assert render(None) == "(nil)" and render(None, raw=True) == ""
+    assert render(7) == "(integer) 7" and render(-1, raw=True) == "-1"
+    assert render(b"") == '""' and render(b"a b") == '"a b"' and render(b'q"\\') == r'"q\"\\"'
+    assert render(b"\x00\xff", raw=True) == "\x00\udcff"  # written out as the two bytes
+    assert render([b"0", [b"a", None, 3]]) == '1) "0"\n2) 1) "a"\n   2) (nil)\n   3) (integer) 3'
+    assert render([b"0", [b"a", None]], raw=True) == "0\na\n"
+    assert render([]) == "(empty array)"
+    eleven = render([b"x"] * 11).splitlines()
+    assert eleven[0] == ' 1) "x"' and eleven[-1] == '11) "x"'  # indexes right-aligned, as redis-cli
+    assert render(Status("OK")) == "OK" and render(Status("table", raw="3"), raw=True) == "3"
+
+
+def test_scan_cursor_walks_every_key_past_100_with_spaces_quoted(client: Client, k: str) -> None:
+    import re
+
+    from dkv.cli.repl import split_args
+
+    keys = {f"{k}{i:03d}" for i in range(250)} | {f"{k}with space", f"{k}bin\x00"}
+    client.mset({key: "v" for key in keys})
+    state = CliState()
+    seen: list[str] = []
+    cursor, rounds = "0", 0
+    while True:
+        ok, out = execute(client, f"scan {cursor} MATCH {k}", state=state)
+        assert ok, out
+        lines = out.splitlines()
+        cursor = split_args(lines[0].split(") ", 1)[1])[0]  # 1) "CURSOR"
+        seen += [split_args(re.fullmatch(r'(?:\s*\d+\) )+(".*")', line).group(1))[0]  # type: ignore[union-attr]
+                 for line in lines[1:] if line != "2) (empty array)"]
+        rounds += 1
+        if cursor == "0":
+            break
+    assert rounds == 3  # 100 + 100 + 52, then "0": never a silent stop at 100
+    assert len(seen) == len(keys) and set(seen) == keys and seen == sorted(seen)
+    assert f'"{k}with space"' in out and f'"{k}bin\\x00"' in out  # unambiguous in the output
+    assert {f"{k}with space", f"{k}000"} <= set(state.keys.matching(k))  # scan results feed completion
+    raw = CliState(raw=True)
+    ok, out = execute(client, f"scan 0 MATCH {k} COUNT 300", state=raw)
+    assert ok and out.splitlines()[0] == "0" and len(out.splitlines()) == 1 + len(keys)
+
+
+def test_exists_counts_existing_keys_like_redis(client: Client, k: str) -> None:
+    run(client, f"mset {k}a 1 {k}b 2")
+    assert run(client, f"exists {k}a {k}b {k}nope") == "(integer) 2"
+    assert run(client, f"exists {k}a {k}a") == "(integer) 2"  # counted each time, as Redis does
+    assert run(client, f"exists {k}nope") == "(integer) 0"
+
+
+def test_ping_reports_pong_and_a_round_trip(client: Client, node: NodeProcess) -> None:
+    import re
+
+    assert re.fullmatch(r"PONG \(\d+\.\d\d ms\)", run(client, "ping"))
+    assert re.fullmatch(r"PONG \(\d+\.\d\d ms\)", run(client, f"ping {node.addr}"))
+    ok, out = execute(client, "ping 127.0.0.1:1")
+    assert not ok and out.startswith("(error) Unavailable")
+
+
+def dbsize(client: Client) -> int:
+    out = run(client, "dbsize").splitlines()
+    assert out[0].split() == ["SHARD", "KEYS"] and out[1].split()[0] == "shard-0" and out[2].split()[0] == "total"
+    assert out[1].split()[1] == out[2].split()[1]
+    ok, raw = execute(client, "dbsize", state=CliState(raw=True))
+    assert ok and raw == out[2].split()[1]
+    return int(raw)
+
+
+def test_dbsize_counts_live_keys_per_shard(client: Client, k: str) -> None:
+    before = dbsize(client)
+    run(client, f"mset {k}1 a {k}2 b {k}3 c")
+    assert dbsize(client) == before + 3
+    run(client, f"set {k}short x PX 50")
+    wait_until(lambda: run(client, f"exists {k}short") == "(integer) 0", 10, "the key to expire")
+    run(client, f"del {k}1")
+    assert dbsize(client) == before + 2  # neither the deleted nor the expired key
+
+
+def test_store_counts_live_keys_in_bounded_pages() -> None:
+    from dkv.slots import ALL_SLOTS, SlotRange, slot_of
+    from dkv.storage import Store
+
+    store = Store.open("memory")
+    with store.batch() as b:
+        for i in range(25):
+            b.put(f"key-{i}".encode(), b"v")
+    total, after, pages = 0, None, 0
+    while True:
+        n, after = store.count_live([ALL_SLOTS], after, 4)
+        total, pages = total + n, pages + 1
+        if after is None:
+            break
+    assert total == 25 and pages == 7  # 4 rows a page
+    some = [SlotRange(0, 511)]
+    assert store.count_live(some, None, 1000)[0] == sum(1 for i in range(25) if slot_of(f"key-{i}".encode()) <= 511)
+
+
+def test_latency_flag_and_command(client: Client, k: str) -> None:
+    import re
+
+    state = CliState(latency=True)
+    ok, out = execute(client, f"set {k}a 1", state=state)
+    assert ok and out.splitlines()[0] == "OK" and re.fullmatch(r"\(\d+\.\d ms\)", out.splitlines()[1])
+    assert execute(client, "latency off", state=state) == (True, "latency display off")
+    assert execute(client, f"get {k}a", state=state) == (True, '"1"')
+    assert execute(client, "latency", state=state) == (True, "latency display on")  # toggles
+    assert execute(client, "latency maybe", state=state) == (False, "(error) usage: latency [ON|OFF]")
+
+
+def cli(node: NodeProcess, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr, *args], input=stdin,
+                          capture_output=True, timeout=60)
+
+
+def test_raw_output_for_scripts_in_stdin_and_one_shot_modes(node: NodeProcess, k: str) -> None:
+    script = (f'set {k}bin "\\x00\\xff"\nset {k}e ""\nget {k}bin\nget {k}e\nget {k}nope\nincr {k}n\n'
+              f"mget {k}e {k}n\nscan 0 MATCH {k}\nexists {k}e {k}n\n").encode()
+    proc = cli(node, "--raw", stdin=script)
+    assert proc.returncode == 0, proc
+    assert proc.stdout.split(b"\n") == [b"OK", b"OK", b"\x00\xff", b"", b"", b"1", b"", b"1",
+                                        b"0", f"{k}bin".encode(), f"{k}e".encode(), f"{k}n".encode(), b"2", b""]
+    one = cli(node, "--raw", "get", f"{k}bin")  # one-shot: the words after the address are the command
+    assert (one.returncode, one.stdout) == (0, b"\x00\xff\n")
+    quoted = cli(node, "get", f"{k}bin")
+    assert (quoted.returncode, quoted.stdout) == (0, b'"\\x00\\xff"\n')
+    negative = cli(node, "--", "incr", f"{k}n", "-5")  # after --, a word may start with -
+    assert (negative.returncode, negative.stdout) == (0, b"(integer) -4\n")
+    bad = cli(node, "sett", "a", "1")
+    assert (bad.returncode, bad.stdout) == (1, b"(error) unknown command 'sett'; did you mean 'set'?\n")
+
+
+def test_split_command_tells_addresses_from_the_command() -> None:
+    from dkv.cli.repl import split_command
+
+    assert split_command(["127.0.0.1:7000", "h:1,h:2", "get", "a:1"]) == (["127.0.0.1:7000", "h:1,h:2"], ["get", "a:1"])
+    assert split_command(["get", "k"]) == ([], ["get", "k"]) and split_command(["[::1]:7000"]) == (["[::1]:7000"], [])
+
+
+# -- the interactive prompt in a pseudo-terminal (prompt_toolkit's pipe input) ------------------
+
+
+def screen_text(app: object) -> str:
+    """The rows prompt_toolkit last drew, as text (styles dropped), blank rows left out."""
+    scr = app.renderer._last_screen  # type: ignore[attr-defined]
+    rows = []
+    for y in range(scr.height):
+        row = scr.data_buffer[y]
+        width = max(row.keys(), default=-1) + 1
+        rows.append("".join(row[x].char if x in row else " " for x in range(width)).rstrip())
+    return "\n".join(r for r in rows if r)
+
+
+def type_into_prompt(steps: list[tuple[str, object]], state: CliState | None = None) -> tuple[str, str]:
+    """Type each step's keys into a real prompt session, waiting after each until its condition on
+    the buffer holds (completions arrive asynchronously), then draw the screen: (line, screen)."""
+    import threading
+    import time
+
+    from prompt_toolkit.application import create_app_session
+    from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.output import DummyOutput
+
+    kb = KeyBindings()
+    shots: list[str] = []
+
+    @kb.add("c-t")  # the test's "look at the screen now" key
+    def _(event: object) -> None:
+        app = event.app  # type: ignore[attr-defined]
+        app.render_counter += 1
+        app.renderer.render(app, app.layout)
+        shots.append(screen_text(app))
+        app.exit(result=app.current_buffer.text)
+
+    with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
+        session = make_session("127.0.0.1:7000", InMemoryHistory(), state)
+
+        def typist() -> None:
+            for keys, ready in steps:
+                inp.send_text(keys)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not ready(session.default_buffer):  # type: ignore[operator]
+                    time.sleep(0.01)
+            inp.send_text("\x14")
+
+        t = threading.Thread(target=typist, daemon=True)
+        t.start()
+        line = session.prompt(key_bindings=kb)
+        t.join(10)
+    return line, shots[0]
+
+
+def _menu_open(buffer: object) -> bool:
+    return buffer.complete_state is not None  # type: ignore[attr-defined]
+
+
+def test_prompt_tab_completes_a_command_and_shows_its_usage() -> None:
+    line, screen = type_into_prompt([("se", _menu_open)])
+    rows = screen.splitlines()
+    assert rows[0] == "dkv 127.0.0.1:7000> se" and rows[1].strip() == "set"  # the completion menu
+    assert rows[-1].startswith("set KEY VALUE [EX SECONDS|PX MS] [NX|XX]  - set KEY to VALUE")  # toolbar
+    line, screen = type_into_prompt([("se", _menu_open), ("\t", lambda b: b.text == "set")])
+    assert line == "set"
+
+
+def test_prompt_hints_the_rest_of_the_usage_after_set_k() -> None:
+    line, screen = type_into_prompt([("set k", lambda b: True)])
+    rows = screen.splitlines()
+    assert line == "set k"
+    assert rows[0] == "dkv 127.0.0.1:7000> set k VALUE [EX SECONDS|PX MS] [NX|XX]"  # grey, after the cursor
+    assert rows[-1].startswith("set KEY VALUE [EX SECONDS|PX MS] [NX|XX]")
+    _, screen = type_into_prompt([("set k v EX", lambda b: True)])
+    assert screen.splitlines()[0] == "dkv 127.0.0.1:7000> set k v EX SECONDS [NX|XX]"
+
+
+def test_prompt_says_did_you_mean_for_a_typo() -> None:
+    line, screen = type_into_prompt([("sett ", lambda b: True)])
+    assert screen.splitlines()[-1] == "unknown command 'sett'; did you mean 'set'?"
+
+
+def test_prompt_completes_keys_seen_in_the_session(client: Client, k: str) -> None:
+    client.mset({f"{k}user:1": "a", f"{k}user:2": "b", f"{k}my key": "c"})
+    state = CliState()
+    assert execute(client, f"scan 0 MATCH {k}", state=state)[0]  # the keys a scan shows are remembered
+    _, screen = type_into_prompt([(f"get {k}u", _menu_open)], state)
+    assert [r.strip() for r in screen.splitlines()[1:3]] == [f"{k}user:1", f"{k}user:2"]
+    line, _ = type_into_prompt([(f"get {k}m", _menu_open), ("\t", lambda b: b.text != f"get {k}m")], state)
+    assert line == f'get "{k}my key"'  # quoted, so it runs as one word
+    assert execute(client, line) == (True, '"c"')
+    execute(client, f"set {k}typed 1", state=state)  # keys typed are remembered too
+    line, _ = type_into_prompt([(f"exists {k}ty", _menu_open), ("\t", lambda b: b.text.endswith("typed"))], state)
+    assert line == f"exists {k}typed"
+
+
+def test_prompt_session_round_trips_escapes_and_empty_values(client: Client, k: str) -> None:
+    from prompt_toolkit.application import create_app_session
+    from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    results: list[tuple[bool, str]] = []
+    with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
+        inp.send_text(f'set {k}bin "\\x00\\xff"\rget {k}bin\rset {k}e ""\rget {k}e\rexists {k}bin {k}e {k}no\r'
+                      "exit\r\x04")
+        state = CliState()
+        status = repl_loop(client, make_session("127.0.0.1:7000", InMemoryHistory(), state),
+                           lambda ok, text: results.append((ok, text)), state)
+    assert status == 0
+    assert results == [(True, "OK"), (True, '"\\x00\\xff"'), (True, "OK"), (True, '""'), (True, "(integer) 2")]
+    assert client.get(f"{k}bin") == b"\x00\xff" and client.get(f"{k}e") == b""
+    assert f"{k}bin" in state.keys and f"{k}e" in state.keys
+
+
+@pytest.mark.zk
+def test_dbsize_per_shard_and_scan_cursor_across_a_two_shard_cluster(zk: str, tmp_path: Path) -> None:
+    from tests.support.cluster import Cluster
+
+    cluster = Cluster(zk, tmp_path, shards=2, replication_factor=1, write_quorum=1)
+    try:
+        cluster.start()
+        shards = sorted(cluster.shard_members())
+        assert len(shards) == 2
+        keys = {shards[0]: cluster.keys_of_shard(shards[0], 3, "a"), shards[1]: cluster.keys_of_shard(shards[1], 5, "b")}
+        with cluster.client() as c:
+            c.mset({key: "v" for group in keys.values() for key in group})
+            rows = [line.split() for line in run(c, "dbsize").splitlines()]
+            assert rows == [["SHARD", "KEYS"], [shards[0], "3"], [shards[1], "5"], ["total", "8"]]
+            state, cursor, seen = CliState(raw=True), "0", []
+            while True:  # raw: the cursor, then one key a line
+                cursor, *page = run_state(c, f"scan {cursor} COUNT 3", state).splitlines()
+                seen += page
+                if cursor == "0":
+                    break
+            assert sorted(seen) == seen and set(seen) == {key for group in keys.values() for key in group}
+            assert len(seen) == 8
+    finally:
+        cluster.stop()
+
+
+def run_state(client: Client, line: str, state: CliState) -> str:
+    ok, out = execute(client, line, state=state)
+    assert ok, out
+    return out

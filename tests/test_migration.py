@@ -8,8 +8,23 @@ import pytest
 
 from dkv.cluster.controller import AddReplica, CreateSlots, MoveBackoff, NewShard, StartMigration, plan, plan_move
 from dkv.cluster.layout import ClusterView, Migration, Shard, SlotRanges
-from dkv.cluster.migration import (FREEZE_LAG, Begin, Cancel, Clear, CopyPage, Done, Flip, Freeze, Frozen,
-                                   Import, Importer, Page, RecordStart, Tail, TailPage)
+from dkv.cluster.migration import (
+    FREEZE_LAG,
+    Begin,
+    Cancel,
+    Clear,
+    CopyPage,
+    Done,
+    Flip,
+    Freeze,
+    Frozen,
+    Import,
+    Importer,
+    Page,
+    RecordStart,
+    Tail,
+    TailPage,
+)
 from dkv.node.sequencer import Kind, Write
 
 FLOOR = Import([Write(Kind.FLOOR, b"", deadline=0)])  # the revision floor a freeze imports first

@@ -46,8 +46,7 @@ from typing import Any, Callable
 import pytest
 
 import dkv
-from tests.faults.checkers import (CheckResult, check_acknowledged, check_converged, check_counters,
-                                   check_linearizable)
+from tests.faults.checkers import CheckResult, check_acknowledged, check_converged, check_counters, check_linearizable
 from tests.faults.history import History, Op
 from tests.faults.nemesis import DEFAULT_WEIGHTS, PARTITION_WEIGHTS, Fault, Nemesis
 from tests.faults.timeline import LogLine, around, merged_logs, rebase

@@ -9,9 +9,11 @@ import gevent
 import gevent.event
 import pytest
 
-from dkv.node.sequencer import delete as del_w, put as put_w
-from dkv.errors import Unavailable, WriteTimeout
+from dkv.errors import InvalidArgument, Unavailable, WriteTimeout
 from dkv.node.pipeline import CHECKPOINT_BYTES, LocalWriter, WritePipeline
+from dkv.node.sequencer import Kind, Write
+from dkv.node.sequencer import delete as del_w
+from dkv.node.sequencer import put as put_w
 from dkv.storage import Store
 from dkv.storage.leveldb import LevelDBEngine
 from dkv.storage.store import META_PREFIX
@@ -260,4 +262,14 @@ def test_a_failed_batch_fails_the_later_ones_and_the_next_starts_from_the_log() 
     w.settle(3)
     _settle_soon()
     assert nxt.value[0] is False  # k2 was never applied: nothing to delete
+    pipe.close()
+
+
+def test_submit_all_raises_the_error_of_a_write_refused_alone() -> None:
+    log, store = MemoryLog(), Store.open("memory")
+    pipe = WritePipeline(log, store, LocalWriter(log, store, 1, offload=False), offload=False)
+    pipe.submit_all([put_w(b"text", b"abc")])
+    with pytest.raises(InvalidArgument, match="not an integer"):
+        pipe.submit_all([put_w(b"ok", b"1"), Write(Kind.INCR, b"text", amount=1)])
+    assert store.get(b"ok") == b"1"  # the rest of the batch applied: the caller retries idempotent writes
     pipe.close()

@@ -147,8 +147,8 @@ def test_a_shorter_liveness_gives_up_on_a_silent_node_sooner_but_not_on_a_slow_l
     import zmq
 
     from dkv.client.connection import Connection, TransportError
-    from dkv.transport import LEAN_HEARTBEAT_TIMEOUT, GreenContext, RPCServer
     from dkv.errors import InvalidArgument
+    from dkv.transport import LEAN_HEARTBEAT_TIMEOUT, GreenContext, RPCServer
 
     for bad in (0, -1.0, float("nan"), True, "1"):
         with pytest.raises(InvalidArgument):

@@ -9,16 +9,43 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dkv.storage import entry
 from dkv.cluster.follower import FollowerDriver, PromiseFile, apply_actions, apply_log
-from dkv.cluster.replication import (AHEAD, BEYOND_EPOCH, BEYOND_LOG, COMMITTED, DIVERGED, GAP, IN_SYNC, LOCAL,
-                                     MATCH, MISMATCH, NOT_COMPARABLE, STALE_EPOCH, AppendLocal, BumpEpoch, CatchUp,
-                                     Commit,
-                                     CutTo, Deposed, DigestRequest, Fail, Follower, Leader, Prepare,
-                                     ReadConfirmation, Reply, Rollback, Send, SendFrom, SendSnapshot, Synced,
-                                     Truncate, compare_digest)
+from dkv.cluster.replication import (
+    AHEAD,
+    BEYOND_EPOCH,
+    BEYOND_LOG,
+    COMMITTED,
+    DIVERGED,
+    GAP,
+    IN_SYNC,
+    LOCAL,
+    MATCH,
+    MISMATCH,
+    NOT_COMPARABLE,
+    STALE_EPOCH,
+    AppendLocal,
+    BumpEpoch,
+    CatchUp,
+    Commit,
+    CutTo,
+    Deposed,
+    DigestRequest,
+    Fail,
+    Follower,
+    Leader,
+    Prepare,
+    ReadConfirmation,
+    Reply,
+    Rollback,
+    Send,
+    SendFrom,
+    SendSnapshot,
+    Synced,
+    Truncate,
+    compare_digest,
+)
 from dkv.errors import QuorumNotReached, Unavailable, WriteTimeout
-from dkv.storage import Store
+from dkv.storage import Store, entry
 from dkv.wal.memory import MemoryLog
 from dkv.wal.record import Op, Record
 

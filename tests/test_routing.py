@@ -10,8 +10,21 @@ from dataclasses import replace
 import pytest
 
 from dkv.cluster.layout import COPYING, FROZEN, Migration, SlotRanges
-from dkv.cluster.routing import (REPLICA, SERVE, UNASSIGNED, WRITER, Freezes, Frozen, NoOwner, NotOwner, NotReady,
-                                 NotWriter, Ownership, decide, scan_ranges)
+from dkv.cluster.routing import (
+    REPLICA,
+    SERVE,
+    UNASSIGNED,
+    WRITER,
+    Freezes,
+    Frozen,
+    NoOwner,
+    NotOwner,
+    NotReady,
+    NotWriter,
+    Ownership,
+    decide,
+    scan_ranges,
+)
 from dkv.slots import SlotRange
 
 MAP = SlotRanges([(0, 511, "shard-1"), (512, 1023, "shard-2")])

@@ -21,7 +21,6 @@ from typing import Any
 import gevent
 import pytest
 
-from dkv.node.sequencer import put as put_w
 from dkv.client.connection import TransportError
 from dkv.cluster.follower import FollowerDriver, PromiseFile
 from dkv.cluster.leader import ReplicatedWriter
@@ -30,6 +29,7 @@ from dkv.cluster.replication import IN_SYNC, Prepare, Reply
 from dkv.errors import WriteTimeout
 from dkv.node.config import NodeConfig
 from dkv.node.pipeline import WritePipeline
+from dkv.node.sequencer import put as put_w
 from dkv.storage import Store
 from dkv.wal.memory import MemoryLog
 from dkv.wal.record import Op, Record

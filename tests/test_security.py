@@ -241,6 +241,11 @@ def forged_calls(s: Secure, target: str) -> list[tuple[str, tuple[Any, ...]]]:
         ("mig_tail", (0, 1023, 0, 1000)),
         ("digest", (0, 1023)),
         ("debug_zk_session", ()),
+        ("backup_open", ()),
+        ("backup_page", ("b1-0", None, 100)),
+        ("backup_close", ("b1-0",)),
+        ("restore_write", ([[key, b"\x00" + (1).to_bytes(8, "big") + b"RESTORE-EVIL"]],)),
+        ("restore_floor", (2**62,)),
     ]
 
 

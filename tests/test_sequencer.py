@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dkv.errors import InvalidArgument
+from dkv.errors import InvalidArgument, KeyIsEmpty
 from dkv.node.sequencer import REV_SHIFT, Kind, Sequencer, Write, parse_int
 from dkv.storage import entry as entries
 from dkv.storage.entry import Entry
@@ -21,6 +21,8 @@ class State:
         self.d = {k.encode(): v for k, v in kv.items()}
 
     def read(self, key: bytes) -> Entry | None:
+        if not key:  # as the store: a keyless write (a floor) must not read
+            raise KeyIsEmpty("key must not be empty")
         return self.d.get(key)
 
     def apply(self, records: list[Record]) -> None:

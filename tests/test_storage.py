@@ -6,10 +6,9 @@ from typing import Iterator, Sequence
 
 import pytest
 
-from dkv.storage import entry
 from dkv.errors import CorruptLog, DKVError, InvalidArgument, KeyIsEmpty, KeyNotFound, StorageClosed
 from dkv.slots import ALL_SLOTS, NUM_SLOTS, SlotRange, slot_of, storage_key
-from dkv.storage import Engine, LevelDBEngine, MemoryEngine, Store
+from dkv.storage import Engine, LevelDBEngine, MemoryEngine, Store, entry
 from dkv.storage.engine import EngineSnapshot, WriteOp
 from dkv.storage.store import META_PREFIX
 from dkv.wal.record import Op, Record

@@ -23,7 +23,9 @@ from dkv.cluster.routing import Ownership
 from dkv.errors import AuthError, Compacted, DKVError, InvalidArgument, WriteTimeout, from_wire, to_wire
 from dkv.keys import Limits
 from dkv.node.pipeline import LocalWriter, WritePipeline
-from dkv.node.sequencer import Kind, Write, delete as del_w, put as put_w
+from dkv.node.sequencer import Kind, Write
+from dkv.node.sequencer import delete as del_w
+from dkv.node.sequencer import put as put_w
 from dkv.slots import SlotRange, slot_of
 from dkv.storage import Store
 from dkv.wal.memory import MemoryLog
@@ -33,7 +35,6 @@ from dkv.watch.feed import Feed, Scope, frozen_ranges, history_start, lost_slots
 from dkv.watch.stream import WatchService
 from tests.support.cluster import Cluster, rpc
 from tests.support.procs import NodeProcess, wait_until
-
 
 # -- the pure core ------------------------------------------------------------------------
 

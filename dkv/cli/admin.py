@@ -16,8 +16,7 @@ from dataclasses import replace
 from typing import Any, Mapping
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NoAuthError
-from kazoo.exceptions import BadVersionError, NoNodeError, RolledBackError
+from kazoo.exceptions import BadVersionError, NoAuthError, NoNodeError, RolledBackError
 
 from dkv.auth import Credentials, kazoo_args, load_auth_dir
 from dkv.cluster import layout

@@ -98,15 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
               help="allow a non-loopback --host without --auth-dir: anyone who can reach the port can "
                    "read, change or wipe the data (only on a network you trust entirely)")
 
-    c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin)",
-                       description="Interactive dkv prompt. When stdin is not a terminal, runs one "
-                                   "command per line and prints plain results.")
+    c = sub.add_parser("cli", help="interactive prompt (or run commands from stdin or the command line)",
+                       description="Interactive dkv prompt, printing replies as redis-cli does. Words "
+                                   "after the addresses are one command to run (dkv cli 127.0.0.1:7000 "
+                                   "get k; put -- before a word starting with -). When stdin is not a "
+                                   "terminal, runs one command per line.")
     c.add_argument("addrs", nargs="*", metavar="ADDR",
-                   help="node HOST:PORT (default 127.0.0.1:7000 unless --zk) [env DKV_ADDR]")
+                   help="node HOST:PORT (default 127.0.0.1:7000 unless --zk) [env DKV_ADDR], then "
+                        "optionally COMMAND [ARG ...]")
     _env_flag(c, "--timeout", type=float, default=5.0, help="seconds per command")
     _env_flag(c, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot]: take the cluster "
                                          "map from ZooKeeper (ADDRs then optional)")
     _env_flag(c, "--auth", default="", help="key file (client.key, or cluster.key) of a cluster with auth")
+    _env_flag(c, "--raw", action="store_true", help="print replies as redis-cli --raw: values as they are "
+                                                    "(no quotes), nil as an empty line, integers bare, "
+                                                    "one array element a line")
+    _env_flag(c, "--latency", action="store_true", help="print each command's round trip, e.g. (0.4 ms), "
+                                                        "after its reply (the latency command toggles it)")
 
     b = sub.add_parser("bench", help="measure throughput and latency of a node",
                        description="Benchmark a dkv node with concurrent clients.")
@@ -160,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     _env_flag(a, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot] of the cluster")
     _env_flag(a, "--timeout", type=float, default=3.0, help="seconds to reach ZooKeeper")
     _env_flag(a, "--auth-dir", default="", help="directory holding the cluster key of a cluster with auth")
+
+    for name, what in (("backup", "copy every shard's data (at one committed LSN per shard) into DIR"),
+                       ("restore", "load a backup from DIR into an empty node or cluster")):
+        r = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. Format, manifest and "
+                           "guarantees: the docstring of dkv/cli/backup.py (README: Backup and restore).")
+        r.add_argument("addr", nargs="?", metavar="ADDR",
+                       help="a node HOST:PORT (default 127.0.0.1:7000 unless --zk) [env DKV_ADDR]")
+        r.add_argument("dir", metavar="DIR", help="the backup directory")
+        _env_flag(r, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot] of the cluster")
+        _env_flag(r, "--auth", default="", help="the cluster key (cluster.key, or the directory holding it) "
+                                                "of a cluster with auth")
+        _env_flag(r, "--timeout", type=float, default=30.0, help="seconds per request to a node")
+        _env_flag(r, "--quiet", action="store_true", help="no progress lines on stderr")
+        if name == "backup":
+            _env_flag(r, "--migration-wait", type=float, default=60.0,
+                      help="seconds to wait for a slot migration under way to finish before giving up")
+        else:
+            _env_flag(r, "--force", action="store_true",
+                      help="restore into a target that holds data (the backup's keys overwrite, others stay)")
     for tool in (c, b, a):
         tool.add_argument("-v", "--verbose", action="count", default=0,
                           help="log to stderr what happens underneath (ZooKeeper connection messages, "
@@ -205,7 +232,12 @@ def _bench_bound(ops: int | None, duration: float | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "cli" or any(w.startswith("--") and len(w) > 2 for w in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # dkv cli ADDR --raw get k: the command's words after a flag
+        args.addrs = [*args.addrs, *(w for w in extra if w != "--")]
     from dkv.errors import DKVError
 
     if args.command in ("cli", "bench", "admin"):
@@ -216,10 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "cli":
-            from dkv.cli.repl import run_cli
+            from dkv.cli.repl import run_cli, split_command
 
-            addrs = _addrs(args.addrs) if args.addrs or not args.zk else []
-            return run_cli(addrs, timeout=args.timeout, zk=args.zk, auth=args.auth)
+            given, command = split_command(args.addrs)
+            addrs = _addrs(given) if given or not args.zk else []
+            return run_cli(addrs, timeout=args.timeout, zk=args.zk, auth=args.auth, raw=args.raw,
+                           latency=args.latency, command=command)
         if args.command == "bench":
             from dkv.cli.bench import run_bench
 
@@ -235,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dkv.cli.admin import run_admin
 
             return run_admin(args.zk, args.action, args.name, timeout=args.timeout, auth_dir=args.auth_dir)
+        if args.command in ("backup", "restore"):
+            return _backup(args)
         if args.command == "auth":
             from dkv.auth import init_keys
 
@@ -270,6 +306,18 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s [" + config.node_id + "] %(name)s: %(message)s")
     serve(config)
     return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from dkv.cli import backup
+
+    addrs = [] if args.zk and not args.addr else _addrs([args.addr] if args.addr else [])
+    directory = args.dir
+    if args.command == "backup":
+        return backup.run_backup(addrs, args.zk, directory, timeout=args.timeout, auth=args.auth,
+                                 quiet=args.quiet, migration_wait=args.migration_wait)
+    return backup.run_restore(addrs, args.zk, directory, timeout=args.timeout, auth=args.auth,
+                              quiet=args.quiet, force=args.force)
 
 
 def _wal(args: argparse.Namespace) -> int:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar, overload
 
 import gevent
 import gevent.event
@@ -37,7 +38,7 @@ from dkv.auth import Credentials, load_optional
 from dkv.client.core import ClientCore, iter_scan
 from dkv.client.lock import Lock, _Lease
 from dkv.client.watch import Event, Watch  # noqa: F401  (Event: re-exported beside Meta)
-from dkv.errors import DKVError, InvalidArgument, WriteTimeout
+from dkv.errors import DKVError, InvalidArgument, Unavailable, WriteTimeout
 from dkv.keys import as_bytes
 from dkv.slots import slot_of
 
@@ -245,6 +246,12 @@ class Client:
             op.append(ttl)
         return self._one(op) is not None
 
+    @overload
+    def get(self, key: bytes | str, consistency: str = ..., *, with_meta: Literal[False] = ...) -> bytes | None: ...
+
+    @overload
+    def get(self, key: bytes | str, consistency: str = ..., *, with_meta: Literal[True]) -> "Meta | None": ...
+
     def get(self, key: bytes | str, consistency: str = "sequential", *,
             with_meta: bool = False) -> "bytes | Meta | None":
         """The value of ``key`` or None (also once it expired). ``consistency="eventual"`` may
@@ -387,6 +394,40 @@ class Client:
         if addr is None:
             return self._runner.run(lambda core: core.request_any("info"))
         return self._runner.run(lambda core: core.request(addr, "info"))
+
+    def ping(self, addr: str | None = None) -> float:
+        """The round trip of one ``ping`` to the node at ``addr`` (any node when None), in seconds."""
+        def job(core: ClientCore) -> float:
+            began = time.perf_counter()
+            if addr is None:
+                core.request_any("ping")
+            else:
+                core.request(addr, "ping")
+            return time.perf_counter() - began
+
+        return self._runner.run(job)
+
+    def dbsize(self) -> dict[str, int]:
+        """Live keys per shard (``{shard id: count}``), each counted by its writer in bounded
+        pages; ``Unavailable`` if a shard has no writer that answers. Not a snapshot: keys
+        written meanwhile, or a slot range moving, make it an estimate."""
+        cluster = self.cluster_info()
+        addr_of = {n.get("id"): n.get("addr") for n in cluster.get("nodes", [])}
+        counts: dict[str, int] = {}
+        for shard in cluster.get("shards", []):
+            if not shard.get("slots"):
+                continue
+            addr = addr_of.get(shard.get("writer"))
+            if not addr:
+                raise Unavailable(f"{shard.get('id')} has no writer (failover in progress)")
+            total, after = 0, None
+            while True:
+                n, after = self._runner.run(lambda core: core.request(addr, "dbsize", after))
+                total += n
+                if after is None:
+                    break
+            counts[str(shard.get("id"))] = total
+        return counts
 
     def close(self) -> None:
         """Close the connections. Held locks stop being renewed (their leases expire

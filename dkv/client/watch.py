@@ -33,8 +33,15 @@ import zmq
 
 from dkv.errors import AuthError, Compacted, DKVError, InvalidArgument, Unavailable, from_remote, from_wire
 from dkv.slots import NUM_SLOTS, SlotRange, merge_ranges, slot_of
-from dkv.transport import HEARTBEAT, GreenContext, HandshakeWatch, close_client, harden, quiet_lost_remote, \
-    secure_client
+from dkv.transport import (
+    HEARTBEAT,
+    GreenContext,
+    HandshakeWatch,
+    close_client,
+    harden,
+    quiet_lost_remote,
+    secure_client,
+)
 from dkv.watch import END, EVENTS
 
 if TYPE_CHECKING:

@@ -10,15 +10,23 @@ blocks (kazoo's rule).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import gevent
 import gevent.event
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (BadVersionError, ConnectionLoss, KazooException, NoAuthError, NodeExistsError, NoNodeError,
-                              OperationTimeoutError, SessionExpiredError)
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionLoss,
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
 from kazoo.handlers.gevent import SequentialGeventHandler
 from kazoo.retry import KazooRetry
 

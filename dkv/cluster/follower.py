@@ -31,9 +31,22 @@ import gevent
 import gevent.event
 import gevent.lock
 
-from dkv.cluster.replication import (BEYOND_EPOCH, BEYOND_LOG, Action, AppendLog, ApplyUpTo, DigestRequest,
-                                     Follower, PersistPromise, Prepare, Reply, Truncate, TruncateLog,
-                                     record_bytes, records_to_wire)
+from dkv.cluster.replication import (
+    BEYOND_EPOCH,
+    BEYOND_LOG,
+    Action,
+    AppendLog,
+    ApplyUpTo,
+    DigestRequest,
+    Follower,
+    PersistPromise,
+    Prepare,
+    Reply,
+    Truncate,
+    TruncateLog,
+    record_bytes,
+    records_to_wire,
+)
 from dkv.errors import Unavailable
 from dkv.keys import DEFAULT_PAGE_BYTES, quote, take_page
 from dkv.node.pipeline import checkpoint

@@ -240,7 +240,9 @@ def read_view(zk: Any, watch: Any = None) -> ClusterView:
     view = ClusterView()
     for nid in _children(zk, NODES, watch):
         try:
-            view.nodes[nid] = (decode(zk.get(node_path(nid))[0]) or {}).get("addr")
+            addr = (decode(zk.get(node_path(nid))[0]) or {}).get("addr")
+            if isinstance(addr, str):  # a record without one is not a node we can reach
+                view.nodes[nid] = addr
         except NoNodeError:
             pass
     for sid, raw, version in _entries(zk, SHARDS, watch):

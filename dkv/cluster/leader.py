@@ -28,9 +28,30 @@ import gevent.event
 
 from dkv.client.connection import Connection, TransportError
 from dkv.cluster.antientropy import AntiEntropy
-from dkv.cluster.replication import (BEYOND_EPOCH, DOWN, IN_SYNC, LOCAL, AppendLocal, CatchUp, Commit, CutTo,
-                                     Deposed, Effect, Fail, Leader, Prepare, ReadConfirmation, Reply, Rollback,
-                                     Send, SendFrom, SendSnapshot, Synced, Truncate, record_bytes)
+from dkv.cluster.replication import (
+    BEYOND_EPOCH,
+    DOWN,
+    IN_SYNC,
+    LOCAL,
+    AppendLocal,
+    CatchUp,
+    Commit,
+    CutTo,
+    Deposed,
+    Effect,
+    Fail,
+    Leader,
+    Prepare,
+    ReadConfirmation,
+    Reply,
+    Rollback,
+    Send,
+    SendFrom,
+    SendSnapshot,
+    Synced,
+    Truncate,
+    record_bytes,
+)
 from dkv.errors import DKVError, Unavailable, WriteTimeout
 from dkv.keys import page_is_full, pair_bytes, take_page
 from dkv.node.config import NodeConfig

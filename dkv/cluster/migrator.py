@@ -20,15 +20,30 @@ from dkv.auth import Credentials
 from dkv.client.connection import TransportError, call_once
 from dkv.cluster import layout
 from dkv.cluster.layout import FROZEN, Migration, SlotRanges, cancel_migration
-from dkv.cluster.migration import (FREEZE_TIMEOUT, Begin, Cancel, Clear, CopyPage, Flip, Freeze, Frozen, Import,
-                                   Importer, Page, RecordStart, Tail, TailPage, import_op)
+from dkv.cluster.migration import (
+    FREEZE_TIMEOUT,
+    Begin,
+    Cancel,
+    Clear,
+    CopyPage,
+    Flip,
+    Freeze,
+    Frozen,
+    Import,
+    Importer,
+    Page,
+    RecordStart,
+    Tail,
+    TailPage,
+    import_op,
+)
 from dkv.cluster.replication import record_bytes, records_from_wire, records_to_wire
 from dkv.errors import DKVError, InvalidArgument, TryAgain, Unavailable
 from dkv.keys import page_is_full, pair_bytes, quote, take_page
 from dkv.node.pipeline import WritePipeline, offloaded
+from dkv.node.sequencer import Kind, Write
 from dkv.slots import SlotRange, slot_of, user_key
 from dkv.storage import Store
-from dkv.node.sequencer import Kind, Write
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +60,7 @@ def delete_range(pipeline: WritePipeline, store: Store, slots: SlotRange, offloa
     page = offloaded(offload, lambda: store.page_slots(slots, after, PAGE, pipeline.page_bytes))
     if not page:
         return None
-    pipeline.submit([Write(Kind.PURGE, user_key(k)) for k, _ in page])
+    pipeline.submit_all([Write(Kind.PURGE, user_key(k)) for k, _ in page])
     return page[-1][0]
 
 
@@ -210,7 +225,7 @@ class Migrator:
             pairs, nxt = self._call("mig_scan", m.start, m.end, act.after, PAGE)
             return Page([(bytes(k), bytes(v)) for k, v in pairs], None if nxt is None else bytes(nxt))
         if isinstance(act, Import):
-            self.pipeline.submit(act.ops)
+            self.pipeline.submit_all(act.ops)  # a write refused alone fails the import: it is retried
             return None
         if isinstance(act, Tail):
             t = self._call("mig_tail", m.start, m.end, act.after_lsn, PAGE)

@@ -23,8 +23,8 @@ If too few members answer, nobody is promoted: the shard stays unavailable
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gevent

@@ -23,10 +23,10 @@ import gevent
 from kazoo.exceptions import NoNodeError
 
 from dkv import protocol
+from dkv.cluster import layout, routing
 from dkv.cluster.controller import Controller
 from dkv.cluster.coordinator import Coordinator
 from dkv.cluster.follower import FollowerDriver, PromiseFile
-from dkv.cluster import layout, routing
 from dkv.cluster.layout import FROZEN, ClusterView, Migration, Shard
 from dkv.cluster.leader import ReplicatedWriter
 from dkv.cluster.migrator import MigrationSource, Migrator, delete_range, frozen_error

@@ -243,6 +243,15 @@ class WritePipeline:
         self._wake.set()
         return pending.done.get()
 
+    def submit_all(self, ops: Sequence[Write]) -> list[Any]:
+        """:meth:`submit` for writes that must all apply (imports, range deletes, floors): raises
+        the first error a write got alone (the others of the batch may have applied)."""
+        results = self.submit(ops)
+        for r in results:
+            if isinstance(r, DKVError):
+                raise r
+        return results
+
     def barrier(self) -> None:
         """Return once every write queued before this call is settled (committed or failed)."""
         try:

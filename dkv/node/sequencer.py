@@ -142,8 +142,8 @@ class Sequencer:
             results.append(res)
         if records:
             last = records[-1].lsn
-            for key, e in changed.items():
-                self._overlay[key] = (e, last)
+            for key, ent in changed.items():
+                self._overlay[key] = (ent, last)
         return records, results
 
     def settled(self, records: Iterable[Record]) -> None:
@@ -166,6 +166,9 @@ class Sequencer:
             expires_at = now + w.px if w.px else 0
             changed[key] = Entry(w.value, rev, expires_at)
             return Record(epoch, lsn, Op.PUT, key, w.value, rev, expires_at), rev
+        if kind is Kind.FLOOR:  # keyless: reads nothing (a store refuses the empty key)
+            self.observe(w.deadline)
+            return Record(epoch, lsn, Op.NOOP, b"", b"", self._next_rev(now)), None
         cur = changed[key] if key in changed else self._current(key)
         live = cur if cur is not None and not cur.expired(now) else None
 
@@ -223,7 +226,4 @@ class Sequencer:
             return Record(epoch, lsn, Op.IMPORT, key, w.value, self._next_rev(now), e.expires_at), None
         if kind is Kind.PURGE:
             return (remove(Op.PURGE) if cur is not None else None), None
-        if kind is Kind.FLOOR:
-            self.observe(w.deadline)
-            return Record(epoch, lsn, Op.NOOP, b"", b"", self._next_rev(now)), None
         raise InvalidArgument(f"unknown write {kind!r}")

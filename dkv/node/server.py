@@ -20,6 +20,7 @@ import zmq
 from dkv.auth import CLIENT, PEER
 from dkv.errors import CorruptLog, DKVError, InvalidArgument, Unavailable
 from dkv.keys import as_bytes, quote
+from dkv.node.backup import BackupService
 from dkv.node.config import NodeConfig
 from dkv.node.expiry import Expirer
 from dkv.node.pipeline import LocalWriter, WritePipeline
@@ -56,9 +57,11 @@ class RPC:
     (The RPC server checks each call's arity against these signatures first.)
     """
 
-    def __init__(self, service: NodeService, watches: WatchService | None = None) -> None:
+    def __init__(self, service: NodeService, watches: WatchService | None = None,
+                 backups: BackupService | None = None) -> None:
         self._svc = service
         self._watches = watches
+        self._backups = backups
 
     def batch(self, ops: list[Any]) -> list[list[Any]]:
         """Run many ops (get, getm, exists, ttl, set, cas, del, incr, expire, persist: see
@@ -118,9 +121,44 @@ class RPC:
     def ping(self) -> str:
         return "pong"
 
+    def dbsize(self, after: Any = None) -> list[Any]:
+        """``[keys, resume]``: live keys this node serves as writer, counted in bounded pages
+        (call again with ``after=resume`` until it is None)."""
+        return self._svc.dbsize(after)
+
     def digest(self, start: int = 0, end: int = 1023) -> list[Any]:
         """[applied_lsn, sha256] of slots start..end, to compare the members of a shard."""
         return self._svc.digest(_int(start, "start"), _int(end, "end"))
+
+    # -- backup and restore (``dkv backup``/``dkv restore``, :mod:`dkv.node.backup`) --
+
+    def _bk(self) -> BackupService:
+        if self._backups is None:
+            raise Unavailable("this node serves no backups")
+        return self._backups
+
+    def backup_open(self) -> dict[str, Any]:
+        """Open a store snapshot of our shard's slots at the applied LSN: {id, shard, slots,
+        slot_version, lsn, epoch, rev, time_ms}."""
+        return self._bk().open()
+
+    def backup_page(self, snapshot_id: str, after: bytes | None, limit: int) -> list[Any]:
+        """[[[key, stored entry], ...], cursor, expired]: the snapshot's next pairs after storage key
+        ``after`` (cursor None at the end), and how many expired entries the page left out."""
+        if not isinstance(snapshot_id, str):
+            raise InvalidArgument("a backup snapshot id is a string")
+        return self._bk().page(snapshot_id, _optional_bytes(after, "after"), _int(limit, "limit"))
+
+    def backup_close(self, snapshot_id: str) -> bool:
+        return self._bk().close(snapshot_id)
+
+    def restore_write(self, pairs: list[list[bytes]]) -> list[int]:
+        """Write [key, stored entry] pairs (revision and deadline kept): [written, skipped_expired]."""
+        return self._bk().restore(pairs)
+
+    def restore_floor(self, rev: int) -> int:
+        """Raise the revision floor to ``rev``; the applied revision."""
+        return self._bk().floor(rev)
 
     # -- replication (cluster mode): called by the shard's writer and the controller --
 
@@ -189,10 +227,11 @@ class RPC:
 #: Anything not listed here is refused as an unknown method.
 ACCESS: dict[str, str] = {
     **{name: CLIENT for name in ("batch", "get", "set", "delete", "mset", "mget", "scan", "watch", "info",
-                                 "cluster_info", "ping")},
+                                 "cluster_info", "ping", "dbsize")},
     **{name: PEER for name in ("digest", "repl_prepare", "repl_truncate", "repl_fence", "repl_snapshot",
                                "repl_read", "repl_digest", "debug_zk_session", "mig_position", "mig_scan",
-                               "mig_tail", "mig_freeze")},
+                               "mig_tail", "mig_freeze", "backup_open", "backup_page", "backup_close",
+                               "restore_write", "restore_floor")},
 }
 
 
@@ -231,14 +270,15 @@ class Node:
         self.watches = WatchService(self.log, self.store, self.pipeline, cfg.limits, offload=cfg.durable)
         self.expirer = self.service.expirer = Expirer(self.store, self.pipeline, self.service.may_write,
                                                       offload=cfg.durable)
+        self.backups = BackupService(self.store, self.pipeline, cfg.limits, offload=cfg.durable)
         if cfg.cluster:
             from dkv.cluster.follower import PromiseFile
             from dkv.cluster.runtime import ClusterRuntime
 
             promise = PromiseFile(os.path.join(cfg.data_dir, "promise") if cfg.durable else None)
             self.runtime = ClusterRuntime(cfg, self.log, self.store, self.pipeline, promise)
-            self.service.router = self.watches.router = self.runtime
-        self._server = RPCServer(RPC(self.service, self.watches), access=ACCESS, creds=cfg.credentials,
+            self.service.router = self.watches.router = self.backups.router = self.runtime
+        self._server = RPCServer(RPC(self.service, self.watches, self.backups), access=ACCESS, creds=cfg.credentials,
                                  max_message_bytes=cfg.limits.max_message_bytes)
         try:
             self._server.bind(cfg.endpoint)
@@ -315,6 +355,7 @@ class Node:
             self.runtime.stop()  # leave ZooKeeper first: peers see us go at once
         if self._server is not None:
             self._server.stop()
+        self.backups.shutdown()  # open snapshots pin the store: close them before it
         self.pipeline.close()
         if self._server is not None:
             self._server.close()

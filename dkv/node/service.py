@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_OPS = 10_000
 #: Most keys one scan page returns.
 MAX_SCAN_PAGE = 10_000
+#: stored rows one ``dbsize`` request reads at most (the client asks again from where it stopped)
+DBSIZE_ROWS = 100_000
 
 
 #: op -> (fewest, most) arguments after the name
@@ -211,6 +213,20 @@ class NodeService:
         else:  # route and read with no yield in between
             pairs = self.store.scan(prefix=prefix_b, start=start_b, slots=self.router.scan_ranges(slot_version))
         return [[k, v] for k, v in take_page(pairs, self.limits.page_bytes, pair_bytes, limit)]
+
+    def dbsize(self, after: Any = None) -> list[Any]:
+        """``[live keys, resume]`` of the slots this node serves as writer (standalone: all), counted
+        off the hub over at most :data:`DBSIZE_ROWS` stored rows after storage key ``after``;
+        ``resume`` is where to go on (None: done). Pages of a moving range may count twice or
+        not at all, like a scan's: an estimate while slots move."""
+        after_b = None if after is None else as_bytes(after, "after")
+        ranges = [ALL_SLOTS] if self.router is None else self.router.scan_ranges(None)
+
+        def work() -> list[Any]:
+            with self.store.snapshot() as snap:
+                return list(snap.count_live(ranges, after_b, DBSIZE_ROWS))
+
+        return offloaded(self.config.durable, work)  # bulk read: off the hub
 
     # -- introspection ---------------------------------------------------------
 

@@ -30,8 +30,8 @@ from dkv.errors import CorruptLog, InvalidArgument, KeyIsEmpty, KeyNotFound
 from dkv.keys import pair_bytes, quote, take_page
 from dkv.slots import ALL_SLOTS, SLOT_PREFIX_LEN, SlotRange, slot_prefix, storage_key
 from dkv.storage import entry as entries
-from dkv.storage.entry import Entry, now_ms
 from dkv.storage.engine import Engine, Reader, WriteOp
+from dkv.storage.entry import Entry, now_ms
 from dkv.storage.leveldb import LevelDBEngine
 from dkv.storage.memory import MemoryEngine
 from dkv.wal.record import Op, Record
@@ -185,6 +185,29 @@ class StoreView:
 
     def count_slot(self, slot: int) -> int:
         return sum(1 for _ in self.iter_slots(SlotRange(slot, slot)))
+
+    def count_live(self, ranges: Sequence[SlotRange], after: bytes | None,
+                   budget: int) -> tuple[int, bytes | None]:
+        """``(live keys, resume)`` of ``ranges`` in storage order after storage key ``after``,
+        reading at most ``budget`` stored rows; ``resume`` is the last storage key read when
+        the budget ran out (pass it as ``after``), None when the ranges are done."""
+        now = self._clock()
+        live = read = 0
+        last: bytes | None = None
+        for r in sorted(ranges, key=lambda r: r.start):
+            lo, hi = r.storage_bounds()
+            if after is not None:
+                lo = max(lo, after + b"\x00")
+            if lo >= hi:
+                continue
+            for k, blob in self._src.iterate(lo, hi):
+                if read >= budget:
+                    return live, last
+                read += 1
+                last = k
+                if entries.value_of(blob, now) is not None:
+                    live += 1
+        return live, None
 
     def due(self, now: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` index rows with a deadline at or before ``now``: ``(deadline, storage key)``."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import gevent.event
 
@@ -40,10 +40,18 @@ from dkv.keys import Limits, as_bytes, take_page
 from dkv.node.pipeline import WritePipeline, offloaded
 from dkv.slots import ALL_SLOTS, SlotRange
 from dkv.storage import Store
-from dkv.watch import END, EVENTS, MARK_INTERVAL
-from dkv.watch.feed import Feed, Scope, Subscription, excluded_wire, frozen_ranges, history_start, lost_slots, \
-    parse_slots
 from dkv.wal.record import Record
+from dkv.watch import END, EVENTS, MARK_INTERVAL
+from dkv.watch.feed import (
+    Feed,
+    Scope,
+    Subscription,
+    excluded_wire,
+    frozen_ranges,
+    history_start,
+    lost_slots,
+    parse_slots,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +207,7 @@ class _Stream:
             excluded = excluded_wire(out, self.scope)
         return [EVENTS, self.last_rev, excluded, events], len(events)
 
-    def _page(self, pos: int, limit: int) -> Iterator[list[Any]]:
+    def _page(self, pos: int, limit: int) -> Generator[list[Any], None, int]:
         """Read (and send) one page of committed records from ``pos``; the next position."""
         records: list[Record] = self._read(
             lambda: take_page(self.svc.log.read_from(pos, limit=limit), self.svc.page_bytes, record_bytes))

@@ -14,10 +14,9 @@ from typing import Any
 
 import zerorpc
 
+import dkv
 from dkv.auth import CLIENT_KEY, Credentials, init_keys, kazoo_args, load_auth_dir
 from dkv.transport import close_client, secure_client
-
-import dkv
 from tests.support.procs import NodeProcess, wait_until
 
 
