@@ -16,11 +16,16 @@ help:
 ## install: the virtualenv .venv with dkv (editable) and the test tools; redone when pyproject.toml changes
 install: $(STAMP)
 
+# pip's and setuptools' output (its "Editable installation" banner shows even with --quiet) goes
+# to $(INSTALL_LOG), printed only if the install fails.
+INSTALL_LOG := $(VENV)/install.log
+QUIETLY = > $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); echo "install failed (log: $(INSTALL_LOG))" >&2; exit 1; }
+
 $(STAMP): pyproject.toml
-	PYTHON=$(PYTHON) scripts/bootstrap-venv.sh $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@PYTHON=$(PYTHON) scripts/bootstrap-venv.sh $(VENV)
+	@echo "installing dkv and its dependencies into $(VENV) ..."
+	@{ $(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e '.[test]'; } $(QUIETLY)
+	@touch $(STAMP)
 
 ## run: a standalone node on 127.0.0.1:7000 (data in dkv-data/); ARGS="--port 7001" to change
 run: install
@@ -73,8 +78,8 @@ bench-cluster: install zk-up
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,bench]'
-	touch $(BENCH_STAMP)
+	@$(PY) -m pip install --quiet -e '.[test,bench]' $(QUIETLY)
+	@touch $(BENCH_STAMP)
 
 ## bench-vs-etcd: dkv (1x3 cluster, write_quorum 2; and standalone) against a 3-member etcd, same load,
 ##                one after the other; prints a table and the dkv/etcd ratios (installs etcd-server if

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
@@ -11,6 +12,10 @@ __all__ = ["Client", "errors", "slot_of", "__version__"]
 
 from dkv import errors
 from dkv.slots import slot_of
+
+# A library configures no logging: without this, Python's last-resort handler would print the
+# library's warnings to the stderr of a program that configured none (see dkv.logs).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

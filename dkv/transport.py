@@ -292,10 +292,16 @@ class LeanClient:
     call on a socket that has not connected waits at most
     :data:`LEAN_CONNECT_TIMEOUT` for the connection (a dead address fails fast,
     as it did with zerorpc's heartbeats), and sends nothing if it does not come.
+
+    ``liveness`` replaces both limits (seconds; None: the defaults above): an
+    interactive tool uses a shorter one, to report a stopped node sooner.
     """
 
-    def __init__(self, addr: str, creds: Credentials | None = None) -> None:
+    def __init__(self, addr: str, creds: Credentials | None = None, *, liveness: float | None = None) -> None:
         self.addr = addr
+        #: seconds a call waits for the connection, and a node with calls in flight may stay silent
+        self.connect_timeout = liveness or LEAN_CONNECT_TIMEOUT
+        self.silence_timeout = liveness or LEAN_HEARTBEAT_TIMEOUT
         sock = GreenContext.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # unsent requests die with the socket
         sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
@@ -322,7 +328,7 @@ class LeanClient:
         if self.lost:
             raise zerorpc.LostRemote(self.lost)
         if not self.watch.up.is_set():  # not connected yet: wait for the handshake (or its refusal)
-            gevent.wait([self.watch.up, self.watch.failed], timeout=min(timeout, LEAN_CONNECT_TIMEOUT), count=1)
+            gevent.wait([self.watch.up, self.watch.failed], timeout=min(timeout, self.connect_timeout), count=1)
             if self.watch.failed.is_set():
                 raise AuthError(self.watch.reason)
         if not self.watch.up.is_set():
@@ -368,17 +374,18 @@ class LeanClient:
 
     def _watch(self) -> None:
         """While calls are in flight: ping a node that has gone quiet, and give up on it
-        (fail every call in flight) once it has been silent for LEAN_HEARTBEAT_TIMEOUT."""
+        (fail every call in flight) once it has been silent for ``silence_timeout``."""
+        tick = min(HEARTBEAT / 2, self.silence_timeout / 4)  # a node is pinged 3 times before it is given up
         try:
             while self._pending and not self.lost:
-                gevent.sleep(HEARTBEAT / 2)
+                gevent.sleep(tick)
                 silent = time.monotonic() - self._heard
                 if not self._pending or self.lost:
                     break
-                if silent >= LEAN_HEARTBEAT_TIMEOUT:
+                if silent >= self.silence_timeout:
                     self._lost(f"{self.addr} sent nothing for {silent:.1f}s")
                     break
-                if silent >= HEARTBEAT / 2:  # any answer counts, even an error
+                if silent >= tick:  # any answer counts, even an error
                     try:
                         self._socket.send(self._request(next(self._ids), "ping", ()), zmq.NOBLOCK)
                     except zmq.Again:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -160,14 +161,15 @@ def example_cluster() -> dict[str, object]:
 
 
 def test_format_shards_lag_down_and_slot_ranges() -> None:
-    # w1 knows r1's lag but not yet r2's; w2 did not answer; "gone" and r4 are not registered.
+    # w1 knows r1's lag but not yet r2's; w2 did not answer (ZooKeeper still counts it up);
+    # "gone" and r4 are not registered.
     infos = {"w1": {"replication": {"replicas": {"r1": {"lag": 3}, "r2": {"lag": None}}}}, "w2": None}
     assert format_shards(example_cluster(), infos).splitlines() == [
-        "SHARD     EPOCH  WRITER       REPLICAS                SLOTS",
-        "shard-1   4      w1           r1 (lag 3), r2 (lag ?)  0-511, 700-703, 705",
-        "shard-2   2      w2 (down)    r3 (lag ?)              512-699",
-        "shard-3   1      -            -                       -",
-        "shard-10  1      gone (down)  r4 (down)               704, 706-1023",
+        "SHARD     EPOCH  WRITER            REPLICAS                SLOTS",
+        "shard-1   4      w1                r1 (lag 3), r2 (lag ?)  0-511, 700-703, 705",
+        "shard-2   2      w2 (unreachable)  r3 (lag ?)              512-699",
+        "shard-3   1      -                 -                       -",
+        "shard-10  1      gone (down)       r4 (down)               704, 706-1023",
     ]
 
 
@@ -214,6 +216,23 @@ def test_format_nodes() -> None:
         "w1    h:1   writer   shard-1   up",
         "w2    h:4   writer   shard-2   up",
     ]
+
+
+def test_admin_status_tables_agree_on_every_node() -> None:
+    # 2 s after w2 was killed: ZooKeeper still holds its session (up), its info() failed. Both
+    # tables come from that one view and say the same of it (they once said "down" and "up").
+    from dkv.cli.admin import status_tables
+
+    infos = {"w1": {"replication": {"replicas": {"r1": {"lag": 0}, "r2": {"lag": 0}}}}, "w2": None}
+    shards, nodes = status_tables(example_cluster(), infos).split("\n\n")
+    in_nodes = {row.split()[0]: row.split()[-1] for row in nodes.splitlines()[1:]}
+    assert in_nodes["w2"] == "unreachable" and in_nodes["w1"] == "up" and in_nodes["r4"] == "down"
+    in_shards: dict[str, str] = {}
+    for row in shards.splitlines()[1:]:
+        for member in re.findall(r"(\w+)(?: \((down|unreachable|lag [^)]*)\))?", row.split(None, 2)[2]):
+            if member[0] in in_nodes:
+                in_shards[member[0]] = member[1] if member[1] in ("down", "unreachable") else "up"
+    assert in_shards == in_nodes  # every node appears in both, with the same status
 
 
 @pytest.mark.zk

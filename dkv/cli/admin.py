@@ -13,7 +13,7 @@ the move afresh): the way out of a move that cannot finish.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Mapping
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NoAuthError, NoNodeError, RolledBackError
@@ -21,20 +21,35 @@ from kazoo.exceptions import BadVersionError, NoAuthError, NoNodeError, RolledBa
 from dkv.auth import Credentials, kazoo_args, load_auth_dir
 from dkv.cluster import layout
 from dkv.errors import AuthError, InvalidArgument, Unavailable
+from dkv.logs import ZK_LOGGER, LastWarning
+
+#: seconds ``dkv admin`` waits for ZooKeeper by default (--timeout)
+CONNECT_TIMEOUT = 3.0
+#: the admin's ZooKeeper session timeout (it only lives for one command)
+SESSION_TIMEOUT = 10.0
 
 
 def _connect(zk: str, timeout: float, creds: Credentials | None) -> KazooClient:
-    client = KazooClient(hosts=zk, timeout=timeout, **kazoo_args(creds))
+    """A started kazoo client; :class:`Unavailable` with the cause after ``timeout`` seconds."""
+    try:
+        client = KazooClient(hosts=zk, timeout=SESSION_TIMEOUT, logger=ZK_LOGGER, **kazoo_args(creds))
+    except ValueError as e:
+        raise InvalidArgument(f"bad ZooKeeper address {zk!r}: {e}") from None
+    last = LastWarning()  # kazoo's reason for each failed attempt ("Connection refused")
+    ZK_LOGGER.addHandler(last)
     try:
         client.start(timeout=timeout)
     except Exception as e:
-        raise Unavailable(f"cannot reach ZooKeeper at {zk}: {e}") from None
+        cause = last.message or str(e)
+        raise Unavailable(f"cannot reach ZooKeeper at {zk} within {timeout:g}s ({cause})") from None
+    finally:
+        ZK_LOGGER.removeHandler(last)
     return client
 
 
 def status(zk: KazooClient, timeout: float = 2.0, creds: Credentials | None = None) -> str:
-    """The map as ZooKeeper holds it; each writer is asked for its replicas' lag."""
-    from dkv.cli.repl import format_nodes, format_shards, writer_infos
+    """The map as ZooKeeper holds it (one read); each writer is asked for its replicas' lag."""
+    from dkv.cli.repl import writer_infos
     from dkv.client import Client
 
     info = layout.read_cluster_info(zk)
@@ -45,7 +60,16 @@ def status(zk: KazooClient, timeout: float = 2.0, creds: Credentials | None = No
     if addrs:
         with Client(addrs, timeout=timeout, auth=creds) as client:
             infos = writer_infos(client, info)
-    return f"{format_shards(info, infos)}\n\n{format_nodes(info)}"
+    return status_tables(info, infos)
+
+
+def status_tables(info: Mapping[str, Any], infos: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """The shard table and the node table of one view: one ``cluster_info`` read and one round
+    of writer ``info()`` answers, so they cannot contradict each other (a writer that did not
+    answer is ``unreachable`` in both, though ZooKeeper still counts it up)."""
+    from dkv.cli.repl import format_nodes, format_shards
+
+    return f"{format_shards(info, infos)}\n\n{format_nodes(info, infos)}"
 
 
 def set_draining(zk: KazooClient, shard_id: str, draining: bool) -> str:
@@ -127,7 +151,8 @@ def cancel(zk: KazooClient, migration_id: str) -> str:
 ACTIONS = {"status": None, "drain": "SHARD", "undrain": "SHARD", "remove": "SHARD", "cancel": "MIGRATION"}
 
 
-def run_admin(zk_hosts: str, action: str, name: str | None, timeout: float = 10.0, auth_dir: str = "") -> int:
+def run_admin(zk_hosts: str, action: str, name: str | None, timeout: float = CONNECT_TIMEOUT,
+              auth_dir: str = "") -> int:
     if not zk_hosts:
         raise InvalidArgument("dkv admin needs --zk HOST:PORT[/chroot] (or DKV_ZK)")
     if action not in ACTIONS:

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name", nargs="?", metavar="SHARD|MIGRATION",
                    help="the shard (e.g. shard-2) or migration (e.g. m-0000000003, see status)")
     _env_flag(a, "--zk", default="", help="ZooKeeper HOST:PORT[,HOST:PORT...][/chroot] of the cluster")
-    _env_flag(a, "--timeout", type=float, default=10.0, help="seconds to reach ZooKeeper")
+    _env_flag(a, "--timeout", type=float, default=3.0, help="seconds to reach ZooKeeper")
     _env_flag(a, "--auth-dir", default="", help="directory holding the cluster key of a cluster with auth")
 
     for name, what in (("backup", "copy every shard's data (at one committed LSN per shard) into DIR"),
@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             _env_flag(r, "--force", action="store_true",
                       help="restore into a target that holds data (the backup's keys overwrite, others stay)")
+    for tool in (c, b, a):
+        tool.add_argument("-v", "--verbose", action="count", default=0,
+                          help="log to stderr what happens underneath (ZooKeeper connection messages, "
+                               "retries): -v INFO, -vv DEBUG; without it only results and errors print")
     return p
 
 
@@ -241,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.addrs = [*args.addrs, *(w for w in extra if w != "--")]
     from dkv.errors import DKVError
 
+    if args.command in ("cli", "bench", "admin"):
+        from dkv.logs import setup_cli
+
+        setup_cli(args.verbose)
     try:
         if args.command == "serve":
             return _serve(args)

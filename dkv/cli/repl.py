@@ -279,15 +279,16 @@ def format_shards(cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping
     """The shard table of a ``cluster_info()`` answer: shard, epoch, writer, replicas with lag, slots.
 
     ``writer_infos`` maps a writer's id to its ``info()``, or to None when it
-    did not answer (shown ``(down)``, like a member whose status is down).
-    A replica's lag is read from its writer's ``info()["replication"]["replicas"]``;
-    ``?`` when the writer was not asked or does not report it.
+    did not answer. A member that is not up (:func:`node_status`, the node
+    table's STATUS) shows its status instead of its details. A replica's lag is
+    read from its writer's ``info()["replication"]["replicas"]``; ``?`` when the
+    writer was not asked or does not report it.
     """
-    down = {n.get("id") for n in cluster.get("nodes", []) if n.get("status") == "down"}
-    down |= {wid for wid, info in writer_infos.items() if info is None}
+    status = node_status(cluster, writer_infos)
 
     def member(nid: str, detail: str) -> str:
-        return f"{nid} (down)" if nid in down else f"{nid}{detail}"
+        state = status.get(nid, "down")
+        return f"{nid}{detail}" if state == "up" else f"{nid} ({state})"
 
     rows = []
     for s in cluster.get("shards", []):
@@ -320,11 +321,30 @@ def _progress(target_writer_info: Mapping[str, Any] | None, migration_id: Any) -
     return out
 
 
-def format_nodes(cluster: Mapping[str, Any]) -> str:
-    """The node table of a ``cluster_info()`` answer: id, addr, role, shard, status."""
+#: the status of a node ZooKeeper counts up that did not answer just now (killed or paused: its
+#: session outlives it by up to the session timeout)
+UNREACHABLE = "unreachable"
+
+
+def node_status(cluster: Mapping[str, Any],
+                writer_infos: Mapping[str, Mapping[str, Any] | None] | None = None) -> dict[str, str]:
+    """Each node's status, the one both tables show: ZooKeeper's (``up``/``down``), or
+    :data:`UNREACHABLE` for an up node whose ``info()`` was asked for and did not come."""
+    status = {str(n.get("id")): str(n.get("status")) for n in cluster.get("nodes", [])}
+    for nid, info in (writer_infos or {}).items():
+        if info is None and status.get(nid) == "up":
+            status[nid] = UNREACHABLE
+    return status
+
+
+def format_nodes(cluster: Mapping[str, Any],
+                 writer_infos: Mapping[str, Mapping[str, Any] | None] | None = None) -> str:
+    """The node table of a ``cluster_info()`` answer: id, addr, role, shard, status
+    (:func:`node_status`: give the ``writer_infos`` the shard table was made with)."""
+    status = node_status(cluster, writer_infos)
     return format_table(
         ["ID", "ADDR", "ROLE", "SHARD", "STATUS"],
-        [[_scalar(n.get(f)) for f in ("id", "addr", "role", "shard", "status")]
+        [[_scalar(n.get(f)) for f in ("id", "addr", "role", "shard")] + [status[str(n.get("id"))]]
          for n in cluster.get("nodes", [])])
 
 
@@ -1098,6 +1118,11 @@ def _print_styled(ok: bool, text: str) -> None:
     print_formatted_text(FormattedText([("" if ok else "ansired", text)]))
 
 
+#: ``dkv cli``'s liveness (:class:`dkv.Client`): a stopped or paused node is reported after
+#: about this many seconds of silence, not the library's 2 (a person is waiting on the prompt)
+INTERACTIVE_LIVENESS = 1.0
+
+
 _ADDR = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):\d+(,(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):\d+)*$")
 
 
@@ -1123,7 +1148,7 @@ def run_cli(addrs: list[str], timeout: float, zk: str = "", auth: str | None = N
     # kazoo reports reconnects as warnings; the CLI reports failed commands itself.
     logging.getLogger("kazoo").setLevel(logging.ERROR)
     state = CliState(raw=raw, latency=latency)
-    client = Client(addrs, zk=zk or None, timeout=timeout, auth=auth or None)
+    client = Client(addrs, zk=zk or None, timeout=timeout, auth=auth or None, liveness=INTERACTIVE_LIVENESS)
     try:
         if command:
             ok, text = execute_argv(client, command, _print_plain, state)

@@ -185,17 +185,28 @@ class Client:
     cluster whose nodes run with ``--auth-dir``: connections are then encrypted and
     authenticated (CURVE). A node that refuses the key (or needs one) raises
     :class:`~dkv.errors.AuthError`.
+
+    ``liveness`` (seconds, default 2): how long a node may stay silent while a
+    request to it is in flight (the client pings it meanwhile), or take to accept
+    a connection, before it counts as not answering (``Unavailable``, or
+    ``WriteTimeout`` for a write it may have received). Shorter reports a stopped
+    node sooner but gives up on a node that is merely stalled (a long fsync, a
+    busy host) as well; the interactive ``dkv cli`` uses 1.
     """
 
     def __init__(self, addrs: str | Sequence[str] | None = None, *, zk: str | None = None,
-                 timeout: float = 10.0, max_inflight: int = 2, auth: "str | Credentials | None" = None) -> None:
+                 timeout: float = 10.0, max_inflight: int = 2, auth: "str | Credentials | None" = None,
+                 liveness: float | None = None) -> None:
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
+        if liveness is not None and (isinstance(liveness, bool) or not isinstance(liveness, (int, float))
+                                     or not 0 < liveness < float("inf")):
+            raise InvalidArgument("liveness must be a positive number of seconds")
         if zk is not None and not zk.strip():
             raise InvalidArgument("zk must be HOST:PORT[,HOST:PORT...][/chroot]")
         seeds = _parse_addrs(addrs) if addrs or not zk else []
         creds = load_optional(auth)
-        factory = lambda: ClientCore(seeds, timeout, max_inflight, zk=zk, auth=creds)  # noqa: E731
+        factory = lambda: ClientCore(seeds, timeout, max_inflight, zk=zk, auth=creds, liveness=liveness)  # noqa: E731
         #: the leases of this client's held locks (their renewal stops when the client closes)
         self._leases: "weakref.WeakSet[_Lease]" = weakref.WeakSet()
         if gevent.monkey.is_module_patched("threading"):

@@ -37,9 +37,10 @@ def _op_size(op: list[Any]) -> int:
 
 class Connection:
     def __init__(self, addr: str, timeout: float, max_inflight: int = 2,
-                 auth: Credentials | None = None) -> None:
+                 auth: Credentials | None = None, liveness: float | None = None) -> None:
         quiet_lost_remote(gevent.get_hub())
         self.addr = addr
+        self.liveness = liveness
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.auth = auth
@@ -54,7 +55,7 @@ class Connection:
         if self._rpc is not None and self._rpc.lost:  # dropped while idle: start afresh
             self._reset()
         if self._rpc is None:
-            self._rpc = LeanClient(self.addr, self.auth)
+            self._rpc = LeanClient(self.addr, self.auth, liveness=self.liveness)
         return self._rpc
 
     def _reset(self) -> None:

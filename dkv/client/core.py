@@ -52,8 +52,9 @@ class ClientCore:
     """Routing, connections and retries; ``zk`` (``HOST:PORT[/chroot]``) makes ZooKeeper the map source."""
 
     def __init__(self, seeds: list[str], timeout: float, max_inflight: int = 2, zk: str | None = None,
-                 auth: Credentials | None = None) -> None:
+                 auth: Credentials | None = None, liveness: float | None = None) -> None:
         self.seeds = seeds
+        self.liveness = liveness
         self.auth = auth
         self.timeout = timeout
         self.max_inflight = max_inflight
@@ -70,7 +71,7 @@ class ClientCore:
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
         if c is None:
-            c = self._conns[addr] = Connection(addr, self.timeout, self.max_inflight, self.auth)
+            c = self._conns[addr] = Connection(addr, self.timeout, self.max_inflight, self.auth, self.liveness)
         return c
 
     def request(self, addr: str, method: str, *args: Any) -> Any:

@@ -27,6 +27,7 @@ from kazoo.retry import KazooRetry
 
 from dkv.cluster import layout
 from dkv.errors import InvalidArgument, Unavailable
+from dkv.logs import ZK_LOGGER
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ZkClusterMap:
             # keep trying to reconnect, at least every RECONNECT_MAX_DELAY (kazoo's default backs off to an hour)
             retry = KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=RECONNECT_MAX_DELAY,
                                sleep_func=handler.sleep_func)
-            self._zk = KazooClient(hosts=hosts, handler=handler, connection_retry=retry)
+            self._zk = KazooClient(hosts=hosts, handler=handler, connection_retry=retry, logger=ZK_LOGGER)
         except ValueError as e:
             raise InvalidArgument(f"bad ZooKeeper address {hosts!r}: {e}") from None
         try:

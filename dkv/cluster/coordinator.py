@@ -33,6 +33,7 @@ from kazoo.retry import KazooRetry
 from dkv.auth import kazoo_args, secure_znodes
 from dkv.cluster import layout
 from dkv.errors import AuthError, DKVError, Unavailable
+from dkv.logs import ZK_LOGGER
 from dkv.node.config import NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Coordinator:
         self._on_session_lost = on_session_lost
         handler = SequentialGeventHandler()
         self.zk = KazooClient(hosts=config.zk, timeout=config.session_timeout, handler=handler,
-                              **kazoo_args(config.credentials),
+                              **kazoo_args(config.credentials), logger=ZK_LOGGER,
                               connection_retry=KazooRetry(max_tries=-1, max_delay=1.0,
                                                           sleep_func=handler.sleep_func),
                               command_retry=KazooRetry(max_tries=3, max_delay=1.0,
