@@ -31,9 +31,11 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/dkv serve $(ARGS)
 
-## lint: ruff (lint rules and import order) and mypy over dkv/, as configured in pyproject.toml
+## lint: ruff (lint rules, import order, formatting) and mypy over dkv/, as configured in pyproject.toml;
+##       `$(VENV)/bin/ruff format dkv tests benchmarks examples scripts` fixes the formatting
 lint: install
-	$(VENV)/bin/ruff check dkv tests benchmarks examples
+	$(VENV)/bin/ruff check dkv tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check dkv tests benchmarks examples scripts
 	$(PY) -m mypy dkv
 
 ## test: lint, then the whole suite (installs a local ZooKeeper when needed and possible)

@@ -7,6 +7,7 @@ Loads the keys with ``mset`` pages, then runs the real CLI (``dkv backup ADDR DI
 time and its summary line, checks the restored digest equals the source's
 (standalone), and stops every process it started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def load(addr: str, keys: int, value_size: int) -> None:
 
 def timed(*args: str) -> float:
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "dkv.cli.main", *args, "--quiet"], capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", *args, "--quiet"], capture_output=True, text=True, check=False
+    )
     took = time.monotonic() - started
     if out.returncode:
         raise SystemExit(f"dkv {' '.join(args)} failed: {out.stderr}")
@@ -79,8 +81,8 @@ def main() -> int:
 
             zkc = KazooClient(args.zk)
             zkc.start(timeout=30)
-            zkc.ensure_path(target[len(args.zk):])
-            zkc.ensure_path(zk[len(args.zk):])
+            zkc.ensure_path(target[len(args.zk) :])
+            zkc.ensure_path(zk[len(args.zk) :])
             zkc.stop()
             zkc.close()
             addrs = []
@@ -88,8 +90,11 @@ def main() -> int:
                 proc, addr = serve(data, f"t{i}", "--zk", target, "--replication-factor", "3", "--write-quorum", "2")
                 procs.append(proc)
                 addrs.append(addr)
-                wait_for(lambda a=addr: answers(a, lambda info: info.get("role") in ("writer", "replica")), 60,
-                         f"t{i} to join")
+                wait_for(
+                    lambda a=addr: answers(a, lambda info: info.get("role") in ("writer", "replica")),
+                    60,
+                    f"t{i} to join",
+                )
             timed("restore", "--zk", target, os.path.join(data, "bk-cluster"))
         return 0
     finally:

@@ -11,6 +11,7 @@ Each ``--op`` is a ``dkv bench --op``: ``set`` (sets only), ``cas`` (every op on
 successful ``cas`` on a key only it holds), ``incr`` (one increment of a random counter).
 Per client count the ops run in turn against each target, in the same window.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,21 @@ def serve(data: str, node_id: str, *flags: str, new_session: bool = False) -> tu
     """Start a node (in its own session with ``new_session``, so a Ctrl-C reaches only the caller);
     its output goes to ``DATA/NODE_ID.log``, not the benchmark's terminal."""
     port = free_port()
-    cmd = [sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", node_id, "--port", str(port),
-           "--data-dir", os.path.join(data, node_id), "--log-level", "WARNING", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dkv.cli.main",
+        "serve",
+        "--node-id",
+        node_id,
+        "--port",
+        str(port),
+        "--data-dir",
+        os.path.join(data, node_id),
+        "--log-level",
+        "WARNING",
+        *flags,
+    ]
     os.makedirs(data, exist_ok=True)
     with open(os.path.join(data, f"{node_id}.log"), "ab") as log:
         proc = subprocess.Popen(cmd, start_new_session=new_session, stdout=log, stderr=subprocess.STDOUT)
@@ -63,13 +77,30 @@ def answers(addr: str, check: Callable[[dict[str, Any]], bool] = lambda i: True)
 
 
 def bench(addr: str, clients: int, ops: int, value_size: int, op: str = "set", keys: int = 100_000) -> None:
-    subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", addr, "--clients", str(clients),
-                    "--ops", str(ops), "--value-size", str(value_size), "--op", op, "--keys", str(keys),
-                    "--no-progress"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dkv.cli.main",
+            "bench",
+            addr,
+            "--clients",
+            str(clients),
+            "--ops",
+            str(ops),
+            "--value-size",
+            str(value_size),
+            "--op",
+            op,
+            "--keys",
+            str(keys),
+            "--no-progress",
+        ],
+        check=True,
+    )
 
 
-def start_nodes(data: str, zk: str, procs: list[subprocess.Popen[bytes]],
-                new_session: bool = False) -> tuple[str, str]:
+def start_nodes(data: str, zk: str, procs: list[subprocess.Popen[bytes]], new_session: bool = False) -> tuple[str, str]:
     """A standalone node and a 1x3 cluster (write_quorum 2) under ``zk``, each started process
     appended to ``procs`` (so the caller stops them whatever fails); (standalone, writer) addresses
     once both replicas are in sync."""
@@ -77,15 +108,23 @@ def start_nodes(data: str, zk: str, procs: list[subprocess.Popen[bytes]],
     procs.append(proc)
     writer_addr = ""
     for i in (1, 2, 3):  # one at a time: n1 becomes the writer, n2 and n3 its replicas
-        proc, addr = serve(data, f"n{i}", "--zk", zk, "--replication-factor", "3", "--write-quorum", "2",
-                           new_session=new_session)
+        proc, addr = serve(
+            data, f"n{i}", "--zk", zk, "--replication-factor", "3", "--write-quorum", "2", new_session=new_session
+        )
         procs.append(proc)
         writer_addr = writer_addr or addr
-        wait_for(lambda a=addr: answers(a, lambda info: info.get("role") in ("writer", "replica")), 60,
-                 f"n{i} to join")
-    wait_for(lambda: answers(writer_addr, lambda info: all(
-        r["state"] == "in_sync" for r in info["replication"]["replicas"].values())
-        and len(info["replication"]["replicas"]) == 2), 60, "both replicas in sync")
+        wait_for(lambda a=addr: answers(a, lambda info: info.get("role") in ("writer", "replica")), 60, f"n{i} to join")
+    wait_for(
+        lambda: answers(
+            writer_addr,
+            lambda info: (
+                all(r["state"] == "in_sync" for r in info["replication"]["replicas"].values())
+                and len(info["replication"]["replicas"]) == 2
+            ),
+        ),
+        60,
+        "both replicas in sync",
+    )
     wait_for(lambda: answers(standalone), 30, "the standalone node")
     return standalone, writer_addr
 
@@ -108,8 +147,13 @@ def main() -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     p.add_argument("--ops", type=int, default=20000, help="ops at the highest client count (1 client: a quarter)")
     p.add_argument("--value-size", type=int, default=100)
-    p.add_argument("--op", nargs="+", default=["set"], choices=["set", "cas", "incr"],
-                   help="dkv bench --op of each run (default: set)")
+    p.add_argument(
+        "--op",
+        nargs="+",
+        default=["set"],
+        choices=["set", "cas", "incr"],
+        help="dkv bench --op of each run (default: set)",
+    )
     p.add_argument("--keys", type=int, default=100_000, help="key space of each run")
     args = p.parse_args()
     data = tempfile.mkdtemp(prefix="dkv-bench-")

@@ -1,6 +1,7 @@
 """Memory of a node holding many keys: load N keys of V bytes into a fresh standalone node
 (``mset`` pages of 2,000) and report its resident set size (issue 10: 1M keys of 100 bytes
 must fit in 150 MB)."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def main() -> int:
             client.mset({b"key:%010d" % j: value for j in range(i, min(i + 2000, args.keys))})
         took = time.monotonic() - t0
         client.close()
-        print(f"{args.keys} keys of {args.value_size} bytes loaded in {took:.1f} s ({args.keys / took:,.0f} keys/s); "
-              f"node RSS {start:.0f} MB empty, {rss_mb(proc.pid):.0f} MB loaded")
+        print(
+            f"{args.keys} keys of {args.value_size} bytes loaded in {took:.1f} s ({args.keys / took:,.0f} keys/s); "
+            f"node RSS {start:.0f} MB empty, {rss_mb(proc.pid):.0f} MB loaded"
+        )
         return 0
     finally:
         stop_all(procs, data)

@@ -10,6 +10,7 @@ latency before and during the move. Stops every process it started.
 
     python benchmarks/migration_bench.py [--zk 127.0.0.1:2181] [--keys 100000] [--clients 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,9 +67,11 @@ class Foreground:
     def window(self, start: float, end: float) -> dict[str, Any]:
         with self._lock:
             lat = [lt for at, lt in self.samples if start <= at < end]
-        return {"ops_per_s": round(len(lat) / max(1e-9, end - start)),
-                "max_latency_ms": round(1000 * max(lat, default=0.0), 1),
-                "p50_ms": round(1000 * sorted(lat)[len(lat) // 2], 2) if lat else None}
+        return {
+            "ops_per_s": round(len(lat) / max(1e-9, end - start)),
+            "max_latency_ms": round(1000 * max(lat, default=0.0), 1),
+            "p50_ms": round(1000 * sorted(lat)[len(lat) // 2], 2) if lat else None,
+        }
 
 
 def cluster_info(zk: str) -> dict[str, Any]:
@@ -121,19 +124,19 @@ def main() -> int:
 
         def balanced() -> bool:
             info = cluster_info(zk)
-            return not info.get("migrations") and all(sh["slots"] for sh in info["shards"]) \
-                and len(info["shards"]) == 2
+            return not info.get("migrations") and all(sh["slots"] for sh in info["shards"]) and len(info["shards"]) == 2
 
         wait_for(balanced, 600, "the move to finish")
         t_done = time.monotonic()
         fg.stop()
         before, during = fg.window(t_grow - 5, t_grow), fg.window(t_grow, t_done)
         moving = t_done - (first_seen[0] if first_seen else t_grow)
-        print(f"second shard joined and received 512 slots (~{args.keys // 2} keys): {t_done - t_grow:.1f}s "
-              f"from the first new node's start, {moving:.1f}s from the migration's creation "
-              f"(~{round(args.keys / 2 / moving)} keys/s)")
-        print(f"foreground sets, {args.clients} threads: before {before}; during {during}; "
-              f"errors {fg.errors}")
+        print(
+            f"second shard joined and received 512 slots (~{args.keys // 2} keys): {t_done - t_grow:.1f}s "
+            f"from the first new node's start, {moving:.1f}s from the migration's creation "
+            f"(~{round(args.keys / 2 / moving)} keys/s)"
+        )
+        print(f"foreground sets, {args.clients} threads: before {before}; during {during}; errors {fg.errors}")
         client.close()
         return 0
     finally:

@@ -20,6 +20,7 @@ The etcd client hand-encodes the two messages it needs (``PutRequest`` and
 about forty lines instead of the ``etcd3`` package, which is unmaintained,
 pins an old protobuf and has no asyncio client.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,13 +109,13 @@ def decode_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
             yield number, read_varint()
         elif wire == 2:
             size = read_varint()
-            yield number, buf[i:i + size]
+            yield number, buf[i : i + size]
             i += size
         elif wire == 1:
-            yield number, buf[i:i + 8]
+            yield number, buf[i : i + 8]
             i += 8
         elif wire == 5:
-            yield number, buf[i:i + 4]
+            yield number, buf[i : i + 4]
             i += 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
@@ -122,8 +123,13 @@ def decode_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
 
 def range_values(response: bytes) -> list[bytes]:
     """The values of a RangeResponse's kvs (field 2; KeyValue.value is field 5)."""
-    return [v for n, kv in decode_fields(response) if n == 2 and isinstance(kv, bytes)
-            for m, v in decode_fields(kv) if m == 5 and isinstance(v, bytes)]
+    return [
+        v
+        for n, kv in decode_fields(response)
+        if n == 2 and isinstance(kv, bytes)
+        for m, v in decode_fields(kv)
+        if m == 5 and isinstance(v, bytes)
+    ]
 
 
 def status_is_leader(response: bytes) -> bool:
@@ -153,26 +159,35 @@ class Measure:
     @classmethod
     def of(cls, result: LoadResult) -> Measure:
         lat = result.latencies
-        return cls(result.throughput, percentile(lat, 50) * 1000 if lat else float("nan"),
-                   percentile(lat, 99) * 1000 if lat else float("nan"), result.failed)
+        return cls(
+            result.throughput,
+            percentile(lat, 50) * 1000 if lat else float("nan"),
+            percentile(lat, 99) * 1000 if lat else float("nan"),
+            result.failed,
+        )
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Measure:
         """From ``dkv bench --json`` output."""
         nan = float("nan")
-        return cls(float(doc["throughput_ops_s"]),
-                   nan if doc["p50_ms"] is None else float(doc["p50_ms"]),
-                   nan if doc["p99_ms"] is None else float(doc["p99_ms"]), int(doc["failed"]))
+        return cls(
+            float(doc["throughput_ops_s"]),
+            nan if doc["p50_ms"] is None else float(doc["p50_ms"]),
+            nan if doc["p99_ms"] is None else float(doc["p99_ms"]),
+            int(doc["failed"]),
+        )
 
 
 def median_measure(measures: Sequence[Measure]) -> Measure:
     """Each figure's median over runs (taken separately per figure); errors are summed."""
     if not measures:
         raise ValueError("no measures")
-    return Measure(statistics.median(m.ops_s for m in measures),
-                   statistics.median(m.p50_ms for m in measures),
-                   statistics.median(m.p99_ms for m in measures),
-                   sum(m.errors for m in measures))
+    return Measure(
+        statistics.median(m.ops_s for m in measures),
+        statistics.median(m.p50_ms for m in measures),
+        statistics.median(m.p99_ms for m in measures),
+        sum(m.errors for m in measures),
+    )
 
 
 @dataclass(frozen=True)
@@ -191,10 +206,24 @@ class Workload:
 WORKLOADS: tuple[Workload, ...] = (
     Workload("set1", "sets, 1 client", 1, "put", "cluster", "1:0"),
     Workload("set32", "sets, 32 in flight", 32, "put", "cluster", "1:0"),
-    Workload("lin32", "linearizable gets, 32 in flight (etcd: linearizable range)", 32, "range",
-             "cluster", "0:1", "linearizable"),
-    Workload("seq32", "sequential gets, 32 in flight (etcd: serializable range)", 32,
-             "range-serializable", "cluster", "0:1", "sequential"),
+    Workload(
+        "lin32",
+        "linearizable gets, 32 in flight (etcd: linearizable range)",
+        32,
+        "range",
+        "cluster",
+        "0:1",
+        "linearizable",
+    ),
+    Workload(
+        "seq32",
+        "sequential gets, 32 in flight (etcd: serializable range)",
+        32,
+        "range-serializable",
+        "cluster",
+        "0:1",
+        "sequential",
+    ),
     Workload("standalone32", "standalone sets, 32 in flight", 32, None, "standalone", "1:0"),
 )
 
@@ -231,14 +260,17 @@ def _x(r: float) -> str:
 
 def format_table(rows: Sequence[tuple[Workload, Measure, Measure | None]]) -> str:
     """A Markdown table: each workload's dkv and etcd figures and the dkv/etcd ratios."""
-    lines = [("| workload | dkv ops/s | dkv p50 ms | dkv p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms "
-              "| ops/s dkv/etcd | p50 dkv/etcd |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| workload | dkv ops/s | dkv p50 ms | dkv p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms "
+            "| ops/s dkv/etcd | p50 dkv/etcd |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for w, d, e in rows:
         etcd = [_num(e.ops_s), _ms(e.p50_ms), _ms(e.p99_ms)] if e else ["", "", ""]
         ratios = [_x(_ratio(d.ops_s, e.ops_s)), _x(_ratio(d.p50_ms, e.p50_ms))] if e else ["", ""]
-        lines.append("| " + " | ".join([w.title, _num(d.ops_s), _ms(d.p50_ms), _ms(d.p99_ms), *etcd, *ratios])
-                     + " |")
+        lines.append("| " + " | ".join([w.title, _num(d.ops_s), _ms(d.p50_ms), _ms(d.p99_ms), *etcd, *ratios]) + " |")
     return "\n".join(lines)
 
 
@@ -263,21 +295,26 @@ def format_goals(results: dict[str, tuple[Measure, Measure | None]]) -> str:
         d, e = results["set32"]
         assert e is not None
         r = _ratio(d.ops_s, e.ops_s)
-        out.append(f"- replicated sets, 32 in flight: dkv/etcd = {_x(r)} (goal >= 2.0x, milestone >= 1.0x): "
-                   f"{_verdict(r, 2.0, 1.0, True)}; dkv p99 {_ms(d.p99_ms)} ms (goal <= 15 ms): "
-                   f"{_verdict(d.p99_ms, 15.0, None, False)}")
+        out.append(
+            f"- replicated sets, 32 in flight: dkv/etcd = {_x(r)} (goal >= 2.0x, milestone >= 1.0x): "
+            f"{_verdict(r, 2.0, 1.0, True)}; dkv p99 {_ms(d.p99_ms)} ms (goal <= 15 ms): "
+            f"{_verdict(d.p99_ms, 15.0, None, False)}"
+        )
     if "set1" in results and results["set1"][1]:
         d, e = results["set1"]
         assert e is not None
         r = _ratio(d.p50_ms, e.p50_ms)
-        out.append(f"- one client: dkv set p50 / etcd put p50 = {_x(r)} (goal <= 1.2x, milestone <= 2.0x): "
-                   f"{_verdict(r, 1.2, 2.0, False)}")
+        out.append(
+            f"- one client: dkv set p50 / etcd put p50 = {_x(r)} (goal <= 1.2x, milestone <= 2.0x): "
+            f"{_verdict(r, 1.2, 2.0, False)}"
+        )
     if "lin32" in results and results["lin32"][1]:
         d, e = results["lin32"]
         assert e is not None
         r = _ratio(d.ops_s, e.ops_s)
-        out.append(f"- linearizable gets, 32 in flight: dkv/etcd = {_x(r)} (goal >= 2.0x): "
-                   f"{_verdict(r, 2.0, None, True)}")
+        out.append(
+            f"- linearizable gets, 32 in flight: dkv/etcd = {_x(r)} (goal >= 2.0x): {_verdict(r, 2.0, None, True)}"
+        )
     if "seq32" in results:
         d, e = results["seq32"]
         line = "- sequential gets, 32 in flight:"
@@ -285,13 +322,17 @@ def format_goals(results: dict[str, tuple[Measure, Measure | None]]) -> str:
             line += f" dkv/etcd serializable = {_x(_ratio(d.ops_s, e.ops_s))};"
         if "lin32" in results:
             lin = results["lin32"][0].ops_s
-            line += (f" {_x(_ratio(d.ops_s, lin))} dkv's linearizable gets (goal: higher): "
-                     f"{_verdict(d.ops_s, lin, None, True) if not math.isnan(lin) else 'not measured'}")
+            line += (
+                f" {_x(_ratio(d.ops_s, lin))} dkv's linearizable gets (goal: higher): "
+                f"{_verdict(d.ops_s, lin, None, True) if not math.isnan(lin) else 'not measured'}"
+            )
         out.append(line.rstrip(";"))
     if "standalone32" in results:
         d = results["standalone32"][0]
-        out.append(f"- standalone sets, 32 in flight: {_num(d.ops_s)} ops/s (goal >= 20,000): "
-                   f"{_verdict(d.ops_s, 20_000, None, True)}")
+        out.append(
+            f"- standalone sets, 32 in flight: {_num(d.ops_s)} ops/s (goal >= 20,000): "
+            f"{_verdict(d.ops_s, 20_000, None, True)}"
+        )
     return "\n".join(out)
 
 
@@ -333,7 +374,7 @@ def _function(frame: str) -> str:
         return frame
     path = where.rstrip(")").rsplit(":", 1)[0]
     parts = Path(path).parts
-    short = "/".join(parts[parts.index("dkv"):]) if "dkv" in parts else "/".join(parts[-2:])
+    short = "/".join(parts[parts.index("dkv") :]) if "dkv" in parts else "/".join(parts[-2:])
     return f"{name} ({short})"
 
 
@@ -345,14 +386,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=32, help="requests in flight for the concurrent workloads")
     p.add_argument("--value-size", type=int, default=100)
     p.add_argument("--keys", type=int, default=10_000, help="key space (preloaded before the runs)")
-    p.add_argument("--workloads", nargs="+", metavar="NAME",
-                   help=f"only these ({', '.join(w.name for w in WORKLOADS)})")
-    p.add_argument("--etcd-bin", default="", help="etcd binary (default: scripts/ensure-etcd.sh finds or "
-                                                 "installs one)")
+    p.add_argument(
+        "--workloads", nargs="+", metavar="NAME", help=f"only these ({', '.join(w.name for w in WORKLOADS)})"
+    )
+    p.add_argument("--etcd-bin", default="", help="etcd binary (default: scripts/ensure-etcd.sh finds or installs one)")
     p.add_argument("--json-out", default="", help="also write every run's figures to this JSON file")
-    p.add_argument("--profile", default="", metavar="DIR",
-                   help="after the runs, profile the dkv writer and one replica with py-spy under the "
-                        "32-in-flight set load; collapsed stacks and a summary go to DIR")
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="after the runs, profile the dkv writer and one replica with py-spy under the "
+        "32-in-flight set load; collapsed stacks and a summary go to DIR",
+    )
     p.add_argument("--profile-seconds", type=float, default=20.0)
     args = p.parse_args(argv)
     if args.runs < 0 or args.duration <= 0 or args.clients < 1 or args.keys < 1 or args.value_size < 0:
@@ -364,9 +409,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     if args.clients != 32:  # the concurrent rows take their concurrency from --clients
-        args.selected = [w if w.clients == 1 else
-                         Workload(w.name, w.title.replace("32", str(args.clients)), args.clients, w.etcd,
-                                  w.dkv_target, w.dkv_ratio, w.dkv_consistency) for w in args.selected]
+        args.selected = [
+            w
+            if w.clients == 1
+            else Workload(
+                w.name,
+                w.title.replace("32", str(args.clients)),
+                args.clients,
+                w.etcd,
+                w.dkv_target,
+                w.dkv_ratio,
+                w.dkv_consistency,
+            )
+            for w in args.selected
+        ]
     return args
 
 
@@ -387,12 +443,33 @@ class Etcd:
         token = f"dkv-vs-etcd-{uuid.uuid4().hex[:8]}"
         for n in names:
             log = open(os.path.join(base, f"{n}.log"), "wb")  # noqa: SIM115 (closed once the child has it)
-            cmd = [binary, "--name", n, "--data-dir", os.path.join(base, n),
-                   "--listen-client-urls", f"http://{client[n]}", "--advertise-client-urls", f"http://{client[n]}",
-                   "--listen-peer-urls", peer[n], "--initial-advertise-peer-urls", peer[n],
-                   "--initial-cluster", cluster, "--initial-cluster-token", token,
-                   "--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr",
-                   "--log-level", "warn"]
+            cmd = [
+                binary,
+                "--name",
+                n,
+                "--data-dir",
+                os.path.join(base, n),
+                "--listen-client-urls",
+                f"http://{client[n]}",
+                "--advertise-client-urls",
+                f"http://{client[n]}",
+                "--listen-peer-urls",
+                peer[n],
+                "--initial-advertise-peer-urls",
+                peer[n],
+                "--initial-cluster",
+                cluster,
+                "--initial-cluster-token",
+                token,
+                "--initial-cluster-state",
+                "new",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+                "--log-level",
+                "warn",
+            ]
             # Own session: a Ctrl-C reaches this script, which stops the members in order.
             self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True))
             log.close()
@@ -442,8 +519,7 @@ class Etcd:
                 proc.wait()
 
 
-async def _etcd_load(endpoint: str, kind: str, clients: int, duration: float, keys: int,
-                     value_size: int) -> LoadResult:
+async def _etcd_load(endpoint: str, kind: str, clients: int, duration: float, keys: int, value_size: int) -> LoadResult:
     """``clients`` coroutines sharing one grpc.aio channel, each with one request in flight."""
     import grpc
 
@@ -455,15 +531,16 @@ async def _etcd_load(endpoint: str, kind: str, clients: int, duration: float, ke
         await asyncio.wait_for(ch.channel_ready(), 10)
         call = ch.unary_unary(PUT if kind == "put" else RANGE)
         serializable = kind == "range-serializable"
-        await call(encode_range(bench_key(0)) if kind != "put" else encode_put(bench_key(0), buf[:value_size]),
-                   timeout=10)  # connected and warm outside the timed run
+        await call(
+            encode_range(bench_key(0)) if kind != "put" else encode_put(bench_key(0), buf[:value_size]), timeout=10
+        )  # connected and warm outside the timed run
 
         async def worker() -> None:
             while clock() < deadline:
                 key = bench_key(rng.randrange(keys))
                 if kind == "put":
                     at = rng.randrange(1024)
-                    request = encode_put(key, buf[at:at + value_size])
+                    request = encode_put(key, buf[at : at + value_size])
                 else:
                     request = encode_range(key, serializable)
                 t0 = clock()
@@ -517,9 +594,27 @@ def dkv_preload(addr: str, keys: int, value_size: int) -> None:
 
 
 def dkv_bench_cmd(addr: str, w: Workload, duration: float, keys: int, value_size: int) -> list[str]:
-    return [sys.executable, "-m", "dkv.cli.main", "bench", addr, "--clients", str(w.clients),
-            "--duration", f"{duration:g}", "--value-size", str(value_size), "--ratio", w.dkv_ratio,
-            "--consistency", w.dkv_consistency, "--keys", str(keys), "--json", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "dkv.cli.main",
+        "bench",
+        addr,
+        "--clients",
+        str(w.clients),
+        "--duration",
+        f"{duration:g}",
+        "--value-size",
+        str(value_size),
+        "--ratio",
+        w.dkv_ratio,
+        "--consistency",
+        w.dkv_consistency,
+        "--keys",
+        str(keys),
+        "--json",
+        "--no-progress",
+    ]
 
 
 def _bench_env() -> dict[str, str]:
@@ -530,8 +625,15 @@ def _bench_env() -> dict[str, str]:
 
 def dkv_load(addr: str, w: Workload, duration: float, keys: int, value_size: int) -> Measure:
     # Own session: a Ctrl-C interrupts this script, and subprocess.run kills the bench.
-    proc = subprocess.run(dkv_bench_cmd(addr, w, duration, keys, value_size), capture_output=True, text=True,
-                          env=_bench_env(), timeout=duration + 120, start_new_session=True, check=False)
+    proc = subprocess.run(
+        dkv_bench_cmd(addr, w, duration, keys, value_size),
+        capture_output=True,
+        text=True,
+        env=_bench_env(),
+        timeout=duration + 120,
+        start_new_session=True,
+        check=False,
+    )
     lines = proc.stdout.strip().splitlines()
     if not lines or not lines[-1].startswith("{"):
         raise SystemExit(f"dkv bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -548,28 +650,63 @@ def cpu_seconds(pid: int) -> float:
 PROFILE_HZ = 100
 
 
-def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subprocess.Popen[bytes]],
-            writer_addr: str, w: Workload, seconds: float, keys: int, value_size: int) -> str:
+def profile(
+    out_dir: str,
+    writer: subprocess.Popen[bytes],
+    replicas: list[subprocess.Popen[bytes]],
+    writer_addr: str,
+    w: Workload,
+    seconds: float,
+    keys: int,
+    value_size: int,
+) -> str:
     """py-spy record the writer and the first replica under ``w``'s load; returns a text summary."""
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not os.path.exists(pyspy):
         raise SystemExit("py-spy is missing: pip install py-spy (or make bench-vs-etcd installs it)")
     os.makedirs(out_dir, exist_ok=True)
-    bench = subprocess.Popen(dkv_bench_cmd(writer_addr, w, seconds + 4, keys, value_size),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_bench_env(),
-                             start_new_session=True)
+    bench = subprocess.Popen(
+        dkv_bench_cmd(writer_addr, w, seconds + 4, keys, value_size),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_bench_env(),
+        start_new_session=True,
+    )
     try:
         time.sleep(2)  # connected, load running
-        watched = {"writer": writer.pid, **{f"replica {i + 1}": r.pid for i, r in enumerate(replicas)},
-                   "dkv bench (client)": bench.pid}
+        watched = {
+            "writer": writer.pid,
+            **{f"replica {i + 1}": r.pid for i, r in enumerate(replicas)},
+            "dkv bench (client)": bench.pid,
+        }
         before = {name: cpu_seconds(pid) for name, pid in watched.items()}
         t0 = time.monotonic()
-        spies = {name: subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration", f"{seconds:g}",
-                                         "--rate", str(PROFILE_HZ), "--format", "raw", "--nonblocking", "--gil",
-                                         "--output", os.path.join(out_dir, f"{name.replace(' ', '-')}.txt")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
-                 for name, pid in (("writer", writer.pid), ("replica", replicas[0].pid))}
+        spies = {
+            name: subprocess.Popen(
+                [
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    f"{seconds:g}",
+                    "--rate",
+                    str(PROFILE_HZ),
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--gil",
+                    "--output",
+                    os.path.join(out_dir, f"{name.replace(' ', '-')}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            for name, pid in (("writer", writer.pid), ("replica", replicas[0].pid))
+        }
         for spy in spies.values():
             spy.wait(seconds + 60)
         elapsed = time.monotonic() - t0
@@ -580,11 +717,15 @@ def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subpro
             bench.kill()
             bench.wait()
     measure = Measure.from_json(json.loads(stdout.strip().splitlines()[-1]))
-    report = [(f"profile: {w.title} on the 1x3 cluster, {seconds:g} s of py-spy ({PROFILE_HZ} Hz, --gil: "
-               f"only the thread holding the GIL is sampled, so a sample is Python CPU time; --nonblocking) "
-               f"on the writer and one replica; the load meanwhile: {_num(measure.ops_s)} ops/s, "
-               f"p50 {_ms(measure.p50_ms)} ms, p99 {_ms(measure.p99_ms)} ms (py-spy costs CPU too)"),
-              "CPU used during the window (cores; 1.00 = one core busy all the time):"]
+    report = [
+        (
+            f"profile: {w.title} on the 1x3 cluster, {seconds:g} s of py-spy ({PROFILE_HZ} Hz, --gil: "
+            f"only the thread holding the GIL is sampled, so a sample is Python CPU time; --nonblocking) "
+            f"on the writer and one replica; the load meanwhile: {_num(measure.ops_s)} ops/s, "
+            f"p50 {_ms(measure.p50_ms)} ms, p99 {_ms(measure.p99_ms)} ms (py-spy costs CPU too)"
+        ),
+        "CPU used during the window (cores; 1.00 = one core busy all the time):",
+    ]
     report += [f"  {name}: {(after[name] - before[name]) / elapsed:.2f}" for name in watched]
     for name, spy in spies.items():
         path = os.path.join(out_dir, f"{name}.txt")
@@ -594,8 +735,10 @@ def profile(out_dir: str, writer: subprocess.Popen[bytes], replicas: list[subpro
         with open(path) as f:
             lines = f.readlines()
         held = sum(int(c) for c in (ln.rstrip().rpartition(" ")[2] for ln in lines) if c.isdigit())
-        report.append(f"{name}: GIL held {100.0 * held / (PROFILE_HZ * seconds):.0f}% of the window; top "
-                      f"functions (self % / total % of its GIL samples), {path}")
+        report.append(
+            f"{name}: GIL held {100.0 * held / (PROFILE_HZ * seconds):.0f}% of the window; top "
+            f"functions (self % / total % of its GIL samples), {path}"
+        )
         for func, self_pct, total_pct in summarize_collapsed(lines, top=20):
             report.append(f"  {self_pct:5.1f}% {total_pct:5.1f}%  {func}")
     text = "\n".join(report)
@@ -622,14 +765,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     dkv_procs: list[subprocess.Popen[bytes]] = []
     etcd: Etcd | None = None
     try:
-        print(f"starting 3 etcd members ({etcd_bin}), a 1x3 dkv cluster and a standalone dkv node "
-              f"(data under {base}) ...", flush=True)
+        print(
+            f"starting 3 etcd members ({etcd_bin}), a 1x3 dkv cluster and a standalone dkv node "
+            f"(data under {base}) ...",
+            flush=True,
+        )
         os.makedirs(os.path.join(base, "etcd"))
         etcd = Etcd(etcd_bin, os.path.join(base, "etcd"))
         standalone, writer_addr = start_nodes(os.path.join(base, "dkv"), zk, dkv_procs, new_session=True)
         leader = etcd.leader()
-        print(f"etcd leader {leader}; dkv writer {writer_addr}; preloading {args.keys} keys of "
-              f"{args.value_size} bytes into each ...", flush=True)
+        print(
+            f"etcd leader {leader}; dkv writer {writer_addr}; preloading {args.keys} keys of "
+            f"{args.value_size} bytes into each ...",
+            flush=True,
+        )
         asyncio.run(_etcd_preload(leader, args.keys, args.value_size))
         dkv_preload(writer_addr, args.keys, args.value_size)
         dkv_preload(standalone, args.keys, args.value_size)
@@ -640,14 +789,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             for w in args.selected:
                 got[w.name] = {}
                 if w.etcd:
-                    got[w.name]["etcd"] = m = etcd_load(leader, w.etcd, w.clients, args.duration, args.keys,
-                                                        args.value_size)
-                    print(f"run {run} {w.name} etcd: {_num(m.ops_s)} ops/s p50 {_ms(m.p50_ms)} "
-                          f"p99 {_ms(m.p99_ms)} errors {m.errors}", flush=True)
-                got[w.name]["dkv"] = m = dkv_load(addr_of[w.dkv_target], w, args.duration, args.keys,
-                                                  args.value_size)
-                print(f"run {run} {w.name} dkv:  {_num(m.ops_s)} ops/s p50 {_ms(m.p50_ms)} "
-                      f"p99 {_ms(m.p99_ms)} errors {m.errors}", flush=True)
+                    got[w.name]["etcd"] = m = etcd_load(
+                        leader, w.etcd, w.clients, args.duration, args.keys, args.value_size
+                    )
+                    print(
+                        f"run {run} {w.name} etcd: {_num(m.ops_s)} ops/s p50 {_ms(m.p50_ms)} "
+                        f"p99 {_ms(m.p99_ms)} errors {m.errors}",
+                        flush=True,
+                    )
+                got[w.name]["dkv"] = m = dkv_load(addr_of[w.dkv_target], w, args.duration, args.keys, args.value_size)
+                print(
+                    f"run {run} {w.name} dkv:  {_num(m.ops_s)} ops/s p50 {_ms(m.p50_ms)} "
+                    f"p99 {_ms(m.p99_ms)} errors {m.errors}",
+                    flush=True,
+                )
             runs.append(got)
         if runs:
             medians: dict[str, tuple[Measure, Measure | None]] = {}
@@ -655,25 +810,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                 d = median_measure([r[w.name]["dkv"] for r in runs])
                 e = median_measure([r[w.name]["etcd"] for r in runs]) if w.etcd else None
                 medians[w.name] = (d, e)
-            print(f"\n{'median of ' + str(len(runs)) + ' runs' if len(runs) > 1 else 'one run'}, "
-                  f"{args.duration:g} s per workload and system, {args.value_size}-byte values, 16-byte keys, "
-                  f"{args.keys} keys preloaded; dkv 1x3 write_quorum 2 (fsync on) vs etcd 3 members "
-                  f"(leader endpoint):\n")
+            print(
+                f"\n{'median of ' + str(len(runs)) + ' runs' if len(runs) > 1 else 'one run'}, "
+                f"{args.duration:g} s per workload and system, {args.value_size}-byte values, 16-byte keys, "
+                f"{args.keys} keys preloaded; dkv 1x3 write_quorum 2 (fsync on) vs etcd 3 members "
+                f"(leader endpoint):\n"
+            )
             print(format_table([(w, *medians[w.name]) for w in args.selected]))
             print("\n" + format_goals(medians), flush=True)
             errors = sum(m.errors for r in runs for per in r.values() for m in per.values())
             if errors:
                 print(f"\nWARNING: {errors} failed ops in total (see the per-run lines)")
             if args.json_out:
-                Path(args.json_out).write_text(json.dumps(
-                    {"args": {k: v for k, v in vars(args).items() if k != "selected"},
-                     "runs": [{w: {s: m.__dict__ for s, m in per.items()} for w, per in r.items()} for r in runs]},
-                    indent=1))
+                Path(args.json_out).write_text(
+                    json.dumps(
+                        {
+                            "args": {k: v for k, v in vars(args).items() if k != "selected"},
+                            "runs": [
+                                {w: {s: m.__dict__ for s, m in per.items()} for w, per in r.items()} for r in runs
+                            ],
+                        },
+                        indent=1,
+                    )
+                )
         if args.profile:
             w = next(w for w in WORKLOADS if w.name == "set32")
             w = Workload(w.name, w.title, args.clients, w.etcd, w.dkv_target, w.dkv_ratio)
-            print("\n" + profile(args.profile, dkv_procs[1], dkv_procs[2:], writer_addr, w, args.profile_seconds,
-                                 args.keys, args.value_size), flush=True)
+            print(
+                "\n"
+                + profile(
+                    args.profile,
+                    dkv_procs[1],
+                    dkv_procs[2:],
+                    writer_addr,
+                    w,
+                    args.profile_seconds,
+                    args.keys,
+                    args.value_size,
+                ),
+                flush=True,
+            )
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)

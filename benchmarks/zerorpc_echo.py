@@ -7,6 +7,7 @@ from N greenlets sharing ONE ``zerorpc.Client`` (as dkv's client shares one
 connection per node), measured and reported by the same functions as
 ``dkv bench`` (:mod:`dkv.cli.bench`). The server is killed at the end.
 """
+
 from __future__ import annotations
 
 from gevent import monkey
@@ -74,19 +75,24 @@ def bench(clients: int, ops: int, value_size: int, timeout: float, progress: boo
         rpc.connect(endpoint)
         value = os.urandom(value_size)
         try:
-            result = run_load(lambda i: rpc.echo(value), clients=clients, ops=ops,
-                              progress=progress_stream(progress))
+            result = run_load(lambda i: rpc.echo(value), clients=clients, ops=ops, progress=progress_stream(progress))
         finally:
             rpc.close()
     finally:
         server.kill()
         server.wait()
-    print(format_report([
-        ("target", f"zerorpc echo 127.0.0.1:{port}"),
-        ("clients", str(clients)),
-        ("ops", str(ops)),
-        ("value size", f"{value_size} bytes"),
-    ], result), flush=True)
+    print(
+        format_report(
+            [
+                ("target", f"zerorpc echo 127.0.0.1:{port}"),
+                ("clients", str(clients)),
+                ("ops", str(ops)),
+                ("value size", f"{value_size} bytes"),
+            ],
+            result,
+        ),
+        flush=True,
+    )
     return 1 if result.failed else 0
 
 

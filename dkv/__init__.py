@@ -2,6 +2,7 @@
 
 ``dkv.Client`` is the Python client; ``dkv.errors`` holds the typed errors.
 """
+
 from __future__ import annotations
 
 import logging

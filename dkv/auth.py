@@ -16,6 +16,7 @@ which role a request comes from. Internal RPCs need the ``peer`` role.
 A key file is plain text, ``name = value`` lines (``#`` comments); CURVE keys
 are Z85 (40 characters), as ZeroMQ prints them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,8 +70,10 @@ class Credentials:
         if self.is_peer:
             return http_token(self.secret, PEER)
         if self.client_http_token is None:
-            raise AuthError(f"{self.path} has no http_token line: print it with `dkv auth token DIR` "
-                            "(DIR holds cluster.key) and add 'http_token = ...' to the file")
+            raise AuthError(
+                f"{self.path} has no http_token line: print it with `dkv auth token DIR` "
+                "(DIR holds cluster.key) and add 'http_token = ...' to the file"
+            )
         return self.client_http_token
 
     @property
@@ -110,8 +113,7 @@ class Credentials:
         everything, anyone may read (clients read the slot map with ``zk=``)."""
         from kazoo.security import make_acl, make_digest_acl
 
-        return [make_digest_acl(ZK_USER, self.zk_password(), all=True),
-                make_acl("world", "anyone", read=True)]
+        return [make_digest_acl(ZK_USER, self.zk_password(), all=True), make_acl("world", "anyone", read=True)]
 
 
 def http_token(cluster_secret: bytes, role: str) -> str:
@@ -174,20 +176,36 @@ def init_keys(directory: str, zookeeper_from: str = "") -> tuple[str, str]:
     cluster_path, client_path = os.path.join(directory, CLUSTER_KEY), os.path.join(directory, CLIENT_KEY)
     for p in (cluster_path, client_path):
         if os.path.exists(p):
-            raise InvalidArgument(f"{p} exists: refusing to overwrite a key (remove it first to make "
-                                  "new keys, then restart every node and client with them)")
+            raise InvalidArgument(
+                f"{p} exists: refusing to overwrite a key (remove it first to make "
+                "new keys, then restart every node and client with them)"
+            )
     os.makedirs(directory, mode=0o700, exist_ok=True)
     server_pub, server_sec = zmq.curve_keypair()
     client_pub, client_sec = zmq.curve_keypair()
-    _write_key_file(cluster_path, "cluster", {
-        "public": server_pub.decode(), "secret": server_sec.decode(),
-        "client_public": client_pub.decode(), "zookeeper": zk_secret,
-    }, "dkv cluster key: for the nodes (dkv serve --auth-dir) and dkv admin (--auth-dir).")
-    _write_key_file(client_path, "client", {
-        "public": client_pub.decode(), "secret": client_sec.decode(), "server": server_pub.decode(),
-        "http_token": http_token(server_sec, CLIENT),
-    }, "dkv client key: for applications (dkv.Client(auth=...), dkv cli/bench --auth); http_token: the "
-       "bearer token of the nodes' HTTP API.")
+    _write_key_file(
+        cluster_path,
+        "cluster",
+        {
+            "public": server_pub.decode(),
+            "secret": server_sec.decode(),
+            "client_public": client_pub.decode(),
+            "zookeeper": zk_secret,
+        },
+        "dkv cluster key: for the nodes (dkv serve --auth-dir) and dkv admin (--auth-dir).",
+    )
+    _write_key_file(
+        client_path,
+        "client",
+        {
+            "public": client_pub.decode(),
+            "secret": client_sec.decode(),
+            "server": server_pub.decode(),
+            "http_token": http_token(server_sec, CLIENT),
+        },
+        "dkv client key: for applications (dkv.Client(auth=...), dkv cli/bench --auth); http_token: the "
+        "bearer token of the nodes' HTTP API.",
+    )
     return cluster_path, client_path
 
 
@@ -211,8 +229,10 @@ def load_key(path: str) -> Credentials:
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidArgument(f"cannot read key file {path}: {e}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise InvalidArgument(f"key file {path} is accessible by other users (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}): run `chmod 600 {path}`")
+        raise InvalidArgument(
+            f"key file {path} is accessible by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): run `chmod 600 {path}`"
+        )
     fields: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
@@ -228,11 +248,24 @@ def load_key(path: str) -> Credentials:
         zk = fields.get("zookeeper", "")
         if len(zk) < 32:
             raise InvalidArgument(f"{path}: missing or short 'zookeeper = ...' secret")
-        return Credentials(PEER, public, secret, server_public=public,
-                           client_public=_z85(fields, "client_public", path), zk_secret=zk, path=path)
+        return Credentials(
+            PEER,
+            public,
+            secret,
+            server_public=public,
+            client_public=_z85(fields, "client_public", path),
+            zk_secret=zk,
+            path=path,
+        )
     if kind == "client":
-        return Credentials(CLIENT, public, secret, server_public=_z85(fields, "server", path), path=path,
-                           client_http_token=fields.get("http_token") or None)
+        return Credentials(
+            CLIENT,
+            public,
+            secret,
+            server_public=_z85(fields, "server", path),
+            path=path,
+            client_http_token=fields.get("http_token") or None,
+        )
     raise InvalidArgument(f"{path}: 'kind' must be cluster or client (is it a dkv key file?)")
 
 

@@ -11,6 +11,7 @@ will be); :class:`WriteTimeout` is *indeterminate* (it may or may not be
 applied). :class:`Unavailable` on a write is raised only when the request
 provably never reached a node that could apply it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -130,8 +131,13 @@ class Compacted(DKVError):
         else:
             data.pop("revision", None)
         revision = revision if isinstance(revision, int) and not isinstance(revision, bool) else 0
-        super().__init__(message or f"the history up to revision {revision} was compacted: re-read, "
-                                    f"then watch again from revision {revision} or later", revision=revision, **data)
+        super().__init__(
+            message
+            or f"the history up to revision {revision} was compacted: re-read, "
+            f"then watch again from revision {revision} or later",
+            revision=revision,
+            **data,
+        )
         #: the oldest ``since`` a watch may start from now
         self.revision = revision
 

@@ -17,6 +17,7 @@ most (``ZMQ_MAXMSGSIZE`` of their server socket).
 **Log quotes.** Log lines and error messages quote caller input through
 :func:`quote`, which keeps at most ~200 bytes of it.
 """
+
 from __future__ import annotations
 
 import reprlib
@@ -106,8 +107,7 @@ def pair_bytes(pair: Any) -> int:
     return item_bytes(pair[0], pair[1])
 
 
-def take_page(items: Iterable[T], budget: int, size: Callable[[T], int],
-              limit: int | None = None) -> list[T]:
+def take_page(items: Iterable[T], budget: int, size: Callable[[T], int], limit: int | None = None) -> list[T]:
     """Items from ``items`` until ``limit`` items are taken or their ``size`` reaches
     ``budget`` (soft: the last item may overshoot it); always at least one, if any.
 
@@ -159,7 +159,7 @@ class _Quoter(reprlib.Repr):
         return _cut(x, self.maxstring, "bytes")
 
     def repr_bytearray(self, x: bytearray, level: int) -> str:
-        return _cut(bytes(x[:self.maxstring + 1]), self.maxstring, "bytes", len(x))
+        return _cut(bytes(x[: self.maxstring + 1]), self.maxstring, "bytes", len(x))
 
     def repr_instance(self, x: Any, level: int) -> str:
         try:

@@ -15,6 +15,7 @@
 This module imports nothing but the standard library (``dkv bench`` must patch
 gevent before anything else loads it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,7 +57,7 @@ class LastWarning(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.startswith("Connection dropped: "):  # kazoo's words for a failed attempt
-            message = message[len("Connection dropped: "):]
+            message = message[len("Connection dropped: ") :]
         elif "retry policy" in message:  # kazoo's summary when it gives up: keep the cause
             return
         self.message = message

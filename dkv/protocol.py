@@ -62,6 +62,7 @@ the answer is ``[{"response_to": id, "v": 3}, "OK", [result]]`` or
 zerorpc clients (channels and heartbeats) on the same port, so ``zerorpc.Client``
 works for debugging.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -5,6 +5,7 @@ A key's slot is ``crc32(key) % 1024`` with crcmod's predefined ``crc-32``
 slot, or a contiguous range of slots, is one contiguous range of the storage
 engine's keyspace (DESIGN §3).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

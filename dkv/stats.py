@@ -10,14 +10,14 @@ see a histogram's sum one observation ahead of its counts, which Prometheus
 tolerates. :mod:`dkv.node.metrics` turns these into Prometheus metric families at
 scrape time.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_left
 from typing import Any, Iterable, Sequence
 
 #: Seconds: request and fsync latencies (100 µs .. 10 s).
-LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                  2.5, 5.0, 10.0)
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Records per group commit.
 BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 

@@ -44,6 +44,7 @@ It is also where a node's socket is secured and bounded (DESIGN §10, G7):
   wrong arguments gets ``InvalidArgument``; any non-dkv exception is logged
   with its traceback and answered with a typed ``Internal`` error, no traceback.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -195,8 +196,11 @@ class ZapHandler:
             role = self.roles.get(zmq.utils.z85.encode(frames[6]))
         if role is None:
             self.refused += 1
-            logger.warning("refused a connection from %s: %s", address.decode(errors="replace")[:64],
-                           "unknown key" if mechanism == b"CURVE" else f"mechanism {mechanism[:16]!r}")
+            logger.warning(
+                "refused a connection from %s: %s",
+                address.decode(errors="replace")[:64],
+                "unknown key" if mechanism == b"CURVE" else f"mechanism {mechanism[:16]!r}",
+            )
             return [version, request_id, b"400", b"unknown key", b"", b""]
         return [version, request_id, b"200", b"OK", role.encode(), b""]
 
@@ -210,12 +214,17 @@ class HandshakeWatch:
     node without auth, or with other keys) gets :class:`AuthError` instead of a timeout,
     and (``on_lost``) a connection that drops fails its calls at once."""
 
-    EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-              | zmq.EVENT_DISCONNECTED)
+    EVENTS = (
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_DISCONNECTED
+    )
 
-    def __init__(self, socket: zmq.Socket, addr: str, secured: bool,
-                 on_lost: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, socket: zmq.Socket, addr: str, secured: bool, on_lost: Callable[[str], None] | None = None
+    ) -> None:
         self.addr = addr
         self.secured = secured
         self.failed = gevent.event.Event()
@@ -245,11 +254,14 @@ class HandshakeWatch:
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     self.reason = f"{self.addr} refused our key (is it this cluster's client or cluster key?)"
                 elif self.secured:
-                    self.reason = (f"{self.addr} did not accept an authenticated connection (does it run "
-                                   "without --auth-dir, or with other keys?)")
+                    self.reason = (
+                        f"{self.addr} did not accept an authenticated connection (does it run "
+                        "without --auth-dir, or with other keys?)"
+                    )
                 else:
-                    self.reason = (f"{self.addr} requires authentication: give a key "
-                                   "(--auth FILE, DKV_AUTH, or Client(auth=...))")
+                    self.reason = (
+                        f"{self.addr} requires authentication: give a key (--auth FILE, DKV_AUTH, or Client(auth=...))"
+                    )
                 self.failed.set()
                 if self._on_lost is not None:
                     self._on_lost(self.reason)
@@ -417,9 +429,11 @@ def quiet_lost_remote(hub: Any) -> None:
         hub.NOT_ERROR = (*hub.NOT_ERROR, zerorpc.LostRemote)
 
 
-def harden(socket: zerorpc.Server | zerorpc.Client,
-           recv: Callable[[], Event | None] | None = None,
-           lean: Callable[[Event], None] | None = None) -> None:
+def harden(
+    socket: zerorpc.Server | zerorpc.Client,
+    recv: Callable[[], Event | None] | None = None,
+    lean: Callable[[Event], None] | None = None,
+) -> None:
     """Give a zerorpc server or client a dispatcher that never blocks (see the module doc).
 
     ``recv`` reads the next event (None: nothing usable, read on); default the socket's own.
@@ -451,8 +465,7 @@ def close_client(client: zerorpc.Client) -> None:
     client.close()
 
 
-def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None],
-              lean: Callable[[Event], None] | None) -> None:
+def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None], lean: Callable[[Event], None] | None) -> None:
     while True:
         try:
             event = recv()
@@ -477,8 +490,12 @@ def _dispatch(mux: ChannelMultiplexer, recv: Callable[[], Event | None],
         if queue.maxsize is not None:
             queue.maxsize = None
         if queue.qsize() >= MAX_CHANNEL_BACKLOG:
-            logger.warning("zerorpc channel %s has %d unread events: abandoned, dropping %s",
-                           quote(channel_id), queue.qsize(), quote(event.name))
+            logger.warning(
+                "zerorpc channel %s has %d unread events: abandoned, dropping %s",
+                quote(channel_id),
+                queue.qsize(),
+                quote(event.name),
+            )
             continue
         queue.put_nowait(event)
 
@@ -519,16 +536,23 @@ class RPCServer(zerorpc.Server):
     Expected errors (:class:`DKVError`) are logged quietly; others become ``Internal``.
     """
 
-    def __init__(self, methods: Any, *, access: dict[str, str], creds: Credentials | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        methods: Any,
+        *,
+        access: dict[str, str],
+        creds: Credentials | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         super().__init__(methods, heartbeat=HEARTBEAT, context=GreenContext.instance())
         quiet_lost_remote(gevent.get_hub())
         self.access = access
         self.creds = creds
         self.max_message_bytes = max_message_bytes
         self.max_inflight_bytes = max(MIN_INFLIGHT_BYTES, 4 * max_message_bytes)
-        self._signatures = {name: inspect.signature(self._methods[name]._functor)
-                            for name in access if name in self._methods}
+        self._signatures = {
+            name: inspect.signature(self._methods[name]._functor) for name in access if name in self._methods
+        }
         self._arity = {name: _arity(sig) for name, sig in self._signatures.items()}
         missing = set(access) - set(self._signatures)
         if missing:
@@ -618,8 +642,13 @@ class RPCServer(zerorpc.Server):
         now = time.monotonic()
         if now - self._garbage_logged >= GARBAGE_LOG_INTERVAL:
             self._garbage_logged = now
-            logger.warning("dropped an undecodable message of %d bytes (%s; %d dropped so far): %s",
-                           size, type(error).__name__, self._garbage, quote(head))
+            logger.warning(
+                "dropped an undecodable message of %d bytes (%s; %d dropped so far): %s",
+                size,
+                type(error).__name__,
+                self._garbage,
+                quote(head),
+            )
 
     # -- serving one request -----------------------------------------------------
 
@@ -633,8 +662,9 @@ class RPCServer(zerorpc.Server):
             raise AuthError(f"{name} is an internal RPC: it needs the cluster key")
         conn, size = header.get(_CONN, b""), int(header.get(_SIZE, 0))
         if self._inflight.get(conn, 0) >= MAX_INFLIGHT_PER_CONNECTION:
-            raise Unavailable(f"too many requests in flight on this connection "
-                              f"(at most {MAX_INFLIGHT_PER_CONNECTION}); not run")
+            raise Unavailable(
+                f"too many requests in flight on this connection (at most {MAX_INFLIGHT_PER_CONNECTION}); not run"
+            )
         if self._inflight_bytes + size > self.max_inflight_bytes:
             raise Unavailable(f"node busy: {self._inflight_bytes} request bytes in flight; not run")
         args = event.args
@@ -657,6 +687,7 @@ class RPCServer(zerorpc.Server):
                 self._inflight[conn] = left
             else:
                 del self._inflight[conn]
+
         return release
 
     def _error_reply(self, event: Event, exc: BaseException) -> tuple[str, str, str]:
@@ -694,8 +725,7 @@ class RPCServer(zerorpc.Server):
     def _async_task(self, initial_event: Any) -> None:
         # zerorpc's ServerBase._async_task, with checks first and a close that cannot be cut short.
         channel = self._multiplexer.channel(initial_event)
-        hbchan = HeartBeatOnChannel(channel, freq=self._heartbeat_freq,
-                                    passive=initial_event.header.get("v", 1) < 2)
+        hbchan = HeartBeatOnChannel(channel, freq=self._heartbeat_freq, passive=initial_event.header.get("v", 1) < 2)
         bufchan = BufferedChannel(hbchan)
         release: Callable[[], None] | None = None
         try:

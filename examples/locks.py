@@ -14,6 +14,7 @@ Run it against a standalone node (``dkv serve``, 127.0.0.1:7000 by default)::
 It prints each holder's token, then shows a late write from an old holder being refused;
 it exits 0 when every check held.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,7 @@ class FencedResource:
             self.log.append((token, data))
 
 
-def worker(client: dkv.Client, name: str, resource: FencedResource, rounds: int, me: str,
-           tokens: list[int]) -> None:
+def worker(client: dkv.Client, name: str, resource: FencedResource, rounds: int, me: str, tokens: list[int]) -> None:
     for i in range(rounds):
         with client.lock(name, ttl=5.0, timeout=30) as lock:
             if not lock.valid:  # check before acting: the lease may have lapsed already
@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens: list[int] = []  # in the order the holders wrote
     with dkv.Client(None if args.zk else args.addr, zk=args.zk) as client:
         # 1. Workers take turns; each writes to the resource with its token.
-        threads = [threading.Thread(target=worker, args=(client, name, resource, args.rounds, f"worker-{w}", tokens))
-                   for w in range(args.workers)]
+        threads = [
+            threading.Thread(target=worker, args=(client, name, resource, args.rounds, f"worker-{w}", tokens))
+            for w in range(args.workers)
+        ]
         for t in threads:
             t.start()
         for t in threads:

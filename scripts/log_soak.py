@@ -24,6 +24,7 @@ Why zerorpc's line appeared (tests/test_quiet.py shows it): its sockets re-check
 while waiting and log at ERROR when a message is there, though nothing was missed or late.
 dkv's sockets are pyzmq's green ones (dkv.transport.GreenContext), which do not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,11 @@ PYZMQ_BUG = "BUG: gevent may have missed"
 _LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) \[[^]]*\] (?P<logger>\S+): (?P<msg>.*)$")
 
 #: a node started through this stub checks for missed events on pyzmq's green sockets (--green-check)
-_GREEN_CHECK = ("import sys, zmq.green as g; g.Socket._debug_gevent = True; "
-                "g.Socket._gevent_bug_timeout = float(sys.argv[1]); "
-                "from dkv.cli.main import main; sys.exit(main(sys.argv[5:]))")
+_GREEN_CHECK = (
+    "import sys, zmq.green as g; g.Socket._debug_gevent = True; "
+    "g.Socket._gevent_bug_timeout = float(sys.argv[1]); "
+    "from dkv.cli.main import main; sys.exit(main(sys.argv[5:]))"
+)
 
 
 class Counter(logging.Handler):
@@ -115,9 +118,8 @@ def summarize(path: Path) -> dict[str, object]:
         if m:
             levels[m["level"]] += 1
             if m["level"] in ("WARNING", "ERROR", "CRITICAL"):
-                messages[f'{m["level"]} {m["logger"]}: {re.sub(r"[0-9]+", "N", m["msg"])[:110]}'] += 1
-    return {"zerorpc_bug": zerorpc_bug, "pyzmq_bug": pyzmq_bug, "levels": dict(levels),
-            "top": messages.most_common(4)}
+                messages[f"{m['level']} {m['logger']}: {re.sub(r'[0-9]+', 'N', m['msg'])[:110]}"] += 1
+    return {"zerorpc_bug": zerorpc_bug, "pyzmq_bug": pyzmq_bug, "levels": dict(levels), "top": messages.most_common(4)}
 
 
 def main() -> int:
@@ -126,8 +128,13 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=1, help="writer kills (kill -9, then restart), evenly spaced")
     p.add_argument("--rate", type=float, default=10, help="load: ops per second (half sets, half gets)")
     p.add_argument("--log-level", default="INFO", help="the nodes' --log-level")
-    p.add_argument("--green-check", type=float, default=0, metavar="S",
-                   help="print pyzmq's missed-event BUG line after S seconds (0: off)")
+    p.add_argument(
+        "--green-check",
+        type=float,
+        default=0,
+        metavar="S",
+        help="print pyzmq's missed-event BUG line after S seconds (0: off)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the logs' directory")
     args = p.parse_args()
 
@@ -139,6 +146,7 @@ def main() -> int:
 
         def checked(self: procs.NodeProcess) -> list[str]:
             return [sys.executable, "-c", _GREEN_CHECK, str(args.green_check), *argv(self)]
+
         procs.NodeProcess.argv = checked  # type: ignore[method-assign]
 
     root = Path(tempfile.mkdtemp(prefix="dkv-log-soak-"))
@@ -149,13 +157,13 @@ def main() -> int:
     kz = KazooClient(server.hosts)
     kz.start(timeout=30)
     kz.ensure_path(chroot)
-    cluster = Cluster(server.hosts + chroot, root, shards=1, replication_factor=3, write_quorum=2,
-                      session_timeout=4.0)
+    cluster = Cluster(server.hosts + chroot, root, shards=1, replication_factor=3, write_quorum=2, session_timeout=4.0)
     orig_init = procs.NodeProcess.__init__  # the harness starts nodes at WARNING; the soak reads INFO too
 
     def init(self: procs.NodeProcess, *a: object, **kw: object) -> None:
         kw["log_level"] = args.log_level
         orig_init(self, *a, **kw)  # type: ignore[arg-type]
+
     procs.NodeProcess.__init__ = init  # type: ignore[method-assign]
 
     stats: collections.Counter[str] = collections.Counter()
@@ -164,8 +172,11 @@ def main() -> int:
     killed: list[str] = []
     try:
         cluster.start()
-        print(f"cluster up in {time.monotonic() - started:.1f}s; soaking {args.seconds:g}s "
-              f"(load {args.rate:g} ops/s, {args.kills} writer kill(s)); logs in {root}", flush=True)
+        print(
+            f"cluster up in {time.monotonic() - started:.1f}s; soaking {args.seconds:g}s "
+            f"(load {args.rate:g} ops/s, {args.kills} writer kill(s)); logs in {root}",
+            flush=True,
+        )
         t = threading.Thread(target=load, args=(cluster, args.rate, stop, stats), daemon=True)
         t0 = time.monotonic()
         t.start()
@@ -173,8 +184,11 @@ def main() -> int:
             at = t0 + args.seconds * (k + 1) / (args.kills + 1)
             stop.wait(max(0.0, at - time.monotonic()))
             killed.append(kill_writer(cluster))
-            print(f"  {time.monotonic() - t0:5.0f}s killed writer {killed[-1]}; new writer elected, "
-                  f"{killed[-1]} restarted and in sync", flush=True)
+            print(
+                f"  {time.monotonic() - t0:5.0f}s killed writer {killed[-1]}; new writer elected, "
+                f"{killed[-1]} restarted and in sync",
+                flush=True,
+            )
         stop.wait(max(0.0, t0 + args.seconds - time.monotonic()))
         stop.set()
         t.join(15)
@@ -192,8 +206,10 @@ def main() -> int:
     for log in sorted({n.log_path for n in cluster.nodes.values()}):
         s = summarize(log)
         total += int(s["zerorpc_bug"]) + int(s["pyzmq_bug"])  # type: ignore[call-overload]
-        print(f"{log.name}: zerorpc BUG lines {s['zerorpc_bug']}, pyzmq BUG lines {s['pyzmq_bug']}, "
-              f"lines by level {s['levels']}")
+        print(
+            f"{log.name}: zerorpc BUG lines {s['zerorpc_bug']}, pyzmq BUG lines {s['pyzmq_bug']}, "
+            f"lines by level {s['levels']}"
+        )
         for msg, count in s["top"]:  # type: ignore[attr-defined]
             print(f"    {count:4d} x {msg}")
     total += counter.bug

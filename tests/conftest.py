@@ -1,4 +1,5 @@
 """Shared fixtures: real node processes and a real ZooKeeper (see tests/support)."""
+
 from __future__ import annotations
 
 import os

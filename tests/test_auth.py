@@ -2,6 +2,7 @@
 
 The attacks against real node processes and ZooKeeper are in tests/test_security.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,8 +100,9 @@ def test_init_writes_private_key_files_and_never_overwrites(tmp_path: Path) -> N
     assert peer.roles() == {peer.public: PEER, app.public: CLIENT}
     # the HTTP token: in the client key, derived from the cluster key, and printed by `dkv auth token`
     assert app.bearer_token() == peer.http_tokens()[CLIENT] != peer.bearer_token() == peer.http_tokens()[PEER]
-    out = subprocess.run([sys.executable, "-m", "dkv.cli.main", "auth", "token", str(d)], capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "auth", "token", str(d)], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0 and out.stdout.strip() == app.bearer_token()
 
 
@@ -157,8 +159,7 @@ def test_client_key_may_call_data_rpcs_but_not_internal_ones(secured: str, keys:
     assert call_once(secured, "internal", timeout=3, auth=cluster) == "internal"
 
 
-def test_callers_without_a_key_or_with_another_clusters_key_are_refused_at_once(
-        secured: str, tmp_path: Path) -> None:
+def test_callers_without_a_key_or_with_another_clusters_key_are_refused_at_once(secured: str, tmp_path: Path) -> None:
     init_keys(str(tmp_path / "other"))
     other = load_key(str(tmp_path / "other" / CLIENT_KEY))
     for auth in (None, other):
@@ -214,8 +215,9 @@ def test_requests_beyond_the_per_connection_cap_are_refused_not_run(plain: str) 
         done = [g.value for g in calls if g.successful()]
         refused = [g.exception for g in calls if not g.successful()]
         assert done.count("done") == MAX_INFLIGHT_PER_CONNECTION
-        assert len(refused) == 8 and all(isinstance(e, zerorpc.RemoteError) and e.name == Unavailable.__name__
-                                         for e in refused)
+        assert len(refused) == 8 and all(
+            isinstance(e, zerorpc.RemoteError) and e.name == Unavailable.__name__ for e in refused
+        )
         assert c("ping") == "pong"  # the connection still works once the burst is over
     finally:
         c.close()

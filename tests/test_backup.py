@@ -14,6 +14,7 @@
 * The writer's snapshot sessions: bounded in number, closed when idle, paged within
   the byte budget, expired entries left out (in-process, memory store).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,13 @@ Factory = Callable[..., NodeProcess]
 
 
 def dkv_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dkv.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -93,7 +99,9 @@ def test_standalone_round_trip_keeps_data_revisions_and_deadlines(node_factory: 
         c.set(b"bin\x00\xff", b"\x00\x01\xfe")
         c.delete("key:00001")
         c.incr("counter", 41)
-        metas = {k: c.get(k, with_meta=True) for k in ("key:00000", "key:00002", "key:00060", "counter", b"bin\x00\xff")}
+        metas = {
+            k: c.get(k, with_meta=True) for k in ("key:00000", "key:00002", "key:00060", "counter", b"bin\x00\xff")
+        }
         applied = c.info()["applied_lsn"]
     bk = tmp_path / "bk"
     out = ok(dkv_cmd("backup", src.addr, str(bk)))
@@ -193,8 +201,13 @@ def test_a_damaged_backup_is_refused_before_anything_is_written(node_factory: Fa
     damaged("no-manifest", lambda d: (d / MANIFEST).unlink(), "holds no manifest.json")
     damaged("no-data", lambda d: (d / name).unlink(), "is missing")
     damaged("not-json", lambda d: (d / MANIFEST).write_text("{"), "cannot read manifest.json")
-    damaged("traversal", lambda d: (d / MANIFEST).write_text((d / MANIFEST).read_text().replace(
-        f'"name": "{name}"', '"name": "../good/x"')), "lacks or mangles a field")
+    damaged(
+        "traversal",
+        lambda d: (d / MANIFEST).write_text(
+            (d / MANIFEST).read_text().replace(f'"name": "{name}"', '"name": "../good/x"')
+        ),
+        "lacks or mangles a field",
+    )
     info = call_once(dst.addr, "info", timeout=5, auth=None)
     assert info["applied_lsn"] == lsn, "nothing was written"
     with dkv.Client(dst.addr) as c:
@@ -293,8 +306,11 @@ def test_cluster_backup_under_load_restores_into_two_shards(cluster_1x3: Cluster
         started = time.monotonic()
         bk = tmp_path / "bk"
         out = ok(dkv_cmd("backup", "--zk", source.zk, str(bk)))
-        wait_until(lambda: any(t > time.monotonic() - 0.5 for *_, t in acked[-3:]) or errors, 10,
-                   "writes to go on after the backup")
+        wait_until(
+            lambda: any(t > time.monotonic() - 0.5 for *_, t in acked[-3:]) or errors,
+            10,
+            "writes to go on after the backup",
+        )
     finally:
         stop.set()
         for th in threads:
@@ -369,8 +385,9 @@ def test_snapshot_sessions_are_bounded_paged_and_closed_when_idle() -> None:
     log, store = MemoryLog(), Store.open("memory")
     pipe = WritePipeline(log, store, LocalWriter(log, store, 1, offload=False), offload=False)
     clock = _Clock()
-    svc = BackupService(store, pipe, Limits(page_bytes=4096), offload=False, max_snapshots=2,
-                        idle_timeout=10, clock=clock)
+    svc = BackupService(
+        store, pipe, Limits(page_bytes=4096), offload=False, max_snapshots=2, idle_timeout=10, clock=clock
+    )
     try:
         assert svc.restore([[f"k{i:04d}".encode(), entries.encode(b"v" * 100, i + 1)] for i in range(300)]) == [300, 0]
         # an entry expired but not yet removed (no expirer here) is state, but no backup holds it
@@ -401,9 +418,9 @@ def test_snapshot_sessions_are_bounded_paged_and_closed_when_idle() -> None:
             svc.page(a["id"], None, 10)
         b = svc.open()
         assert svc.close(b["id"]) and not svc.close(b["id"])
-        assert svc.floor(2 ** 62) == store.applied_rev >= 2 ** 62
+        assert svc.floor(2**62) == store.applied_rev >= 2**62
         assert svc.restore([[b"next", entries.encode(b"z", 1)]]) == [1, 0]
-        assert store.applied_rev > 2 ** 62, "revisions continue above the floor"
+        assert store.applied_rev > 2**62, "revisions continue above the floor"
     finally:
         svc.shutdown()
         pipe.close()

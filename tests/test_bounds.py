@@ -7,6 +7,7 @@ coalescing) are driven with values of the maximum size, and each message they bu
 msgpack-encoded as zerorpc would send it and measured. Real node processes are in
 tests/test_node.py and tests/test_cluster.py.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -63,6 +64,7 @@ def big_records(n: int = N_BIG, first_lsn: int = 1, epoch: int = 1) -> list[Reco
 
 # -- the constants and helpers ------------------------------------------------------------
 
+
 def test_the_largest_message_is_a_full_page_plus_one_item_plus_the_overhead() -> None:
     assert BUDGET == DEFAULT_PAGE_BYTES == 8 * 1024 * 1024
     assert MAX_MESSAGE == BUDGET + LIMITS.max_key_bytes + LIMITS.max_value_bytes + ITEM_OVERHEAD + MESSAGE_OVERHEAD
@@ -74,8 +76,8 @@ def test_take_page_stops_at_the_budget_but_always_takes_one() -> None:
     items = iter([5, 5, 5, 5, 5])
     assert take_page(items, 10, int) == [5, 5]
     assert take_page(items, 7, int) == [5, 5]  # soft: the item that reaches the budget is in
-    assert take_page(items, 0, int) == [5]     # at least one
-    assert take_page(items, 10, int) == []     # the iterator was consumed only as far as taken
+    assert take_page(items, 0, int) == [5]  # at least one
+    assert take_page(items, 10, int) == []  # the iterator was consumed only as far as taken
     assert take_page(range(10), 10**9, int, limit=3) == [0, 1, 2]
     assert take_page([100], 1, int) == [100]
     assert page_is_full([5, 5], 10, int) and not page_is_full([5], 10, int)
@@ -102,6 +104,7 @@ def test_quote_keeps_about_200_bytes_of_any_input() -> None:
 
 
 # -- group commit ---------------------------------------------------------------------------
+
 
 class _RecordingWriter(LocalWriter):
     def __init__(self, log: MemoryLog, store: Store) -> None:
@@ -136,6 +139,7 @@ def test_group_commit_takes_submissions_up_to_the_page_budget() -> None:
 
 # -- the writer's catch-up and snapshots -------------------------------------------------------
 
+
 class _DirectWriter(ReplicatedWriter):
     """The replication driver with its RPCs measured, then delivered to in-process replicas."""
 
@@ -145,8 +149,12 @@ class _DirectWriter(ReplicatedWriter):
     def _deliver(self, rid: str, method: str, *args: Any) -> Any:
         self.sizes.append((method, wire_size(method, list(args))))
         f = self.replicas[rid]
-        handler = {"repl_prepare": f.prepare, "repl_truncate": f.truncate, "repl_fence": f.fence,
-                   "repl_snapshot": f.snapshot_chunk}[method]
+        handler = {
+            "repl_prepare": f.prepare,
+            "repl_truncate": f.truncate,
+            "repl_fence": f.fence,
+            "repl_snapshot": f.snapshot_chunk,
+        }[method]
         return handler(*args)
 
     def _call(self, rid: str, method: str, *args: Any) -> Reply:
@@ -164,8 +172,9 @@ class _DirectWriter(ReplicatedWriter):
 
 def _writer(log: MemoryLog, store: Store) -> _DirectWriter:
     config = NodeConfig(node_id="w", engine="memory", replication_factor=2, write_quorum=2, write_timeout=5.0)
-    w = _DirectWriter(config, "shard-1", 2, log, store, addr_of=lambda rid: None, bump_epoch=lambda: 3,
-                      is_current=lambda: True)
+    w = _DirectWriter(
+        config, "shard-1", 2, log, store, addr_of=lambda rid: None, bump_epoch=lambda: 3, is_current=lambda: True
+    )
     w.replicas = {"r": FollowerDriver(MemoryLog(), Store.open("memory"), PromiseFile(None), offload=False)}
     w.sizes = []
     w.leader.set_replicas(["r"])
@@ -231,6 +240,7 @@ def test_repl_read_is_page_bounded() -> None:
 
 # -- migration pages ---------------------------------------------------------------------------
 
+
 def _source() -> tuple[MigrationSource, Store, MemoryLog, WritePipeline]:
     log, store = MemoryLog(), Store.open("memory")
     pipe = WritePipeline(log, store, LocalWriter(log, store, 1, offload=False), offload=False)
@@ -270,6 +280,7 @@ def test_migration_scan_and_tail_pages_are_page_bounded() -> None:
 
 
 # -- the node's service: batch requests and replies, scan pages, odd input --------------------
+
 
 @pytest.fixture
 def service() -> Any:
@@ -327,15 +338,50 @@ def test_scan_pages_are_page_bounded(service: NodeService) -> None:
 
 HUGE_LIST = list(range(100_000))
 ODD_OPS: list[Any] = [
-    123, None, "get", b"get", [], [None], [123, b"k"], [["get"], b"k"], ["get"], ["get", None], ["get", 5],
-    ["get", [b"k"]], ["get", b"k", "strong"], ["get", b"k", ["sequential"]], ["get", b"k", "sequential", 1],
-    ["set", b"k"], ["set", b"k", None], ["set", b"k", 1.5], ["set", b"", b"v"], ["del"], ["del", b"k", 5],
-    ["set", b"k", b"v", -1], ["set", b"k", b"v", 0], ["set", b"k", b"v", 1.5], ["set", b"k", b"v", None, "zz"],
-    ["set", b"k", b"v", None, "nx", 1], ["cas", b"k"], ["cas", b"k", 5, b"v"], ["incr", b"k", "1"],
-    ["incr", b"k", 2 ** 63], ["incr", b"k", 1], ["expire", b"k", 0], ["expire", b"k", None], ["persist"],
-    ["ttl", b"k", "bogus"], ["getm", b"k", 1],
-    ["exists", {}], ["nope", b"k"], ["x" * 5_000_000, b"k"], HUGE_LIST, ["get", HUGE_LIST],
-    ["set", b"k" * 2000, b"v"], ["set", b"k", b"v" * (LIMITS.max_value_bytes + 1)], [[[[[]]]]],
+    123,
+    None,
+    "get",
+    b"get",
+    [],
+    [None],
+    [123, b"k"],
+    [["get"], b"k"],
+    ["get"],
+    ["get", None],
+    ["get", 5],
+    ["get", [b"k"]],
+    ["get", b"k", "strong"],
+    ["get", b"k", ["sequential"]],
+    ["get", b"k", "sequential", 1],
+    ["set", b"k"],
+    ["set", b"k", None],
+    ["set", b"k", 1.5],
+    ["set", b"", b"v"],
+    ["del"],
+    ["del", b"k", 5],
+    ["set", b"k", b"v", -1],
+    ["set", b"k", b"v", 0],
+    ["set", b"k", b"v", 1.5],
+    ["set", b"k", b"v", None, "zz"],
+    ["set", b"k", b"v", None, "nx", 1],
+    ["cas", b"k"],
+    ["cas", b"k", 5, b"v"],
+    ["incr", b"k", "1"],
+    ["incr", b"k", 2**63],
+    ["incr", b"k", 1],
+    ["expire", b"k", 0],
+    ["expire", b"k", None],
+    ["persist"],
+    ["ttl", b"k", "bogus"],
+    ["getm", b"k", 1],
+    ["exists", {}],
+    ["nope", b"k"],
+    ["x" * 5_000_000, b"k"],
+    HUGE_LIST,
+    ["get", HUGE_LIST],
+    ["set", b"k" * 2000, b"v"],
+    ["set", b"k", b"v" * (LIMITS.max_value_bytes + 1)],
+    [[[[[]]]]],
 ]
 
 
@@ -353,18 +399,35 @@ def test_each_odd_op_fails_alone_and_changes_nothing(service: NodeService, bad: 
     assert service.store.get(b"k") == b"old"
 
 
-@pytest.mark.parametrize("call", [
-    lambda rpc: rpc.mget(123), lambda rpc: rpc.mget(None), lambda rpc: rpc.mget([1, 2]),
-    lambda rpc: rpc.mset([1, 2]), lambda rpc: rpc.mset({1: 2}), lambda rpc: rpc.digest("a", "b"),
-    lambda rpc: rpc.digest(0, 5000), lambda rpc: rpc.digest([], {}), 
-    lambda rpc: rpc.get(123), lambda rpc: rpc.get(b"k", "strong"),
-    lambda rpc: rpc.set(b"k", 5), lambda rpc: rpc.set(None, b"v"),
-    lambda rpc: rpc.delete([b"k"]), lambda rpc: rpc.scan(5), lambda rpc: rpc.scan(b"", 5),
-    lambda rpc: rpc.scan(b"", None, "10"), lambda rpc: rpc.scan(b"", None, 10, "v"),
-    lambda rpc: rpc.scan(b"", None, 10**9), lambda rpc: rpc.batch(b"ops"), lambda rpc: rpc.batch(None),
-    lambda rpc: rpc.batch([["get", b"k"]] * 10_001),
-    lambda rpc: rpc.repl_fence("x"), lambda rpc: rpc.repl_read("a", 1),
-], ids=lambda f: "")
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda rpc: rpc.mget(123),
+        lambda rpc: rpc.mget(None),
+        lambda rpc: rpc.mget([1, 2]),
+        lambda rpc: rpc.mset([1, 2]),
+        lambda rpc: rpc.mset({1: 2}),
+        lambda rpc: rpc.digest("a", "b"),
+        lambda rpc: rpc.digest(0, 5000),
+        lambda rpc: rpc.digest([], {}),
+        lambda rpc: rpc.get(123),
+        lambda rpc: rpc.get(b"k", "strong"),
+        lambda rpc: rpc.set(b"k", 5),
+        lambda rpc: rpc.set(None, b"v"),
+        lambda rpc: rpc.delete([b"k"]),
+        lambda rpc: rpc.scan(5),
+        lambda rpc: rpc.scan(b"", 5),
+        lambda rpc: rpc.scan(b"", None, "10"),
+        lambda rpc: rpc.scan(b"", None, 10, "v"),
+        lambda rpc: rpc.scan(b"", None, 10**9),
+        lambda rpc: rpc.batch(b"ops"),
+        lambda rpc: rpc.batch(None),
+        lambda rpc: rpc.batch([["get", b"k"]] * 10_001),
+        lambda rpc: rpc.repl_fence("x"),
+        lambda rpc: rpc.repl_read("a", 1),
+    ],
+    ids=lambda f: "",
+)
 def test_rpc_methods_refuse_wrong_types_with_invalid_argument(service: NodeService, call: Any) -> None:
     rpc = RPC(service)
     with pytest.raises(InvalidArgument):
@@ -380,6 +443,7 @@ def test_over_budget_mget_over_the_raw_rpc_raises_deferred(service: NodeService)
 
 
 # -- the client: requests split by bytes, coalescing, scan paging -------------------------------
+
 
 def test_client_requests_are_split_by_op_count_and_bytes() -> None:
     ops = [["set", f"k{i}".encode(), BIG] for i in range(100)] + [["get", f"g{i}".encode()] for i in range(3000)]
@@ -420,7 +484,7 @@ def test_scan_paging_continues_after_a_short_but_full_page() -> None:
 
     def page(prefix: bytes, start: bytes | None, n: int) -> tuple[list[list[bytes]], bool]:
         rest = [list(kv) for kv in data if start is None or kv[0] >= start]
-        out = rest[:min(n, 4)]  # pages shorter than asked, as byte-bounded pages are
+        out = rest[: min(n, 4)]  # pages shorter than asked, as byte-bounded pages are
         return out, len(rest) > len(out)
 
     assert list(iter_scan(page, b"", None, None, 10)) == data

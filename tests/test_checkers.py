@@ -4,6 +4,7 @@ Synthetic histories (no cluster, fully deterministic) pin down what the
 checkers accept and reject; one integration test runs the workload against a
 real standalone ``dkv serve`` node and checks its history.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,30 +31,54 @@ class Builder:
     def __init__(self) -> None:
         self.ops: list[Op] = []
 
-    def _add(self, process: int, kind: str, key: str, value: str | None, invoke: float,
-             complete: float | None, outcome: str | None) -> Op:
+    def _add(
+        self,
+        process: int,
+        kind: str,
+        key: str,
+        value: str | None,
+        invoke: float,
+        complete: float | None,
+        outcome: str | None,
+    ) -> Op:
         op = Op(len(self.ops), process, kind, key, value, invoke, complete, outcome)  # type: ignore[arg-type]
         self.ops.append(op)
         return op
 
-    def set(self, p: int, value: str, invoke: float, complete: float | None, outcome: str = "ok",
-            key: str = "k") -> Op:
+    def set(self, p: int, value: str, invoke: float, complete: float | None, outcome: str = "ok", key: str = "k") -> Op:
         return self._add(p, "set", key, value, invoke, complete, outcome)
 
-    def get(self, p: int, value: str | None, invoke: float, complete: float | None, outcome: str = "ok",
-            key: str = "k") -> Op:
+    def get(
+        self, p: int, value: str | None, invoke: float, complete: float | None, outcome: str = "ok", key: str = "k"
+    ) -> Op:
         return self._add(p, "get", key, value, invoke, complete, outcome)
 
-    def cas(self, p: int, expected: str | None, new: str, invoke: float, complete: float | None,
-            outcome: str = "ok", result: bool = True, key: str = "k") -> Op:
+    def cas(
+        self,
+        p: int,
+        expected: str | None,
+        new: str,
+        invoke: float,
+        complete: float | None,
+        outcome: str = "ok",
+        result: bool = True,
+        key: str = "k",
+    ) -> Op:
         """A cas; ``result`` is what an ``ok`` one returned."""
         op = self._add(p, "cas", key, new, invoke, complete, outcome)
         op.expected = expected
         op.result = result if outcome == "ok" else None
         return op
 
-    def incr(self, p: int, invoke: float, complete: float | None, result: int | None = None,
-             outcome: str = "ok", key: str = "c") -> Op:
+    def incr(
+        self,
+        p: int,
+        invoke: float,
+        complete: float | None,
+        result: int | None = None,
+        outcome: str = "ok",
+        key: str = "c",
+    ) -> Op:
         op = self._add(p, "incr", key, None, invoke, complete, outcome)
         op.result = result if outcome == "ok" else None
         return op
@@ -64,9 +89,18 @@ def final(values: dict[str, str | None]) -> Any:
     return lambda keys: [values.get(k) for k in keys]
 
 
-def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: float = 0.5,
-                   p_fail: float = 0.05, p_info: float = 0.1, p_get_fail: float = 0.02,
-                   p_delete: float = 0.0, p_cas: float = 0.0) -> list[Op]:
+def random_history(
+    seed: int,
+    n: int,
+    keys: int = 1,
+    width: float = 3.0,
+    p_set: float = 0.5,
+    p_fail: float = 0.05,
+    p_info: float = 0.1,
+    p_get_fail: float = 0.02,
+    p_delete: float = 0.0,
+    p_cas: float = 0.0,
+) -> list[Op]:
     """A history produced by a real sequential register per key.
 
     Op ``k`` takes effect at time ``k``; its window is ``[k - U(0, width), k + U(0, width)]``
@@ -104,8 +138,18 @@ def random_history(seed: int, n: int, keys: int = 1, width: float = 3.0, p_set: 
                 outcome, result = "ok", current == expected
                 if result:
                     state[key] = f"v{k}"
-            op = Op(k, process, "cas", key, f"v{k}", invoke, complete, outcome,  # type: ignore[arg-type]
-                    expected=expected, result=result)
+            op = Op(
+                k,
+                process,
+                "cas",
+                key,
+                f"v{k}",
+                invoke,
+                complete,
+                outcome,  # type: ignore[arg-type]
+                expected=expected,
+                result=result,
+            )
         elif rng.random() < p_set:
             value: str | None = f"v{k}"
             kind = "set"
@@ -141,6 +185,7 @@ def test_record_classifies_outcomes() -> None:
     def boom(e: BaseException) -> Any:
         def fn() -> None:
             raise e
+
         return fn
 
     assert h.record(0, "set", "a", "1", lambda: None) is None
@@ -153,13 +198,27 @@ def test_record_classifies_outcomes() -> None:
             h.record(2, "get", "a", None, boom(err))
     ops = h.ops
     assert [(o.kind, o.outcome) for o in ops] == [
-        ("set", "ok"), ("get", "ok"), ("set", "info"), ("set", "info"), ("set", "fail"), ("set", "fail"),
-        ("get", "fail"), ("get", "fail")]
+        ("set", "ok"),
+        ("get", "ok"),
+        ("set", "info"),
+        ("set", "info"),
+        ("set", "fail"),
+        ("set", "fail"),
+        ("get", "fail"),
+        ("get", "fail"),
+    ]
     assert ops[1].value == "1"  # bytes read are recorded as str
     assert ops[2].error == "WriteTimeout: t"
     assert all(o.complete is not None and o.complete >= o.invoke for o in ops)
-    assert h.summary() == {"ops": 8, "sets_ok": 1, "sets_fail": 2, "sets_info": 2, "gets_ok": 1,
-                           "gets_fail": 2, "pending": 0}
+    assert h.summary() == {
+        "ops": 8,
+        "sets_ok": 1,
+        "sets_fail": 2,
+        "sets_info": 2,
+        "gets_ok": 1,
+        "gets_fail": 2,
+        "pending": 0,
+    }
 
 
 def test_history_api_and_snapshot() -> None:
@@ -325,8 +384,11 @@ def brute_force_linearizable(ops: list[Op]) -> bool:
     some order of the remaining ops respects real time and register semantics (a cas
     that returned False saw another value than it expected; an info cas included applied)."""
     sets = [o for o in ops if o.writes_register and o.outcome != "fail"]
-    must = ([o for o in sets if o.outcome == "ok"] + [o for o in ops if o.kind == "get" and o.outcome == "ok"]
-            + [o for o in ops if o.kind == "cas" and o.outcome == "ok" and o.result is False])
+    must = (
+        [o for o in sets if o.outcome == "ok"]
+        + [o for o in ops if o.kind == "get" and o.outcome == "ok"]
+        + [o for o in ops if o.kind == "cas" and o.outcome == "ok" and o.result is False]
+    )
     maybe = [o for o in sets if o.outcome != "ok"]
 
     def end(o: Op) -> float:
@@ -335,7 +397,7 @@ def brute_force_linearizable(ops: list[Op]) -> bool:
     for r in range(len(maybe) + 1):
         for extra in itertools.combinations(maybe, r):
             for order in itertools.permutations(must + list(extra)):
-                if any(end(b) < a.invoke for i, a in enumerate(order) for b in order[i + 1:]):
+                if any(end(b) < a.invoke for i, a in enumerate(order) for b in order[i + 1 :]):
                     continue  # b finished before a began, yet comes after it
                 state: str | None = None
                 for o in order:
@@ -368,8 +430,20 @@ def tiny_random_history(rng: random.Random, p_delete: float = 0.0, p_cas: float 
             value = f"v{i}" if unique else rng.choice(["x", "y"])
             expected = rng.choice([*written, None])
             written.append(value)
-            ops.append(Op(i, i, "cas", "k", value, float(start), float(complete), outcome,  # type: ignore[arg-type]
-                          expected=expected, result=rng.random() < 0.6 if outcome == "ok" else None))
+            ops.append(
+                Op(
+                    i,
+                    i,
+                    "cas",
+                    "k",
+                    value,
+                    float(start),
+                    float(complete),
+                    outcome,  # type: ignore[arg-type]
+                    expected=expected,
+                    result=rng.random() < 0.6 if outcome == "ok" else None,
+                )
+            )
         elif rng.random() < p_delete:
             ops.append(Op(i, i, "delete", "k", None, float(start), float(complete), outcome))  # type: ignore[arg-type]
         elif rng.random() < 0.5:
@@ -378,8 +452,9 @@ def tiny_random_history(rng: random.Random, p_delete: float = 0.0, p_cas: float 
             ops.append(Op(i, i, "set", "k", value, float(start), float(complete), outcome))  # type: ignore[arg-type]
         else:
             value = rng.choice([*written, None])
-            ops.append(Op(i, i, "get", "k", value, float(start), float(complete),
-                          "fail" if outcome == "fail" else "ok"))
+            ops.append(
+                Op(i, i, "get", "k", value, float(start), float(complete), "fail" if outcome == "fail" else "ok")
+            )
     return ops
 
 
@@ -578,16 +653,22 @@ def test_record_many_gives_each_key_the_call_s_window() -> None:
     with pytest.raises(WriteTimeout):
         h.record_many(2, "set", [("a", "3"), ("b", "4")], lambda: (_ for _ in ()).throw(WriteTimeout("t")))
     with pytest.raises(QuorumNotReached):  # one definite error for the call: which keys applied is unknown
-        h.record_many(2, "set", [("a", "5"), ("c", "6")],
-                      lambda: (_ for _ in ()).throw(QuorumNotReached("no")))
+        h.record_many(2, "set", [("a", "5"), ("c", "6")], lambda: (_ for _ in ()).throw(QuorumNotReached("no")))
     with pytest.raises(Unavailable):
         h.record_many(3, "get", [("a", None)], lambda: (_ for _ in ()).throw(Unavailable("x")))
     ops = h.ops
     assert [(o.kind, o.key, o.value, o.outcome) for o in ops] == [
-        ("set", "a", "1", "ok"), ("set", "b", "2", "ok"),
-        ("get", "a", "1", "ok"), ("get", "b", "2", "ok"), ("get", "c", None, "ok"),
-        ("set", "a", "3", "info"), ("set", "b", "4", "info"),
-        ("set", "a", "5", "info"), ("set", "c", "6", "info"), ("get", "a", None, "fail")]
+        ("set", "a", "1", "ok"),
+        ("set", "b", "2", "ok"),
+        ("get", "a", "1", "ok"),
+        ("get", "b", "2", "ok"),
+        ("get", "c", None, "ok"),
+        ("set", "a", "3", "info"),
+        ("set", "b", "4", "info"),
+        ("set", "a", "5", "info"),
+        ("set", "c", "6", "info"),
+        ("get", "a", None, "fail"),
+    ]
     for group in ([0, 1], [2, 3, 4], [5, 6], [7, 8]):
         assert len({(ops[i].invoke, ops[i].complete) for i in group}) == 1
     assert check_linearizable(ops).ok
@@ -909,17 +990,26 @@ def test_history_records_cas_and_incr() -> None:
             h.record(1, "cas", "k", f"x-{type(err).__name__}", lambda: (_ for _ in ()).throw(err), expected="v1")
         with pytest.raises(type(err)):
             h.record(1, "incr", "c", None, lambda: (_ for _ in ()).throw(err))
-    for bad in (lambda: h.invoke(0, "cas", "k", None), lambda: h.invoke(0, "incr", "c", "1"),
-                lambda: h.invoke(0, "set", "k", "1", expected="x"),
-                lambda: h.record_many(0, "cas", [("k", "1")], lambda: None)):  # type: ignore[arg-type]
+    for bad in (
+        lambda: h.invoke(0, "cas", "k", None),
+        lambda: h.invoke(0, "incr", "c", "1"),
+        lambda: h.invoke(0, "set", "k", "1", expected="x"),
+        lambda: h.record_many(0, "cas", [("k", "1")], lambda: None),
+    ):  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             bad()
     ops = h.ops
     assert [(o.kind, o.expected, o.value, o.outcome, o.result) for o in ops] == [
-        ("cas", None, "v1", "ok", True), ("cas", "zz", "v2", "ok", False), ("incr", None, None, "ok", 7),
-        ("cas", "v1", "x-WriteTimeout", "info", None), ("incr", None, None, "info", None),
-        ("cas", "v1", "x-TransportError", "info", None), ("incr", None, None, "info", None),
-        ("cas", "v1", "x-QuorumNotReached", "fail", None), ("incr", None, None, "fail", None)]
+        ("cas", None, "v1", "ok", True),
+        ("cas", "zz", "v2", "ok", False),
+        ("incr", None, None, "ok", 7),
+        ("cas", "v1", "x-WriteTimeout", "info", None),
+        ("incr", None, None, "info", None),
+        ("cas", "v1", "x-TransportError", "info", None),
+        ("incr", None, None, "info", None),
+        ("cas", "v1", "x-QuorumNotReached", "fail", None),
+        ("incr", None, None, "fail", None),
+    ]
     assert [o.writes_register for o in ops[:3]] == [True, False, False]
     assert "cas('k', None -> 'v1')" in str(ops[0]) and "-> 7" in str(ops[2])
     s = h.summary()
@@ -951,8 +1041,9 @@ class MemoryClient:
 
 def test_workload_stops_at_max_ops_and_records_everything() -> None:
     client, h = MemoryClient(), History()
-    w = Workload(client, h, [f"k{i}" for i in range(5)], threads=4, read_ratio=0.5, seed=1,
-                 max_ops=400, max_duration=60)
+    w = Workload(
+        client, h, [f"k{i}" for i in range(5)], threads=4, read_ratio=0.5, seed=1, max_ops=400, max_duration=60
+    )
     w.run(timeout=30)
     s = h.summary()
     assert s["ops"] == 400 and s["pending"] == 0 and s["sets_ok"] + s["gets_ok"] == 400
@@ -966,16 +1057,18 @@ def test_workload_stops_at_max_ops_and_records_everything() -> None:
 
 def test_workload_stops_at_max_duration() -> None:
     h = History()
-    w = Workload(MemoryClient(), h, ["a"], threads=2, read_ratio=0.5, seed=2,
-                 max_ops=10**9, max_duration=0.2, pause=0.001)
+    w = Workload(
+        MemoryClient(), h, ["a"], threads=2, read_ratio=0.5, seed=2, max_ops=10**9, max_duration=0.2, pause=0.001
+    )
     w.run(timeout=30)
     assert not w.running and 0 < len(h) < 10**9
 
 
 def test_workload_stop_ends_it_early() -> None:
     h = History()
-    w = Workload(MemoryClient(), h, ["a"], threads=2, read_ratio=0.5, seed=3,
-                 max_ops=10**9, max_duration=3600, pause=0.001).start()
+    w = Workload(
+        MemoryClient(), h, ["a"], threads=2, read_ratio=0.5, seed=3, max_ops=10**9, max_duration=3600, pause=0.001
+    ).start()
     w.stop(timeout=30)
     assert not w.running
 
@@ -1033,8 +1126,7 @@ class MultiMemoryClient(MemoryClient):
 def test_mixed_workload_records_every_kind_per_key() -> None:
     clients = [MultiMemoryClient()]
     h = History()
-    w = MixedWorkload(clients * 3, h, [f"k{i}" for i in range(6)], threads=3, seed=9, max_ops=600,
-                      max_duration=60)
+    w = MixedWorkload(clients * 3, h, [f"k{i}" for i in range(6)], threads=3, seed=9, max_ops=600, max_duration=60)
     w.run(timeout=30)
     assert sum(w.calls.values()) == 600 and all(w.calls.values()), w.calls
     ops = h.ops
@@ -1066,8 +1158,17 @@ class CoordinationMemoryClient(MultiMemoryClient):
 
 def run_coordination(client: Any, threads: int, seed: int, max_ops: int = 1500) -> tuple[History, MixedWorkload]:
     h = History()
-    w = MixedWorkload(client, h, [f"k{i}" for i in range(4)], threads=threads, seed=seed, max_ops=max_ops,
-                      max_duration=60, mix=COORDINATION_MIX, counters=["c0", "c1"])
+    w = MixedWorkload(
+        client,
+        h,
+        [f"k{i}" for i in range(4)],
+        threads=threads,
+        seed=seed,
+        max_ops=max_ops,
+        max_duration=60,
+        mix=COORDINATION_MIX,
+        counters=["c0", "c1"],
+    )
     w.run(timeout=60)
     return h, w
 
@@ -1144,8 +1245,17 @@ def test_mixed_workload_records_errors_of_multi_key_calls() -> None:
             raise TransportError("gone")
 
     h = History()
-    MixedWorkload(Flaky(), h, ["a", "b", "c"], threads=2, seed=3, max_ops=100, max_duration=60,
-                  mix={"mset": 1, "mget": 1}, max_multi=3).run(30)
+    MixedWorkload(
+        Flaky(),
+        h,
+        ["a", "b", "c"],
+        threads=2,
+        seed=3,
+        max_ops=100,
+        max_duration=60,
+        mix={"mset": 1, "mget": 1},
+        max_multi=3,
+    ).run(30)
     ops = h.ops
     assert ops and {(o.kind, o.outcome) for o in ops} == {("set", "info"), ("get", "fail")}
 
@@ -1175,8 +1285,7 @@ def test_mixed_workload_against_a_real_node_passes_both_checkers(node: NodeProce
     client = dkv.Client(node.addr, timeout=5)
     try:
         h = History()
-        w = MixedWorkload(client, h, [f"key-{i}" for i in range(6)], threads=4, seed=43, max_ops=300,
-                          max_duration=120)
+        w = MixedWorkload(client, h, [f"key-{i}" for i in range(6)], threads=4, seed=43, max_ops=300, max_duration=120)
         w.run(timeout=180)
         s = h.summary()
         assert s["pending"] == 0 and s["deletes_ok"] > 0 and s["sets_fail"] == s["sets_info"] == 0, s
@@ -1255,8 +1364,14 @@ def _fake_schedule(seed: int) -> tuple[list[tuple[str, str]], FakeCluster]:
     from tests.faults.nemesis import Nemesis
 
     c = FakeCluster()
-    n = Nemesis(c, seed, weights={"kill-writer": 1, "kill-replica": 1, "pause-writer": 1, "pause-replica": 1},  # type: ignore[arg-type]
-                interval=(0.01, 0.02), kill_downtime=(0.01, 0.02), pause_extra=(0.0, 0.01))
+    n = Nemesis(
+        c,
+        seed,
+        weights={"kill-writer": 1, "kill-replica": 1, "pause-writer": 1, "pause-replica": 1},  # type: ignore[arg-type]
+        interval=(0.01, 0.02),
+        kill_downtime=(0.01, 0.02),
+        pause_extra=(0.0, 0.01),
+    )
     n.start(0.6)
     n.join(30)
     assert n.faults and all(f.error is None for f in n.faults), n.schedule()
@@ -1281,7 +1396,8 @@ def test_timeline_parses_node_logs_and_collapses_repeats(tmp_path: Any) -> None:
     (tmp_path / "n1.log").write_text(
         "2030-01-02 03:04:06,250 INFO [n1] x: prepare to n2 failed\n"
         "2030-01-02 03:04:06,500 INFO [n1] x: prepare to n2 failed\n"
-        "2030-01-02 03:04:07,000 ERROR [n1] x: boom\nTraceback (most recent call last):\n")
+        "2030-01-02 03:04:07,000 ERROR [n1] x: boom\nTraceback (most recent call last):\n"
+    )
     (tmp_path / "n2.log").write_text("2030-01-02 03:04:06,750 INFO [n2] y: hello\n")
     lines = merged_logs({"n1": tmp_path / "n1.log", "n2": tmp_path / "n2.log"}, wall0)
     assert [(x.t, x.node) for x in lines] == [(1.25, "n1"), (1.5, "n1"), (1.75, "n2"), (2.0, "n1"), (2.0, "n1")]

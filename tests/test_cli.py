@@ -1,4 +1,5 @@
 """``dkv cli`` and ``dkv bench`` against a real node process."""
+
 from __future__ import annotations
 
 import os
@@ -120,17 +121,23 @@ def test_scan(client: Client, k: str) -> None:
     assert run(client, f"scan 0 MATCH {k}") == f'1) "0"\n2) 1) "{k}a"\n   2) "{k}b"\n   3) "{k}c"'
     assert run(client, f"scan match {k}*") == run(client, f"scan 0 MATCH {k}")  # cursor 0 implied; k* = prefix
     first = run(client, f"scan 0 MATCH {k} COUNT 2")
-    cursor = first.splitlines()[0][len('1) "'):-1]
+    cursor = first.splitlines()[0][len('1) "') : -1]
     assert cursor != "0" and first.splitlines()[1:] == [f'2) 1) "{k}a"', f'   2) "{k}b"']
     assert run(client, f"scan {cursor} MATCH {k} COUNT 2") == f'1) "0"\n2) 1) "{k}c"'
     assert run(client, f"scan 0 MATCH {k}zz") == '1) "0"\n2) (empty array)'
     assert run(client, f"scan 0 MATCH {k}[ac]") == f'1) "0"\n2) 1) "{k}a"\n   2) "{k}c"'  # a glob: filtered
     assert execute(client, f"scan 0 MATCH {k} COUNT many") == (
-        False, "(error) COUNT must be a whole number in 1..10000, not 'many'")
+        False,
+        "(error) COUNT must be a whole number in 1..10000, not 'many'",
+    )
     assert execute(client, "scan nothex") == (
-        False, "(error) invalid cursor 'nothex': give 0 to start, then the cursor the last scan printed")
+        False,
+        "(error) invalid cursor 'nothex': give 0 to start, then the cursor the last scan printed",
+    )
     assert execute(client, f"scan 0 MATCH {k} COUNT") == (
-        False, "(error) usage: scan [CURSOR] [MATCH PATTERN] [COUNT N]")
+        False,
+        "(error) usage: scan [CURSOR] [MATCH PATTERN] [COUNT N]",
+    )
 
 
 def test_slot(client: Client) -> None:
@@ -148,16 +155,32 @@ def test_info(client: Client, node: NodeProcess) -> None:
 
 def test_nodes(client: Client, node: NodeProcess) -> None:
     assert [line.split() for line in run(client, "nodes").splitlines()] == [
-        ["ID", "ADDR", "ROLE", "SHARD", "STATUS"], [node.node_id, node.addr, "writer", "shard-0", "up"]]
+        ["ID", "ADDR", "ROLE", "SHARD", "STATUS"],
+        [node.node_id, node.addr, "writer", "shard-0", "up"],
+    ]
 
 
 def example_cluster() -> dict[str, object]:
     return layout.cluster_info(
-        [Shard("shard-1", 4, "w1", ["r1", "r2"]), Shard("shard-2", 2, "w2", ["r3"]),
-         Shard("shard-10", 1, "gone", ["r4"]), Shard("shard-3", 1, None, [])],
-        SlotRanges([(0, 511, "shard-1"), (700, 703, "shard-1"), (705, 705, "shard-1"), (512, 699, "shard-2"),
-                    (704, 704, "shard-10"), (706, 1023, "shard-10")]),
-        {"w1": "h:1", "r1": "h:2", "r2": "h:3", "w2": "h:4", "r3": "h:5"}, 9)
+        [
+            Shard("shard-1", 4, "w1", ["r1", "r2"]),
+            Shard("shard-2", 2, "w2", ["r3"]),
+            Shard("shard-10", 1, "gone", ["r4"]),
+            Shard("shard-3", 1, None, []),
+        ],
+        SlotRanges(
+            [
+                (0, 511, "shard-1"),
+                (700, 703, "shard-1"),
+                (705, 705, "shard-1"),
+                (512, 699, "shard-2"),
+                (704, 704, "shard-10"),
+                (706, 1023, "shard-10"),
+            ]
+        ),
+        {"w1": "h:1", "r1": "h:2", "r2": "h:3", "w2": "h:4", "r3": "h:5"},
+        9,
+    )
 
 
 def test_format_shards_lag_down_and_slot_ranges() -> None:
@@ -175,10 +198,10 @@ def test_format_shards_lag_down_and_slot_ranges() -> None:
 
 def test_format_shards_lists_migrations_under_way() -> None:
     cluster = dict(example_cluster())
-    cluster["migrations"] = [{"id": "m-0000000003", "slots": [512, 767], "source": "shard-1",
-                              "target": "shard-2", "state": "frozen"},
-                             {"id": "m-0000000004", "slots": [0, 9], "source": "shard-2", "target": "shard-3",
-                              "state": "copying"}]
+    cluster["migrations"] = [
+        {"id": "m-0000000003", "slots": [512, 767], "source": "shard-1", "target": "shard-2", "state": "frozen"},
+        {"id": "m-0000000004", "slots": [0, 9], "source": "shard-2", "target": "shard-3", "state": "copying"},
+    ]
     lines = format_shards(cluster, {}).splitlines()
     assert lines[-3:] == [  # the target writers were not asked: no progress
         "MIGRATION     SLOTS    FROM     TO       STATE    PROGRESS",
@@ -196,11 +219,16 @@ def test_format_shards_lists_migrations_under_way() -> None:
 def test_writer_infos_asks_writers_with_replicas_or_importing_a_range(client: Client, node: NodeProcess) -> None:
     from dkv.cli.repl import writer_infos
 
-    cluster = layout.cluster_info([Shard("shard-1", 1, "w1", ["r1"]), Shard("shard-2", 1, "w2", [])],
-                                  SlotRanges([(0, 1023, "shard-1")]), {"w1": node.addr, "w2": node.addr}, 1)
+    cluster = layout.cluster_info(
+        [Shard("shard-1", 1, "w1", ["r1"]), Shard("shard-2", 1, "w2", [])],
+        SlotRanges([(0, 1023, "shard-1")]),
+        {"w1": node.addr, "w2": node.addr},
+        1,
+    )
     assert set(writer_infos(client, cluster)) == {"w1"}  # w2 has no replica to report on
-    cluster["migrations"] = [{"id": "m-0000000001", "slots": [0, 9], "source": "shard-1", "target": "shard-2",
-                              "state": "copying"}]
+    cluster["migrations"] = [
+        {"id": "m-0000000001", "slots": [0, 9], "source": "shard-1", "target": "shard-2", "state": "copying"}
+    ]
     infos = writer_infos(client, cluster)
     assert set(infos) == {"w1", "w2"} and infos["w2"] is not None  # w2 imports: asked for the progress
 
@@ -244,27 +272,44 @@ def test_info_and_nodes_through_zookeeper(zk: str, kz: KazooClient, node: NodePr
         assert run(zc, f"get {k}z") == '"1"'
         assert [line.split() for line in run(zc, "info").splitlines()] == [  # cluster mode: no node info
             ["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"],
-            ["shard-1", "5", "w", "r1", "(lag", "?),", "r2", "(down)", "0-1023"]]  # no lag in a standalone's info
+            ["shard-1", "5", "w", "r1", "(lag", "?),", "r2", "(down)", "0-1023"],
+        ]  # no lag in a standalone's info
         assert [line.split() for line in run(zc, "nodes").splitlines()] == [
             ["ID", "ADDR", "ROLE", "SHARD", "STATUS"],
             ["r1", node.addr, "replica", "shard-1", "up"],
             ["r2", "-", "replica", "shard-1", "down"],
-            ["w", node.addr, "writer", "shard-1", "up"]]
+            ["w", node.addr, "writer", "shard-1", "up"],
+        ]
 
 
 @pytest.mark.zk
 def test_stdin_mode_with_zk_from_env(zk: str, kz: KazooClient, node: NodeProcess, k: str) -> None:
     publish(kz, {"w": node.addr}, [Shard("shard-1", 1, "w")], ALL)
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli"], env={**os.environ, "DKV_ZK": zk},
-                          input=f"set {k}a 1\nget {k}a\nnodes\n", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "cli"],
+        env={**os.environ, "DKV_ZK": zk},
+        input=f"set {k}a 1\nget {k}a\nnodes\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [line.split() for line in proc.stdout.splitlines()] == [
-        ["OK"], ['"1"'], ["ID", "ADDR", "ROLE", "SHARD", "STATUS"], ["w", node.addr, "writer", "shard-1", "up"]]
+        ["OK"],
+        ['"1"'],
+        ["ID", "ADDR", "ROLE", "SHARD", "STATUS"],
+        ["w", node.addr, "writer", "shard-1", "up"],
+    ]
 
 
 def test_cli_with_unreachable_zk_fails_cleanly() -> None:
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", "--zk", "127.0.0.1:1", "--timeout", "1"],
-                          input="get a\n", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "cli", "--zk", "127.0.0.1:1", "--timeout", "1"],
+        input="get a\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "dkv cli: Unavailable: ZooKeeper at 127.0.0.1:1 did not answer within 1s" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -289,21 +334,24 @@ def test_set_with_expiry_and_conditions_options_in_any_case(client: Client, k: s
     assert run(client, f"ttl {k}nope") == "(nil)"
 
 
-@pytest.mark.parametrize("options, message", [
-    ("EX", "EX needs a value"),
-    ("EX 0", "EX must be a positive number of seconds (at most 3153600000), not '0'"),
-    ("EX -1", "EX must be a positive number of seconds (at most 3153600000), not '-1'"),
-    ("EX abc", "EX must be a positive number of seconds (at most 3153600000), not 'abc'"),
-    ("EX inf", "EX must be a positive number of seconds (at most 3153600000), not 'inf'"),
-    ("EX nan", "EX must be a positive number of seconds (at most 3153600000), not 'nan'"),
-    ("PX 1.5", "PX must be a whole number of milliseconds in 1..3153600000000, not '1.5'"),
-    ("PX 0", "PX must be a whole number of milliseconds in 1..3153600000000, not '0'"),
-    ("PX 99999999999999", "PX must be a whole number of milliseconds in 1..3153600000000, not '99999999999999'"),
-    ("EX 1 PX 100", "give EX or PX, not both"),
-    ("NX XX", "NX and XX exclude each other"),
-    ("EX 1 ex 2", "EX given twice"),
-    ("KEEPTTL", "unknown option 'KEEPTTL' (expected EX, PX, NX, XX)"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("EX", "EX needs a value"),
+        ("EX 0", "EX must be a positive number of seconds (at most 3153600000), not '0'"),
+        ("EX -1", "EX must be a positive number of seconds (at most 3153600000), not '-1'"),
+        ("EX abc", "EX must be a positive number of seconds (at most 3153600000), not 'abc'"),
+        ("EX inf", "EX must be a positive number of seconds (at most 3153600000), not 'inf'"),
+        ("EX nan", "EX must be a positive number of seconds (at most 3153600000), not 'nan'"),
+        ("PX 1.5", "PX must be a whole number of milliseconds in 1..3153600000000, not '1.5'"),
+        ("PX 0", "PX must be a whole number of milliseconds in 1..3153600000000, not '0'"),
+        ("PX 99999999999999", "PX must be a whole number of milliseconds in 1..3153600000000, not '99999999999999'"),
+        ("EX 1 PX 100", "give EX or PX, not both"),
+        ("NX XX", "NX and XX exclude each other"),
+        ("EX 1 ex 2", "EX given twice"),
+        ("KEEPTTL", "unknown option 'KEEPTTL' (expected EX, PX, NX, XX)"),
+    ],
+)
 def test_set_refuses_bad_options_and_changes_nothing(client: Client, k: str, options: str, message: str) -> None:
     assert execute(client, f"set {k}a 1 {options}") == (False, f"(error) {message}")
     assert run(client, f"exists {k}a") == "(integer) 0"
@@ -330,9 +378,11 @@ def test_incr_decr(client: Client, k: str) -> None:
     assert run(client, f"decr {k}n") == "(integer) 41"
     assert run(client, f"DECR {k}n 50") == "(integer) -9"
     assert run(client, f"incr {k}n -1") == "(integer) -10"
-    for bad in ("1.5", "x", str(2 ** 63)):
+    for bad in ("1.5", "x", str(2**63)):
         assert execute(client, f"incr {k}n {bad}") == (
-            False, f"(error) the amount must be a 64-bit integer, not '{bad}'")
+            False,
+            f"(error) the amount must be a 64-bit integer, not '{bad}'",
+        )
     run(client, f"set {k}s abc")
     ok, out = execute(client, f"incr {k}s")
     assert not ok and out.startswith("(error) InvalidArgument: ")
@@ -353,7 +403,9 @@ def test_expire_persist_ttl(client: Client, k: str) -> None:
     assert run(client, f"expire {k}a 100") == "(integer) 1"
     assert 99 < ttl_of(client, f"{k}a") <= 100
     assert execute(client, f"expire {k}a 0") == (
-        False, "(error) seconds must be a positive number of seconds (at most 3153600000), not '0'")
+        False,
+        "(error) seconds must be a positive number of seconds (at most 3153600000), not '0'",
+    )
     assert run(client, f"persist {k}a") == "(integer) 1"
     assert run(client, f"ttl {k}a") == "(no expiry)"
     assert run(client, f"expire {k}a 0.05") == "(integer) 1"
@@ -396,12 +448,28 @@ def test_completion_of_names_and_options() -> None:
 
 
 def test_stdin_mode_coordination_commands(node: NodeProcess, k: str) -> None:
-    script = (f"set {k}a 1 EX 100 NX\nset {k}a 2 NX\ncas {k}a 1 2\nincr {k}n 5\ndecr {k}n\n"
-              f"persist {k}a\nttl {k}a\nset {k}a 3 EX\nget {k}a\n")
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
-                          input=script, capture_output=True, text=True, timeout=60)
-    assert proc.stdout.splitlines() == ["OK", "(nil)", "OK", "(integer) 5", "(integer) 4", "(integer) 0",
-                                        "(no expiry)", "(error) EX needs a value", '"2"']
+    script = (
+        f"set {k}a 1 EX 100 NX\nset {k}a 2 NX\ncas {k}a 1 2\nincr {k}n 5\ndecr {k}n\n"
+        f"persist {k}a\nttl {k}a\nset {k}a 3 EX\nget {k}a\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.splitlines() == [
+        "OK",
+        "(nil)",
+        "OK",
+        "(integer) 5",
+        "(integer) 4",
+        "(integer) 0",
+        "(no expiry)",
+        "(error) EX needs a value",
+        '"2"',
+    ]
     assert proc.returncode == 1  # one command failed
 
 
@@ -437,16 +505,26 @@ def test_oversized_key_is_invalid_argument_and_node_keeps_serving(client: Client
 
 def test_stdin_mode_end_to_end(node: NodeProcess, k: str) -> None:
     script = f"# a comment\n\nset {k}a 1\nget {k}a\nget {k}nope\nfoo\n"
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
-                          input=script, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.stdout.splitlines() == ["OK", '"1"', "(nil)", "(error) unknown command 'foo'; type 'help'"]
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_stdin_mode_exit_status_0_when_all_succeed(node: NodeProcess, k: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
-                          input=f"set {k}a 1\nexit\nfoo\n", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
+        input=f"set {k}a 1\nexit\nfoo\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (proc.returncode, proc.stdout) == (0, "OK\n")
 
 
@@ -489,8 +567,7 @@ def test_percentile_nearest_rank() -> None:
 def test_format_report_lists_params_latencies_and_errors() -> None:
     from collections import Counter
 
-    result = LoadResult(ops=4, elapsed=2.0, latencies=[0.001, 0.002, 0.003],
-                        errors=Counter({"WriteTimeout": 1}))
+    result = LoadResult(ops=4, elapsed=2.0, latencies=[0.001, 0.002, 0.003], errors=Counter({"WriteTimeout": 1}))
     report = format_report([("target", "x")], result)
     assert report.splitlines()[0].split() == ["target:", "x"]
     assert "throughput:  2 ops/s" in report
@@ -534,8 +611,9 @@ def test_bench_ops_and_duration_exactly_one_decides_and_the_command_line_beats_t
         _bench_bound(500, 10.0, [])  # both from the environment
 
 
-def test_bench_refuses_ops_with_duration_with_a_clear_error(capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_refuses_ops_with_duration_with_a_clear_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dkv.cli.main import build_parser, main
 
     monkeypatch.setenv("DKV_DURATION", "3")
@@ -548,8 +626,7 @@ def test_report_json_and_bench_keys() -> None:
     import json
     from collections import Counter
 
-    result = LoadResult(ops=4, elapsed=2.0, latencies=[0.001, 0.002, 0.003],
-                        errors=Counter({"WriteTimeout": 1}))
+    result = LoadResult(ops=4, elapsed=2.0, latencies=[0.001, 0.002, 0.003], errors=Counter({"WriteTimeout": 1}))
     doc = json.loads(report_json([("target", "x"), ("clients", 2)], result))
     assert doc["target"] == "x" and doc["clients"] == 2 and doc["ops"] == 4
     assert doc["succeeded"] == 3 and doc["failed"] == 1 and doc["throughput_ops_s"] == 1.5
@@ -561,9 +638,27 @@ def test_report_json_and_bench_keys() -> None:
 def test_bench_duration_json_smoke(node: NodeProcess) -> None:
     import json
 
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--clients", "4",
-                           "--duration", "0.5", "--keys", "100", "--ratio", "1:1", "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dkv.cli.main",
+            "bench",
+            node.addr,
+            "--clients",
+            "4",
+            "--duration",
+            "0.5",
+            "--keys",
+            "100",
+            "--ratio",
+            "1:1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert doc["duration_s"] == 0.5 and doc["clients"] == 4 and doc["failed"] == 0
@@ -571,9 +666,25 @@ def test_bench_duration_json_smoke(node: NodeProcess) -> None:
 
 
 def test_bench_smoke(node: NodeProcess) -> None:
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--clients", "4",
-                           "--ops", "400", "--keys", "1000", "--no-progress"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dkv.cli.main",
+            "bench",
+            node.addr,
+            "--clients",
+            "4",
+            "--ops",
+            "400",
+            "--keys",
+            "1000",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.startswith("throughput:") and line.endswith("ops/s") for line in lines)
@@ -585,8 +696,12 @@ def test_bench_smoke(node: NodeProcess) -> None:
 def bench_json(node: NodeProcess, *args: str) -> dict[str, object]:
     import json
 
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--json", *args],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -613,14 +728,33 @@ def test_bench_cas_succeeds_every_time_and_counts_on_fresh_keys(node: NodeProces
 
 
 def test_bench_refuses_cas_with_fewer_keys_than_clients(node: NodeProcess) -> None:
-    proc = subprocess.run([sys.executable, "-m", "dkv.cli.main", "bench", node.addr, "--op", "cas",
-                           "--clients", "4", "--keys", "3", "--ops", "10"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dkv.cli.main",
+            "bench",
+            node.addr,
+            "--op",
+            "cas",
+            "--clients",
+            "4",
+            "--keys",
+            "3",
+            "--ops",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and "--op cas needs --keys >= --clients" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_admin_refuses_bad_invocations_with_clear_errors(capsys: pytest.CaptureFixture[str],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_admin_refuses_bad_invocations_with_clear_errors(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dkv.cli.main import main
 
     monkeypatch.delenv("DKV_ZK", raising=False)
@@ -637,24 +771,39 @@ def test_admin_status_and_drain_flag_through_zookeeper(zk: str, kz: KazooClient)
     from dkv.cli.main import main
 
     publish(kz, {"w": "h:1", "w2": "h:2"}, [Shard("shard-1", 1, "w", []), Shard("shard-2", 1, "w2", [])], ALL)
-    out = subprocess.run([sys.executable, "-m", "dkv.cli.main", "admin", "--zk", zk, "drain", "shard-2"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "admin", "--zk", zk, "drain", "shard-2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "shard-2 is draining" in out.stdout, out
     assert Shard.from_bytes("shard-2", kz.get(layout.shard_path("shard-2"))[0]).draining
-    status = subprocess.run([sys.executable, "-m", "dkv.cli.main", "admin", "--zk", zk, "status"],
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "admin", "--zk", zk, "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "shard-2 (draining)" in status.stdout and "shard-1 " in status.stdout, status
     assert main(["admin", "--zk", zk, "undrain", "shard-2"]) == 0
     assert not Shard.from_bytes("shard-2", kz.get(layout.shard_path("shard-2"))[0]).draining
 
 
 @pytest.mark.zk
-def test_admin_remove_takes_only_a_drained_empty_shard_with_no_live_member(zk: str, kz: KazooClient,  # noqa: F811
-                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_admin_remove_takes_only_a_drained_empty_shard_with_no_live_member(
+    zk: str,
+    kz: KazooClient,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from dkv.cli.main import main
 
-    publish(kz, {"w": "h:1", "w2": "h:2"}, [Shard("shard-1", 1, "w", []), Shard("shard-2", 1, "w2", ["r2"])],
-            [(0, 1023, "shard-1")])
+    publish(
+        kz,
+        {"w": "h:1", "w2": "h:2"},
+        [Shard("shard-1", 1, "w", []), Shard("shard-2", 1, "w2", ["r2"])],
+        [(0, 1023, "shard-1")],
+    )
     assert main(["admin", "--zk", zk, "remove", "shard-9"]) == 1
     assert "no shard 'shard-9'" in capsys.readouterr().err
     assert main(["admin", "--zk", zk, "remove", "shard-2"]) == 1
@@ -678,15 +827,25 @@ def test_admin_remove_takes_only_a_drained_empty_shard_with_no_live_member(zk: s
 
 
 @pytest.mark.zk
-def test_admin_cancel_deletes_the_migration_and_nothing_else(zk: str, kz: KazooClient,  # noqa: F811
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_admin_cancel_deletes_the_migration_and_nothing_else(
+    zk: str,
+    kz: KazooClient,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from dkv.cli.main import main
 
-    publish(kz, {"w": "h:1", "w2": "h:2"}, [Shard("shard-1", 1, "w", []), Shard("shard-2", 1, "w2", [])],
-            [(0, 1023, "shard-1")])
-    path = kz.create(layout.MIGRATIONS + "/m-", layout.Migration("", 768, 1023, "shard-1", "shard-2",
-                                                                layout.FROZEN, 42).to_bytes(),
-                     sequence=True, makepath=True)
+    publish(
+        kz,
+        {"w": "h:1", "w2": "h:2"},
+        [Shard("shard-1", 1, "w", []), Shard("shard-2", 1, "w2", [])],
+        [(0, 1023, "shard-1")],
+    )
+    path = kz.create(
+        layout.MIGRATIONS + "/m-",
+        layout.Migration("", 768, 1023, "shard-1", "shard-2", layout.FROZEN, 42).to_bytes(),
+        sequence=True,
+        makepath=True,
+    )
     mid = path.rsplit("/", 1)[-1]
     slots_before = kz.get(layout.SLOTS)[0]
     assert main(["admin", "--zk", zk, "status"]) == 0
@@ -707,7 +866,7 @@ def test_split_args_like_redis_cli() -> None:
     assert split_args(r'set k "\x00\xff"') == ["set", "k", "\x00\udcff"]  # 0xff: a surrogateescape'd byte
     assert split_args(r'''a "b c" 'd "e' "\"\\\n\t\r\a\b\q"''') == ["a", "b c", 'd "e', '"\\\n\t\r\a\bq']
     assert split_args(r"'it\'s' x\y \x41") == ["it's", "x\\y", r"\x41"]  # outside quotes: as typed
-    assert split_args('  "" \'\'  ') == ["", ""] and split_args("   ") == []
+    assert split_args("  \"\" ''  ") == ["", ""] and split_args("   ") == []
     assert split_args('a"b c"') == ["ab c"] and split_args("héllo wörld") == ["héllo", "wörld"]
     for bad in ('set a "b', "set a 'b", 'set "a"b', "set 'a'b"):
         with pytest.raises(CommandError):
@@ -744,8 +903,11 @@ def test_scan_cursor_walks_every_key_past_100_with_spaces_quoted(client: Client,
         assert ok, out
         lines = out.splitlines()
         cursor = split_args(lines[0].split(") ", 1)[1])[0]  # 1) "CURSOR"
-        seen += [split_args(re.fullmatch(r'(?:\s*\d+\) )+(".*")', line).group(1))[0]  # type: ignore[union-attr]
-                 for line in lines[1:] if line != "2) (empty array)"]
+        seen += [
+            split_args(re.fullmatch(r'(?:\s*\d+\) )+(".*")', line).group(1))[0]  # type: ignore[union-attr]
+            for line in lines[1:]
+            if line != "2) (empty array)"
+        ]
         rounds += 1
         if cursor == "0":
             break
@@ -825,17 +987,34 @@ def test_latency_flag_and_command(client: Client, k: str) -> None:
 
 
 def cli(node: NodeProcess, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr, *args], input=stdin,
-                          capture_output=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "cli", node.addr, *args], input=stdin, capture_output=True, timeout=60
+    )
 
 
 def test_raw_output_for_scripts_in_stdin_and_one_shot_modes(node: NodeProcess, k: str) -> None:
-    script = (f'set {k}bin "\\x00\\xff"\nset {k}e ""\nget {k}bin\nget {k}e\nget {k}nope\nincr {k}n\n'
-              f"mget {k}e {k}n\nscan 0 MATCH {k}\nexists {k}e {k}n\n").encode()
+    script = (
+        f'set {k}bin "\\x00\\xff"\nset {k}e ""\nget {k}bin\nget {k}e\nget {k}nope\nincr {k}n\n'
+        f"mget {k}e {k}n\nscan 0 MATCH {k}\nexists {k}e {k}n\n"
+    ).encode()
     proc = cli(node, "--raw", stdin=script)
     assert proc.returncode == 0, proc
-    assert proc.stdout.split(b"\n") == [b"OK", b"OK", b"\x00\xff", b"", b"", b"1", b"", b"1",
-                                        b"0", f"{k}bin".encode(), f"{k}e".encode(), f"{k}n".encode(), b"2", b""]
+    assert proc.stdout.split(b"\n") == [
+        b"OK",
+        b"OK",
+        b"\x00\xff",
+        b"",
+        b"",
+        b"1",
+        b"",
+        b"1",
+        b"0",
+        f"{k}bin".encode(),
+        f"{k}e".encode(),
+        f"{k}n".encode(),
+        b"2",
+        b"",
+    ]
     one = cli(node, "--raw", "get", f"{k}bin")  # one-shot: the words after the address are the command
     assert (one.returncode, one.stdout) == (0, b"\x00\xff\n")
     quoted = cli(node, "get", f"{k}bin")
@@ -958,11 +1137,16 @@ def test_prompt_session_round_trips_escapes_and_empty_values(client: Client, k: 
 
     results: list[tuple[bool, str]] = []
     with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
-        inp.send_text(f'set {k}bin "\\x00\\xff"\rget {k}bin\rset {k}e ""\rget {k}e\rexists {k}bin {k}e {k}no\r'
-                      "exit\r\x04")
+        inp.send_text(
+            f'set {k}bin "\\x00\\xff"\rget {k}bin\rset {k}e ""\rget {k}e\rexists {k}bin {k}e {k}no\rexit\r\x04'
+        )
         state = CliState()
-        status = repl_loop(client, make_session("127.0.0.1:7000", InMemoryHistory(), state),
-                           lambda ok, text: results.append((ok, text)), state)
+        status = repl_loop(
+            client,
+            make_session("127.0.0.1:7000", InMemoryHistory(), state),
+            lambda ok, text: results.append((ok, text)),
+            state,
+        )
     assert status == 0
     assert results == [(True, "OK"), (True, '"\\x00\\xff"'), (True, "OK"), (True, '""'), (True, "(integer) 2")]
     assert client.get(f"{k}bin") == b"\x00\xff" and client.get(f"{k}e") == b""
@@ -978,7 +1162,10 @@ def test_dbsize_per_shard_and_scan_cursor_across_a_two_shard_cluster(zk: str, tm
         cluster.start()
         shards = sorted(cluster.shard_members())
         assert len(shards) == 2
-        keys = {shards[0]: cluster.keys_of_shard(shards[0], 3, "a"), shards[1]: cluster.keys_of_shard(shards[1], 5, "b")}
+        keys = {
+            shards[0]: cluster.keys_of_shard(shards[0], 3, "a"),
+            shards[1]: cluster.keys_of_shard(shards[1], 5, "b"),
+        }
         with cluster.client() as c:
             c.mset({key: "v" for group in keys.values() for key in group})
             rows = [line.split() for line in run(c, "dbsize").splitlines()]

@@ -6,6 +6,7 @@ serve every slot, so the routing the client derives from ZooKeeper is
 observable by reading each node directly. Eventual-read routing is also unit
 tested on :class:`~dkv.client.routing.SlotMap`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,7 @@ def register(kz: KazooClient, node_id: str, addr: str) -> None:
     kz.create(layout.node_path(node_id), layout.encode({"addr": addr}), ephemeral=True, makepath=True)
 
 
-def publish(kz: KazooClient, nodes: dict[str, str], shards: list[Shard],
-            ranges: list[tuple[int, int, str]]) -> None:
+def publish(kz: KazooClient, nodes: dict[str, str], shards: list[Shard], ranges: list[tuple[int, int, str]]) -> None:
     """Write a whole cluster map: live nodes, shards, and ``/slots``."""
     for node_id, addr in nodes.items():
         register(kz, node_id, addr)
@@ -89,8 +89,9 @@ def direct(node: NodeProcess) -> Client:
 # -- through ZooKeeper ---------------------------------------------------------------
 
 
-def test_set_get_mget_scan_through_zk(zk: str, kz: KazooClient, start: Callable[[str], NodeProcess],
-                                      prefix: str) -> None:
+def test_set_get_mget_scan_through_zk(
+    zk: str, kz: KazooClient, start: Callable[[str], NodeProcess], prefix: str
+) -> None:
     n1 = start("n1")
     publish(kz, {"n1": n1.addr}, [Shard("shard-1", 3, "n1")], ALL)
     with Client(zk=zk, timeout=5) as c, direct(n1) as d:
@@ -99,8 +100,9 @@ def test_set_get_mget_scan_through_zk(zk: str, kz: KazooClient, start: Callable[
         assert c.get(f"{prefix}a") == b"1"
         assert c.mget([f"{prefix}a", f"{prefix}nope", f"{prefix}c"]) == [b"1", None, b"3"]
         assert c.mget([f"{prefix}b"], consistency="eventual") == [b"2"]
-        assert list(c.scan(prefix)) == [(f"{prefix}{x}".encode(), v) for x, v in
-                                        [("a", b"1"), ("b", b"2"), ("c", b"3")]]
+        assert list(c.scan(prefix)) == [
+            (f"{prefix}{x}".encode(), v) for x, v in [("a", b"1"), ("b", b"2"), ("c", b"3")]
+        ]
         assert c.exists(f"{prefix}a") and c.delete(f"{prefix}a") and not c.exists(f"{prefix}a")
         assert d.get(f"{prefix}b") == b"2"  # the writer ZooKeeper names got it
         assert c.info()["node_id"] == "n1"  # any node: learnt from the map, no seed given
@@ -113,15 +115,24 @@ def test_cluster_info_is_zookeepers_document(zk: str, kz: KazooClient, start: Ca
         info = c.cluster_info()
         assert info == layout.read_cluster_info(kz)
         assert info["mode"] == "cluster"
-        assert info["shards"] == [{"id": "shard-1", "epoch": 3, "writer": "n1", "replicas": ["n9"],
-                                   "slots": [[0, NUM_SLOTS - 1]], "draining": False}]
+        assert info["shards"] == [
+            {
+                "id": "shard-1",
+                "epoch": 3,
+                "writer": "n1",
+                "replicas": ["n9"],
+                "slots": [[0, NUM_SLOTS - 1]],
+                "draining": False,
+            }
+        ]
         assert {n["id"]: n["status"] for n in info["nodes"]} == {"n1": "up", "n9": "down"}
         info["shards"].clear()  # a copy: the client's own map is untouched
         assert c.cluster_info()["shards"]
 
 
-def test_writer_change_in_zookeeper_moves_writes(zk: str, kz: KazooClient, start: Callable[[str], NodeProcess],
-                                                 prefix: str) -> None:
+def test_writer_change_in_zookeeper_moves_writes(
+    zk: str, kz: KazooClient, start: Callable[[str], NodeProcess], prefix: str
+) -> None:
     n1, n2 = start("n1"), start("n2")
     publish(kz, {"n1": n1.addr}, [Shard("shard-1", 1, "n1")], ALL)
     with Client(zk=zk, timeout=5) as c, direct(n1) as d1, direct(n2) as d2:
@@ -142,8 +153,9 @@ def test_writer_change_in_zookeeper_moves_writes(zk: str, kz: KazooClient, start
         assert c.get(f"{prefix}after") == b"2"
 
 
-def test_slot_map_change_in_zookeeper_moves_slots(zk: str, kz: KazooClient, start: Callable[[str], NodeProcess],
-                                                  prefix: str) -> None:
+def test_slot_map_change_in_zookeeper_moves_slots(
+    zk: str, kz: KazooClient, start: Callable[[str], NodeProcess], prefix: str
+) -> None:
     n1, n2 = start("n1"), start("n2")
     publish(kz, {"n1": n1.addr, "n2": n2.addr}, [Shard("shard-1", 1, "n1"), Shard("shard-2", 1, "n2")], ALL)
     low, high = key_in(range(512), prefix), key_in(range(512, NUM_SLOTS), prefix)
@@ -151,24 +163,32 @@ def test_slot_map_change_in_zookeeper_moves_slots(zk: str, kz: KazooClient, star
         c.set(high, "old")
         assert d1.get(high) == b"old"
         _, stat = kz.get(layout.SLOTS)
-        kz.set(layout.SLOTS, SlotRanges([(0, 511, "shard-1"), (512, NUM_SLOTS - 1, "shard-2")]).to_bytes(),
-               version=stat.version)
-        wait_until(lambda: c.cluster_info()["slot_map_version"] == stat.version + 1, 10,
-                   "the client to see the new slot map")
+        kz.set(
+            layout.SLOTS,
+            SlotRanges([(0, 511, "shard-1"), (512, NUM_SLOTS - 1, "shard-2")]).to_bytes(),
+            version=stat.version,
+        )
+        wait_until(
+            lambda: c.cluster_info()["slot_map_version"] == stat.version + 1, 10, "the client to see the new slot map"
+        )
         c.mset({high: "new", low: "low"})
         assert (d2.get(high), d1.get(high)) == (b"new", b"old")
         assert (d1.get(low), d2.get(low)) == (b"low", None)
         assert c.get(high) == b"new"
 
 
-def test_map_published_after_the_client_started_is_noticed(zk: str, kz: KazooClient,
-                                                           start: Callable[[str], NodeProcess], prefix: str) -> None:
+def test_map_published_after_the_client_started_is_noticed(
+    zk: str, kz: KazooClient, start: Callable[[str], NodeProcess], prefix: str
+) -> None:
     n1 = start("n1")
     with Client(zk=zk, timeout=5) as c:
         assert c.cluster_info()["shards"] == []  # nothing there yet: every path is missing
         publish(kz, {"n1": n1.addr}, [Shard("shard-1", 1, "n1")], ALL)
-        wait_until(lambda: c.cluster_info()["shards"] and c.cluster_info()["slot_map_version"] == 0, 10,
-                   "the client to see the published map")
+        wait_until(
+            lambda: c.cluster_info()["shards"] and c.cluster_info()["slot_map_version"] == 0,
+            10,
+            "the client to see the published map",
+        )
         c.set(f"{prefix}a", "1")
         assert c.get(f"{prefix}a") == b"1"
 
@@ -198,8 +218,9 @@ def private_zk() -> Iterator[zookeeper.ZooKeeper]:
             server.stop()
 
 
-def test_zookeeper_outage_keeps_serving_with_the_last_map(private_zk: zookeeper.ZooKeeper,
-                                                          start: Callable[[str], NodeProcess], prefix: str) -> None:
+def test_zookeeper_outage_keeps_serving_with_the_last_map(
+    private_zk: zookeeper.ZooKeeper, start: Callable[[str], NodeProcess], prefix: str
+) -> None:
     n1 = start("n1")
     kz = KazooClient(private_zk.hosts)
     kz.start(timeout=30)
@@ -227,8 +248,9 @@ def test_unreachable_zookeeper_raises_unavailable_quickly() -> None:
     assert time.monotonic() - t0 < 5
 
 
-def test_eventual_reads_spread_over_up_members(zk: str, kz: KazooClient, start: Callable[[str], NodeProcess],
-                                               prefix: str) -> None:
+def test_eventual_reads_spread_over_up_members(
+    zk: str, kz: KazooClient, start: Callable[[str], NodeProcess], prefix: str
+) -> None:
     # Two standalone nodes hold different values for one key, so each read shows who served it.
     n1, n2 = start("n1"), start("n2")
     publish(kz, {"n1": n1.addr, "n2": n2.addr}, [Shard("shard-1", 1, "n1", ["n2", "n3"])], ALL)
@@ -252,8 +274,11 @@ def test_eventual_reads_spread_over_up_members(zk: str, kz: KazooClient, start: 
 
 
 def cluster_doc() -> dict[str, Any]:
-    shards = [Shard("shard-1", 4, "w1", ["r1", "r2"]), Shard("shard-2", 1, "w2", ["r3"]),
-              Shard("shard-3", 1, "gone", ["r4"])]
+    shards = [
+        Shard("shard-1", 4, "w1", ["r1", "r2"]),
+        Shard("shard-2", 1, "w2", ["r3"]),
+        Shard("shard-3", 1, "gone", ["r4"]),
+    ]
     slots = SlotRanges([(0, 99, "shard-1"), (100, 199, "shard-2"), (200, 1023, "shard-3")])
     live = {"w1": "h:1", "r1": "h:2", "w2": "h:3", "r4": "h:5"}  # r2, r3 and "gone" are down
     return layout.cluster_info(shards, slots, live, 7)
@@ -282,9 +307,11 @@ def test_slot_map_reader_picks_randomly_among_candidates() -> None:
 
 
 def test_slot_map_from_standalone_info() -> None:
-    doc = {"mode": "standalone",
-           "shards": [{"id": "shard-0", "epoch": 1, "writer": "n", "replicas": [], "slots": [[0, 1023]]}],
-           "nodes": [{"id": "n", "addr": "h:9", "role": "writer", "shard": "shard-0", "status": "up"}]}
+    doc = {
+        "mode": "standalone",
+        "shards": [{"id": "shard-0", "epoch": 1, "writer": "n", "replicas": [], "slots": [[0, 1023]]}],
+        "nodes": [{"id": "n", "addr": "h:9", "role": "writer", "shard": "shard-0", "status": "up"}],
+    }
     smap = SlotMap.from_cluster_info(doc)
     assert smap.writers == ("h:9",) * NUM_SLOTS
     assert smap.read_candidates(1023, "eventual") == ("h:9",)

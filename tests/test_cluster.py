@@ -6,6 +6,7 @@ slot range), both replicas of a shard down (honest errors, the other shard
 unaffected, recovery with nothing half-applied), stale-epoch prepares refused,
 and catch-up by snapshot once the WAL was compacted.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,8 +51,11 @@ def test_two_shards_route_every_key_with_every_consistency_level(cluster: Cluste
             assert c.mget(keys, consistency=level) == [data[k].encode() for k in keys]
         assert c.get("single", consistency="linearizable") == b"one"
         # eventual reads may be served by replicas once they applied the commit point
-        wait_until(lambda: c.mget(keys, consistency="eventual") == [data[k].encode() for k in keys],
-                   15, "eventual reads to see every write")
+        wait_until(
+            lambda: c.mget(keys, consistency="eventual") == [data[k].encode() for k in keys],
+            15,
+            "eventual reads to see every write",
+        )
         assert dict(c.scan("key:")) == {k.encode(): v.encode() for k, v in data.items()}
     for sid in shards:
         cluster.wait_converged(sid)
@@ -136,8 +140,13 @@ def test_prepare_from_a_stale_epoch_is_refused(cluster: Cluster) -> None:
     before = cluster.rpc(replica.addr, "info")
     promised = before["promised_epoch"]
     assert promised >= 1
-    stale = Prepare(promised - 1, before["wal"]["last_lsn"], 0,
-                    (Record(promised - 1, before["wal"]["last_lsn"] + 1, Op.PUT, b"evil", b"x"),), 0)
+    stale = Prepare(
+        promised - 1,
+        before["wal"]["last_lsn"],
+        0,
+        (Record(promised - 1, before["wal"]["last_lsn"] + 1, Op.PUT, b"evil", b"x"),),
+        0,
+    )
     reply = Reply.from_wire(cluster.rpc(replica.addr, "repl_prepare", stale.to_wire()))
     assert reply.reason == STALE_EPOCH and reply.promised == promised
     after = cluster.rpc(replica.addr, "info")
@@ -149,8 +158,7 @@ def test_prepare_from_a_stale_epoch_is_refused(cluster: Cluster) -> None:
 
 
 def test_restarted_replica_catches_up_by_snapshot_after_compaction(zk: str, tmp_path: Path) -> None:
-    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2,
-                extra=("--wal-segment-bytes", "4096"))
+    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, extra=("--wal-segment-bytes", "4096"))
     try:
         c.start()
         sid = "shard-1"
@@ -163,8 +171,7 @@ def test_restarted_replica_catches_up_by_snapshot_after_compaction(zk: str, tmp_
         writer_info = c.info(c.writer_of(sid))
         assert writer_info["wal"]["first_lsn"] > 1, "the writer's WAL must have been compacted"
         live_replica = c.shard_members()[sid]["replicas"][0]
-        wait_until(lambda: c.info(live_replica)["wal"]["first_lsn"] > 1, 15,
-                   "the live replica to compact its WAL too")
+        wait_until(lambda: c.info(live_replica)["wal"]["first_lsn"] > 1, 15, "the live replica to compact its WAL too")
         c.nodes[victim].start()
         c.wait_converged(sid)
         assert "installed a snapshot" in c.nodes[victim].log(tail=None)
@@ -177,8 +184,14 @@ def test_values_of_the_maximum_size_replicate_snapshot_migrate_and_scan(zk: str,
     catches up by snapshot chunks; half the slots then move to a new shard (migration pages);
     scans merge the writers' byte-bounded pages; the replies the test can see are legal."""
     limits = Limits()
-    c = Cluster(zk, tmp_path, shards=1, replication_factor=2, write_quorum=1,
-                extra=("--wal-segment-bytes", str(4 * 1024 * 1024)))
+    c = Cluster(
+        zk,
+        tmp_path,
+        shards=1,
+        replication_factor=2,
+        write_quorum=1,
+        extra=("--wal-segment-bytes", str(4 * 1024 * 1024)),
+    )
     data = {f"big{i:02d}".encode(): bytes([i]) * limits.max_value_bytes for i in range(40)}
     keys = sorted(data)
     try:
@@ -189,8 +202,11 @@ def test_values_of_the_maximum_size_replicate_snapshot_migrate_and_scan(zk: str,
         with c.client(timeout=30) as cl:
             cl.mset(data)
             writer = c.writer_of("shard-1")
-            wait_until(lambda: ((c.info(writer) or {}).get("wal") or {}).get("first_lsn", 0) > 1, 15,
-                       "the writer to compact its WAL")
+            wait_until(
+                lambda: ((c.info(writer) or {}).get("wal") or {}).get("first_lsn", 0) > 1,
+                15,
+                "the writer to compact its WAL",
+            )
             c.nodes[victim].start()
             c.wait_converged("shard-1")
             assert "installed a snapshot" in c.nodes[victim].log(tail=None)
@@ -203,8 +219,10 @@ def test_values_of_the_maximum_size_replicate_snapshot_migrate_and_scan(zk: str,
             for sid in ("shard-1", "shard-2"):
                 c.wait_converged(sid)
             owners = {sid: sh["slots"] for sid, sh in c.shard_members().items()}
-            assert all(any(dkv.Client.slot_of(k) in range(a, b + 1) for a, b in slots for k in keys)
-                       for slots in owners.values()), "both shards hold some of the values"
+            assert all(
+                any(dkv.Client.slot_of(k) in range(a, b + 1) for a, b in slots for k in keys)
+                for slots in owners.values()
+            ), "both shards hold some of the values"
             assert cl.mget(keys) == [data[k] for k in keys]
             assert [k for k, _ in cl.scan(b"big")] == keys
             assert dict(cl.scan(b"big", page_size=7)) == data
@@ -255,8 +273,9 @@ def test_every_node_killed_and_restarted_loses_no_acknowledged_write(zk: str, tm
         c.stop()
 
 
-def test_a_controller_whose_session_expired_stops_controlling(zk: str, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_controller_whose_session_expired_stops_controlling(
+    zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The election is tied to the session that won it: once that session expires the node
     stops acting as controller, even though it reconnects (with a new session) at once;
     another node is elected. Two controllers once started the same move twice (lost writes)."""
@@ -273,8 +292,11 @@ def test_a_controller_whose_session_expired_stops_controlling(zk: str, tmp_path:
         wait_until(lambda: len(controllers()) == 1, 30, "a controller")
         first = controllers()[0]
         expire_session(c.zk, c.nodes[first].addr, c.creds)
-        wait_until(lambda: "stops being the controller" in c.nodes[first].log_path.read_text(), 30,
-                   f"{first} to stop being the controller")
+        wait_until(
+            lambda: "stops being the controller" in c.nodes[first].log_path.read_text(),
+            30,
+            f"{first} to stop being the controller",
+        )
         wait_until(lambda: len(controllers()) == 2, 30, "another controller")
         c.wait_formed()  # the cluster carries on (the expired node re-registered)
     finally:

@@ -1,6 +1,7 @@
 """The coordination API across a slot migration (real ZooKeeper, real node processes): a move
 carries every entry's revision and deadline, keys keep expiring on their new shard, and the
 revisions of a moved slot keep increasing (the target's floor goes above the source's)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@ prepare at the current epoch and next LSN) is caught by anti-entropy, which re-s
 replica. Every test checks that the data and availability are unchanged: digests equal,
 every acknowledged key readable, writes still succeed.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,8 +32,15 @@ SID = "shard-1"
 
 @pytest.fixture
 def cluster(zk: str, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=4.0,
-                extra=("--anti-entropy-interval", "1"))
+    c = Cluster(
+        zk,
+        tmp_path,
+        shards=1,
+        replication_factor=3,
+        write_quorum=2,
+        session_timeout=4.0,
+        extra=("--anti-entropy-interval", "1"),
+    )
     try:
         yield c.start()
     finally:
@@ -113,6 +121,7 @@ def test_forged_fence_beyond_the_recorded_epoch_is_refused(cluster: Cluster) -> 
             return True
         assert Reply.from_wire(cluster.rpc(addr, "repl_fence", 2**62)).reason == "beyond_epoch"
         return False
+
     wait_until(logged, 10, "the forged fence's refusal in the log")
     assert cluster.info(rid)["promised_epoch"] == epoch
     acked.update(_acked(client, 20, "k2-"))  # writes still succeed
@@ -136,14 +145,18 @@ def test_forged_prepare_at_the_current_epoch_is_repaired_by_anti_entropy(cluster
     cluster.wait_converged(SID)
     rid, addr, epoch = _replica(cluster)
     pos = Reply.from_wire(cluster.rpc(addr, "repl_fence", epoch))  # its position (a fence at the current epoch)
-    forged = Prepare(epoch, pos.last_lsn, pos.last_epoch,
-                     (Record(epoch, pos.last_lsn + 1, Op.PUT, b"k7", b"FORGED"),), pos.last_lsn)
+    forged = Prepare(
+        epoch, pos.last_lsn, pos.last_epoch, (Record(epoch, pos.last_lsn + 1, Op.PUT, b"k7", b"FORGED"),), pos.last_lsn
+    )
     assert Reply.from_wire(cluster.rpc(addr, "repl_prepare", forged.to_wire())).ok
     client.set("real", "1")  # the writer's record at the same lsn, skipped by the replica
     acked["real"] = "1"
     writer = cluster.writer_of(SID)
-    wait_until(lambda: f"replica {rid} DIVERGED" in cluster.nodes[writer].log(tail=None), 30,
-               "anti-entropy to find the replica diverged")
+    wait_until(
+        lambda: f"replica {rid} DIVERGED" in cluster.nodes[writer].log(tail=None),
+        30,
+        "anti-entropy to find the replica diverged",
+    )
     wait_until(lambda: _eventual(cluster, addr, "k7") == b"v7", 30, "the forged value to be gone from the replica")
     _healthy(cluster, client, acked, "repaired")
     assert _eventual(cluster, addr, "real") == b"1"
@@ -191,11 +204,18 @@ def test_anti_entropy_repairs_a_replica_whose_store_diverged(cluster: Cluster) -
     store.close()
     node.start()
     writer = cluster.writer_of(SID)
-    wait_until(lambda: f"replica {rid} DIVERGED" in cluster.nodes[writer].log(tail=None), 30,
-               "anti-entropy to find the replica diverged")
-    wait_until(lambda: [_eventual(cluster, addr, k) for k in ("k3", "k4", "ghost")] == [b"v3", b"v4", None], 30,
-               "the replica to hold the writer's data again")
+    wait_until(
+        lambda: f"replica {rid} DIVERGED" in cluster.nodes[writer].log(tail=None),
+        30,
+        "anti-entropy to find the replica diverged",
+    )
+    wait_until(
+        lambda: [_eventual(cluster, addr, k) for k in ("k3", "k4", "ghost")] == [b"v3", b"v4", None],
+        30,
+        "the replica to hold the writer's data again",
+    )
     _healthy(cluster, client, acked, "rot")
+
     # Comparisons go on, and now find every replica equal to the writer.
     def stats() -> dict[str, Any]:
         return (cluster.info(writer) or {}).get("replication", {}).get("anti_entropy", {})

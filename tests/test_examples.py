@@ -1,4 +1,5 @@
 """The examples as a user runs them: ``examples/cluster/run.py``, ``scripts/zk.sh`` and ``examples/locks.py``."""
+
 from __future__ import annotations
 
 import os
@@ -93,7 +94,7 @@ def node_rows(stdout: list[str]) -> list[dict[str, str]]:
     """The node table: NODE ADDR ROLE SHARD STATUS PID LOG."""
     header = next(i for i, line in enumerate(stdout) if line.split()[:2] == ["NODE", "ADDR"])
     rows = []
-    for line in stdout[header + 1:]:
+    for line in stdout[header + 1 :]:
         if not line.strip():
             break
         cols = line.split(maxsplit=6)
@@ -131,21 +132,39 @@ def example_chroot(zk_server: zookeeper.ZooKeeper) -> Iterator[tuple[str, str]]:
 @pytest.mark.zk
 @pytest.mark.parametrize("auth", [False, True], ids=["no-auth", "auth"])
 def test_cluster_example_starts_two_shards_and_stops_on_sigint(
-        example_chroot: tuple[str, str], tmp_path: Path, auth: bool) -> None:
+    example_chroot: tuple[str, str], tmp_path: Path, auth: bool
+) -> None:
     hosts, chroot = example_chroot
     base_port = free_port_range(4)
     http_base = free_port_range(4)
     while abs(http_base - base_port) < 4:
         http_base = free_port_range(4)
     stderr_path = tmp_path / "run.stderr"
-    argv = [sys.executable, str(RUN_PY), "--zk", hosts, "--chroot", chroot, "--shards", "2",
-            "--replicas-per-shard", "2", "--base-port", str(base_port), "--data-dir", str(tmp_path / "data"),
-            "--http-base-port", str(http_base), *(["--auth"] if auth else [])]
+    argv = [
+        sys.executable,
+        str(RUN_PY),
+        "--zk",
+        hosts,
+        "--chroot",
+        chroot,
+        "--shards",
+        "2",
+        "--replicas-per-shard",
+        "2",
+        "--base-port",
+        str(base_port),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--http-base-port",
+        str(http_base),
+        *(["--auth"] if auth else []),
+    ]
     client_key = str(tmp_path / "data" / "auth" / "client.key") if auth else None
     pids: list[int] = []
     with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=stderr, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1
+        )
     lines: queue.Queue[str | None] = queue.Queue()
     assert proc.stdout is not None
     threading.Thread(target=pump, args=(proc.stdout, lines), daemon=True).start()
@@ -219,14 +238,28 @@ def test_cluster_example_starts_two_shards_and_stops_on_sigint(
 
 def test_cluster_example_reports_unreachable_zookeeper_in_one_line(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    r = subprocess.run([sys.executable, str(RUN_PY), "--zk", f"127.0.0.1:{port}", "--data-dir",
-                        str(tmp_path / "data"), "--base-port", str(free_port_range(6))],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(RUN_PY),
+            "--zk",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--base-port",
+            str(free_port_range(6)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1, r
     assert r.stdout == ""
     errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and f"not reachable at 127.0.0.1:{port}" in errors[0] \
-        and "make zk-up" in errors[0], r.stderr
+    assert len(errors) == 1 and f"not reachable at 127.0.0.1:{port}" in errors[0] and "make zk-up" in errors[0], (
+        r.stderr
+    )
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "data").exists()
 
@@ -236,13 +269,13 @@ def test_cluster_example_reports_unreachable_zookeeper_in_one_line(tmp_path: Pat
 
 def zk_sh_env(tmp_path: Path, port: int) -> dict[str, str]:
     """Environment that points zk.sh at a private port and state dir, and at no Docker engine."""
-    return dict(os.environ, ZK_PORT=str(port), ZK_DIR=str(tmp_path / "zk"),
-                DOCKER_HOST="unix:///nonexistent/docker.sock")
+    return dict(
+        os.environ, ZK_PORT=str(port), ZK_DIR=str(tmp_path / "zk"), DOCKER_HOST="unix:///nonexistent/docker.sock"
+    )
 
 
 def zk_sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(ZK_SH), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(["bash", str(ZK_SH), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_zk_sh_status_when_nothing_runs(tmp_path: Path) -> None:
@@ -259,8 +292,10 @@ def test_zk_sh_usage(tmp_path: Path) -> None:
 
 
 @pytest.mark.zk
-@pytest.mark.skipif(not zookeeper.local_zookeeper_installed() or shutil.which("setsid") is None,
-                    reason="needs Debian's zookeeper package (java, /usr/share/java/zookeeper.jar)")
+@pytest.mark.skipif(
+    not zookeeper.local_zookeeper_installed() or shutil.which("setsid") is None,
+    reason="needs Debian's zookeeper package (java, /usr/share/java/zookeeper.jar)",
+)
 def test_zk_sh_up_status_down_local(tmp_path: Path) -> None:
     port = free_port()
     env = zk_sh_env(tmp_path, port)
@@ -286,9 +321,14 @@ def test_zk_sh_up_status_down_local(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_locks_example_runs_against_a_standalone_node(node: NodeProcess) -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "locks.py"), "--addr", node.addr,
-                        "--workers", "3", "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's dkv
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "locks.py"), "--addr", node.addr, "--workers", "3", "--rounds", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # this checkout's dkv
     assert r.returncode == 0, r
     assert "9 holders, tokens strictly increasing" in r.stdout, r.stdout
     assert "stale holder refused: token" in r.stdout, r.stdout

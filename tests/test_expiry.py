@@ -1,6 +1,7 @@
 """The expirer (dkv.node.expiry) over a diskless node's real parts (memory log, memory engine,
 write pipeline), with a clock the test moves: expired entries leave through EXPIRE records,
 stale index rows are dropped, and a node that may not write a key leaves it alone."""
+
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -40,8 +41,13 @@ def node() -> Iterator[tuple[Store, MemoryLog, WritePipeline, Clock]]:
 
 def test_due_entries_leave_through_expire_records_and_stale_rows_are_dropped(node: Any) -> None:
     store, log, pipe, clock = node
-    pipe.submit([Write(Kind.SET, b"a", b"1", px=100), Write(Kind.SET, b"b", b"2", px=100),
-                 Write(Kind.SET, b"c", b"3", px=5_000)])
+    pipe.submit(
+        [
+            Write(Kind.SET, b"a", b"1", px=100),
+            Write(Kind.SET, b"b", b"2", px=100),
+            Write(Kind.SET, b"c", b"3", px=5_000),
+        ]
+    )
     pipe.submit([Write(Kind.SET, b"b", b"again")])  # b's row is stale now: the entry has no deadline
     exp = Expirer(store, pipe, lambda key: True, offload=False, clock=clock)
     assert exp.sweep() == exp.interval and log.last_lsn == 4  # nothing due yet

@@ -4,6 +4,7 @@ Every scenario runs a concurrent workload through ``dkv.Client`` whose history
 is recorded, then checks that every acknowledged write survived, that the
 history is linearizable per key, and that the shard's members converged.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -41,8 +42,18 @@ def cluster(zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 
 def workload(client: dkv.Client, history: History, seed: int) -> Workload:
-    return Workload(client, history, KEYS, threads=4, read_ratio=0.5, seed=seed,
-                    max_ops=20_000, max_duration=90, pause=0.005, first_process=seed * 10)
+    return Workload(
+        client,
+        history,
+        KEYS,
+        threads=4,
+        read_ratio=0.5,
+        seed=seed,
+        max_ops=20_000,
+        max_duration=90,
+        pause=0.005,
+        first_process=seed * 10,
+    )
 
 
 def under_load(cluster: Cluster, seed: int) -> tuple[dkv.Client, History, Workload]:
@@ -62,8 +73,7 @@ def acked_after(history: History, t: float) -> int:
 
 def verify(c: Cluster, client: dkv.Client, history: History) -> dict[str, Any]:
     """G1 (acknowledged writes readable), per-key linearizability, G3 (convergence)."""
-    acked = check_acknowledged(history, lambda keys: [None if v is None else v.decode()
-                                                      for v in client.mget(keys)])
+    acked = check_acknowledged(history, lambda keys: [None if v is None else v.decode() for v in client.mget(keys)])
     assert acked.ok, acked.format()
     lin = check_linearizable(history)
     assert lin.ok, lin.format()
@@ -105,10 +115,13 @@ def test_writer_kill9_promotes_a_replica_repeatedly_without_losing_writes(cluste
             core = client._runner._core  # type: ignore[attr-defined]
             pingers = {a: (g.dead, repr(g.exception)) for a, g in core._suspects.items()}
             conns = {a: (c._inflight, len(c._pending), c._rpc is not None) for a, c in core._conns.items()}
-            raise AssertionError(f"writes did not resume after killing {old}; pingers {pingers}, conns {conns}, nodes "
-                                 f"{ {n: p.addr for n, p in cluster.nodes.items()} }, last ops {recent}")
-        resumed = min(op.complete for op in history.ops
-                      if op.kind == "set" and op.outcome == "ok" and op.invoke > t_kill)
+            raise AssertionError(
+                f"writes did not resume after killing {old}; pingers {pingers}, conns {conns}, nodes "
+                f"{ {n: p.addr for n, p in cluster.nodes.items()} }, last ops {recent}"
+            )
+        resumed = min(
+            op.complete for op in history.ops if op.kind == "set" and op.outcome == "ok" and op.invoke > t_kill
+        )
         failovers.append(resumed - t_kill)
         wl.stop()
         epochs.append(cluster.shard_members()[SID]["epoch"])
@@ -116,8 +129,10 @@ def test_writer_kill9_promotes_a_replica_repeatedly_without_losing_writes(cluste
         try:
             wait_until(lambda: cluster.role_of(old) == "replica", 60, f"{old} to rejoin as a replica")
         except TimeoutError:
-            raise AssertionError(f"{old} did not rejoin as a replica (role {cluster.role_of(old)!r}); "
-                                 f"its log:\n{cluster.nodes[old].log(tail=3000)}") from None
+            raise AssertionError(
+                f"{old} did not rejoin as a replica (role {cluster.role_of(old)!r}); "
+                f"its log:\n{cluster.nodes[old].log(tail=3000)}"
+            ) from None
         wait_until(lambda: cluster.in_sync(SID), 60, "the shard back in sync")
     assert epochs == sorted(set(epochs)), f"each failover starts a new epoch: {epochs}"
     # The CLI's `info` (through ZooKeeper, as an operator runs it) shows the latest epoch and writer.
@@ -127,10 +142,12 @@ def test_writer_kill9_promotes_a_replica_repeatedly_without_losing_writes(cluste
     assert ok and row[1:3] == [str(epochs[-1]), cluster.writer_of(SID)], out
     summary = verify(cluster, client, history)
     client.close()
-    print(f"\nfailover (kill -9 -> first acknowledged write) over {len(failovers)} runs: "
-          f"median {statistics.median(failovers):.2f}s, max {max(failovers):.2f}s "
-          f"(each: {', '.join(f'{x:.2f}' for x in failovers)}) "
-          f"(session timeout {cluster.session_timeout:g}s); history {summary}")
+    print(
+        f"\nfailover (kill -9 -> first acknowledged write) over {len(failovers)} runs: "
+        f"median {statistics.median(failovers):.2f}s, max {max(failovers):.2f}s "
+        f"(each: {', '.join(f'{x:.2f}' for x in failovers)}) "
+        f"(session timeout {cluster.session_timeout:g}s); history {summary}"
+    )
 
 
 def _stale_writer_scenario(cluster: Cluster, isolate: Any, heal: Any) -> None:
@@ -175,8 +192,9 @@ def test_paused_writer_cannot_acknowledge_in_its_old_epoch(cluster: Cluster) -> 
 
 def test_forced_session_expiry_of_the_writer(cluster: Cluster) -> None:
     """The writer's ZooKeeper session is closed under it (it keeps running)."""
-    _stale_writer_scenario(cluster, lambda n: expire_session(cluster.zk, cluster.nodes[n].addr, cluster.creds),
-                           lambda n: None)
+    _stale_writer_scenario(
+        cluster, lambda n: expire_session(cluster.zk, cluster.nodes[n].addr, cluster.creds), lambda n: None
+    )
 
 
 def test_no_promotion_without_enough_members_then_recovery(cluster: Cluster) -> None:
@@ -199,8 +217,11 @@ def test_no_promotion_without_enough_members_then_recovery(cluster: Cluster) -> 
         with pytest.raises(dkv.errors.Unavailable):
             fresh.set("during", "x")
     cluster.nodes[victim].start()
-    wait_until(lambda: cluster.shard_members()[SID]["writer"] in (victim, survivor), 60,
-               "a promotion once enough members answer")
+    wait_until(
+        lambda: cluster.shard_members()[SID]["writer"] in (victim, survivor),
+        60,
+        "a promotion once enough members answer",
+    )
     keys = sorted(acked)
     wait_until(lambda: _readable(client, keys, acked), 60, "every acknowledged write readable")
     client.set("after", "x")

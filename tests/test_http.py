@@ -1,6 +1,7 @@
 """The node's HTTP port against real node processes: Prometheus metrics (parsed with
 prometheus_client's parser), /health, and the JSON key/value API driven by a real HTTP
 client (http.client), standalone, with auth, and in a 2-shard cluster (forwarding)."""
+
 from __future__ import annotations
 
 import base64
@@ -27,8 +28,9 @@ class Http:
     def __init__(self, port: int, token: str | None = None) -> None:
         self.port, self.token = port, token
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
         hdrs = dict(headers or {})
         if self.token is not None:
@@ -80,9 +82,19 @@ def test_metrics_of_a_standalone_node_move_with_writes(node_factory: Callable[..
     n, h = http_node(node_factory)
     before = h.metrics()
     names = set(before)
-    for expected in ("dkv_node_info", "dkv_role", "dkv_epoch", "dkv_wal_bytes", "dkv_wal_segments",
-                     "dkv_group_commits_total", "dkv_expired_keys_total", "dkv_rpc_connections",
-                     "dkv_watch_streams", "dkv_applied_lsn", "process_resident_memory_bytes"):
+    for expected in (
+        "dkv_node_info",
+        "dkv_role",
+        "dkv_epoch",
+        "dkv_wal_bytes",
+        "dkv_wal_segments",
+        "dkv_group_commits_total",
+        "dkv_expired_keys_total",
+        "dkv_rpc_connections",
+        "dkv_watch_streams",
+        "dkv_applied_lsn",
+        "process_resident_memory_bytes",
+    ):
         assert expected in names, expected
     assert h.value("dkv_role", role="writer", shard="shard-0") == 1
     sets0 = h.value("dkv_ops_total", op="set", outcome="ok")
@@ -207,8 +219,7 @@ def test_bad_http_input_gets_typed_errors_and_changes_nothing(node_factory: Call
         assert list(c.scan()) == [(b"k", b"x" * 1000)]
 
 
-def test_auth_requires_the_http_token_as_bearer_token(tmp_path: Path,
-                                                      node_factory: Callable[..., NodeProcess]) -> None:
+def test_auth_requires_the_http_token_as_bearer_token(tmp_path: Path, node_factory: Callable[..., NodeProcess]) -> None:
     auth_dir = tmp_path / "auth"
     init_keys(str(auth_dir))
     client_key, cluster_key = load_key(str(auth_dir / CLIENT_KEY)), load_key(str(auth_dir / CLUSTER_KEY))
@@ -217,9 +228,14 @@ def test_auth_requires_the_http_token_as_bearer_token(tmp_path: Path,
     assert client_secret == cluster_key.http_tokens()["client"] and client_secret != cluster_secret
     assert client_key.secret.decode() not in (client_secret, cluster_secret)  # no CURVE secret on the wire
     n, h = http_node(node_factory, "--auth-dir", str(auth_dir))
-    for headers in ({}, {"Authorization": "Bearer " + "x" * 64}, {"Authorization": "Basic Zm9vOmJhcg=="},
-                    {"Authorization": "Bearer " + client_secret[:-1]}, {"Authorization": "Bearer"},
-                    {"Authorization": "Bearer " + client_key.secret.decode()}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer " + "x" * 64},
+        {"Authorization": "Basic Zm9vOmJhcg=="},
+        {"Authorization": "Bearer " + client_secret[:-1]},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer " + client_key.secret.decode()},
+    ):
         status, hdrs, body = h.request("PUT", kv(b"k"), b"v", headers=headers)
         assert status == 401 and json.loads(body)["code"] == "AUTH", headers
         assert hdrs["www-authenticate"].startswith("Bearer")
@@ -333,8 +349,13 @@ def test_http_port_flag_env_and_refusals(tmp_path: Path, node_factory: Callable[
     import sys
 
     def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dkv.cli.main", "serve", "--data-dir", str(tmp_path / "x"),
-                               *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+        return subprocess.run(
+            [sys.executable, "-m", "dkv.cli.main", "serve", "--data-dir", str(tmp_path / "x"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **(env or {})},
+        )
 
     r = serve("--port", "7123", "--http-port", "7123")
     assert r.returncode == 1 and "--http-port" in r.stderr, r.stderr

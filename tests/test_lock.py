@@ -8,6 +8,7 @@ Cluster: 8 threads contend for one lock while the writer of its shard is killed
 with ``kill -9`` (a fenced resource checks that no two holders overlap); tokens
 keep increasing when the lock's slot moves to a new shard.
 """
+
 from __future__ import annotations
 
 import gc
@@ -78,8 +79,9 @@ class Contenders:
     """``n`` threads taking one lock in turn through one shared client; inside, each checks
     ``valid`` and passes its token to ``resource``."""
 
-    def __init__(self, client: dkv.Client, name: str, resource: FencedResource, n: int, ttl: float,
-                 hold: float = 0.005) -> None:
+    def __init__(
+        self, client: dkv.Client, name: str, resource: FencedResource, n: int, ttl: float, hold: float = 0.005
+    ) -> None:
         self.client, self.name, self.resource, self.ttl, self.hold = client, name, resource, ttl, hold
         self.stop = threading.Event()
         self.errors: list[str] = []
@@ -207,10 +209,12 @@ HOLDER = textwrap.dedent("""
 
 
 def test_a_holder_killed_with_sigkill_stops_renewing_and_its_lease_expires(
-        node: NodeProcess, client: dkv.Client) -> None:
+    node: NodeProcess, client: dkv.Client
+) -> None:
     ttl = 1.5
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, node.addr, str(ttl)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, node.addr, str(ttl)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         dead_token = int(proc.stdout.readline())
@@ -247,8 +251,9 @@ def test_valid_turns_false_when_the_store_stops_answering(node: NodeProcess) -> 
         lock.release()
 
 
-def test_an_acquire_of_unknown_outcome_learns_whether_it_won(node: NodeProcess,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_an_acquire_of_unknown_outcome_learns_whether_it_won(
+    node: NodeProcess, caplog: pytest.LogCaptureFixture
+) -> None:
     """The node is paused while an acquire is in flight: the write times out (WriteTimeout,
     may or may not be applied). Once the node answers again, the acquirer re-reads the key:
     the lock is ours, with a token, and the key holds our owner id."""
@@ -330,8 +335,14 @@ def test_bad_names_and_arguments_are_invalid_and_write_nothing(client: dkv.Clien
 
 
 def test_cli_lock_prints_the_token_holds_until_ctrl_c_then_releases(node: NodeProcess, client: dkv.Client) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "dkv.cli.main", "cli", node.addr], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dkv.cli.main", "cli", node.addr],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write("lock cli-held 1\n")
@@ -385,8 +396,9 @@ def test_contended_lock_while_the_writer_is_killed(zk: str, tmp_path: Path, ttl:
             old = cluster.writer_of("shard-1")
             t_kill = time.monotonic()
             cluster.nodes[old].kill()
-            wait_until(lambda: sum(1 for _, _, t in resource.accepted if t > t_kill) >= 10, 60,
-                       "acquisitions after the kill")
+            wait_until(
+                lambda: sum(1 for _, _, t in resource.accepted if t > t_kill) >= 10, 60, "acquisitions after the kill"
+            )
         finally:
             contenders.finish()
         new = cluster.writer_of("shard-1")
@@ -394,9 +406,11 @@ def test_contended_lock_while_the_writer_is_killed(zk: str, tmp_path: Path, ttl:
         assert not resource.violations, resource.violations
         tokens = resource.tokens()
         assert strictly_increasing(tokens), tokens
-        print(f"\n{len(tokens)} holders ({sum(1 for _, _, t in resource.accepted if t > t_kill)} after the kill), "
-              f"{len(resource.refused)} stale entries refused, {contenders.lapsed} lapsed leases, "
-              f"{len(contenders.errors)} errors: {contenders.errors[:3]}")
+        print(
+            f"\n{len(tokens)} holders ({sum(1 for _, _, t in resource.accepted if t > t_kill)} after the kill), "
+            f"{len(resource.refused)} stale entries refused, {contenders.lapsed} lapsed leases, "
+            f"{len(contenders.errors)} errors: {contenders.errors[:3]}"
+        )
         client.close()
     finally:
         cluster.stop()
@@ -416,8 +430,12 @@ def test_tokens_keep_increasing_when_the_locks_slot_moves(zk: str, tmp_path: Pat
                 assert lock.token is not None
                 before[name] = lock.token
         cluster.add_node("n2")
-        wait_until(lambda: len(cluster.shard_members()) == 2 and cluster.balanced(), 120,
-                   "the second shard to take half the slots", interval=0.2)
+        wait_until(
+            lambda: len(cluster.shard_members()) == 2 and cluster.balanced(),
+            120,
+            "the second shard to take half the slots",
+            interval=0.2,
+        )
         moved_slots = cluster.shard_members()["shard-2"]["slots"]
         moved = [n for n in names if any(a <= dkv.slot_of(LOCK_PREFIX + n.encode()) <= b for a, b in moved_slots)]
         assert moved and len(moved) < len(names), f"some locks moved, some stayed: {moved}"

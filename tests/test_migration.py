@@ -1,5 +1,6 @@
 """Unit tests of slot migration's pure parts: the controller's planning, the slot-map flip,
 and the sans-I/O importer (dkv.cluster.migration), driven deterministically without sockets."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -30,8 +31,12 @@ from dkv.node.sequencer import Kind, Write
 FLOOR = Import([Write(Kind.FLOOR, b"", deadline=0)])  # the revision floor a freeze imports first
 
 
-def view(shards: dict[str, tuple[str | None, list[str]]], slots: SlotRanges | None,
-         migrations: dict[str, Migration] | None = None, down: tuple[str, ...] = ()) -> ClusterView:
+def view(
+    shards: dict[str, tuple[str | None, list[str]]],
+    slots: SlotRanges | None,
+    migrations: dict[str, Migration] | None = None,
+    down: tuple[str, ...] = (),
+) -> ClusterView:
     v = ClusterView()
     for sid, (writer, replicas) in shards.items():
         v.shards[sid] = Shard(sid, 1, writer, replicas)
@@ -46,6 +51,7 @@ def view(shards: dict[str, tuple[str | None, list[str]]], slots: SlotRanges | No
 
 
 # -- planning -------------------------------------------------------------------------------
+
 
 def test_first_map_spreads_slots_over_the_writers() -> None:
     v = view({"shard-1": ("n1", []), "shard-2": ("n4", [])}, None)
@@ -62,8 +68,11 @@ def test_a_new_empty_shard_gets_half_the_slots_by_migration() -> None:
 
 def test_one_migration_at_a_time() -> None:
     m = Migration("m-1", 512, 1023, "shard-1", "shard-2")
-    v = view({"shard-1": ("n1", []), "shard-2": ("n4", []), "shard-3": ("n7", [])},
-             SlotRanges([(0, 1023, "shard-1")]), {"m-1": m})
+    v = view(
+        {"shard-1": ("n1", []), "shard-2": ("n4", []), "shard-3": ("n7", [])},
+        SlotRanges([(0, 1023, "shard-1")]),
+        {"m-1": m},
+    )
     assert not [c for c in plan(v, 1) if isinstance(c, StartMigration)]
 
 
@@ -102,6 +111,7 @@ def test_moved_rewrites_and_merges_the_slot_map() -> None:
 
 
 # -- the importer -----------------------------------------------------------------------------
+
 
 def run_to_freeze(imp: Importer, pairs: list[tuple[bytes, bytes]]) -> None:
     assert imp.next() == Clear(None)

@@ -33,6 +33,7 @@ names its seed and the command that replays it. ``DKV_NEMESIS_FAULTS`` (e.g.
 exactly; the interleaving with the clients does not, so replaying a seed
 reproduces the same faults, not always the same anomaly.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,10 +79,12 @@ def _owner_at_start(key: str) -> str:
 def _seeds() -> list[Any]:
     env = os.environ.get("DKV_NEMESIS_SEED", "").strip()
     if env:
-        seed = random.SystemRandom().randrange(1, 10 ** 6) if env == "random" else int(env)
+        seed = random.SystemRandom().randrange(1, 10**6) if env == "random" else int(env)
         return [pytest.param(seed, id=f"seed-{seed}")]
-    return [pytest.param(DEFAULT_SEED, id=f"seed-{DEFAULT_SEED}"),
-            *(pytest.param(s, id=f"seed-{s}", marks=pytest.mark.soak) for s in SOAK_SEEDS)]
+    return [
+        pytest.param(DEFAULT_SEED, id=f"seed-{DEFAULT_SEED}"),
+        *(pytest.param(s, id=f"seed-{s}", marks=pytest.mark.soak) for s in SOAK_SEEDS),
+    ]
 
 
 def _weights(partitions: bool) -> dict[str, float] | None:
@@ -119,9 +122,16 @@ def _lab_for(zk: str) -> tuple[NetLab | None, str]:
     try:
         host = lab.add_host()
         port = zk.split("/", 1)[0].split(":")[1]
-        probe = subprocess.run([*host.prefix(), sys.executable, "-c",
-                                f"import socket; socket.create_connection(('{lab.gateway}', {port}), 2).close()"],
-                               capture_output=True, timeout=30)
+        probe = subprocess.run(
+            [
+                *host.prefix(),
+                sys.executable,
+                "-c",
+                f"import socket; socket.create_connection(('{lab.gateway}', {port}), 2).close()",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
     except Exception as e:
         lab.teardown()
         return None, f"partitions skipped: network lab failed ({type(e).__name__})"
@@ -155,26 +165,51 @@ def _retry(what: str, fn: Callable[[], Any], timeout: float) -> Any:
 def test_nemesis(seed: int, zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DKV_FAULT_HOOKS", "1")  # forced session expiry
     lab, lab_note = _lab_for(zk)
-    cluster = Cluster(zk, tmp_path, shards=2, replication_factor=3, write_quorum=2, session_timeout=4.0, lab=lab,
-                      auth=os.environ.get("DKV_TEST_AUTH") != "0")
+    cluster = Cluster(
+        zk,
+        tmp_path,
+        shards=2,
+        replication_factor=3,
+        write_quorum=2,
+        session_timeout=4.0,
+        lab=lab,
+        auth=os.environ.get("DKV_TEST_AUTH") != "0",
+    )
     clients: list[dkv.Client] = []
     try:
         cluster.start()
         owners = {k: sid for sid in SHARDS for k in cluster.keys_of_shard(sid, KEYS_PER_SHARD, prefix="hot")}
         _OWNERS.clear()
         _OWNERS.update(owners)
-        counter_owners = {k: sid for sid in SHARDS
-                          for k in cluster.keys_of_shard(sid, COUNTERS_PER_SHARD, prefix="ctr")}
+        counter_owners = {
+            k: sid for sid in SHARDS for k in cluster.keys_of_shard(sid, COUNTERS_PER_SHARD, prefix="ctr")
+        }
         _OWNERS.update(counter_owners)
         counters = list(counter_owners)
         keys = list(owners)
         clients = [dkv.Client(zk=cluster.zk, timeout=10, auth=cluster.client_key) for _ in range(THREADS)]
         history = History()
         wall0, t0 = time.time(), time.monotonic()
-        workload = MixedWorkload(clients, history, keys, THREADS, seed, max_ops=10 ** 7, max_duration=DURATION,
-                                 pause=0.01, mix=COORDINATION_MIX, counters=counters)
-        nemesis = Nemesis(cluster, seed, t0=t0, partitions=lab is not None, weights=_weights(lab is not None),
-                          log=lambda line: print(line, flush=True))
+        workload = MixedWorkload(
+            clients,
+            history,
+            keys,
+            THREADS,
+            seed,
+            max_ops=10**7,
+            max_duration=DURATION,
+            pause=0.01,
+            mix=COORDINATION_MIX,
+            counters=counters,
+        )
+        nemesis = Nemesis(
+            cluster,
+            seed,
+            t0=t0,
+            partitions=lab is not None,
+            weights=_weights(lab is not None),
+            log=lambda line: print(line, flush=True),
+        )
         print(f"\nnemesis seed {seed}, {DURATION:g}s; {lab_note}; replay: {_replay(seed)}", flush=True)
         workload.start()
         nemesis.start(DURATION)
@@ -186,8 +221,9 @@ def test_nemesis(seed: int, zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
             problems.append(f"availability: {nemesis.unhealthy}")
         healing = _heal(cluster, nemesis, problems)
         checks = _check(cluster, clients[0], history, keys, t0, problems)
-        report = _report(seed, cluster, workload, history, nemesis, checks, problems, healing, t0, wall0,
-                         t_faults_end, lab_note)
+        report = _report(
+            seed, cluster, workload, history, nemesis, checks, problems, healing, t0, wall0, t_faults_end, lab_note
+        )
         print(report, flush=True)
         (tmp_path / "nemesis-report.txt").write_text(report)
         assert not problems, report
@@ -217,8 +253,7 @@ def _heal(cluster: Cluster, nemesis: Nemesis, problems: list[str]) -> list[str]:
             key = cluster.keys_of_shard(sid, 1, prefix="heal-probe-")[0]
             try:
                 _retry(f"a write to {sid}", lambda: fresh.set(key, f"healed-{sid}"), 60)
-                got = _retry(f"a linearizable read from {sid}", lambda: fresh.get(key, consistency="linearizable"),
-                             60)
+                got = _retry(f"a linearizable read from {sid}", lambda: fresh.get(key, consistency="linearizable"), 60)
                 if got != f"healed-{sid}".encode():
                     problems.append(f"healing: {sid}: read {got!r} right after writing healed-{sid}")
             except TimeoutError as e:
@@ -226,8 +261,9 @@ def _heal(cluster: Cluster, nemesis: Nemesis, problems: list[str]) -> list[str]:
     return done
 
 
-def _check(cluster: Cluster, client: dkv.Client, history: History, keys: list[str], t0: float,
-           problems: list[str]) -> dict[str, CheckResult]:
+def _check(
+    cluster: Cluster, client: dkv.Client, history: History, keys: list[str], t0: float, problems: list[str]
+) -> dict[str, CheckResult]:
     ops = rebase(history.ops, t0)
     checks: dict[str, CheckResult] = {}
 
@@ -247,25 +283,34 @@ def _check(cluster: Cluster, client: dkv.Client, history: History, keys: list[st
     for sid in SHARDS:
         try:
             wait_until(lambda: cluster.in_sync(sid), 60, f"{sid} in sync")
-            checks[f"converged {sid}"] = check_converged(cluster.wait_converged(sid, timeout=60),
-                                                         min_members=cluster.rf)
+            checks[f"converged {sid}"] = check_converged(
+                cluster.wait_converged(sid, timeout=60), min_members=cluster.rf
+            )
         except (TimeoutError, AssertionError, RuntimeError) as e:
             problems.append(f"G3: {sid} did not converge: {e}")
     for name, r in checks.items():
         if r.ok:
             continue
         if name == "acknowledged":
-            problems.append(f"G1: acknowledged writes lost on {len(r.details['lost'])} key(s) "
-                            f"{[x['key'] for x in r.details['lost']]}"
-                            + (f", definitely failed writes applied on {len(r.details['failed_applied'])}"
-                               if r.details["failed_applied"] else ""))
+            problems.append(
+                f"G1: acknowledged writes lost on {len(r.details['lost'])} key(s) "
+                f"{[x['key'] for x in r.details['lost']]}"
+                + (
+                    f", definitely failed writes applied on {len(r.details['failed_applied'])}"
+                    if r.details["failed_applied"]
+                    else ""
+                )
+            )
         elif name == "counters":
-            problems.append(f"counters: {len(r.details['problems'])} problem(s): "
-                            + "; ".join(f"{x['key']}: {x['problem']}" for x in r.details["problems"][:5]))
+            problems.append(
+                f"counters: {len(r.details['problems'])} problem(s): "
+                + "; ".join(f"{x['key']}: {x['problem']}" for x in r.details["problems"][:5])
+            )
         elif name == "linearizable":
-            problems.append(f"linearizability: keys {r.details['failed_keys']} not linearizable"
-                            + (f", {r.details['inconclusive_keys']} inconclusive" if r.details["inconclusive_keys"]
-                               else ""))
+            problems.append(
+                f"linearizability: keys {r.details['failed_keys']} not linearizable"
+                + (f", {r.details['inconclusive_keys']} inconclusive" if r.details["inconclusive_keys"] else "")
+            )
         else:
             problems.append(f"G3: {name.split()[-1]}'s members differ")
     return checks
@@ -283,14 +328,18 @@ def figures(workload: MixedWorkload, history: History, nemesis: Nemesis) -> dict
         "calls": sum(workload.calls.values()),
         "calls by kind": dict(workload.calls),
         "ops (per key)": len(ops),
-        "acknowledged writes (set, delete, cas that wrote)": sum(1 for o in writes if o.outcome == "ok"
-                                                                 and o.writes_register),
+        "acknowledged writes (set, delete, cas that wrote)": sum(
+            1 for o in writes if o.outcome == "ok" and o.writes_register
+        ),
         "indeterminate writes (incl. cas, incr)": sum(1 for o in writes if o.outcome == "info"),
         "failed writes (definite)": sum(1 for o in writes if o.outcome == "fail"),
-        "cas ok: wrote / found another value": (f"{sum(1 for o in cas if o.outcome == 'ok' and o.result)} / "
-                                                f"{sum(1 for o in cas if o.outcome == 'ok' and not o.result)}"),
-        "incr acknowledged / indeterminate": (f"{sum(1 for o in incrs if o.outcome == 'ok')} / "
-                                              f"{sum(1 for o in incrs if o.outcome == 'info')}"),
+        "cas ok: wrote / found another value": (
+            f"{sum(1 for o in cas if o.outcome == 'ok' and o.result)} / "
+            f"{sum(1 for o in cas if o.outcome == 'ok' and not o.result)}"
+        ),
+        "incr acknowledged / indeterminate": (
+            f"{sum(1 for o in incrs if o.outcome == 'ok')} / {sum(1 for o in incrs if o.outcome == 'info')}"
+        ),
         "linearizable reads ok": sum(1 for o in ops if o.kind == "get" and o.outcome == "ok"),
         "failed reads": sum(1 for o in ops if o.kind == "get" and o.outcome == "fail"),
         "faults injected": sum(nemesis.counts().values()),
@@ -302,12 +351,25 @@ def _faults_within(faults: list[Fault], start: float, end: float) -> list[Fault]
     return [f for f in faults if f.start <= end and (f.end if f.end is not None else f.start) >= start]
 
 
-def _report(seed: int, cluster: Cluster, workload: MixedWorkload, history: History, nemesis: Nemesis,
-            checks: dict[str, CheckResult], problems: list[str], healing: list[str], t0: float, wall0: float,
-            t_faults_end: float, lab_note: str) -> str:
-    lines = [f"nemesis seed {seed}: {'FAILED' if problems else 'passed'} "
-             f"({DURATION:g}s of faults, all ended by {t_faults_end:.1f}s; {lab_note})",
-             f"replay: {_replay(seed)}"]
+def _report(
+    seed: int,
+    cluster: Cluster,
+    workload: MixedWorkload,
+    history: History,
+    nemesis: Nemesis,
+    checks: dict[str, CheckResult],
+    problems: list[str],
+    healing: list[str],
+    t0: float,
+    wall0: float,
+    t_faults_end: float,
+    lab_note: str,
+) -> str:
+    lines = [
+        f"nemesis seed {seed}: {'FAILED' if problems else 'passed'} "
+        f"({DURATION:g}s of faults, all ended by {t_faults_end:.1f}s; {lab_note})",
+        f"replay: {_replay(seed)}",
+    ]
     lines += [f"  {k}: {v}" for k, v in figures(workload, history, nemesis).items()]
     lines.append("checks:")
     lines += [f"  {name}: {'ok' if r.ok else 'FAILED'}" for name, r in checks.items()]
@@ -322,9 +384,10 @@ def _report(seed: int, cluster: Cluster, workload: MixedWorkload, history: Histo
             continue
         lines.append("")
         if name == "linearizable":  # the offending ops follow, with their context
-            lines.append(f"check_linearizable: FAILED on keys {r.details['failed_keys']}"
-                         + (f", inconclusive on {r.details['inconclusive_keys']}" if r.details["inconclusive_keys"]
-                            else ""))
+            lines.append(
+                f"check_linearizable: FAILED on keys {r.details['failed_keys']}"
+                + (f", inconclusive on {r.details['inconclusive_keys']}" if r.details["inconclusive_keys"] else "")
+            )
             lines += [f"  {m}" for m in r.messages if m.startswith("key ")]
         else:
             lines.append(r.format(max_items=20))
@@ -332,8 +395,10 @@ def _report(seed: int, cluster: Cluster, workload: MixedWorkload, history: Histo
     lin = checks.get("linearizable")
     if lin is not None and lin.evidence:
         lines.append("")
-        lines.append("offending operations (times in seconds since the run's start), with the faults and "
-                     "node log lines around them:")
+        lines.append(
+            "offending operations (times in seconds since the run's start), with the faults and "
+            "node log lines around them:"
+        )
         for key, evidence in list(lin.evidence.items())[:4]:
             lines += _explain(key, evidence, cluster, nemesis.faults, logs)
         if len(lin.evidence) > 4:
@@ -356,13 +421,11 @@ def _report(seed: int, cluster: Cluster, workload: MixedWorkload, history: Histo
     return "\n".join(lines)
 
 
-def _explain(key: str, evidence: list[Op], cluster: Cluster, faults: list[Fault],
-             logs: list[LogLine]) -> list[str]:
+def _explain(key: str, evidence: list[Op], cluster: Cluster, faults: list[Fault], logs: list[LogLine]) -> list[str]:
     stuck = evidence[0]
     end = stuck.complete if stuck.complete is not None else stuck.invoke + 10
     slot = dkv.slot_of(key.encode())
-    out = [f"== key {key!r} (slot {slot}, {_owner_at_start(key)} at the start): {stuck}",
-           "   ops around it:"]
+    out = [f"== key {key!r} (slot {slot}, {_owner_at_start(key)} at the start): {stuck}", "   ops around it:"]
     out += [f"     {o}" for o in evidence[1:]]
     out.append("   faults around it:")
     out += [f"     {f}" for f in _faults_within(faults, stuck.invoke - 10, end + 2)] or ["     (none)"]

@@ -1,4 +1,5 @@
 """Integration tests of a standalone node: real `dkv serve` processes, LevelDB, zerorpc."""
+
 from __future__ import annotations
 
 import subprocess
@@ -65,17 +66,19 @@ def test_acknowledged_writes_survive_kill9(node_factory: Callable[..., NodeProce
 def test_bad_input_gets_clear_errors_and_changes_nothing(node: NodeProcess) -> None:
     c = raw(node)
     before = c.info()["applied_lsn"]
-    replies = c.batch([
-        ["set", b"", b"v"],                 # empty key
-        ["set", b"k" * 1025, b"v"],         # key over the limit
-        ["set", b"k", b"v" * (1024 * 1024 + 1)],  # value over the limit
-        ["set", 42, b"v"],                  # wrong key type
-        ["set", b"k", {"a": 1}],            # wrong value type
-        ["set", b"k"],                      # wrong arity
-        ["frobnicate", b"k"],               # unknown op
-        "not-a-list",                       # malformed op
-        ["get", b"k", "strongest"],         # unknown consistency level
-    ])
+    replies = c.batch(
+        [
+            ["set", b"", b"v"],  # empty key
+            ["set", b"k" * 1025, b"v"],  # key over the limit
+            ["set", b"k", b"v" * (1024 * 1024 + 1)],  # value over the limit
+            ["set", 42, b"v"],  # wrong key type
+            ["set", b"k", {"a": 1}],  # wrong value type
+            ["set", b"k"],  # wrong arity
+            ["frobnicate", b"k"],  # unknown op
+            "not-a-list",  # malformed op
+            ["get", b"k", "strongest"],  # unknown consistency level
+        ]
+    )
     codes = [r[1][0] if r[0] == 1 else None for r in replies]
     assert codes == ["KEY_EMPTY"] + ["INVALID"] * 8, replies
     assert all(r[1][1] for r in replies), "every error carries a message"
@@ -94,9 +97,19 @@ def test_malformed_rpc_calls_get_invalid_argument_and_change_nothing(node: NodeP
     c.batch([["set", b"k", b"v"]])
     before = c.info()["applied_lsn"], c.digest(0, 1023)
     calls: list[tuple[str, tuple[Any, ...]]] = [
-        ("mget", (123,)), ("mget", ([1, None],)), ("mset", ([1, 2],)), ("digest", ("a", "b")),
-        ("digest", (0, 1023, 5)), ("get", (123,)), ("get", (b"k", ["x"])), ("set", (b"k",)), ("set", (b"k", 5)),
-        ("delete", ({},)), ("scan", (5,)), ("scan", (b"", None, "10")), ("batch", (None,)),
+        ("mget", (123,)),
+        ("mget", ([1, None],)),
+        ("mset", ([1, 2],)),
+        ("digest", ("a", "b")),
+        ("digest", (0, 1023, 5)),
+        ("get", (123,)),
+        ("get", (b"k", ["x"])),
+        ("set", (b"k",)),
+        ("set", (b"k", 5)),
+        ("delete", ({},)),
+        ("scan", (5,)),
+        ("scan", (b"", None, "10")),
+        ("batch", (None,)),
         ("batch", ([[["get"]], [b"get", b"k"], [None] * 100_000, "x" * 1_000_000],)),
     ]
     for method, args in calls:
@@ -131,7 +144,7 @@ def test_values_of_the_maximum_size_round_trip_in_legal_messages(node: NodeProce
     reply = c.batch([["get", k] for k in keys])
     served = [r for r in reply if r[0] == 0]
     assert 0 < len(served) <= limits.page_bytes // limits.max_value_bytes + 1
-    assert all(r[1][0] == "DEFERRED" for r in reply[len(served):])
+    assert all(r[1][0] == "DEFERRED" for r in reply[len(served) :])
     assert len(msgpack.packb(reply, use_bin_type=True)) <= limits.max_message_bytes
     page = c.scan(b"big", None, 1000)
     assert 0 < len(page) < 10 and len(msgpack.packb(page, use_bin_type=True)) <= limits.max_message_bytes
@@ -178,8 +191,11 @@ def test_api_roundtrip_and_str_keys(node: NodeProcess) -> None:
         assert c.mget(["user:007", "nope", "user:249"]) == [b"7", None, b"249"]
         got = list(c.scan("user:", limit=None, page_size=37))
         assert [k for k, _ in got] == [f"user:{i:03d}".encode() for i in range(250)]
-        assert list(c.scan("user:", start="user:247")) == [(b"user:247", b"247"), (b"user:248", b"248"),
-                                                             (b"user:249", b"249")]
+        assert list(c.scan("user:", start="user:247")) == [
+            (b"user:247", b"247"),
+            (b"user:248", b"248"),
+            (b"user:249", b"249"),
+        ]
         assert len(list(c.scan(limit=10))) == 10
         assert c.slot_of("123456789") == 294
         info = c.cluster_info()
@@ -191,6 +207,7 @@ def test_client_is_thread_safe_and_coalesces(node: NodeProcess) -> None:
     """Many threads share one client; results stay per-thread correct; RPCs are batched."""
     errors: list[BaseException] = []
     with dkv.Client(node.addr, timeout=10) as c:
+
         def work(t: int) -> None:
             try:
                 for i in range(150):
@@ -281,19 +298,25 @@ def test_port_in_use_is_refused(node: NodeProcess, tmp_path: Path) -> None:
 
 
 def test_invalid_flags_are_refused() -> None:
-    out = subprocess.run([sys.executable, "-m", "dkv.cli.main", "serve", "--engine", "rocks"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "serve", "--engine", "rocks"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
 def test_env_variables_configure_flags(tmp_path: Path) -> None:
     port = free_port()
-    env = {"DKV_PORT": str(port), "DKV_DATA_DIR": str(tmp_path / "d"), "DKV_NODE_ID": "from-env",
-           "DKV_LOG_LEVEL": "warning"}
+    env = {
+        "DKV_PORT": str(port),
+        "DKV_DATA_DIR": str(tmp_path / "d"),
+        "DKV_NODE_ID": "from-env",
+        "DKV_LOG_LEVEL": "warning",
+    }
     import os
 
     proc = subprocess.Popen([sys.executable, "-m", "dkv.cli.main", "serve"], env=os.environ | env)
     try:
+
         def answers() -> Any:
             try:
                 with dkv.Client(f"127.0.0.1:{port}", timeout=0.5) as c:

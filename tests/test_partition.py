@@ -6,6 +6,7 @@ session expires, and after the partition heals it rejoins as a replica. (The
 SIGSTOP and forced-expiry tests in test_failover.py cover the same guarantees
 on machines without network namespaces.)
 """
+
 from __future__ import annotations
 
 import time
@@ -19,8 +20,7 @@ from tests.support.netns import NetLab
 from tests.support.procs import wait_until
 from tests.test_failover import SID, acked_after, new_writer, under_load, verify
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not NetLab.available(), reason="needs root and ip netns")]
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not NetLab.available(), reason="needs root and ip netns")]
 
 
 @pytest.fixture

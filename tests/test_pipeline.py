@@ -1,4 +1,5 @@
 """The write pipeline: group commit over a real WAL and LevelDB store, in-process under gevent."""
+
 from __future__ import annotations
 
 import time
@@ -116,8 +117,7 @@ def test_close_finishes_queued_writes_then_refuses(durable: tuple[WriteAheadLog,
 def test_diskless_pipeline_runs_on_the_hub() -> None:
     store = Store.open("memory", None)
     pipe = WritePipeline(log := MemoryLog(), store, LocalWriter(log, store, 1, offload=False), offload=False)
-    gevent.joinall([gevent.spawn(pipe.submit, [put_w(f"k{i}".encode(), b"v")]) for i in range(100)],
-                   raise_error=True)
+    gevent.joinall([gevent.spawn(pipe.submit, [put_w(f"k{i}".encode(), b"v")]) for i in range(100)], raise_error=True)
     assert store.applied_lsn == 100 and store.get(b"k99") == b"v"
     pipe.close()
 

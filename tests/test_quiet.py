@@ -1,6 +1,7 @@
 """Quiet, honest output (issue 12 item 3): the tools and the library print nothing they were not
 asked for, a down ZooKeeper is one line, and no dkv socket is one of zerorpc's (whose
 missed-event re-check logged "gevent_zeromq BUG")."""
+
 from __future__ import annotations
 
 import subprocess
@@ -25,8 +26,7 @@ BUG_LINES = ("gevent_zeromq BUG", "BUG: gevent may have missed")
 
 def _dkv(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "dkv.cli.main", *args], capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run([sys.executable, "-m", "dkv.cli.main", *args], capture_output=True, text=True, timeout=timeout)
     return out, time.monotonic() - start
 
 
@@ -34,8 +34,10 @@ def test_admin_against_an_unreachable_zookeeper_fails_fast_with_one_line() -> No
     closed = f"127.0.0.1:{free_port()}"
     out, took = _dkv("admin", "status", "--zk", closed)
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr.splitlines() == [f"dkv admin: Unavailable: cannot reach ZooKeeper at {closed} within "
-                                       f"{CONNECT_TIMEOUT:g}s (socket connection error: Connection refused)"]
+    assert out.stderr.splitlines() == [
+        f"dkv admin: Unavailable: cannot reach ZooKeeper at {closed} within "
+        f"{CONNECT_TIMEOUT:g}s (socket connection error: Connection refused)"
+    ]
     assert took < ADMIN_BOUND  # it gives up after --timeout (3 s), not kazoo's retries (10 s)
 
 
@@ -64,8 +66,9 @@ assert [type(h).__name__ for h in logging.getLogger("dkv").handlers] == ["NullHa
 
 
 def test_client_with_an_unreachable_zookeeper_raises_unavailable_and_prints_nothing() -> None:
-    out = subprocess.run([sys.executable, "-c", _CLIENT, f"127.0.0.1:{free_port()}"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", _CLIENT, f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60
+    )
     assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
 
 
@@ -198,12 +201,19 @@ def test_cli_reports_a_paused_node_in_one_line_and_goes_on(node: NodeProcess) ->
     assert INTERACTIVE_LIVENESS < 2
     node.pause()
     try:
-        out = subprocess.run([sys.executable, "-m", "dkv.cli.main", "cli", node.addr, "--timeout", "30"],
-                             input="get a\nslot a\n", capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "dkv.cli.main", "cli", node.addr, "--timeout", "30"],
+            input="get a\nslot a\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         node.resume()
-    assert out.stdout.splitlines() == [f"(error) Unavailable: no node answered ({node.addr})",
-                                       f"(integer) {dkv.slot_of(b'a')}"]
+    assert out.stdout.splitlines() == [
+        f"(error) Unavailable: no node answered ({node.addr})",
+        f"(integer) {dkv.slot_of(b'a')}",
+    ]
     assert out.stderr == ""
 
 

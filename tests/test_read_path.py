@@ -13,6 +13,7 @@ sockets: the client's mapping of "no answer" to ``WriteTimeout``/``Unavailable``
 and a writer's epoch confirmation against replicas (real follower state
 machines) that promised a newer epoch.
 """
+
 from __future__ import annotations
 
 import time
@@ -116,8 +117,11 @@ def test_deposed_writer_never_answers_a_linearizable_read_with_its_stale_value(c
     try:
         # Sequential reads too: read-your-writes must hold across the failover, so a writer
         # whose lease lapsed while it was paused confirms its epoch before it answers.
-        queued = [raw("batch", [["get", KEY, level]], **{"async": True})
-                  for level in ("sequential", "linearizable") for _ in range(3)]
+        queued = [
+            raw("batch", [["get", KEY, level]], **{"async": True})
+            for level in ("sequential", "linearizable")
+            for _ in range(3)
+        ]
         old_node.resume()
         t_resume = time.monotonic()
         outcomes: list[Any] = []
@@ -140,8 +144,10 @@ def test_deposed_writer_never_answers_a_linearizable_read_with_its_stale_value(c
         raw.close()
 
     stale = [o for o in outcomes if o == b"old"]
-    assert not stale, (f"the deposed writer {old} answered a read with its stale value "
-                       f"after {new} had acknowledged the new one: {outcomes}")
+    assert not stale, (
+        f"the deposed writer {old} answered a read with its stale value "
+        f"after {new} had acknowledged the new one: {outcomes}"
+    )
     values = [o for o in outcomes if isinstance(o, bytes)]
     assert all(v == b"new" for v in values), outcomes
     print(f"\ndeposed writer's answers within {elapsed:.2f}s of SIGCONT: {outcomes}")
@@ -155,8 +161,9 @@ def test_deposed_writer_never_answers_a_linearizable_read_with_its_stale_value(c
 # -- honest timeouts -----------------------------------------------------------------------------
 
 
-def _ops_against_paused(addr_seeds: list[str] | str, pause: Callable[[], None], timeout: float,
-                        keys: list[str]) -> dict[str, Any]:
+def _ops_against_paused(
+    addr_seeds: list[str] | str, pause: Callable[[], None], timeout: float, keys: list[str]
+) -> dict[str, Any]:
     """Warm up one client per op (each learns the map and connects), pause the node, then
     run set / mset / delete / linearizable get at once; op name -> value or the exception."""
     names = ["set", "mset", "delete", "get"]
@@ -189,11 +196,13 @@ def _ops_against_paused(addr_seeds: list[str] | str, pause: Callable[[], None], 
 def _assert_honest(outcomes: dict[str, Any], read_may_be: tuple[Any, ...]) -> None:
     for name in ("set", "mset", "delete"):
         e = outcomes[name]
-        assert type(e) is WriteTimeout and not e.definite, \
+        assert type(e) is WriteTimeout and not e.definite, (
             f"{name} to a writer that never answered must end as WriteTimeout (indeterminate), got {e!r}"
+        )
     r = outcomes["get"]
-    assert isinstance(r, Unavailable) or r in read_may_be, \
+    assert isinstance(r, Unavailable) or r in read_may_be, (
         f"a read from a writer that never answered must fail as Unavailable (retryable), got {r!r}"
+    )
 
 
 @pytest.mark.integration
@@ -256,9 +265,12 @@ class _SilentNode:
 @pytest.fixture(params=[False, True], ids=["transport-error", "no-answer-before-deadline"])
 def silent_core(request: pytest.FixtureRequest) -> Iterator[tuple[ClientCore, _SilentNode]]:
     core = ClientCore([ADDR], timeout=0.3)
-    core._map = SlotMap.from_cluster_info({
-        "nodes": [{"id": "n1", "addr": ADDR, "status": "up"}],
-        "shards": [{"id": SID, "writer": "n1", "replicas": [], "slots": [[0, 1023]]}]})
+    core._map = SlotMap.from_cluster_info(
+        {
+            "nodes": [{"id": "n1", "addr": ADDR, "status": "up"}],
+            "shards": [{"id": SID, "writer": "n1", "replicas": [], "slots": [[0, 1023]]}],
+        }
+    )
     node = _SilentNode(hang=request.param)
     core._conns[ADDR] = node  # type: ignore[assignment]
     yield core, node
@@ -317,19 +329,33 @@ class _DirectWriter(ReplicatedWriter):
         return self.replicas[rid].handle(method, *args)
 
 
-@pytest.mark.parametrize("answers, confirmed", [
-    (("current", "current"), True),    # the control: both promised our epoch
-    (("newer", "newer"), False),       # both promised a newer writer
-    (("newer", "silent"), False),      # one promised a newer writer, the other does not answer
-], ids=["both-current", "both-newer", "newer-and-silent"])
+@pytest.mark.parametrize(
+    "answers, confirmed",
+    [
+        (("current", "current"), True),  # the control: both promised our epoch
+        (("newer", "newer"), False),  # both promised a newer writer
+        (("newer", "silent"), False),  # one promised a newer writer, the other does not answer
+    ],
+    ids=["both-current", "both-newer", "newer-and-silent"],
+)
 def test_confirmation_fails_when_replicas_answer_a_newer_epoch(answers: tuple[str, str], confirmed: bool) -> None:
     epoch = 2
     config = NodeConfig(node_id="w", engine="memory", replication_factor=3, write_quorum=2, write_timeout=1.0)
-    w = _DirectWriter(config, SID, epoch, MemoryLog(), Store.open("memory"), addr_of=lambda rid: None,
-                      bump_epoch=lambda: epoch + 1, is_current=lambda: True)
+    w = _DirectWriter(
+        config,
+        SID,
+        epoch,
+        MemoryLog(),
+        Store.open("memory"),
+        addr_of=lambda rid: None,
+        bump_epoch=lambda: epoch + 1,
+        is_current=lambda: True,
+    )
     try:
-        w.replicas = {rid: _Replica(epoch + 1 if a == "newer" else epoch, answers=a != "silent")
-                      for rid, a in zip(("a", "b"), answers)}
+        w.replicas = {
+            rid: _Replica(epoch + 1 if a == "newer" else epoch, answers=a != "silent")
+            for rid, a in zip(("a", "b"), answers)
+        }
         w.leader.set_replicas(list(w.replicas))
         for p in w.leader.replicas.values():  # both in sync at lsn 0, as after a fence
             p.state, p.match_lsn = IN_SYNC, 0
@@ -355,8 +381,16 @@ def test_confirmation_completes_at_a_quorum_without_waiting_for_a_hung_replica()
     epoch = 2
     never = gevent.event.Event()
     config = NodeConfig(node_id="w", engine="memory", replication_factor=3, write_quorum=2, write_timeout=600.0)
-    w = _DirectWriter(config, SID, epoch, MemoryLog(), Store.open("memory"), addr_of=lambda rid: None,
-                      bump_epoch=lambda: epoch + 1, is_current=lambda: True)
+    w = _DirectWriter(
+        config,
+        SID,
+        epoch,
+        MemoryLog(),
+        Store.open("memory"),
+        addr_of=lambda rid: None,
+        bump_epoch=lambda: epoch + 1,
+        is_current=lambda: True,
+    )
     hung = _Replica(epoch)
     hung.handle = lambda method, *args: never.wait() and Reply("", epoch, 0, 0)  # type: ignore[method-assign]
     try:
@@ -376,10 +410,19 @@ def test_a_writer_reads_sequentially_without_a_round_only_while_its_lease_holds(
     """The lease comes from a quorum round; a pause (monotonic time passing) ends it, and a
     writer whose replicas promised a newer epoch cannot renew it."""
     epoch = 2
-    config = NodeConfig(node_id="w", engine="memory", replication_factor=3, write_quorum=2, write_timeout=1.0,
-                        session_timeout=6.0)
-    w = _DirectWriter(config, SID, epoch, MemoryLog(), Store.open("memory"), addr_of=lambda rid: None,
-                      bump_epoch=lambda: epoch + 1, is_current=lambda: True)
+    config = NodeConfig(
+        node_id="w", engine="memory", replication_factor=3, write_quorum=2, write_timeout=1.0, session_timeout=6.0
+    )
+    w = _DirectWriter(
+        config,
+        SID,
+        epoch,
+        MemoryLog(),
+        Store.open("memory"),
+        addr_of=lambda rid: None,
+        bump_epoch=lambda: epoch + 1,
+        is_current=lambda: True,
+    )
     try:
         w.replicas = {"a": _Replica(epoch), "b": _Replica(epoch)}
         w.leader.set_replicas(list(w.replicas))

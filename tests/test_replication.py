@@ -3,6 +3,7 @@
 Members are real in-memory logs and stores (diskless mode); messages are
 delivered by hand, so loss, duplication and reordering are exact.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,8 +81,9 @@ def recs(epoch: int, first: int, n: int, tag: str = "v") -> list[Record]:
 class Writer:
     """A writer: its own log/store plus the Leader state machine."""
 
-    def __init__(self, epoch: int = 1, replicas: tuple[str, ...] = ("a", "b"), quorum: int = 2,
-                 log: MemoryLog | None = None) -> None:
+    def __init__(
+        self, epoch: int = 1, replicas: tuple[str, ...] = ("a", "b"), quorum: int = 2, log: MemoryLog | None = None
+    ) -> None:
         self.log = log or MemoryLog()
         self.store = Store.open("memory")
         self.leader = Leader(epoch, self.log, quorum, commit_lsn=0)
@@ -107,8 +109,7 @@ class Writer:
 def prepare_tail(w: Writer, rid: str) -> Prepare:
     """What the writer sends an in-sync member: every record past its match point."""
     match = w.leader.replicas[rid].match_lsn or 0
-    return w.leader.prepare(list(w.log.read_from(match + 1)), match,
-                            w.log.epochs.epoch_at(match) or 0 if match else 0)
+    return w.leader.prepare(list(w.log.read_from(match + 1)), match, w.log.epochs.epoch_at(match) or 0 if match else 0)
 
 
 def catch_up(w: Writer, rid: str, m: Member, max_steps: int = 20) -> list[object]:
@@ -512,8 +513,9 @@ def _driver(tmp_path, max_epoch: int, recorded: list[int | None]):  # type: igno
         lookups.append(1)
         return recorded[0]
 
-    d = FollowerDriver(MemoryLog(), Store.open("memory"), promise, offload=False, max_epoch=max_epoch,
-                       recorded_epoch=recorded_epoch)
+    d = FollowerDriver(
+        MemoryLog(), Store.open("memory"), promise, offload=False, max_epoch=max_epoch, recorded_epoch=recorded_epoch
+    )
     return d, lookups
 
 
@@ -622,8 +624,11 @@ class Harness:
         for r in c.records:
             self.committed[r.lsn] = r
         ours = [self.committed[n] for n in range(1, c.lsn + 1)]
-        holders = [rid for rid, m in self.members.items()
-                   if [(r.epoch, r.value) for r in m.log.read_from(1, limit=c.lsn)] == [(r.epoch, r.value) for r in ours]]
+        holders = [
+            rid
+            for rid, m in self.members.items()
+            if [(r.epoch, r.value) for r in m.log.read_from(1, limit=c.lsn)] == [(r.epoch, r.value) for r in ours]
+        ]
         assert len(holders) >= self.leader.needed, f"commit of lsn {c.lsn} held by {holders} only"
 
     def check_nowhere(self, records: tuple[Record, ...]) -> None:
@@ -657,8 +662,10 @@ class Harness:
             for m in self.members.values():  # as recorded in ZooKeeper
                 m.f.learn_max_epoch(self.leader.epoch)
         first = self.leader.last_lsn + 1
-        batch = tuple(Record(self.leader.epoch, lsn, Op.PUT, f"k{lsn}".encode(), f"{tag}{lsn}".encode())
-                      for lsn in range(first, first + n))
+        batch = tuple(
+            Record(self.leader.epoch, lsn, Op.PUT, f"k{lsn}".encode(), f"{tag}{lsn}".encode())
+            for lsn in range(first, first + n)
+        )
         self.batches[batch[-1].lsn] = (batch, None)
         self.run(self.leader.propose(batch, self.now))
         return batch[-1].lsn

@@ -7,6 +7,7 @@ the history is linearizable per key, each shard's members converge, and the
 source holds nothing of the slots it gave away. The fault variants kill the
 source's or the target's writer in the middle of the move.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,15 @@ N_KEYS = 3000
 def cluster(zk: str, tmp_path: Path) -> Iterator[Cluster]:
     # Small WAL segments: the source compacts while the target copies. A throttled
     # import keeps the move going for a few seconds, long enough to kill a writer in it.
-    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=4.0,
-                extra=("--wal-segment-bytes", "65536", "--migration-rate", "400"))
+    c = Cluster(
+        zk,
+        tmp_path,
+        shards=1,
+        replication_factor=3,
+        write_quorum=2,
+        session_timeout=4.0,
+        extra=("--wal-segment-bytes", "65536", "--migration-rate", "400"),
+    )
     try:
         yield c.start()
     finally:
@@ -78,18 +86,17 @@ def _check(cluster: Cluster, client: dkv.Client, history: History, deleted: set[
     _check_data(cluster, client, history, deleted, owned)
 
 
-def _check_data(cluster: Cluster, client: dkv.Client, history: History, deleted: set[str],
-                owned: dict[str, list[list[int]]]) -> None:
+def _check_data(
+    cluster: Cluster, client: dkv.Client, history: History, deleted: set[str], owned: dict[str, list[list[int]]]
+) -> None:
     # G1/G4: every acknowledged write is readable from its new owner; deletes stay deleted.
-    acked = check_acknowledged(history, lambda keys: [None if v is None else v.decode()
-                                                      for v in client.mget(keys)])
+    acked = check_acknowledged(history, lambda keys: [None if v is None else v.decode() for v in client.mget(keys)])
     assert acked.ok, acked.format()
     lin = check_linearizable(history)
     assert lin.ok, lin.format()
     keys = [f"bulk{j}" for j in range(N_KEYS)]
     values = client.mget(keys)
-    wrong = [(k, v) for k, v in zip(keys, values)
-             if v != (None if k in deleted else f"v{k[4:]}".encode())]
+    wrong = [(k, v) for k, v in zip(keys, values) if v != (None if k in deleted else f"v{k[4:]}".encode())]
     assert not wrong, f"{len(wrong)} bulk keys wrong after the move, e.g. {wrong[:5]}"
     # G3 per shard, and the source kept nothing of what it gave away.
     for sid in owned:
@@ -102,21 +109,37 @@ def _check_data(cluster: Cluster, client: dkv.Client, history: History, deleted:
         sh = cluster.shard_members()[sid]
         for member in [sh["writer"], *sh["replicas"]]:
             if cluster.nodes[member].running:
-                wait_until(lambda: all(cluster.rpc(cluster.nodes[member].addr, "digest", a, b)[1] == EMPTY_DIGEST
-                                       for a, b in foreign), 60,
-                           f"{member} ({sid}) to hold nothing of other shards' slots")
+                wait_until(
+                    lambda: all(
+                        cluster.rpc(cluster.nodes[member].addr, "digest", a, b)[1] == EMPTY_DIGEST for a, b in foreign
+                    ),
+                    60,
+                    f"{member} ({sid}) to hold nothing of other shards' slots",
+                )
 
 
 def _under_load(cluster: Cluster) -> tuple[dkv.Client, History, Workload, set[str]]:
     client = cluster.client(timeout=30)
     deleted = _load(client)
     history = History()
-    wl = Workload(client, history, [f"reg{i}" for i in range(16)], threads=4, read_ratio=0.5, seed=7,
-                  max_ops=50_000, max_duration=120, pause=0.005)
+    wl = Workload(
+        client,
+        history,
+        [f"reg{i}" for i in range(16)],
+        threads=4,
+        read_ratio=0.5,
+        seed=7,
+        max_ops=50_000,
+        max_duration=120,
+        pause=0.005,
+    )
     wl.start()
     t0 = time.monotonic()
-    wait_until(lambda: sum(1 for op in history.ops if op.outcome == "ok" and op.invoke > t0) >= 20, 60,
-               "the workload to make progress")
+    wait_until(
+        lambda: sum(1 for op in history.ops if op.outcome == "ok" and op.invoke > t0) >= 20,
+        60,
+        "the workload to make progress",
+    )
     return client, history, wl, deleted
 
 
@@ -176,8 +199,12 @@ def test_writer_killed_in_the_middle_of_a_move(cluster: Cluster, side: str) -> N
     _grow(cluster)
     target = cluster.writer_of("shard-2")
     # Mid-move: the target has committed a first page of imports, the flip is still ahead.
-    wait_until(lambda: (cluster.info(target) or {}).get("applied_lsn", 0) > 0, 60,
-               "the target to import a first page", interval=0.05)
+    wait_until(
+        lambda: (cluster.info(target) or {}).get("applied_lsn", 0) > 0,
+        60,
+        "the target to import a first page",
+        interval=0.05,
+    )
     progress = (cluster.info(target) or {}).get("migration") or {}  # what `info`/`admin status` show
     assert _migrating(cluster), "the move ended before the kill: raise N_KEYS or lower --migration-rate"
     assert progress.get("imported", 0) > 0 and progress.get("phase") in ("copy", "tail"), progress
@@ -191,7 +218,8 @@ def test_writer_killed_in_the_middle_of_a_move(cluster: Cluster, side: str) -> N
 
 
 def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serves_again(
-        zk: str, tmp_path: Path) -> None:
+    zk: str, tmp_path: Path
+) -> None:
     """The target's writer froze a move and died before the flip (the frozen range refuses
     writes): the replica promoted in its place cancels the move instead of re-copying the range
     while it stays frozen; the source serves the range again, nothing of it is lost, and the
@@ -213,19 +241,29 @@ def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serv
         client.mset({k: f"v-{k}" for k in moving})
         target = cluster.writer_of("shard-2")
         cluster.nodes[target].kill()
-        kz.create(layout.MIGRATIONS + "/m-", layout.Migration("", lo, hi, "shard-1", "shard-2",
-                                                              layout.FROZEN).to_bytes(), sequence=True)
+        kz.create(
+            layout.MIGRATIONS + "/m-",
+            layout.Migration("", lo, hi, "shard-1", "shard-2", layout.FROZEN).to_bytes(),
+            sequence=True,
+        )
         source = cluster.nodes[cluster.writer_of("shard-1")].addr
         # (A real freeze is confirmed by the source's writer itself; this one it learns from its view.)
-        wait_until(lambda: bool(cluster.rpc(source, "cluster_info").get("migrations")), 10, "the source to see the freeze")
-        with dkv.Client([n.addr for n in cluster.nodes.values() if n.running], timeout=1, auth=cluster.client_key) as quick:
+        wait_until(
+            lambda: bool(cluster.rpc(source, "cluster_info").get("migrations")), 10, "the source to see the freeze"
+        )
+        with dkv.Client(
+            [n.addr for n in cluster.nodes.values() if n.running], timeout=1, auth=cluster.client_key
+        ) as quick:
             with pytest.raises(TryAgain):
                 quick.set(moving[0], "during the freeze")
             quick.set(staying, "the rest of the shard serves")
         # shard-2 promotes a replica (session timeout); it finds the move frozen and cancels it.
-        wait_until(lambda: cluster.writer_of("shard-2") not in (None, target)
-                   and not cluster.cluster_info().get("migrations"), 60, "the frozen move to be cancelled",
-                   interval=0.2)
+        wait_until(
+            lambda: cluster.writer_of("shard-2") not in (None, target) and not cluster.cluster_info().get("migrations"),
+            60,
+            "the frozen move to be cancelled",
+            interval=0.2,
+        )
         client.set(moving[0], "after the cancel")
         assert client.mget(moving) == [b"after the cancel"] + [f"v-{k}".encode() for k in moving[1:]]
         assert cluster.shard_members()["shard-1"]["slots"] == slots_before and cluster.balanced()
@@ -245,8 +283,12 @@ def test_a_frozen_move_whose_target_writer_died_is_cancelled_and_the_source_serv
 
 
 def admin(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dkv.cli.main", "admin", "--zk", cluster.zk, *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", "admin", "--zk", cluster.zk, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_drained_shard_hands_its_slots_and_data_to_the_others_under_load(zk: str, tmp_path: Path) -> None:
@@ -255,8 +297,12 @@ def test_drained_shard_hands_its_slots_and_data_to_the_others_under_load(zk: str
         cluster.start()
         client, history, wl, deleted = _under_load(cluster)
         assert "no other shard" not in admin(cluster, "drain", "shard-2").stdout
-        wait_until(lambda: not cluster.cluster_info().get("migrations")
-                   and not cluster.shard_members()["shard-2"]["slots"], 120, "shard-2 to be drained", interval=0.2)
+        wait_until(
+            lambda: not cluster.cluster_info().get("migrations") and not cluster.shard_members()["shard-2"]["slots"],
+            120,
+            "shard-2 to be drained",
+            interval=0.2,
+        )
         status = admin(cluster, "status")
         assert status.returncode == 0 and "shard-2 (draining)" in status.stdout, status
         assert "(lag ?)" not in status.stdout and re.search(r"\(lag \d+\)", status.stdout), status.stdout
@@ -272,14 +318,19 @@ def test_drained_shard_hands_its_slots_and_data_to_the_others_under_load(zk: str
         # Undrained, it takes its share back.
         assert admin(cluster, "undrain", "shard-2").returncode == 0
         wait_until(cluster.balanced, 120, "slots balanced again", interval=0.2)
-        _check_data(cluster, client, history, deleted,
-                    {sh["id"]: sh["slots"] for sh in cluster.cluster_info()["shards"]})
+        _check_data(
+            cluster, client, history, deleted, {sh["id"]: sh["slots"] for sh in cluster.cluster_info()["shards"]}
+        )
         # Removed for good: drained again, its nodes stopped, then deleted from the map.
         members = ["n4", "n5", "n6"]
         assert set(members) == {cluster.writer_of("shard-2"), *cluster.shard_members()["shard-2"]["replicas"]}
         assert admin(cluster, "drain", "shard-2").returncode == 0
-        wait_until(lambda: not cluster.cluster_info().get("migrations")
-                   and not cluster.shard_members()["shard-2"]["slots"], 120, "shard-2 drained again", interval=0.2)
+        wait_until(
+            lambda: not cluster.cluster_info().get("migrations") and not cluster.shard_members()["shard-2"]["slots"],
+            120,
+            "shard-2 drained again",
+            interval=0.2,
+        )
         live = admin(cluster, "remove", "shard-2")
         assert live.returncode == 1 and "live members" in live.stderr, live
         for m in members:

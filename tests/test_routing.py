@@ -3,6 +3,7 @@
 Every case is a pure function call: what a node knows at one instant, and the
 op's slot, kind and consistency.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -136,7 +137,8 @@ def test_a_confirmed_freeze_outlives_views_read_before_it_and_ends_with_the_firs
 
 @pytest.mark.parametrize("write,level", [(True, None), *((False, lv) for lv in LEVELS)])
 def test_a_new_writer_serves_nothing_until_the_log_tail_it_took_over_is_committed(
-        write: bool, level: str | None) -> None:
+    write: bool, level: str | None
+) -> None:
     # Found by the nemesis (seed 7): a writer promoted with an uncommitted tail answered a
     # linearizable get from its store before applying that tail, which held an acknowledged
     # write: a stale read.

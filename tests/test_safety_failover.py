@@ -3,6 +3,7 @@
 Real ZooKeeper, node processes, LevelDB, zerorpc (DESIGN §5; issue 10, item 2). The unit
 tests of both safety rules are in tests/test_safety_rules.py.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,7 @@ def cluster(zk: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     monkeypatch.setenv("DKV_FAULT_HOOKS", "1")  # debug_zk_session: to end the dead writer's session at once
     # A session timeout well above the time the test keeps B paused (while C starts); the
     # failover does not wait for it (the dead writer's session is closed by the test).
-    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=8.0,
-                write_timeout=4.0)
+    c = Cluster(zk, tmp_path, shards=1, replication_factor=3, write_quorum=2, session_timeout=8.0, write_timeout=4.0)
     try:
         yield c.start()
     finally:
@@ -80,7 +80,8 @@ def read(client: dkv.Client, key: str) -> list[bytes | None] | None:
 
 
 def test_a_lagging_candidate_adopts_the_acknowledged_write_only_the_writer_and_one_replica_held(
-        cluster: Cluster, zk_admin: KazooClient) -> None:
+    cluster: Cluster, zk_admin: KazooClient
+) -> None:
     """1 shard x 3, write_quorum 2. With replica C stopped, a write is acknowledged by the
     writer A and replica B only. Then A is killed (kill -9, its session ended at once) while B
     is paused, and C is started: C, behind, is the only contender, so it is the candidate
@@ -115,8 +116,9 @@ def test_a_lagging_candidate_adopts_the_acknowledged_write_only_the_writer_and_o
         B.resume()  # in time to answer C's fence (C needs 2 answers: itself and B)
     wait_until(lambda: shard(zk_admin).writer not in (None, a), 30, "a new writer")
     promoted = shard(zk_admin)
-    assert promoted.writer == c and promoted.epoch == old_epoch + 1, \
+    assert promoted.writer == c and promoted.epoch == old_epoch + 1, (
         f"expected the lagging {c} to be promoted in epoch {old_epoch + 1}: {promoted}"
+    )
 
     with cluster.client(timeout=10) as fresh:
         got = wait_until(lambda: read(fresh, "acked"), 30, "the shard to answer reads")

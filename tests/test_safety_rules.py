@@ -13,6 +13,7 @@ the real processes' version of rule 1 is tests/test_safety_failover.py.
    kept at ``(e, n)`` (the rollback did not reach it) never passes for the writer's new
    record at ``n`` (``Leader._give_up`` sets ``need_bump``; ``ReplicatedWriter.check`` bumps).
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -96,8 +97,12 @@ def _promoter(candidate: FollowerDriver, sources: dict[str, FollowerDriver]) -> 
     p = Promoter.__new__(Promoter)
     p.shard_id = SID
     p.config = NodeConfig(node_id="c", engine="memory", replication_factor=3, write_quorum=2)
-    p.rt = SimpleNamespace(view=SimpleNamespace(nodes={m: m for m in sources}), follower=candidate,
-                           store=candidate.store, log=candidate.log)
+    p.rt = SimpleNamespace(
+        view=SimpleNamespace(nodes={m: m for m in sources}),
+        follower=candidate,
+        store=candidate.store,
+        log=candidate.log,
+    )
 
     def request(addr: str, method: str, *args: Any) -> Any:
         assert method == "repl_read"
@@ -108,8 +113,9 @@ def _promoter(candidate: FollowerDriver, sources: dict[str, FollowerDriver]) -> 
 
 
 @pytest.mark.parametrize("chunk", [1000, 2])
-def test_a_candidate_adopts_the_missing_and_replaces_its_divergent_records(chunk: int,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_candidate_adopts_the_missing_and_replaces_its_divergent_records(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``c`` applied 1-3; it also holds 4-5 of epoch 1 that never committed. ``b`` holds the
     acknowledged records of epoch 2 at 4-7. After adoption (in chunks), ``c``'s log is ``b``'s
     and the records past its applied prefix wait to be committed by its writer driver."""
@@ -158,8 +164,12 @@ class _DirectWriter(ReplicatedWriter):
         if link == DOWN or (link == PREPARES_ONLY and method != "repl_prepare"):
             raise TransportError(f"{rid} is unreachable ({method})")
         f = self.replicas[rid]
-        handler = {"repl_prepare": f.prepare, "repl_truncate": f.truncate, "repl_fence": f.fence,
-                   "repl_snapshot": f.snapshot_chunk}[method]
+        handler = {
+            "repl_prepare": f.prepare,
+            "repl_truncate": f.truncate,
+            "repl_fence": f.fence,
+            "repl_snapshot": f.snapshot_chunk,
+        }[method]
         reply = handler(*args)
         if link == PREPARES_ONLY:
             raise TransportError(f"the answer of {rid} was lost")
@@ -190,8 +200,9 @@ def test_a_rolled_back_record_kept_by_a_replica_never_passes_for_the_next_one() 
     """
     # Anti-entropy off: it is a later, separate defence (it would re-sync a diverged ``b`` from
     # a snapshot some time after ``b`` served ``ghost``); this test is about the rule itself.
-    config = NodeConfig(node_id="w", engine="memory", replication_factor=3, write_quorum=2, write_timeout=5.0,
-                        anti_entropy_interval=0)
+    config = NodeConfig(
+        node_id="w", engine="memory", replication_factor=3, write_quorum=2, write_timeout=5.0, anti_entropy_interval=0
+    )
     log, store = MemoryLog(), Store.open("memory")
     bumps: list[int] = []
 
@@ -199,8 +210,9 @@ def test_a_rolled_back_record_kept_by_a_replica_never_passes_for_the_next_one() 
         bumps.append(3)
         return 3
 
-    w = _DirectWriter(config, SID, 2, log, store, addr_of=lambda rid: None, bump_epoch=bump_epoch,
-                      is_current=lambda: True)
+    w = _DirectWriter(
+        config, SID, 2, log, store, addr_of=lambda rid: None, bump_epoch=bump_epoch, is_current=lambda: True
+    )
     w.replicas = {"b": driver(), "c": driver()}
     w.links = {"b": UP, "c": UP}
     w.leader.set_replicas(["b", "c"])
@@ -228,8 +240,10 @@ def test_a_rolled_back_record_kept_by_a_replica_never_passes_for_the_next_one() 
             assert store.get(b"fresh") == b"2" and c.store.applied_lsn in (1, 2)
             w.links["b"] = UP  # b returns; it still holds ghost at (2, 2)
             w.set_replicas(["b", "c"], {"b", "c"})
-            wait_for(lambda: w.leader.replicas["b"].state == IN_SYNC and w.leader.replicas["c"].state == IN_SYNC,
-                     "b and c in sync")
+            wait_for(
+                lambda: w.leader.replicas["b"].state == IN_SYNC and w.leader.replicas["c"].state == IN_SYNC,
+                "b and c in sync",
+            )
             w._heartbeat_round()  # the commit point reaches both
             wait_for(lambda: b.store.applied_lsn == 2 and c.store.applied_lsn == 2, "b and c applied lsn 2")
     finally:

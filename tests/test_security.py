@@ -18,6 +18,7 @@ and replies cut to ``Limits.page_bytes``, every producer within
 mid-segment WAL corruption (refuses to start; ``--wal-repair`` quarantines) in
 tests/test_wal.py and test_node.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,10 +101,13 @@ class Attacker:
         self.sock.sndhwm = 100_000
         if creds is not None:
             secure_client(self.sock, creds)
-        self.mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                                                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self.mon = self.sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
         self.disconnects = 0
         self.handshake_failures = 0
         self.sock.connect(f"tcp://{addr}")
@@ -120,6 +124,7 @@ class Attacker:
         def dropped() -> bool:
             self.poll_events()
             return self.disconnects + self.handshake_failures >= n
+
         wait_until(dropped, timeout, f"the node to drop {n} connection(s)", interval=0.02)
 
     def send(self, blob: Any) -> None:
@@ -150,6 +155,7 @@ def wait_rss_settled(pid: int, timeout: float = 30) -> int:
         same = abs(now - last[0]) < MB
         last[0] = now
         return same
+
     wait_until(settled, timeout, "the node's RSS to settle", interval=0.3)
     return last[0]
 
@@ -168,7 +174,7 @@ def answers(addr: str, creds: Any = None) -> bool:
 class Secure:
     cluster: Cluster
     zk_hosts: str  # without the chroot
-    root: str      # the cluster's chroot
+    root: str  # the cluster's chroot
     #: every acknowledged key and its value
     acked: dict[str, bytes] = field(default_factory=dict)
 
@@ -187,8 +193,9 @@ class Secure:
         assert len(digests) == 3, digests
         with c.client() as cl:
             keys = sorted(self.acked)
-            assert cl.mget(keys, consistency="linearizable") == [self.acked[k] for k in keys], \
+            assert cl.mget(keys, consistency="linearizable") == [self.acked[k] for k in keys], (
                 f"acknowledged keys changed after {what}"
+            )
             key, value = f"after:{what}:{len(self.acked)}", f"written after {what}".encode()
             cl.set(key, value)
             self.acked[key] = value
@@ -204,8 +211,14 @@ def secure(zk_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     anon.ensure_path(root)
     anon.stop()
     anon.close()
-    c = Cluster(zk_server.hosts + root, tmp_path_factory.mktemp("secure"), shards=1, replication_factor=3,
-                write_quorum=2, auth=True)
+    c = Cluster(
+        zk_server.hosts + root,
+        tmp_path_factory.mktemp("secure"),
+        shards=1,
+        replication_factor=3,
+        write_quorum=2,
+        auth=True,
+    )
     try:
         c.start()
         s = Secure(c, zk_server.hosts, root)
@@ -258,16 +271,17 @@ def state(s: Secure, node_id: str) -> tuple[Any, ...]:
 
 
 def test_forged_internal_rpcs_without_a_key_or_with_the_client_key_are_refused_and_change_nothing(
-        secure: Secure) -> None:
+    secure: Secure,
+) -> None:
     c = secure.cluster
     writer, replicas = secure.members()
     members = [writer, *replicas]
     before = {m: state(secure, m) for m in members}
     digests = c.digests(SHARD)
     client_creds = load_key(c.client_key)
-    assert call_once(secure.addr(replicas[0]), "get", b"key:000", "eventual", timeout=5,
-                     auth=client_creds) == b"value-0", \
-        "the client key is a valid key: data RPCs work with it"
+    assert (
+        call_once(secure.addr(replicas[0]), "get", b"key:000", "eventual", timeout=5, auth=client_creds) == b"value-0"
+    ), "the client key is a valid key: data RPCs work with it"
 
     for target in members:
         for method, args in forged_calls(secure, target):
@@ -379,7 +393,8 @@ def test_anonymous_zookeeper_writes_are_refused_and_reads_still_work(secure: Sec
 
 
 def test_100mb_and_20_pipelined_95mb_messages_are_dropped_and_rss_stays_under_150mb(
-        node_factory: Callable[..., NodeProcess]) -> None:
+    node_factory: Callable[..., NodeProcess],
+) -> None:
     """A standalone loopback node without auth. Bound: peak RSS (VmHWM) < 150 MB
     (OVERSIZED_RSS_BOUND; baseline ~35 MB). ZMQ_MAXMSGSIZE drops each connection at the
     message's length header, before any of it is buffered."""
@@ -396,7 +411,7 @@ def test_100mb_and_20_pipelined_95mb_messages_are_dropped_and_rss_stays_under_15
         one.wait_dropped(1)
         assert answers(node.addr)
         # 20 pipelined 95 MB messages: 20 sockets at once, each sends one (zero-copy, one buffer).
-        part = memoryview(big)[:95 * MB]
+        part = memoryview(big)[: 95 * MB]
         many = [Attacker(ctx, node.addr) for _ in range(20)]
         for a in many:
             a.send(part)
@@ -414,8 +429,10 @@ def test_100mb_and_20_pipelined_95mb_messages_are_dropped_and_rss_stays_under_15
         ctx.destroy(linger=0)
     assert answers(node.addr)
     now, peak = rss(pid)
-    print(f"\noversized (standalone): baseline RSS {baseline / MB:.1f} MB, after {now / MB:.1f} MB, "
-          f"peak {peak / MB:.1f} MB")
+    print(
+        f"\noversized (standalone): baseline RSS {baseline / MB:.1f} MB, after {now / MB:.1f} MB, "
+        f"peak {peak / MB:.1f} MB"
+    )
     assert peak < OVERSIZED_RSS_BOUND, f"peak RSS {peak / MB:.0f} MB"
     with dkv.Client(node.addr, timeout=10) as cl:
         assert cl.get("before") == b"oversized"
@@ -424,8 +441,7 @@ def test_100mb_and_20_pipelined_95mb_messages_are_dropped_and_rss_stays_under_15
     assert "Traceback" not in node.log(tail=None)
 
 
-def test_oversized_messages_to_an_auth_node_without_a_key_or_with_the_client_key_are_dropped(
-        secure: Secure) -> None:
+def test_oversized_messages_to_an_auth_node_without_a_key_or_with_the_client_key_are_dropped(secure: Secure) -> None:
     """Bound: the target's peak RSS (VmHWM) stays < 150 MB (OVERSIZED_RSS_BOUND)."""
     _, replicas = secure.members()
     target = secure.cluster.nodes[replicas[1]]
@@ -445,8 +461,10 @@ def test_oversized_messages_to_an_auth_node_without_a_key_or_with_the_client_key
         ctx.destroy(linger=0)
     assert answers(target.addr, secure.cluster.creds)
     now, peak = rss(target.proc.pid)
-    print(f"\noversized (auth cluster node): RSS before {baseline / MB:.1f} MB, after {now / MB:.1f} MB, "
-          f"peak {peak / MB:.1f} MB")
+    print(
+        f"\noversized (auth cluster node): RSS before {baseline / MB:.1f} MB, after {now / MB:.1f} MB, "
+        f"peak {peak / MB:.1f} MB"
+    )
     assert peak < OVERSIZED_RSS_BOUND, f"peak RSS {peak / MB:.0f} MB"
     secure.assert_unharmed("oversized messages")
 
@@ -455,7 +473,8 @@ def test_oversized_messages_to_an_auth_node_without_a_key_or_with_the_client_key
 
 
 def test_five_clients_that_never_read_their_replies_keep_rss_under_420mb(
-        node_factory: Callable[..., NodeProcess]) -> None:
+    node_factory: Callable[..., NodeProcess],
+) -> None:
     """Five raw DEALERs each send 300 ``get`` requests for a 1 MiB value (1.5 GB of
     replies) and never read. Bound: peak RSS (VmHWM) < 420 MB (NON_READING_RSS_BOUND =
     100 MB + 5 x SOCKET_HWM x 1 MiB; baseline ~35 MB, measured 50-361 MB): the node's
@@ -483,8 +502,10 @@ def test_five_clients_that_never_read_their_replies_keep_rss_under_420mb(
             a.close()
     finally:
         ctx.destroy(linger=0)
-    print(f"\nnon-reading clients: baseline RSS {baseline / MB:.1f} MB, under attack {now / MB:.1f} MB, "
-          f"peak {peak / MB:.1f} MB")
+    print(
+        f"\nnon-reading clients: baseline RSS {baseline / MB:.1f} MB, under attack {now / MB:.1f} MB, "
+        f"peak {peak / MB:.1f} MB"
+    )
     assert peak < NON_READING_RSS_BOUND, f"peak RSS {peak / MB:.0f} MB"
     wait_until(lambda: answers(node.addr), 10, "the node to answer after the attackers left")
 
@@ -493,23 +514,24 @@ def test_five_clients_that_never_read_their_replies_keep_rss_under_420mb(
 
 
 def test_garbage_on_the_socket_is_dropped_the_node_answers_and_its_log_quotes_little(
-        node_factory: Callable[..., NodeProcess]) -> None:
+    node_factory: Callable[..., NodeProcess],
+) -> None:
     node = node_factory()
     marker = "GARBAGE!"
     huge = msgpack.packb(marker * (5 * MB // len(marker)))  # a 5 MB msgpack string, not an event
     valid = request("get", b"k")
     rnd = random.Random(9)
     garbage = [
-        rnd.randbytes(4096),                                               # random bytes
-        valid[:-3],                                                        # truncated msgpack
-        b"",                                                               # empty
-        msgpack.packb(12345),                                              # not a triple
-        msgpack.packb([[1, 2], "get", [b"k"]]),                            # header is a list
-        msgpack.packb([{"response_to": [1, 2], "v": 3}, "get", []]),       # response_to a list
-        msgpack.packb([{"message_id": {"a": 1}, "v": 3}, "get", []]),      # message_id a map
-        msgpack.packb([{"message_id": "m1", "v": 3}, 17, []]),             # name not a string
-        b"\xdd\xff\xff\xff\xff" + b"\x00" * 64,                            # claims 4G array items
-        msgpack.packb([marker * 1000, marker, marker]),                    # header a long string
+        rnd.randbytes(4096),  # random bytes
+        valid[:-3],  # truncated msgpack
+        b"",  # empty
+        msgpack.packb(12345),  # not a triple
+        msgpack.packb([[1, 2], "get", [b"k"]]),  # header is a list
+        msgpack.packb([{"response_to": [1, 2], "v": 3}, "get", []]),  # response_to a list
+        msgpack.packb([{"message_id": {"a": 1}, "v": 3}, "get", []]),  # message_id a map
+        msgpack.packb([{"message_id": "m1", "v": 3}, 17, []]),  # name not a string
+        b"\xdd\xff\xff\xff\xff" + b"\x00" * 64,  # claims 4G array items
+        msgpack.packb([marker * 1000, marker, marker]),  # header a long string
     ]
     ctx = zmq.Context()
     try:
@@ -548,11 +570,11 @@ def test_bad_calls_get_typed_errors_without_a_traceback(secure: Secure) -> None:
     writer, _ = secure.members()
     addr = secure.addr(writer)
     cases = [
-        ("digest", ("a", "b"), InvalidArgument),      # was a ValueError inside the node (a traceback)
-        ("mget", (123,), InvalidArgument),            # was a TypeError inside the node (a traceback)
+        ("digest", ("a", "b"), InvalidArgument),  # was a ValueError inside the node (a traceback)
+        ("mget", (123,), InvalidArgument),  # was a TypeError inside the node (a traceback)
         ("no_such_method", (), InvalidArgument),
-        ("_zerorpc_inspect", (), InvalidArgument),    # zerorpc's built-ins are not exposed
-        ("digest", (0, 1, 2, 3), InvalidArgument),    # wrong arity
+        ("_zerorpc_inspect", (), InvalidArgument),  # zerorpc's built-ins are not exposed
+        ("digest", (0, 1, 2, 3), InvalidArgument),  # wrong arity
         ("set", ({"not": "a key"}, b"v"), InvalidArgument),
     ]
     for method, args, expected in cases:
@@ -566,8 +588,9 @@ def test_bad_calls_get_typed_errors_without_a_traceback(secure: Secure) -> None:
         for leak in ("Traceback", 'File "', "site-packages", "/work/", ".py"):
             assert leak not in e.msg, f"{method}: {e.msg!r}"
     # A batch with malformed ops: each op is validated on its own; the good ones run.
-    replies = c.rpc(addr, "batch", [["set", b"batch:good", b"yes"], ["nope"], 7, ["set", b"", b"x"],
-                                    ["get", b"batch:good"]])
+    replies = c.rpc(
+        addr, "batch", [["set", b"batch:good", b"yes"], ["nope"], 7, ["set", b"", b"x"], ["get", b"batch:good"]]
+    )
     assert [r[0] for r in replies] == [0, 1, 1, 1, 0], replies
     assert all(r[1][0] == InvalidArgument.code for r in replies[1:3]), replies
     secure.acked["batch:good"] = b"yes"
@@ -580,8 +603,21 @@ def test_bad_calls_get_typed_errors_without_a_traceback(secure: Secure) -> None:
 
 
 def serve_argv(data_dir: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", "p1", "--host", "0.0.0.0",
-            "--port", str(port), "--data-dir", str(data_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dkv.cli.main",
+        "serve",
+        "--node-id",
+        "p1",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        *extra,
+    ]
 
 
 def clean_env() -> dict[str, str]:
@@ -589,10 +625,17 @@ def clean_env() -> dict[str, str]:
 
 
 def test_a_non_loopback_bind_without_auth_refuses_to_start_unless_insecure(
-        tmp_path: Path, node_factory: Callable[..., NodeProcess]) -> None:
+    tmp_path: Path, node_factory: Callable[..., NodeProcess]
+) -> None:
     started = time.monotonic()
-    proc = subprocess.run(serve_argv(tmp_path / "refused", free_port()), capture_output=True, text=True,
-                          check=False, timeout=60, env=clean_env())
+    proc = subprocess.run(
+        serve_argv(tmp_path / "refused", free_port()),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=clean_env(),
+    )
     assert proc.returncode != 0
     assert time.monotonic() - started < 20
     said = proc.stdout + proc.stderr
@@ -615,8 +658,14 @@ def test_a_non_loopback_bind_without_auth_refuses_to_start_unless_insecure(
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dkv.cli.main", *args], capture_output=True, text=True,
-                          check=False, timeout=timeout, env=clean_env())
+    return subprocess.run(
+        [sys.executable, "-m", "dkv.cli.main", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env=clean_env(),
+    )
 
 
 def test_auth_init_writes_private_keys_and_never_overwrites(tmp_path: Path) -> None:
@@ -635,8 +684,7 @@ def test_auth_init_writes_private_keys_and_never_overwrites(tmp_path: Path) -> N
     assert {name: (keys / name).read_bytes() for name in files} == files, "the keys are unchanged"
 
 
-def test_a_node_refuses_a_client_key_a_missing_key_or_a_readable_key_with_a_clear_message(
-        tmp_path: Path) -> None:
+def test_a_node_refuses_a_client_key_a_missing_key_or_a_readable_key_with_a_clear_message(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     init_keys(str(keys))
     client_only = tmp_path / "client-only"  # an application's directory: only client.key
@@ -652,11 +700,19 @@ def test_a_node_refuses_a_client_key_a_missing_key_or_a_readable_key_with_a_clea
     (readable / CLUSTER_KEY).write_bytes((keys / CLUSTER_KEY).read_bytes())
     os.chmod(readable / CLUSTER_KEY, 0o640)
 
-    for directory, why in ((client_only, "does not exist"), (disguised, "not a cluster key"),
-                           (readable, "chmod 600")):
+    for directory, why in ((client_only, "does not exist"), (disguised, "not a cluster key"), (readable, "chmod 600")):
         started = time.monotonic()
-        proc = run_cli("serve", "--node-id", "k1", "--port", str(free_port()),
-                       "--data-dir", str(tmp_path / "data"), "--auth-dir", str(directory))
+        proc = run_cli(
+            "serve",
+            "--node-id",
+            "k1",
+            "--port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--auth-dir",
+            str(directory),
+        )
         assert proc.returncode != 0, f"{directory.name}: started"
         assert time.monotonic() - started < 20
         said = proc.stdout + proc.stderr

@@ -1,6 +1,7 @@
 """The writer's sequencer (dkv.node.sequencer), pure: every condition, increment and expiry
 decision, the records it turns them into, and revisions. No store, no clock, no I/O: the
 committed state is a dict and time is a number."""
+
 from __future__ import annotations
 
 import pytest
@@ -55,9 +56,14 @@ def test_plain_set_writes_a_put_with_a_fresh_revision_and_no_deadline() -> None:
 
 def test_set_nx_and_xx_decide_against_the_state_and_the_batch_in_progress() -> None:
     seq = Sequencer(State(old=Entry(b"1", 5)).read)
-    records, results = run(seq, W(Kind.SET, "old", "2", cond="nx"), W(Kind.SET, "new", "1", cond="xx"),
-                           W(Kind.SET, "new", "1", cond="nx"), W(Kind.SET, "new", "2", cond="nx"),
-                           W(Kind.SET, "new", "3", cond="xx"))
+    records, results = run(
+        seq,
+        W(Kind.SET, "old", "2", cond="nx"),
+        W(Kind.SET, "new", "1", cond="xx"),
+        W(Kind.SET, "new", "1", cond="nx"),
+        W(Kind.SET, "new", "2", cond="nx"),
+        W(Kind.SET, "new", "3", cond="xx"),
+    )
     assert results[0] is None and results[1] is None and results[3] is None  # conditions failed
     assert isinstance(results[2], int) and isinstance(results[4], int)
     assert [(r.key, r.value, r.lsn) for r in records] == [(b"new", b"1", 1), (b"new", b"3", 2)]
@@ -76,8 +82,13 @@ def test_a_set_with_px_gets_a_deadline_and_a_plain_set_clears_it() -> None:
 def test_an_expired_key_counts_as_absent_for_every_condition() -> None:
     state = State(gone=Entry(b"x", 1, NOW - 1), live=Entry(b"y", 2, NOW + 1))
     seq = Sequencer(state.read)
-    _, results = run(seq, W(Kind.SET, "gone", "new", cond="xx"), W(Kind.CAS, "gone", "z", expected="x"),
-                     W(Kind.INCR, "gone", amount=1), W(Kind.SET, "live", "v", cond="nx"))
+    _, results = run(
+        seq,
+        W(Kind.SET, "gone", "new", cond="xx"),
+        W(Kind.CAS, "gone", "z", expected="x"),
+        W(Kind.INCR, "gone", amount=1),
+        W(Kind.SET, "live", "v", cond="nx"),
+    )
     assert results[0] is None and results[1] is None and results[3] is None
     assert results[2] == 1  # incr of an expired key starts from 0
 
@@ -85,35 +96,58 @@ def test_an_expired_key_counts_as_absent_for_every_condition() -> None:
 def test_cas_compares_the_current_value_and_none_means_absent() -> None:
     state = State(k=Entry(b"a", 1))
     seq = Sequencer(state.read)
-    records, results = run(seq, W(Kind.CAS, "k", "b", expected="x"), W(Kind.CAS, "k", "b", expected="a"),
-                           W(Kind.CAS, "k", "c", expected="a"), W(Kind.CAS, "n", "1", expected=None),
-                           W(Kind.CAS, "n", "2", expected=None), W(Kind.CAS, "k", "d", expected="b", px=10))
+    records, results = run(
+        seq,
+        W(Kind.CAS, "k", "b", expected="x"),
+        W(Kind.CAS, "k", "b", expected="a"),
+        W(Kind.CAS, "k", "c", expected="a"),
+        W(Kind.CAS, "n", "1", expected=None),
+        W(Kind.CAS, "n", "2", expected=None),
+        W(Kind.CAS, "k", "d", expected="b", px=10),
+    )
     assert [r is not None for r in results] == [False, True, False, True, False, True]
-    assert [(r.key, r.value, r.expires_at) for r in records] == [(b"k", b"b", 0), (b"n", b"1", 0),
-                                                                  (b"k", b"d", NOW + 10)]
+    assert [(r.key, r.value, r.expires_at) for r in records] == [
+        (b"k", b"b", 0),
+        (b"n", b"1", 0),
+        (b"k", b"d", NOW + 10),
+    ]
 
 
 def test_delete_if_value_and_the_existed_result() -> None:
     state = State(k=Entry(b"a", 1, NOW + 100), e=Entry(b"z", 1, NOW - 5))
     seq = Sequencer(state.read)
-    records, results = run(seq, W(Kind.DELETE, "k", expected="b"), W(Kind.DELETE, "k", expected="a"),
-                           W(Kind.DELETE, "k"), W(Kind.DELETE, "missing"), W(Kind.DELETE, "e"))
+    records, results = run(
+        seq,
+        W(Kind.DELETE, "k", expected="b"),
+        W(Kind.DELETE, "k", expected="a"),
+        W(Kind.DELETE, "k"),
+        W(Kind.DELETE, "missing"),
+        W(Kind.DELETE, "e"),
+    )
     assert results == [False, True, False, False, False]
     # the DELETE names the deadline it removes (so its index row goes); the expired key is removed
     # as an EXPIRE (what it is), with no "existed"
-    assert [(r.op, r.key, r.expires_at) for r in records] == [(Op.DELETE, b"k", NOW + 100),
-                                                               (Op.EXPIRE, b"e", NOW - 5)]
+    assert [(r.op, r.key, r.expires_at) for r in records] == [(Op.DELETE, b"k", NOW + 100), (Op.EXPIRE, b"e", NOW - 5)]
 
 
 def test_incr_counts_in_ascii_decimal_keeps_the_deadline_and_refuses_non_integers() -> None:
-    state = State(c=Entry(b"41", 1, NOW + 60_000), s=Entry(b"abc", 1), big=Entry(str(2 ** 63 - 1).encode(), 1))
+    state = State(c=Entry(b"41", 1, NOW + 60_000), s=Entry(b"abc", 1), big=Entry(str(2**63 - 1).encode(), 1))
     seq = Sequencer(state.read)
-    records, results = run(seq, W(Kind.INCR, "c", amount=1), W(Kind.INCR, "c", amount=-50),
-                           W(Kind.INCR, "fresh", amount=7), W(Kind.INCR, "s", amount=1), W(Kind.INCR, "big", amount=1))
+    records, results = run(
+        seq,
+        W(Kind.INCR, "c", amount=1),
+        W(Kind.INCR, "c", amount=-50),
+        W(Kind.INCR, "fresh", amount=7),
+        W(Kind.INCR, "s", amount=1),
+        W(Kind.INCR, "big", amount=1),
+    )
     assert results[:3] == [42, -8, 7]
     assert isinstance(results[3], InvalidArgument) and isinstance(results[4], InvalidArgument)
-    assert [(r.key, r.value, r.expires_at) for r in records] == [(b"c", b"42", NOW + 60_000),
-                                                                  (b"c", b"-8", NOW + 60_000), (b"fresh", b"7", 0)]
+    assert [(r.key, r.value, r.expires_at) for r in records] == [
+        (b"c", b"42", NOW + 60_000),
+        (b"c", b"-8", NOW + 60_000),
+        (b"fresh", b"7", 0),
+    ]
     assert [r.lsn for r in records] == [1, 2, 3]  # refused writes take no LSN
 
 
@@ -125,16 +159,22 @@ def test_parse_int_is_strict(text: bytes) -> None:
 
 def test_parse_int_accepts_the_range_of_a_64_bit_integer() -> None:
     assert parse_int(b"0") == 0 and parse_int(b"-12") == -12
-    assert parse_int(str(2 ** 63 - 1).encode()) == 2 ** 63 - 1 and parse_int(str(-(2 ** 63)).encode()) == -(2 ** 63)
+    assert parse_int(str(2**63 - 1).encode()) == 2**63 - 1 and parse_int(str(-(2**63)).encode()) == -(2**63)
     with pytest.raises(InvalidArgument):
-        parse_int(str(2 ** 63).encode())
+        parse_int(str(2**63).encode())
 
 
 def test_expire_and_persist_rewrite_the_value_with_the_new_deadline() -> None:
     state = State(k=Entry(b"v", 1), t=Entry(b"w", 1, NOW + 9))
     seq = Sequencer(state.read)
-    records, results = run(seq, W(Kind.EXPIRE, "k", px=500), W(Kind.EXPIRE, "missing", px=5),
-                           W(Kind.PERSIST, "t"), W(Kind.PERSIST, "t"), W(Kind.PERSIST, "missing"))
+    records, results = run(
+        seq,
+        W(Kind.EXPIRE, "k", px=500),
+        W(Kind.EXPIRE, "missing", px=5),
+        W(Kind.PERSIST, "t"),
+        W(Kind.PERSIST, "t"),
+        W(Kind.PERSIST, "missing"),
+    )
     assert results == [True, False, True, False, False]
     assert [(r.key, r.value, r.expires_at) for r in records] == [(b"k", b"v", NOW + 500), (b"t", b"w", 0)]
 
@@ -142,10 +182,13 @@ def test_expire_and_persist_rewrite_the_value_with_the_new_deadline() -> None:
 def test_expire_due_removes_only_an_entry_that_still_has_that_deadline_and_is_due() -> None:
     state = State(due=Entry(b"v", 1, NOW - 1), later=Entry(b"v", 1, NOW + 1), moved=Entry(b"v", 1, NOW - 1))
     seq = Sequencer(state.read)
-    records, results = run(seq, W(Kind.EXPIRE_DUE, "due", deadline=NOW - 1),
-                           W(Kind.EXPIRE_DUE, "later", deadline=NOW + 1),
-                           W(Kind.EXPIRE_DUE, "moved", deadline=NOW - 100),  # a stale index row
-                           W(Kind.EXPIRE_DUE, "missing", deadline=NOW - 1))
+    records, results = run(
+        seq,
+        W(Kind.EXPIRE_DUE, "due", deadline=NOW - 1),
+        W(Kind.EXPIRE_DUE, "later", deadline=NOW + 1),
+        W(Kind.EXPIRE_DUE, "moved", deadline=NOW - 100),  # a stale index row
+        W(Kind.EXPIRE_DUE, "missing", deadline=NOW - 1),
+    )
     assert results == [True, False, False, False]
     assert [(r.op, r.key, r.expires_at) for r in records] == [(Op.EXPIRE, b"due", NOW - 1)]
 
@@ -160,8 +203,13 @@ def test_imports_keep_the_entry_purges_remove_without_an_event_and_the_floor_rai
     state = State(old=Entry(b"x", 1))
     seq = Sequencer(state.read)
     blob = entries.encode(b"v", 12345, NOW + 7)
-    records, results = run(seq, Write(Kind.IMPORT, b"k", blob), W(Kind.PURGE, "old"), W(Kind.PURGE, "missing"),
-                           Write(Kind.FLOOR, b"", deadline=(NOW + 10_000) << REV_SHIFT))
+    records, results = run(
+        seq,
+        Write(Kind.IMPORT, b"k", blob),
+        W(Kind.PURGE, "old"),
+        W(Kind.PURGE, "missing"),
+        Write(Kind.FLOOR, b"", deadline=(NOW + 10_000) << REV_SHIFT),
+    )
     assert results == [None, None, None, None]
     imp, purge, floor = records
     assert (imp.op, imp.value, imp.expires_at) == (Op.IMPORT, blob, NOW + 7)

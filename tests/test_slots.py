@@ -1,4 +1,5 @@
 """Key -> slot mapping, storage-key layout and slot ranges."""
+
 from __future__ import annotations
 
 import random
@@ -86,7 +87,10 @@ def test_split_even_rejects_zero():
 def test_merge_ranges():
     assert merge_ranges([]) == []
     assert merge_ranges([5, 3, 4, 4, 10, 0, 1, 1023]) == [
-        SlotRange(0, 1), SlotRange(3, 5), SlotRange(10, 10), SlotRange(1023, 1023)
+        SlotRange(0, 1),
+        SlotRange(3, 5),
+        SlotRange(10, 10),
+        SlotRange(1023, 1023),
     ]
     assert merge_ranges(range(NUM_SLOTS)) == [ALL_SLOTS]
     assert merge_ranges(s for r in split_even(7) for s in r) == [ALL_SLOTS]

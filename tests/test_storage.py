@@ -1,4 +1,5 @@
 """One suite for the storage layer, run over both engines (LevelDB and memory)."""
+
 from __future__ import annotations
 
 import random
@@ -123,7 +124,12 @@ def test_engine_write_order_and_snapshot(engine):
         snap.get(b"b")
     engine.close()
     engine.close()
-    for call in (lambda: engine.get(b"a"), lambda: engine.iterate(), lambda: engine.write([(b"a", b"1")]), engine.snapshot):
+    for call in (
+        lambda: engine.get(b"a"),
+        lambda: engine.iterate(),
+        lambda: engine.write([(b"a", b"1")]),
+        engine.snapshot,
+    ):
         with pytest.raises(StorageClosed):
             call()
 
@@ -264,9 +270,9 @@ def test_scan_order_and_filters(store):
         for start in starts:
             for reverse in (False, True):
                 want = [
-                    kv for kv in (ordered[::-1] if reverse else ordered)
-                    if kv[0].startswith(prefix)
-                    and (start is None or (kv[0] <= start if reverse else kv[0] >= start))
+                    kv
+                    for kv in (ordered[::-1] if reverse else ordered)
+                    if kv[0].startswith(prefix) and (start is None or (kv[0] <= start if reverse else kv[0] >= start))
                 ]
                 got = list(store.scan(prefix, start, reverse=reverse))
                 assert got == want, (prefix, start, reverse)
@@ -331,7 +337,8 @@ def test_digest_compares_replicas(tmp_path):
         b.put(b"extra", b"1")
         assert a.digest() != b.digest()
         assert a.digest(SlotRange(slot_of(b"extra"), slot_of(b"extra"))) != b.digest(
-            SlotRange(slot_of(b"extra"), slot_of(b"extra")))
+            SlotRange(slot_of(b"extra"), slot_of(b"extra"))
+        )
         a.put(b"extra", b"2")
         assert a.digest() != b.digest()
         a.put(b"extra", b"1")
@@ -399,7 +406,7 @@ class Clock:
 
 
 def test_entries_round_trip_and_garbage_is_refused() -> None:
-    for value, rev, exp in ((b"", 0, 0), (b"v" * 100, 2 ** 63, 0), (b"x", 5, 1_700_000_000_000)):
+    for value, rev, exp in ((b"", 0, 0), (b"v" * 100, 2**63, 0), (b"x", 5, 1_700_000_000_000)):
         e = entry.decode(entry.encode(value, rev, exp))
         assert (e.value, e.rev, e.expires_at) == (value, rev, exp)
     for bad in (b"", b"\x00" * 8, b"\x01" + b"\x00" * 12, b"\x80" + b"\x00" * 8):

@@ -3,6 +3,7 @@
 A channel left registered without a reader used to stop a server's only
 dispatcher at its second event, so the whole server stopped answering.
 """
+
 from __future__ import annotations
 
 import socket

@@ -9,6 +9,7 @@ ttl, expire and persist as documented, scan skips expired keys, an expired
 key's ``get(with_meta=True)`` is None, ``incr`` keeps the deadline and a plain
 ``set`` clears it.
 """
+
 from __future__ import annotations
 
 import time
@@ -71,13 +72,15 @@ def records_of(cluster: Cluster, member: str, key: str) -> list[list[Any]]:
 
 
 def wait_gone_everywhere(cluster: Cluster, key: str, ids: list[str]) -> None:
-    wait_until(lambda: all(read_on(cluster, m, key) == [True, None] for m in ids), 30,
-               f"{key} to read as absent on {ids}")
+    wait_until(
+        lambda: all(read_on(cluster, m, key) == [True, None] for m in ids), 30, f"{key} to read as absent on {ids}"
+    )
 
 
 def wait_expire_record_everywhere(cluster: Cluster, key: str, ids: list[str], set_rev: int) -> None:
     """Every member's log holds, for ``key``, the ``set`` (revision ``set_rev``, a deadline) and
     after it exactly one ``expire`` record, with a higher revision."""
+
     def logged() -> bool:
         return all(any(r[2] == Op.EXPIRE for r in records_of(cluster, m, key)) for m in ids)
 

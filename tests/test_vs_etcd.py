@@ -1,4 +1,5 @@
 """The pure parts of benchmarks/vs_etcd.py: protobuf by hand, arguments, medians, the table, profiles."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,8 +48,11 @@ def test_range_values_and_leader_from_responses(ve: ModuleType) -> None:
 
 def test_arguments(ve: ModuleType) -> None:
     args = ve.parse_args([])
-    assert args.runs == 1 and args.duration == 10.0 and [w.name for w in args.selected] == [
-        "set1", "set32", "lin32", "seq32", "standalone32"]
+    assert (
+        args.runs == 1
+        and args.duration == 10.0
+        and [w.name for w in args.selected] == ["set1", "set32", "lin32", "seq32", "standalone32"]
+    )
     args = ve.parse_args(["--runs", "3", "--workloads", "seq32", "set1", "--clients", "8"])
     assert args.runs == 3 and [(w.name, w.clients) for w in args.selected] == [("set1", 1), ("seq32", 8)]
     for bad in (["--workloads", "nope"], ["--runs", "0"], ["--duration", "0"]):
@@ -97,7 +101,8 @@ def test_summarize_collapsed_stacks(ve: ModuleType) -> None:
         "<module> (/x/dkv/node/server.py:10);run (/x/site-packages/gevent/hub.py:5);fsync (/x/dkv/wal/log.py:3) 6\n",
         "<module> (/x/dkv/node/server.py:10);run (/x/site-packages/gevent/hub.py:5) 3\n",
         "<module> (/x/dkv/node/server.py:11);fsync (/x/dkv/wal/log.py:4) 1\n",
-        "garbage\n", "\n",
+        "garbage\n",
+        "\n",
     ]
     top = ve.summarize_collapsed(lines)
     assert top[0] == ("fsync (dkv/wal/log.py)", 70.0, 70.0)

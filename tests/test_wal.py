@@ -1,4 +1,5 @@
 """Tests of the write-ahead log: the record codec, and WriteAheadLog's appends, recovery and maintenance."""
+
 from __future__ import annotations
 
 import logging
@@ -45,13 +46,18 @@ def read_all(wal: WriteAheadLog) -> list[Record]:
 
 # -- codec -------------------------------------------------------------------
 
-@pytest.mark.parametrize("rec", [
-    Record(3, 7, Op.PUT, b"k", b"value"),
-    Record(0, 1, Op.DELETE, b"gone"),
-    Record(1, 2, Op.PUT, b"k", b""),
-    Record(2**64 - 1, 2**64 - 1, Op.PUT, b"", b""),
-    Record(9, 10, Op.PUT, b"big", os.urandom(1024 * 1024)),
-], ids=["put", "delete", "empty-value", "max-ints-empty-key", "1MiB-value"])
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        Record(3, 7, Op.PUT, b"k", b"value"),
+        Record(0, 1, Op.DELETE, b"gone"),
+        Record(1, 2, Op.PUT, b"k", b""),
+        Record(2**64 - 1, 2**64 - 1, Op.PUT, b"", b""),
+        Record(9, 10, Op.PUT, b"big", os.urandom(1024 * 1024)),
+    ],
+    ids=["put", "delete", "empty-value", "max-ints-empty-key", "1MiB-value"],
+)
 def test_codec_roundtrip(rec: Record) -> None:
     data = encode(rec)
     assert decode_from(data, 0) == (rec, len(data))
@@ -87,7 +93,7 @@ def test_decode_from_returns_none_on_garbage_without_raising() -> None:
         "len-too-big": struct.pack("<II", MAX_BODY_BYTES + 1, 0) + body,
         "unknown-op": frame(body[:16] + b"\x09" + body[17:]),
         "key-len-overflows": frame(body[:33] + struct.pack("<I", 999) + body[37:]),  # past op, rev, expires_at
-        "value-len-short": frame(body[:-len(b"value") - 4] + struct.pack("<I", 4) + b"value"),
+        "value-len-short": frame(body[: -len(b"value") - 4] + struct.pack("<I", 4) + b"value"),
         "zeros": bytes(64),
     }
     for name, data in bad.items():
@@ -118,6 +124,7 @@ def test_find_lsn_gives_offset_to_resume_iter_records() -> None:
 
 
 # -- append, reopen ----------------------------------------------------------
+
 
 def test_fresh_log_is_empty_and_first_append_may_start_anywhere(tmp_path: Path) -> None:
     wal = WriteAheadLog(tmp_path / "wal")
@@ -176,6 +183,7 @@ def test_append_rejects_non_contiguous_lsns_and_writes_nothing(tmp_path: Path) -
 
 # -- recovery ----------------------------------------------------------------
 
+
 def test_torn_tail_at_every_offset_of_last_record_is_cut(tmp_path: Path) -> None:
     originals = recs(1, 5)
     wal = WriteAheadLog(tmp_path)
@@ -230,8 +238,7 @@ def test_flipped_byte_mid_segment_followed_by_valid_records_is_corrupt_log(tmp_p
         WriteAheadLog(tmp_path)
     message = str(info.value)
     assert str(seg) in message and f"offset {fifth}" in message and "\n" not in message
-    assert info.value.data == {"path": str(seg), "offset": fifth, "following_bytes": size - fifth,
-                               "last_good_lsn": 4}
+    assert info.value.data == {"path": str(seg), "offset": fifth, "following_bytes": size - fifth, "last_good_lsn": 4}
     assert snapshot_dir(tmp_path) == before, "a failed open must not touch the log"
 
 
@@ -243,7 +250,7 @@ def test_damage_spanning_several_records_then_valid_records_is_corrupt_log(tmp_p
     seg = segments(tmp_path)[0]
     data = bytearray(seg.read_bytes())
     tenth = len(encode_many(recs(1, 9)))
-    data[tenth + 3:tenth + 515] = bytes(512)
+    data[tenth + 3 : tenth + 515] = bytes(512)
     seg.write_bytes(bytes(data))
     with pytest.raises(CorruptLog) as info:
         WriteAheadLog(tmp_path)
@@ -259,7 +266,7 @@ def test_partial_frame_followed_by_zeros_is_a_torn_tail(tmp_path: Path, caplog: 
     seg = segments(tmp_path)[0]
     size = seg.stat().st_size
     batch = encode_many(recs(6, 40))
-    for torn in (batch[:50] + bytes(4096), batch[:len(batch) // 2] + bytes(10_000), bytes(8192)):
+    for torn in (batch[:50] + bytes(4096), batch[: len(batch) // 2] + bytes(10_000), bytes(8192)):
         with seg.open("ab") as f:
             f.write(torn)
         with caplog.at_level(logging.WARNING, logger="dkv.wal.log"):
@@ -372,12 +379,14 @@ def test_missing_middle_segment_raises_corrupt_log(tmp_path: Path) -> None:
 
 # -- repair ------------------------------------------------------------------
 
+
 def quarantine_files(d: Path) -> list[Path]:
     return sorted(d.glob("quarantine-*.bin"))
 
 
 def test_repair_quarantines_exactly_the_cut_bytes_then_the_log_opens(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     wal = WriteAheadLog(tmp_path)
     wal.append(recs(1, 10))
     wal.close()
@@ -391,8 +400,12 @@ def test_repair_quarantines_exactly_the_cut_bytes_then_the_log_opens(
     [q] = quarantine_files(tmp_path)
     assert q.read_bytes() == damaged[fifth:]
     assert seg.read_bytes() == damaged[:fifth]
-    assert (report.segment, report.offset, report.cut_bytes, report.last_good_lsn) == \
-        (str(seg), fifth, len(damaged) - fifth, 4)
+    assert (report.segment, report.offset, report.cut_bytes, report.last_good_lsn) == (
+        str(seg),
+        fifth,
+        len(damaged) - fifth,
+        4,
+    )
     assert report.quarantined == (str(q),)
     assert (report.records, report.lsn_range) == (5, (6, 10)), "lsn 5 is the damaged one"
     lost = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
@@ -452,6 +465,7 @@ def test_repair_of_a_sound_log_changes_nothing(tmp_path: Path) -> None:
 
 
 # -- truncate_after ----------------------------------------------------------
+
 
 def test_truncate_after_within_segment_then_append_and_reopen(tmp_path: Path) -> None:
     wal = WriteAheadLog(tmp_path)
@@ -517,6 +531,7 @@ def test_truncate_after_is_noop_at_or_past_end_and_rejects_compacted_lsn(tmp_pat
 
 
 # -- segments, read_from, compact --------------------------------------------
+
 
 def test_segment_rollover_creates_several_files_and_read_from_spans_them(tmp_path: Path) -> None:
     wal = WriteAheadLog(tmp_path, segment_bytes=256)
@@ -589,6 +604,7 @@ def test_compact_keeps_what_a_migration_reads_up_to_a_bound(tmp_path: Path) -> N
 
 # -- reset_to, stats, close, failures ----------------------------------------
 
+
 def test_reset_to_then_reopen(tmp_path: Path) -> None:
     wal = WriteAheadLog(tmp_path, segment_bytes=256)
     for lsn in range(1, 31, 3):
@@ -612,7 +628,8 @@ def test_reset_to_then_reopen(tmp_path: Path) -> None:
 
 
 def test_stats_count_one_fsync_per_append_regardless_of_batch_size(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     syncs: list[int] = []
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
@@ -636,8 +653,13 @@ def test_close_is_idempotent_and_later_calls_raise_storage_closed(tmp_path: Path
     wal.append(recs(1, 2))
     wal.close()
     wal.close()
-    for call in (lambda: wal.append(recs(3, 1)), lambda: wal.read_from(1), lambda: wal.truncate_after(1),
-                 lambda: wal.compact(1), lambda: wal.reset_to(5)):
+    for call in (
+        lambda: wal.append(recs(3, 1)),
+        lambda: wal.read_from(1),
+        lambda: wal.truncate_after(1),
+        lambda: wal.compact(1),
+        lambda: wal.reset_to(5),
+    ):
         with pytest.raises(StorageClosed):
             call()
     assert wal.last_lsn == 2
@@ -665,6 +687,7 @@ def test_failed_write_closes_the_log_and_reopen_recovers(tmp_path: Path, monkeyp
 
 
 # -- sparse index and bounded reads ------------------------------------------
+
 
 def index_of(wal: WriteAheadLog) -> dict[int, list[tuple[int, int]]]:
     """The sparse index as {segment first_lsn: [(lsn, offset), ...]}."""
@@ -694,7 +717,7 @@ def check_reads(wal: WriteAheadLog, model: list[Record], lsns: list[int] | None 
     first = model[0].lsn if model else wal.last_lsn + 1
     assert [r.lsn for r in model] == list(range(first, first + len(model)))
     for lsn in lsns if lsns is not None else range(first, first + len(model) + 2):
-        tail = model[lsn - first:]
+        tail = model[lsn - first :]
         for limit in (1, 3, 17):
             assert list(wal.read_from(lsn, limit=limit)) == tail[:limit], (lsn, limit)
     if model:
@@ -728,16 +751,17 @@ def test_read_from_equals_naive_slice_across_segments_and_index_entries(tmp_path
     wal = WriteAheadLog(tmp_path, segment_bytes=150_000, fsync=False)
     model = recs(1, 12_000)
     for i in range(0, len(model), 700):
-        wal.append(model[i:i + 700])
+        wal.append(model[i : i + 700])
     assert wal.segment_count >= 3
     check_index(wal, tmp_path, segment_bytes=150_000)
     entry_lsns = {lsn for entries in index_of(wal).values() for lsn, _ in entries}
     assert len(entry_lsns) > 12
-    probes = sorted({1, 2, 6000, 11_999, 12_000, 12_001, 12_002}
-                    | {lsn + d for lsn in entry_lsns for d in (-1, 0, 1)} - {0})
+    probes = sorted(
+        {1, 2, 6000, 11_999, 12_000, 12_001, 12_002} | {lsn + d for lsn in entry_lsns for d in (-1, 0, 1)} - {0}
+    )
     check_reads(wal, model, probes)
     for lsn in (1, 999, 1000, 1001, 5000, 10_500):
-        assert list(wal.read_from(lsn, limit=2000)) == model[lsn - 1:lsn - 1 + 2000]
+        assert list(wal.read_from(lsn, limit=2000)) == model[lsn - 1 : lsn - 1 + 2000]
     wal.close()
     wal = WriteAheadLog(tmp_path, segment_bytes=150_000)
     check_reads(wal, model, probes)
@@ -749,8 +773,10 @@ def test_reads_straddle_chunk_boundaries_and_records_bigger_than_a_chunk(tmp_pat
     model: list[Record] = []
     wal = WriteAheadLog(tmp_path, segment_bytes=2000, fsync=False)
     for lsn in range(1, 121, 4):
-        batch = [Record(1, lsn + i, Op.PUT, b"k%d" % (lsn + i), bytes([lsn % 251]) * ((lsn + i) * 37 % 300))
-                 for i in range(4)]
+        batch = [
+            Record(1, lsn + i, Op.PUT, b"k%d" % (lsn + i), bytes([lsn % 251]) * ((lsn + i) * 37 % 300))
+            for i in range(4)
+        ]
         wal.append(batch)
         model += batch
     assert wal.segment_count >= 4
@@ -765,7 +791,7 @@ def test_reads_stay_right_after_truncate_compact_reset_and_reopen(tmp_path: Path
     wal = WriteAheadLog(tmp_path, **kw)
     model = recs(1, 150)
     for i in range(0, 150, 6):
-        wal.append(model[i:i + 6])
+        wal.append(model[i : i + 6])
     firsts = sorted(index_of(wal))
     assert len(firsts) >= 5
     check_index(wal, tmp_path, **kw)
@@ -784,7 +810,7 @@ def test_reads_stay_right_after_truncate_compact_reset_and_reopen(tmp_path: Path
         check_index(wal, tmp_path, **kw)
         check_reads(wal, model, list(range(max(cut - 12, 1), len(model) + 2)))
     assert wal.compact(firsts[2] - 1) == 2
-    model = model[firsts[2] - 1:]
+    model = model[firsts[2] - 1 :]
     check_index(wal, tmp_path, **kw)
     check_reads(wal, model)
     with pytest.raises(ValueError):
@@ -878,8 +904,11 @@ def test_a_record_bigger_than_a_read_chunk_is_read_in_one_go(tmp_path: Path, mon
     wal.append(model)
     opened: list[CountingReads] = []
     real_open = WriteAheadLog._open_segment
-    monkeypatch.setattr(WriteAheadLog, "_open_segment",
-                        lambda self, first: opened.append(CountingReads(real_open(self, first), [0])) or opened[-1])
+    monkeypatch.setattr(
+        WriteAheadLog,
+        "_open_segment",
+        lambda self, first: opened.append(CountingReads(real_open(self, first), [0])) or opened[-1],
+    )
     assert list(wal.read_from(2, limit=1)) == model[1:2]
     assert opened[-1].calls <= 3  # the chunk with its start, then the rest of it at once
     assert list(wal.read_from(1)) == model
@@ -888,10 +917,15 @@ def test_a_record_bigger_than_a_read_chunk_is_read_in_one_go(tmp_path: Path, mon
 
 # -- format 2: revisions, deadlines, the compaction boundary ---------------------------------------
 
+
 def test_records_keep_their_revision_and_deadline_across_a_reopen(tmp_path: Path) -> None:
     log = WriteAheadLog(tmp_path)
-    log.append([Record(1, 1, Op.PUT, b"k", b"v", 100, 1_700_000_000_000), Record(1, 2, Op.EXPIRE, b"k", b"", 101,
-                                                                                 1_700_000_000_000)])
+    log.append(
+        [
+            Record(1, 1, Op.PUT, b"k", b"v", 100, 1_700_000_000_000),
+            Record(1, 2, Op.EXPIRE, b"k", b"", 101, 1_700_000_000_000),
+        ]
+    )
     log.close()
     again = WriteAheadLog(tmp_path)
     assert [(r.rev, r.expires_at) for r in again.read_from(1)] == [(100, 1_700_000_000_000), (101, 1_700_000_000_000)]

@@ -4,6 +4,7 @@ The integration tests assert against the writes the client got acknowledged: eac
 one appears exactly once, with its value and revision, in revision order; a write
 that timed out (indeterminate) may appear, at most once; nothing else appears.
 """
+
 from __future__ import annotations
 
 import threading
@@ -48,7 +49,7 @@ def test_history_starts_at_the_first_record_above_since() -> None:
     start = lambda since: history_start(5, 20, since, revs.__getitem__)  # noqa: E731
     assert start(0) == 5 and start(49) == 5 and start(50) == 6
     assert start(125) == 13 and start(130) == 14
-    assert start(199) == 20 and start(200) == 21 and start(10 ** 9) == 21  # nothing above: after the end
+    assert start(199) == 20 and start(200) == 21 and start(10**9) == 21  # nothing above: after the end
     assert history_start(1, 0, 0, revs.__getitem__) == 1  # an empty range
 
 
@@ -56,15 +57,27 @@ def test_scope_keeps_events_of_its_prefix_and_slots_only() -> None:
     keys = [f"p{i}".encode() for i in range(200)]
     half = SlotRange(0, 511)
     scope = Scope(b"p", [half])
-    records = [rec(1, Op.PUT, keys[0]), rec(2, Op.DELETE, keys[1], b""), rec(3, Op.EXPIRE, keys[2], b""),
-               rec(4, Op.IMPORT, keys[3]), rec(5, Op.PURGE, keys[4]), rec(6, Op.NOOP, b""),
-               rec(7, Op.PUT, b"other"), *[rec(8 + i, Op.PUT, k, b"x") for i, k in enumerate(keys[5:])]]
+    records = [
+        rec(1, Op.PUT, keys[0]),
+        rec(2, Op.DELETE, keys[1], b""),
+        rec(3, Op.EXPIRE, keys[2], b""),
+        rec(4, Op.IMPORT, keys[3]),
+        rec(5, Op.PURGE, keys[4]),
+        rec(6, Op.NOOP, b""),
+        rec(7, Op.PUT, b"other"),
+        *[rec(8 + i, Op.PUT, k, b"x") for i, k in enumerate(keys[5:])],
+    ]
     events = scope.events(records)
-    expected = [r for r in records if r.op in (Op.PUT, Op.DELETE, Op.EXPIRE) and r.key.startswith(b"p")
-                and slot_of(r.key) in half]
+    expected = [
+        r
+        for r in records
+        if r.op in (Op.PUT, Op.DELETE, Op.EXPIRE) and r.key.startswith(b"p") and slot_of(r.key) in half
+    ]
     assert [e[3] for e in events] == [r.rev for r in expected]
-    assert all(e[0] == {Op.PUT: "set", Op.DELETE: "delete", Op.EXPIRE: "expire"}[r.op] and e[1] == r.key
-               for e, r in zip(events, expected))
+    assert all(
+        e[0] == {Op.PUT: "set", Op.DELETE: "delete", Op.EXPIRE: "expire"}[r.op] and e[1] == r.key
+        for e, r in zip(events, expected)
+    )
     assert all(e[2] == (r.value if r.op == Op.PUT else b"") for e, r in zip(events, expected))
     assert 0 < len(events) < len(records)
 
@@ -74,11 +87,11 @@ def test_subscription_skips_history_it_covers_and_detects_gaps() -> None:
     woken: list[int] = []
     sub = feed.subscribe(3, lambda: woken.append(1))
     feed.publish([rec(2), rec(3), rec(4), rec(5)])
-    assert [r.lsn for r in sub.take(10 ** 6)] == [4, 5] and woken
+    assert [r.lsn for r in sub.take(10**6)] == [4, 5] and woken
     feed.publish([rec(7)])  # lsn 6 never came through the feed
     assert sub.error and "skipped" in sub.error and len(feed) == 0
     feed.publish([rec(8)])
-    assert sub.take(10 ** 6) == []
+    assert sub.take(10**6) == []
 
 
 def test_a_subscription_that_falls_too_far_behind_is_cut_off() -> None:
@@ -86,7 +99,7 @@ def test_a_subscription_that_falls_too_far_behind_is_cut_off() -> None:
     slow, fast = feed.subscribe(0, lambda: None), feed.subscribe(0, lambda: None)
     for lsn in range(1, 101):
         feed.publish([rec(lsn)])
-        fast.take(10 ** 6)
+        fast.take(10**6)
     assert slow.error is None and slow.pending == 100
     feed.publish([rec(101)])
     assert slow.error and "cut off" in slow.error and slow.pending == 0
@@ -102,11 +115,12 @@ def test_take_respects_the_byte_budget_but_always_moves() -> None:
     first = sub.take(2500)
     assert 1 <= len(first) < 10
     assert len(sub.take(1)) == 1  # over budget alone: still one
-    assert len(first) + 1 + len(sub.take(10 ** 6)) == 10
+    assert len(first) + 1 + len(sub.take(10**6)) == 10
 
 
-@pytest.mark.parametrize("bad", [[], "0-5", [[0]], [[5, 2]], [[0, 1024]], [[-1, 3]], [[True, 3]], [["0", 3]],
-                                 [[0, 1]] * 1025])
+@pytest.mark.parametrize(
+    "bad", [[], "0-5", [[0]], [[5, 2]], [[0, 1024]], [[-1, 3]], [[True, 3]], [["0", 3]], [[0, 1]] * 1025]
+)
 def test_bad_slot_ranges_are_invalid_arguments(bad: Any) -> None:
     with pytest.raises(InvalidArgument):
         parse_slots(bad)
@@ -121,8 +135,14 @@ def test_ownership_checks_frozen_and_lost_ranges() -> None:
     slots = SlotRanges([(0, 511, "shard-1"), (512, 1023, "shard-2")])
     moving = Migration("m-1", 500, 511, "shard-1", "shard-2", FROZEN)
     incoming = Migration("m-2", 600, 610, "shard-2", "shard-1", FROZEN)  # frozen out of the other shard
-    own = Ownership(loaded=True, shard="shard-1", role="writer", slots=slots,
-                    migrations={"m-1": moving, "m-2": incoming}, frozen={"m-0": SlotRange(10, 12)})
+    own = Ownership(
+        loaded=True,
+        shard="shard-1",
+        role="writer",
+        slots=slots,
+        migrations={"m-1": moving, "m-2": incoming},
+        frozen={"m-0": SlotRange(10, 12)},
+    )
     assert frozen_ranges(own) == [SlotRange(10, 12), SlotRange(500, 511)]
     assert lost_slots(own, [SlotRange(0, 511)]) == []
     assert lost_slots(own, [SlotRange(510, 514)]) == [512, 513, 514]
@@ -199,7 +219,8 @@ def events_of(messages: Iterator[list[Any]], n: int, timeout: float = 10) -> lis
 
 
 def test_stream_replays_history_then_follows_live_writes_without_gap(
-        local: tuple[WatchService, WritePipeline, MemoryLog]) -> None:
+    local: tuple[WatchService, WritePipeline, MemoryLog],
+) -> None:
     svc, pipe, _ = local
     revs = [pipe.submit([put_w(f"k{i}".encode(), b"v")])[0] for i in range(5000)]  # > 2 history pages
     stream = svc.open(b"", None, revs[99])  # from the 101st write on
@@ -215,7 +236,8 @@ def test_stream_replays_history_then_follows_live_writes_without_gap(
 
 
 def test_stream_from_now_sends_a_mark_then_only_new_events(
-        local: tuple[WatchService, WritePipeline, MemoryLog]) -> None:
+    local: tuple[WatchService, WritePipeline, MemoryLog],
+) -> None:
     svc, pipe, _ = local
     old = pipe.submit([put_w(b"a", b"1")])[0]
     stream = svc.open(b"", [[0, 1023]], None)
@@ -237,13 +259,22 @@ def test_stream_raises_compacted_when_the_log_dropped_the_history() -> None:
             events_of(svc.open(b"", None, revs[0]), 1)
         assert e.value.revision == log.base_rev
         got = events_of(svc.open(b"", None, e.value.revision), 50 - revs.index(log.base_rev) - 1)
-        assert [g[3] for g in got] == revs[revs.index(log.base_rev) + 1:]
+        assert [g[3] for g in got] == revs[revs.index(log.base_rev) + 1 :]
     finally:
         pipe.close()
 
 
-@pytest.mark.parametrize("args", [(5, None, None), (b"", "all", None), (b"", None, -1), (b"", None, "1"),
-                                  (b"", None, True), (b"x" * 2000, None, None)])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (5, None, None),
+        (b"", "all", None),
+        (b"", None, -1),
+        (b"", None, "1"),
+        (b"", None, True),
+        (b"x" * 2000, None, None),
+    ],
+)
 def test_watch_arguments_are_checked(local: tuple[WatchService, WritePipeline, MemoryLog], args: Any) -> None:
     with pytest.raises(InvalidArgument):
         local[0].open(*args)
@@ -277,7 +308,11 @@ def test_standalone_set_delete_expire_in_order_and_since_resumes(node: NodeProce
             got = collect(w, 4)
             start = w.revision
         assert [(e.type, e.key, e.value) for e in got] == [
-            ("set", b"app/a", b"1"), ("set", b"app/b", b"2"), ("delete", b"app/a", b""), ("expire", b"app/b", b"")]
+            ("set", b"app/a", b"1"),
+            ("set", b"app/b", b"2"),
+            ("delete", b"app/a", b""),
+            ("expire", b"app/b", b""),
+        ]
         assert [e.revision for e in got[:2]] == [r1, r2]
         assert [e.revision for e in got] == sorted(e.revision for e in got)
         assert c.get("app/b") is None
@@ -295,8 +330,7 @@ def test_standalone_set_delete_expire_in_order_and_since_resumes(node: NodeProce
 
 
 @pytest.mark.integration
-def test_compacted_history_raises_with_the_revision_to_resume_from(
-        node_factory: Callable[..., NodeProcess]) -> None:
+def test_compacted_history_raises_with_the_revision_to_resume_from(node_factory: Callable[..., NodeProcess]) -> None:
     n = node_factory("--wal-segment-bytes", "4096")
     with dkv.Client(n.addr, timeout=5) as c:
         first = c.set_revision("h/0", "x" * 100)
@@ -464,6 +498,7 @@ def wait_all_seen(watcher: Watcher, writers: Writers, timeout: float = 30) -> No
         if watcher.error is not None:
             raise AssertionError(f"the watch failed: {watcher.error!r}")
         return {rev for _, _, rev in writers.acked} <= watcher.seen()
+
     wait_until(done, timeout, "every acknowledged write to reach the watcher", interval=0.1)
 
 
@@ -490,8 +525,10 @@ def test_watch_sees_every_acknowledged_write_once_across_a_writer_kill(failover_
         wait_all_seen(watcher, writers)
         watcher.stop()
         check_exactly_once(watcher, writers)
-        print(f"\n{len(watcher.events)} events, {len(writers.acked)} acknowledged, {len(writers.maybe)} "
-              f"indeterminate; streams ended: {list(watcher.driver.endings)}")
+        print(
+            f"\n{len(watcher.events)} events, {len(writers.acked)} acknowledged, {len(writers.maybe)} "
+            f"indeterminate; streams ended: {list(watcher.driver.endings)}"
+        )
         assert watcher.driver.opened >= 2, "the stream was never resumed"
     finally:
         client.close()
@@ -500,8 +537,15 @@ def test_watch_sees_every_acknowledged_write_once_across_a_writer_kill(failover_
 
 @pytest.mark.integration
 def test_watch_sees_every_acknowledged_write_once_across_a_migration(zk: str, tmp_path: Path) -> None:
-    cluster = Cluster(zk, tmp_path, shards=1, replication_factor=1, write_quorum=1, session_timeout=4.0,
-                      extra=("--migration-rate", "2000"))
+    cluster = Cluster(
+        zk,
+        tmp_path,
+        shards=1,
+        replication_factor=1,
+        write_quorum=1,
+        session_timeout=4.0,
+        extra=("--migration-rate", "2000"),
+    )
     try:
         cluster.start()
         client, wclient = cluster.client(timeout=15), cluster.client(timeout=15)
@@ -522,11 +566,12 @@ def test_watch_sees_every_acknowledged_write_once_across_a_migration(zk: str, tm
             wait_all_seen(watcher, writers)
             watcher.stop()
             check_exactly_once(watcher, writers)
-            print(f"\n{len(watcher.events)} events, {len(writers.acked)} acknowledged; streams ended: "
-                  f"{list(watcher.driver.endings)}")
+            print(
+                f"\n{len(watcher.events)} events, {len(writers.acked)} acknowledged; streams ended: "
+                f"{list(watcher.driver.endings)}"
+            )
             assert any("MOVED" in e or "Moved" in e for e in watcher.driver.endings), watcher.driver.endings
-            on_new_shard = [k for k, _, rev in writers.acked[after:]
-                            if any(a <= slot_of(k) <= b for a, b in moved)]
+            on_new_shard = [k for k, _, rev in writers.acked[after:] if any(a <= slot_of(k) <= b for a, b in moved)]
             assert on_new_shard, "no write after the move went to the new shard"
         finally:
             client.close()

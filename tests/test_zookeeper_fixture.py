@@ -3,6 +3,7 @@
 The testcontainers variant needs a Docker engine; its twin runs the same checks
 on the local ZooKeeper from Debian's ``zookeeper`` package.
 """
+
 from __future__ import annotations
 
 import threading

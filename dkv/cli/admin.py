@@ -10,6 +10,7 @@ shard is the moves in reverse, then this). ``cancel MIGRATION`` abandons a
 slot move (the source keeps the range and serves it; the controller plans
 the move afresh): the way out of a move that cannot finish.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -84,8 +85,9 @@ def set_draining(zk: KazooClient, shard_id: str, draining: bool) -> str:
         if shard.draining == draining:
             return f"{shard_id} is already {'draining' if draining else 'not draining'}"
         if draining:
-            others = [s for s in layout.read_view(zk).shards.values()
-                      if s.id != shard_id and s.writer and not s.draining]
+            others = [
+                s for s in layout.read_view(zk).shards.values() if s.id != shard_id and s.writer and not s.draining
+            ]
             if not others:
                 raise InvalidArgument(f"cannot drain {shard_id}: no other shard could take its slots")
         try:
@@ -93,8 +95,10 @@ def set_draining(zk: KazooClient, shard_id: str, draining: bool) -> str:
         except BadVersionError:
             continue
         if draining:
-            return (f"{shard_id} is draining: its slots move to the other shards "
-                    f"(watch with `dkv admin status`); stop its nodes once it owns no slot")
+            return (
+                f"{shard_id} is draining: its slots move to the other shards "
+                f"(watch with `dkv admin status`); stop its nodes once it owns no slot"
+            )
         return f"{shard_id} takes slots again"
 
 
@@ -111,8 +115,10 @@ def remove_shard(zk: KazooClient, shard_id: str) -> str:
         raise InvalidArgument(f"{shard_id} is not drained: `dkv admin drain {shard_id}` first")
     owned = view.slots.count(shard_id)
     if owned or any(shard_id in (m.source, m.target) for m in view.migrations.values()):
-        raise InvalidArgument(f"{shard_id} still owns {owned} slot(s) or a move is under way: wait until "
-                              f"`dkv admin status` shows it with no slot")
+        raise InvalidArgument(
+            f"{shard_id} still owns {owned} slot(s) or a move is under way: wait until "
+            f"`dkv admin status` shows it with no slot"
+        )
     alive = sorted(set(shard.members) & set(view.nodes))
     if alive:
         raise InvalidArgument(f"{shard_id} still has live members ({', '.join(alive)}): stop them first")
@@ -124,8 +130,10 @@ def remove_shard(zk: KazooClient, shard_id: str) -> str:
     failed = [r for r in tx.commit() if isinstance(r, Exception) and not isinstance(r, RolledBackError)]
     if failed:
         raise Unavailable(f"{shard_id} or the slot map changed meanwhile ({type(failed[0]).__name__}); try again")
-    return (f"{shard_id} removed; to reuse its former members ({', '.join(shard.members) or 'none'}), "
-            f"start them with empty data directories: they join as new nodes")
+    return (
+        f"{shard_id} removed; to reuse its former members ({', '.join(shard.members) or 'none'}), "
+        f"start them with empty data directories: they join as new nodes"
+    )
 
 
 def _descendants(zk: KazooClient, path: str) -> list[str]:
@@ -143,16 +151,19 @@ def cancel(zk: KazooClient, migration_id: str) -> str:
         raise InvalidArgument(f"no migration {migration_id!r} (finished or cancelled already?)") from None
     if not layout.cancel_migration(zk, migration_id):
         return f"{migration_id} ended meanwhile"
-    return (f"{migration_id} cancelled: slots {m.start}..{m.end} stay with {m.source}; the controller "
-            f"will plan a move again (drain or undrain a shard to change where slots go)")
+    return (
+        f"{migration_id} cancelled: slots {m.start}..{m.end} stay with {m.source}; the controller "
+        f"will plan a move again (drain or undrain a shard to change where slots go)"
+    )
 
 
 #: action -> (what its argument names, or None for no argument)
 ACTIONS = {"status": None, "drain": "SHARD", "undrain": "SHARD", "remove": "SHARD", "cancel": "MIGRATION"}
 
 
-def run_admin(zk_hosts: str, action: str, name: str | None, timeout: float = CONNECT_TIMEOUT,
-              auth_dir: str = "") -> int:
+def run_admin(
+    zk_hosts: str, action: str, name: str | None, timeout: float = CONNECT_TIMEOUT, auth_dir: str = ""
+) -> int:
     if not zk_hosts:
         raise InvalidArgument("dkv admin needs --zk HOST:PORT[/chroot] (or DKV_ZK)")
     if action not in ACTIONS:
@@ -172,8 +183,10 @@ def run_admin(zk_hosts: str, action: str, name: str | None, timeout: float = CON
         else:
             out = cancel(zk, str(name))
     except NoAuthError:
-        raise AuthError("ZooKeeper refused the change: this cluster's znodes need the cluster key "
-                        "(give --auth-dir DIR or DKV_AUTH_DIR)") from None
+        raise AuthError(
+            "ZooKeeper refused the change: this cluster's znodes need the cluster key "
+            "(give --auth-dir DIR or DKV_AUTH_DIR)"
+        ) from None
     finally:
         zk.stop()
         zk.close()

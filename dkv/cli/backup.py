@@ -44,6 +44,7 @@ idempotent: a batch that failed or timed out is sent again.
 Both need the cluster key when the cluster runs with auth (``--auth``: the
 ``cluster.key`` file, or the directory holding it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -194,8 +195,11 @@ class Progress:
         if self.quiet:
             return
         parts = [f"{s} {k:,} keys {self.nbytes.get(s, 0) / 1e6:.1f} MB" for s, k in sorted(self.keys.items())]
-        print(f"{self.verb}{' done' if final else ''}: {' | '.join(parts)} | {self.summary()}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{self.verb}{' done' if final else ''}: {' | '.join(parts)} | {self.summary()}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @property
     def elapsed(self) -> float:
@@ -303,14 +307,31 @@ def _dump(nodes: Nodes, addr: str, info: dict[str, Any], path: str, progress: Pr
             if after is None:
                 break
     nodes.call(addr, "backup_close", info["id"])
-    return {"id": shard, "slots": info["slots"], "lsn": info["lsn"], "epoch": info["epoch"],
-            "rev": max(info["rev"], max_rev), "keys": keys, "bytes": size, "skipped_expired": skipped,
-            "snapshot_ms": info["time_ms"], "writer": addr,
-            "files": [{"name": os.path.basename(path), "bytes": size, "sha256": h.hexdigest()}]}
+    return {
+        "id": shard,
+        "slots": info["slots"],
+        "lsn": info["lsn"],
+        "epoch": info["epoch"],
+        "rev": max(info["rev"], max_rev),
+        "keys": keys,
+        "bytes": size,
+        "skipped_expired": skipped,
+        "snapshot_ms": info["time_ms"],
+        "writer": addr,
+        "files": [{"name": os.path.basename(path), "bytes": size, "sha256": h.hexdigest()}],
+    }
 
 
-def run_backup(addrs: list[str], zk: str, out_dir: str, *, timeout: float = 30.0, auth: str = "",
-               quiet: bool = False, migration_wait: float = 60.0) -> int:
+def run_backup(
+    addrs: list[str],
+    zk: str,
+    out_dir: str,
+    *,
+    timeout: float = 30.0,
+    auth: str = "",
+    quiet: bool = False,
+    migration_wait: float = 60.0,
+) -> int:
     if not out_dir:
         raise InvalidArgument("dkv backup needs a directory to write the backup into")
     if timeout <= 0 or migration_wait < 0:
@@ -334,12 +355,18 @@ def run_backup(addrs: list[str], zk: str, out_dir: str, *, timeout: float = 30.0
         shards = sorted((j.value for j in jobs), key=lambda s: min(a for a, _ in s["slots"]))
         created = time.time()
         manifest = {
-            "format": FORMAT, "version": VERSION, "dkv_version": __version__,
+            "format": FORMAT,
+            "version": VERSION,
+            "dkv_version": __version__,
             "created": datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds"),
-            "created_ms": int(created * 1000), "source": nodes.describe(), "mode": info.get("mode", "cluster"),
+            "created_ms": int(created * 1000),
+            "source": nodes.describe(),
+            "mode": info.get("mode", "cluster"),
             "slot_map_version": opened[0][1].get("slot_version"),
-            "keys": sum(s["keys"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
-            "max_rev": max(s["rev"] for s in shards), "shards": shards,
+            "keys": sum(s["keys"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "max_rev": max(s["rev"] for s in shards),
+            "shards": shards,
         }
         tmp = os.path.join(out_dir, MANIFEST + ".tmp")
         with open(tmp, "w") as f:
@@ -543,8 +570,16 @@ def _empty(nodes: Nodes) -> bytes | None:
     return None
 
 
-def run_restore(addrs: list[str], zk: str, in_dir: str, *, timeout: float = 30.0, auth: str = "",
-                quiet: bool = False, force: bool = False) -> int:
+def run_restore(
+    addrs: list[str],
+    zk: str,
+    in_dir: str,
+    *,
+    timeout: float = 30.0,
+    auth: str = "",
+    quiet: bool = False,
+    force: bool = False,
+) -> int:
     if not in_dir:
         raise InvalidArgument("dkv restore needs the directory of a backup")
     if timeout <= 0:
@@ -558,8 +593,10 @@ def run_restore(addrs: list[str], zk: str, in_dir: str, *, timeout: float = 30.0
         if held is not None and not force:
             from dkv.keys import quote
 
-            raise InvalidArgument(f"the target is not empty (it holds {quote(held)}, for one): restore into an "
-                                  "empty node or cluster, or give --force to write the backup over its data")
+            raise InvalidArgument(
+                f"the target is not empty (it holds {quote(held)}, for one): restore into an "
+                "empty node or cluster, or give --force to write the backup over its data"
+            )
         progress = Progress("restore", quiet)
         r = _Restorer(nodes, progress, deadline_s=max(timeout, 30.0))
         now = now_ms()
@@ -576,8 +613,7 @@ def run_restore(addrs: list[str], zk: str, in_dir: str, *, timeout: float = 30.0
         progress.show(final=True)
     finally:
         nodes.close()
-    print(f"restored {r.written:,} keys from {in_dir} ({expired + r.skipped:,} expired, skipped): "
-          f"{progress.summary()}")
+    print(f"restored {r.written:,} keys from {in_dir} ({expired + r.skipped:,} expired, skipped): {progress.summary()}")
     return 0
 
 

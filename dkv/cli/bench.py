@@ -11,6 +11,7 @@ requests are coalesced by the shared client into batch RPCs, as they would be
 in a gevent application. This module imports nothing from gevent at import
 time; only the functions that need it do.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -66,8 +67,9 @@ def progress_line(done: int, total: int, elapsed: float) -> str:
     frac = done / total if total else 1.0
     filled = int(frac * PROGRESS_WIDTH)
     rate = done / elapsed if elapsed > 0 else 0.0
-    return (f"[{'#' * filled}{'-' * (PROGRESS_WIDTH - filled)}] {int(frac * 100):3d}% "
-            f"{done}/{total} ops {rate:.0f} ops/s")
+    return (
+        f"[{'#' * filled}{'-' * (PROGRESS_WIDTH - filled)}] {int(frac * 100):3d}% {done}/{total} ops {rate:.0f} ops/s"
+    )
 
 
 def duration_progress_line(elapsed: float, duration: float, done: int) -> str:
@@ -75,12 +77,20 @@ def duration_progress_line(elapsed: float, duration: float, done: int) -> str:
     frac = min(elapsed / duration, 1.0) if duration > 0 else 1.0
     filled = int(frac * PROGRESS_WIDTH)
     rate = done / elapsed if elapsed > 0 else 0.0
-    return (f"[{'#' * filled}{'-' * (PROGRESS_WIDTH - filled)}] {int(frac * 100):3d}% "
-            f"{min(elapsed, duration):.1f}/{duration:.1f} s {rate:.0f} ops/s")
+    return (
+        f"[{'#' * filled}{'-' * (PROGRESS_WIDTH - filled)}] {int(frac * 100):3d}% "
+        f"{min(elapsed, duration):.1f}/{duration:.1f} s {rate:.0f} ops/s"
+    )
 
 
-def run_load(op: Callable[[int], object], *, clients: int, ops: int | None = None,
-             duration: float | None = None, progress: TextIO | None = None) -> LoadResult:
+def run_load(
+    op: Callable[[int], object],
+    *,
+    clients: int,
+    ops: int | None = None,
+    duration: float | None = None,
+    progress: TextIO | None = None,
+) -> LoadResult:
     """Call ``op(i)`` for i = 0, 1, ... from ``clients`` concurrent greenlets; time each call.
 
     Exactly one of ``ops`` and ``duration`` says when to stop: after ``ops``
@@ -172,13 +182,15 @@ def report_json(params: Sequence[tuple[str, object]], result: LoadResult) -> str
     """
     lat = result.latencies
     doc: dict[str, object] = dict(params)
-    doc.update({
-        "ops": result.ops,
-        "succeeded": result.succeeded,
-        "failed": result.failed,
-        "elapsed_s": round(result.elapsed, 6),
-        "throughput_ops_s": round(result.throughput, 3),
-    })
+    doc.update(
+        {
+            "ops": result.ops,
+            "succeeded": result.succeeded,
+            "failed": result.failed,
+            "elapsed_s": round(result.elapsed, 6),
+            "throughput_ops_s": round(result.throughput, 3),
+        }
+    )
     for name, pct in (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("max", 100.0)):
         doc[f"{name}_ms"] = round(percentile(lat, pct) * 1000, 6) if lat else None
     doc["errors"] = dict(result.errors.most_common())
@@ -239,10 +251,21 @@ class CasKeys:
         self._free.put(i)
 
 
-def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, ratio: tuple[int, int],
-              keys: int, timeout: float, progress: bool, consistency: str = "sequential",
-              auth: str | None = None, duration: float | None = None, as_json: bool = False,
-              op_kind: str = "mix") -> int:
+def run_bench(
+    addrs: list[str],
+    clients: int,
+    ops: int | None,
+    value_size: int,
+    ratio: tuple[int, int],
+    keys: int,
+    timeout: float,
+    progress: bool,
+    consistency: str = "sequential",
+    auth: str | None = None,
+    duration: float | None = None,
+    as_json: bool = False,
+    op_kind: str = "mix",
+) -> int:
     """``dkv bench``: run the load against ``addrs``, print the report; 1 if any op failed.
 
     Exactly one of ``ops`` and ``duration`` (seconds) bounds the run. With
@@ -273,9 +296,18 @@ def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, 
         raise InvalidArgument("give exactly one of --ops and --duration")
     if duration is not None and not duration > 0:
         raise InvalidArgument("--duration must be more than 0 seconds")
-    if clients < 1 or (ops is not None and ops < 1) or keys < 1 or value_size < 0 or sets < 0 or gets < 0 or sets + gets == 0:
-        raise InvalidArgument("clients, ops and keys must be >= 1, value size >= 0, "
-                              "and the ratio must have a set or a get")
+    if (
+        clients < 1
+        or (ops is not None and ops < 1)
+        or keys < 1
+        or value_size < 0
+        or sets < 0
+        or gets < 0
+        or sets + gets == 0
+    ):
+        raise InvalidArgument(
+            "clients, ops and keys must be >= 1, value size >= 0, and the ratio must have a set or a get"
+        )
     rng = random.Random()
     buf = os.urandom(value_size + 1024)  # one random buffer; values are slices of it
     period = sets + gets
@@ -296,7 +328,7 @@ def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, 
             key = bench_key(rng.randrange(keys))
             if i % period < sets:
                 at = rng.randrange(1024)
-                client.set(key, buf[at:at + value_size])
+                client.set(key, buf[at : at + value_size])
             else:
                 client.get(key, consistency=consistency)
 
@@ -316,21 +348,28 @@ def run_bench(addrs: list[str], clients: int, ops: int | None, value_size: int, 
             finally:
                 cas_keys.give(k, count)
 
-        result = run_load(op, clients=clients, ops=ops, duration=duration,
-                          progress=None if as_json else progress_stream(progress))
+        result = run_load(
+            op, clients=clients, ops=ops, duration=duration, progress=None if as_json else progress_stream(progress)
+        )
     finally:
         client.close()
     if as_json:
-        print(report_json([
-            ("target", ",".join(addrs)),
-            ("op", op_kind),
-            ("clients", clients),
-            ("duration_s", duration),
-            ("value_size", value_size),
-            ("ratio", [sets, gets] if op_kind in ("mix", "set", "get") else None),
-            ("consistency", consistency),
-            ("keys", keys),
-        ], result), flush=True)
+        print(
+            report_json(
+                [
+                    ("target", ",".join(addrs)),
+                    ("op", op_kind),
+                    ("clients", clients),
+                    ("duration_s", duration),
+                    ("value_size", value_size),
+                    ("ratio", [sets, gets] if op_kind in ("mix", "set", "get") else None),
+                    ("consistency", consistency),
+                    ("keys", keys),
+                ],
+                result,
+            ),
+            flush=True,
+        )
         return 1 if result.failed else 0
     params = [
         ("target", ",".join(addrs)),

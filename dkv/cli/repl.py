@@ -16,6 +16,7 @@ Bytes that are not UTF-8 travel inside ``str`` as lone surrogates
 (``errors="surrogateescape"``), as the shell hands them to Python: ``\xff`` typed
 or passed is the byte 0xff, never the text.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -100,6 +101,7 @@ class Command:
 @dataclass(frozen=True)
 class Status:
     """A reply printed as it is (``OK``, tables, help); ``raw``: what ``--raw`` prints instead."""
+
     text: str
     raw: str | None = None
 
@@ -129,7 +131,7 @@ def format_value(value: bytes) -> str:
         if ch in _ESCAPES:
             out.append(_ESCAPES[ch])
         elif "\udc80" <= ch <= "\udcff":  # a byte that is not UTF-8
-            out.append(f"\\x{ord(ch) - 0xdc00:02x}")
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
         elif ch.isprintable():
             out.append(ch)
         else:
@@ -167,7 +169,7 @@ def render(reply: Reply, raw: bool = False) -> str:
 
 def as_token(key: str) -> str:
     """``key`` as a word to type: bare when it is plain printable text, else quoted and escaped."""
-    if key and all(ch.isprintable() and not ch.isspace() and ch not in '"\'\\' for ch in key):
+    if key and all(ch.isprintable() and not ch.isspace() and ch not in "\"'\\" for ch in key):
         return key
     return format_value(_enc(key))
 
@@ -213,15 +215,15 @@ def split_args(line: str) -> list[str]:
                     raise CommandError("a closing quote must be followed by a space")
                 i += 1
                 break
-            if c == "\\" and quote == "'" and line[i + 1:i + 2] == "'":
+            if c == "\\" and quote == "'" and line[i + 1 : i + 2] == "'":
                 cur.append("'")
                 i += 2
                 continue
             if c == "\\" and quote == '"' and i + 1 < n:
-                hex_digits = line[i + 2:i + 4]
+                hex_digits = line[i + 2 : i + 4]
                 if line[i + 1] == "x" and len(hex_digits) == 2 and all(h in _HEX for h in hex_digits):
                     byte = int(hex_digits, 16)
-                    cur.append(chr(byte) if byte < 0x80 else chr(0xdc00 + byte))  # surrogateescape
+                    cur.append(chr(byte) if byte < 0x80 else chr(0xDC00 + byte))  # surrogateescape
                     i += 4
                 else:
                     cur.append(_BACKSLASHED.get(line[i + 1], line[i + 1]))
@@ -296,13 +298,28 @@ def format_shards(cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping
         info = writer_infos.get(writer) if writer else None
         replicas = [member(r, f" (lag {_lag(info, r)})") for r in s.get("replicas") or []]
         name = str(s.get("id")) + (" (draining)" if s.get("draining") else "")
-        rows.append([name, str(s.get("epoch")), member(writer, "") if writer else "-",
-                     ", ".join(replicas) or "-", format_slots(s.get("slots") or [])])
+        rows.append(
+            [
+                name,
+                str(s.get("epoch")),
+                member(writer, "") if writer else "-",
+                ", ".join(replicas) or "-",
+                format_slots(s.get("slots") or []),
+            ]
+        )
     table = format_table(["SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS"], rows)
     writer_of = {s.get("id"): s.get("writer") or "" for s in cluster.get("shards", [])}
-    moving = [[str(m.get("id")), format_slots([m.get("slots")]), str(m.get("source")), str(m.get("target")),
-               str(m.get("state")), _progress(writer_infos.get(writer_of.get(m.get("target"), "")), m.get("id"))]
-              for m in cluster.get("migrations") or []]
+    moving = [
+        [
+            str(m.get("id")),
+            format_slots([m.get("slots")]),
+            str(m.get("source")),
+            str(m.get("target")),
+            str(m.get("state")),
+            _progress(writer_infos.get(writer_of.get(m.get("target"), "")), m.get("id")),
+        ]
+        for m in cluster.get("migrations") or []
+    ]
     if moving:
         table += "\n\n" + format_table(["MIGRATION", "SLOTS", "FROM", "TO", "STATE", "PROGRESS"], moving)
     return table
@@ -326,8 +343,9 @@ def _progress(target_writer_info: Mapping[str, Any] | None, migration_id: Any) -
 UNREACHABLE = "unreachable"
 
 
-def node_status(cluster: Mapping[str, Any],
-                writer_infos: Mapping[str, Mapping[str, Any] | None] | None = None) -> dict[str, str]:
+def node_status(
+    cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping[str, Any] | None] | None = None
+) -> dict[str, str]:
     """Each node's status, the one both tables show: ZooKeeper's (``up``/``down``), or
     :data:`UNREACHABLE` for an up node whose ``info()`` was asked for and did not come."""
     status = {str(n.get("id")): str(n.get("status")) for n in cluster.get("nodes", [])}
@@ -337,15 +355,17 @@ def node_status(cluster: Mapping[str, Any],
     return status
 
 
-def format_nodes(cluster: Mapping[str, Any],
-                 writer_infos: Mapping[str, Mapping[str, Any] | None] | None = None) -> str:
+def format_nodes(cluster: Mapping[str, Any], writer_infos: Mapping[str, Mapping[str, Any] | None] | None = None) -> str:
     """The node table of a ``cluster_info()`` answer: id, addr, role, shard, status
     (:func:`node_status`: give the ``writer_infos`` the shard table was made with)."""
     status = node_status(cluster, writer_infos)
     return format_table(
         ["ID", "ADDR", "ROLE", "SHARD", "STATUS"],
-        [[_scalar(n.get(f)) for f in ("id", "addr", "role", "shard")] + [status[str(n.get("id"))]]
-         for n in cluster.get("nodes", [])])
+        [
+            [_scalar(n.get(f)) for f in ("id", "addr", "role", "shard")] + [status[str(n.get("id"))]]
+            for n in cluster.get("nodes", [])
+        ],
+    )
 
 
 # -- commands ----------------------------------------------------------------------
@@ -369,8 +389,7 @@ def _seconds(word: str, text: str) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and 0 < value * 1000 <= MAX_TTL_MS):
-        raise CommandError(f"{word} must be a positive number of seconds (at most {MAX_TTL_MS // 1000}), "
-                           f"not {text!r}")
+        raise CommandError(f"{word} must be a positive number of seconds (at most {MAX_TTL_MS // 1000}), not {text!r}")
     return value
 
 
@@ -425,7 +444,7 @@ def _amount(args: list[str]) -> int:
         amount = int(args[1])
     except ValueError:
         amount = None
-    if amount is None or not -2 ** 63 < amount < 2 ** 63:
+    if amount is None or not -(2**63) < amount < 2**63:
         raise CommandError(f"the amount must be a 64-bit integer, not {args[1]!r}")
     return amount
 
@@ -463,8 +482,7 @@ def _getm(client: "Client", args: list[str]) -> Reply:
     if meta.expires_at is not None:
         when = datetime.fromtimestamp(meta.expires_at, timezone.utc).isoformat(timespec="milliseconds")
         expires = f"{meta.expires_at:.3f} ({when})"
-    return Status(format_mapping({"value": format_value(meta.value), "revision": meta.revision,
-                                  "expires_at": expires}))
+    return Status(format_mapping({"value": format_value(meta.value), "revision": meta.revision, "expires_at": expires}))
 
 
 def _del(client: "Client", args: list[str]) -> Reply:
@@ -516,8 +534,8 @@ def match_prefix(pattern: str) -> tuple[bytes, bytes | None]:
     m = _GLOB.search(pattern)
     if m is None:
         return raw, None
-    head = _enc(pattern[:m.start()])
-    if pattern[m.start():] == "*":
+    head = _enc(pattern[: m.start()])
+    if pattern[m.start() :] == "*":
         return head, None
     return head, raw
 
@@ -602,8 +620,12 @@ def writer_infos(client: "Client", cluster: Mapping[str, Any]) -> dict[str, Mapp
     infos: dict[str, Mapping[str, Any] | None] = {}
     for s in cluster.get("shards", []):
         writer = s.get("writer")
-        if (not writer or not (s.get("replicas") or s.get("id") in importing) or writer in infos
-                or not addr_of.get(writer)):
+        if (
+            not writer
+            or not (s.get("replicas") or s.get("id") in importing)
+            or writer in infos
+            or not addr_of.get(writer)
+        ):
             continue
         try:
             infos[writer] = client.info(addr_of[writer])
@@ -662,51 +684,99 @@ def _help(client: "Client", args: list[str]) -> Reply:
     return Status("\n".join(lines))
 
 
-COMMANDS: Mapping[str, Command] = MappingProxyType({c.name: c for c in (
-    Command("get", "KEY", "the value of KEY, or (nil)", 1, 1, _get),
-    Command("set", "KEY VALUE [EX SECONDS|PX MS] [NX|XX]",
-            "set KEY to VALUE, expiring after EX/PX; NX: only if absent, XX: only if present "
-            "(else (nil))", 2, 6, _set),
-    Command("cas", "KEY EXPECTED NEW [EX SECONDS|PX MS]",
-            f"set KEY to NEW only if its value is EXPECTED (else (nil)); EXPECTED {ABSENT}: "
-            "only if KEY is absent", 3, 5, _cas),
-    Command("incr", "KEY [AMOUNT]", "add AMOUNT (default 1) to the integer at KEY (absent: 0); "
-            "prints the result", 1, 2, _incr),
-    Command("decr", "KEY [AMOUNT]", "subtract AMOUNT (default 1); see incr", 1, 2, _decr),
-    Command("ttl", "KEY", "seconds until KEY expires, (no expiry), or (nil) if absent", 1, 1, _ttl),
-    Command("expire", "KEY SECONDS", "make KEY expire SECONDS from now; 1, or 0 if absent", 2, 2, _expire),
-    Command("persist", "KEY", "remove KEY's expiry; 1, or 0 if it had none or is absent", 1, 1, _persist),
-    Command("getm", "KEY", "KEY's value, revision and expiry (Unix time), or (nil)", 1, 1, _getm),
-    Command("del", "KEY [KEY ...]", "delete keys; prints how many existed", 1, None, _del),
-    Command("exists", "KEY [KEY ...]", "how many of the keys exist", 1, None, _exists),
-    Command("mget", "KEY [KEY ...]", "the values of many keys", 1, None, _mget),
-    Command("mset", "KEY VALUE [KEY VALUE ...]", "set many keys", 2, None, _mset),
-    Command("scan", "[CURSOR] [MATCH PATTERN] [COUNT N]",
-            f"COUNT keys (default {DEFAULT_SCAN_COUNT}) in key order from CURSOR (0: the start), with "
-            "PATTERN (a prefix, or a glob); prints the next cursor (0: done), then the keys", 0, 5, _scan),
-    Command("watch", "[PREFIX] [COUNT]", "print changes of keys with PREFIX as they come (Ctrl-C stops; "
-            "COUNT: stop after that many)", 0, 2, _watch),
-    Command("slot", "KEY", "the slot (0..1023) that owns KEY", 1, 1, _slot),
-    Command("lock", "NAME [TTL]", "acquire lock NAME, print its fencing token, hold it until Ctrl-C",
-            1, 2, _lock, streams=True),
-    Command("ping", "[ADDR]", "PONG and the round trip to a node (any node, or ADDR)", 0, 1, _ping),
-    Command("dbsize", "", "the number of keys, per shard and in all", 0, 0, _dbsize),
-    Command("info", "", "the cluster's shards (and the node's status when standalone)", 0, 0, _info),
-    Command("nodes", "", "the cluster's nodes: id, address, role, shard, status", 0, 0, _nodes),
-    Command("latency", "[ON|OFF]", "show each command's round trip after its reply (no argument: "
-            "toggle)", 0, 1, None),
-    Command("help", "[COMMAND]", "list the commands, or show one command's usage", 0, 1, _help),
-    Command("exit", "", "leave (also: quit, Ctrl-D)", 0, 0, None),
-    Command("quit", "", "leave", 0, 0, None),
-)})
+COMMANDS: Mapping[str, Command] = MappingProxyType(
+    {
+        c.name: c
+        for c in (
+            Command("get", "KEY", "the value of KEY, or (nil)", 1, 1, _get),
+            Command(
+                "set",
+                "KEY VALUE [EX SECONDS|PX MS] [NX|XX]",
+                "set KEY to VALUE, expiring after EX/PX; NX: only if absent, XX: only if present (else (nil))",
+                2,
+                6,
+                _set,
+            ),
+            Command(
+                "cas",
+                "KEY EXPECTED NEW [EX SECONDS|PX MS]",
+                f"set KEY to NEW only if its value is EXPECTED (else (nil)); EXPECTED {ABSENT}: only if KEY is absent",
+                3,
+                5,
+                _cas,
+            ),
+            Command(
+                "incr",
+                "KEY [AMOUNT]",
+                "add AMOUNT (default 1) to the integer at KEY (absent: 0); prints the result",
+                1,
+                2,
+                _incr,
+            ),
+            Command("decr", "KEY [AMOUNT]", "subtract AMOUNT (default 1); see incr", 1, 2, _decr),
+            Command("ttl", "KEY", "seconds until KEY expires, (no expiry), or (nil) if absent", 1, 1, _ttl),
+            Command("expire", "KEY SECONDS", "make KEY expire SECONDS from now; 1, or 0 if absent", 2, 2, _expire),
+            Command("persist", "KEY", "remove KEY's expiry; 1, or 0 if it had none or is absent", 1, 1, _persist),
+            Command("getm", "KEY", "KEY's value, revision and expiry (Unix time), or (nil)", 1, 1, _getm),
+            Command("del", "KEY [KEY ...]", "delete keys; prints how many existed", 1, None, _del),
+            Command("exists", "KEY [KEY ...]", "how many of the keys exist", 1, None, _exists),
+            Command("mget", "KEY [KEY ...]", "the values of many keys", 1, None, _mget),
+            Command("mset", "KEY VALUE [KEY VALUE ...]", "set many keys", 2, None, _mset),
+            Command(
+                "scan",
+                "[CURSOR] [MATCH PATTERN] [COUNT N]",
+                f"COUNT keys (default {DEFAULT_SCAN_COUNT}) in key order from CURSOR (0: the start), with "
+                "PATTERN (a prefix, or a glob); prints the next cursor (0: done), then the keys",
+                0,
+                5,
+                _scan,
+            ),
+            Command(
+                "watch",
+                "[PREFIX] [COUNT]",
+                "print changes of keys with PREFIX as they come (Ctrl-C stops; COUNT: stop after that many)",
+                0,
+                2,
+                _watch,
+            ),
+            Command("slot", "KEY", "the slot (0..1023) that owns KEY", 1, 1, _slot),
+            Command(
+                "lock",
+                "NAME [TTL]",
+                "acquire lock NAME, print its fencing token, hold it until Ctrl-C",
+                1,
+                2,
+                _lock,
+                streams=True,
+            ),
+            Command("ping", "[ADDR]", "PONG and the round trip to a node (any node, or ADDR)", 0, 1, _ping),
+            Command("dbsize", "", "the number of keys, per shard and in all", 0, 0, _dbsize),
+            Command("info", "", "the cluster's shards (and the node's status when standalone)", 0, 0, _info),
+            Command("nodes", "", "the cluster's nodes: id, address, role, shard, status", 0, 0, _nodes),
+            Command(
+                "latency",
+                "[ON|OFF]",
+                "show each command's round trip after its reply (no argument: toggle)",
+                0,
+                1,
+                None,
+            ),
+            Command("help", "[COMMAND]", "list the commands, or show one command's usage", 0, 1, _help),
+            Command("exit", "", "leave (also: quit, Ctrl-D)", 0, 0, None),
+            Command("quit", "", "leave", 0, 0, None),
+        )
+    }
+)
 
 #: option words (literals in the usage lines) of each command, completed and hinted as such
-OPTION_WORDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "set": ("EX", "PX", "NX", "XX"),
-    "cas": ("EX", "PX"),
-    "scan": ("MATCH", "COUNT"),
-    "latency": ("ON", "OFF"),
-})
+OPTION_WORDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "set": ("EX", "PX", "NX", "XX"),
+        "cas": ("EX", "PX"),
+        "scan": ("MATCH", "COUNT"),
+        "latency": ("ON", "OFF"),
+    }
+)
 #: usage placeholders whose words are keys (completed from the keys seen)
 KEY_PLACEHOLDERS = frozenset({"KEY", "PREFIX", "PATTERN"})
 
@@ -717,6 +787,7 @@ KEY_PLACEHOLDERS = frozenset({"KEY", "PREFIX", "PATTERN"})
 @dataclass(frozen=True)
 class Group:
     """One element of a usage line: ``KEY``, ``[AMOUNT]``, ``[EX SECONDS|PX MS]``, ``[KEY ...]``."""
+
     text: str
     optional: bool
     variadic: bool
@@ -750,6 +821,7 @@ def usage_groups(cmd: Command) -> list[Group]:
 @dataclass
 class ArgState:
     """Where the arguments typed so far leave a command's usage line."""
+
     positional: int  # index into the positional groups of the next one
     used_options: set[int]  # indexes (into all groups) of the option groups given
     placeholder: str | None  # the placeholder the next word fills, if known
@@ -767,12 +839,13 @@ def arg_state(cmd: Command, args: Sequence[str]) -> ArgState:
     pending: tuple[str, ...] = ()
     while i < len(args):
         word = args[i].upper()
-        hit = next(((gi, alt) for gi, g in option_groups if gi not in used for alt in g.options if alt[0] == word),
-                   None)
+        hit = next(
+            ((gi, alt) for gi, g in option_groups if gi not in used for alt in g.options if alt[0] == word), None
+        )
         if hit is not None:
             used.add(hit[0])
             if i + len(hit[1]) > len(args):  # the option's value comes next
-                pending = hit[1][len(args) - i:]
+                pending = hit[1][len(args) - i :]
                 placeholder = pending[0]
             i += len(hit[1])
             continue
@@ -784,8 +857,11 @@ def arg_state(cmd: Command, args: Sequence[str]) -> ArgState:
         i += 1
     if placeholder is None and pi < len(positional):
         g = positional[pi]
-        placeholder = g.words[(len(args) - var_at) % len(g.words)] if g.variadic and var_at is not None \
+        placeholder = (
+            g.words[(len(args) - var_at) % len(g.words)]
+            if g.variadic and var_at is not None
             else (g.words[0] if g.words else None)
+        )
     if args and args[-1].upper() == "MATCH" and cmd.name == "scan":
         placeholder = "PATTERN"
     return ArgState(pi, used, placeholder, pending)
@@ -796,9 +872,10 @@ def hint(cmd: Command, args: Sequence[str]) -> str:
     groups = usage_groups(cmd)
     state = arg_state(cmd, args)
     positional = [g for g in groups if not g.options]
-    rest_positional = {id(g) for g in positional[state.positional:]}
-    left = list(state.pending) + [g.text for i, g in enumerate(groups)
-            if (g.options and i not in state.used_options) or id(g) in rest_positional]
+    rest_positional = {id(g) for g in positional[state.positional :]}
+    left = list(state.pending) + [
+        g.text for i, g in enumerate(groups) if (g.options and i not in state.used_options) or id(g) in rest_positional
+    ]
     return " ".join(left)
 
 
@@ -851,14 +928,16 @@ class SeenKeys:
         """Keys whose typed form starts with ``typed`` (bare, or quoted when it opens a quote),
         sorted."""
         if typed.startswith('"'):
-            return sorted(k for k in self._keys if as_token(k).startswith(typed) or
-                          format_value(_enc(k)).startswith(typed))
+            return sorted(
+                k for k in self._keys if as_token(k).startswith(typed) or format_value(_enc(k)).startswith(typed)
+            )
         return sorted(k for k in self._keys if k.startswith(typed) or as_token(k).startswith(typed))
 
 
 @dataclass
 class CliState:
     """What one CLI session keeps between commands."""
+
     raw: bool = False
     latency: bool = False
     keys: SeenKeys = field(default_factory=SeenKeys)
@@ -892,8 +971,9 @@ def execute(client: "Client", line: str, emit: Emit | None = None, state: CliSta
     return execute_argv(client, argv, emit, state)
 
 
-def execute_argv(client: "Client", argv: Sequence[str], emit: Emit | None = None,
-                 state: CliState | None = None) -> Result:
+def execute_argv(
+    client: "Client", argv: Sequence[str], emit: Emit | None = None, state: CliState | None = None
+) -> Result:
     """:func:`execute` of a line already split into words (one-shot mode: the shell split it)."""
     state = state if state is not None else CliState()
     if not argv:
@@ -1004,7 +1084,7 @@ def _line_parts(text: str) -> tuple[list[str], str] | None:
         i += 1
     current = text[start:] if in_word or quote else ""
     try:
-        return split_args(text[:len(text) - len(current)]), current
+        return split_args(text[: len(text) - len(current)]), current
     except CommandError:
         return None
 
@@ -1034,9 +1114,15 @@ def make_session(addr: str, history: "History", state: CliState | None = None) -
         return toolbar_text(get_app().current_buffer.document.text_before_cursor)
 
     style = Style.from_dict({"hint": "#888888", "bottom-toolbar": "noreverse bg:#303030 #d0d0d0"})
-    return PromptSession(f"dkv {addr}> ", history=history, completer=command_completer(state.keys),
-                         complete_while_typing=True, bottom_toolbar=toolbar, input_processors=[_Hint()],
-                         style=style)
+    return PromptSession(
+        f"dkv {addr}> ",
+        history=history,
+        completer=command_completer(state.keys),
+        complete_while_typing=True,
+        bottom_toolbar=toolbar,
+        input_processors=[_Hint()],
+        style=style,
+    )
 
 
 def inline_hint(text: str) -> str:
@@ -1135,8 +1221,16 @@ def split_command(words: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(words[:i]), list(words[i:])
 
 
-def run_cli(addrs: list[str], timeout: float, zk: str = "", auth: str | None = None, *, raw: bool = False,
-            latency: bool = False, command: Sequence[str] = ()) -> int:
+def run_cli(
+    addrs: list[str],
+    timeout: float,
+    zk: str = "",
+    auth: str | None = None,
+    *,
+    raw: bool = False,
+    latency: bool = False,
+    command: Sequence[str] = (),
+) -> int:
     """``dkv cli``: run ``command`` and exit (one-shot), else interactive on a terminal, else run
     commands from stdin; exit status 0 if every command succeeded, else 1.
 

@@ -1,4 +1,5 @@
 """The Python client (:class:`Client`), and what its calls return."""
+
 from dkv.client.client import Client, Meta
 from dkv.client.watch import Event, Watch
 

@@ -18,6 +18,7 @@ Thread-safety: one ``Client`` may be shared by every thread of a process; that
 is the intended use (coalescing works across threads). Do not use it after
 ``close()`` or across ``fork()``.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -96,8 +97,7 @@ class _ThreadRunner:
         self._ready = threading.Event()
         self._closed = False
         self._start_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(core_factory,),
-                                        name="dkv-client-io", daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(core_factory,), name="dkv-client-io", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._start_error is not None:  # the engine could not start (e.g. ZooKeeper unreachable)
@@ -194,13 +194,21 @@ class Client:
     busy host) as well; the interactive ``dkv cli`` uses 1.
     """
 
-    def __init__(self, addrs: str | Sequence[str] | None = None, *, zk: str | None = None,
-                 timeout: float = 10.0, max_inflight: int = 2, auth: "str | Credentials | None" = None,
-                 liveness: float | None = None) -> None:
+    def __init__(
+        self,
+        addrs: str | Sequence[str] | None = None,
+        *,
+        zk: str | None = None,
+        timeout: float = 10.0,
+        max_inflight: int = 2,
+        auth: "str | Credentials | None" = None,
+        liveness: float | None = None,
+    ) -> None:
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
-        if liveness is not None and (isinstance(liveness, bool) or not isinstance(liveness, (int, float))
-                                     or not 0 < liveness < float("inf")):
+        if liveness is not None and (
+            isinstance(liveness, bool) or not isinstance(liveness, (int, float)) or not 0 < liveness < float("inf")
+        ):
             raise InvalidArgument("liveness must be a positive number of seconds")
         if zk is not None and not zk.strip():
             raise InvalidArgument("zk must be HOST:PORT[,HOST:PORT...][/chroot]")
@@ -216,16 +224,32 @@ class Client:
 
     # -- single keys ----------------------------------------------------------
 
-    def set(self, key: bytes | str, value: bytes | str, *, ex: float | None = None, px: int | None = None,
-            nx: bool = False, xx: bool = False) -> bool:
+    def set(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        *,
+        ex: float | None = None,
+        px: int | None = None,
+        nx: bool = False,
+        xx: bool = False,
+    ) -> bool:
         """Set ``key``; True if written. ``ex`` (seconds) or ``px`` (milliseconds): the key
         expires that long after the write (without either it never does, whatever it had).
         ``nx``: only if the key is absent; ``xx``: only if it is present. False means the
         condition failed and nothing changed; a plain ``set`` always returns True."""
         return self.set_revision(key, value, ex=ex, px=px, nx=nx, xx=xx) is not None
 
-    def set_revision(self, key: bytes | str, value: bytes | str, *, ex: float | None = None,
-                     px: int | None = None, nx: bool = False, xx: bool = False) -> int | None:
+    def set_revision(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        *,
+        ex: float | None = None,
+        px: int | None = None,
+        nx: bool = False,
+        xx: bool = False,
+    ) -> int | None:
         """:meth:`set`, returning the write's revision (None: the condition failed)."""
         if nx and xx:
             raise InvalidArgument("nx and xx exclude each other")
@@ -235,12 +259,23 @@ class Client:
             op += [ttl, cond]
         return self._one(op)
 
-    def cas(self, key: bytes | str, expected: bytes | str | None, new: bytes | str, *,
-            ex: float | None = None, px: int | None = None) -> bool:
+    def cas(
+        self,
+        key: bytes | str,
+        expected: bytes | str | None,
+        new: bytes | str,
+        *,
+        ex: float | None = None,
+        px: int | None = None,
+    ) -> bool:
         """Set ``key`` to ``new`` only if its value is ``expected`` (None: only if absent);
         True if written. ``ex``/``px`` as for :meth:`set`."""
-        op: list[Any] = [protocol.CAS, _key(key), None if expected is None else as_bytes(expected, "expected"),
-                         as_bytes(new, "value")]
+        op: list[Any] = [
+            protocol.CAS,
+            _key(key),
+            None if expected is None else as_bytes(expected, "expected"),
+            as_bytes(new, "value"),
+        ]
         ttl = ttl_ms(ex, px)
         if ttl is not None:
             op.append(ttl)
@@ -252,8 +287,9 @@ class Client:
     @overload
     def get(self, key: bytes | str, consistency: str = ..., *, with_meta: Literal[True]) -> "Meta | None": ...
 
-    def get(self, key: bytes | str, consistency: str = "sequential", *,
-            with_meta: bool = False) -> "bytes | Meta | None":
+    def get(
+        self, key: bytes | str, consistency: str = "sequential", *, with_meta: bool = False
+    ) -> "bytes | Meta | None":
         """The value of ``key`` or None (also once it expired). ``consistency="eventual"`` may
         read from any up member of the key's shard (a replica may lag);
         ``sequential``/``linearizable`` read the writer. ``with_meta``: a :class:`Meta`."""
@@ -341,8 +377,13 @@ class Client:
                 raise r
         return out
 
-    def scan(self, prefix: bytes | str = b"", start: bytes | str | None = None,
-             limit: int | None = None, page_size: int = 1000) -> Iterator[tuple[bytes, bytes]]:
+    def scan(
+        self,
+        prefix: bytes | str = b"",
+        start: bytes | str | None = None,
+        limit: int | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[tuple[bytes, bytes]]:
         """Iterate ``(key, value)`` in key order over keys with ``prefix`` and ``>= start``.
 
         Fetched lazily in pages (of at most ``page_size`` pairs, fewer when their values are
@@ -356,8 +397,9 @@ class Client:
         def page(p: bytes, s: bytes | None, n: int) -> tuple[list[list[bytes]], bool]:
             return self._runner.run(lambda core: core.scan_page(p, s, n))
 
-        return iter_scan(page, as_bytes(prefix, "prefix"),
-                         None if start is None else as_bytes(start, "start"), limit, page_size)
+        return iter_scan(
+            page, as_bytes(prefix, "prefix"), None if start is None else as_bytes(start, "start"), limit, page_size
+        )
 
     # -- watch --------------------------------------------------------------------
 
@@ -375,7 +417,7 @@ class Client:
         (``close()`` or ``with``) when done. Events wait in a bounded buffer for the caller: a
         caller that falls far behind makes the stream catch up from the log.
         """
-        if since is not None and (isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2 ** 63):
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2**63):
             raise InvalidArgument("since must be a revision (an integer >= 0) or None")
         return Watch(self._runner, as_bytes(prefix, "prefix"), since)
 
@@ -397,6 +439,7 @@ class Client:
 
     def ping(self, addr: str | None = None) -> float:
         """The round trip of one ``ping`` to the node at ``addr`` (any node when None), in seconds."""
+
         def job(core: ClientCore) -> float:
             began = time.perf_counter()
             if addr is None:

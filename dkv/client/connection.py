@@ -5,6 +5,7 @@ batch RPCs are in flight at once, and everything that arrives meanwhile is
 sent together in the next one, so many concurrent requests cost one round trip
 and the server one group commit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,14 @@ def _op_size(op: list[Any]) -> int:
 
 
 class Connection:
-    def __init__(self, addr: str, timeout: float, max_inflight: int = 2,
-                 auth: Credentials | None = None, liveness: float | None = None) -> None:
+    def __init__(
+        self,
+        addr: str,
+        timeout: float,
+        max_inflight: int = 2,
+        auth: Credentials | None = None,
+        liveness: float | None = None,
+    ) -> None:
         quiet_lost_remote(gevent.get_hub())
         self.addr = addr
         self.liveness = liveness
@@ -134,7 +141,7 @@ class Connection:
                 replies = [protocol.err(e)] * len(flat)
             at = 0
             for ops, done in batch:
-                done.set(replies[at:at + len(ops)])
+                done.set(replies[at : at + len(ops)])
                 at += len(ops)
         finally:
             self._inflight -= 1

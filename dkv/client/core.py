@@ -18,6 +18,7 @@ once, without backoff, so an ``mget`` of large values takes as many round trips
 as it needs. Scan pages are byte-bounded by each writer, so a merged page is cut
 at the smallest last key of the writers' pages that may be incomplete.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,15 @@ BACKOFF_MAX = 0.5
 class ClientCore:
     """Routing, connections and retries; ``zk`` (``HOST:PORT[/chroot]``) makes ZooKeeper the map source."""
 
-    def __init__(self, seeds: list[str], timeout: float, max_inflight: int = 2, zk: str | None = None,
-                 auth: Credentials | None = None, liveness: float | None = None) -> None:
+    def __init__(
+        self,
+        seeds: list[str],
+        timeout: float,
+        max_inflight: int = 2,
+        zk: str | None = None,
+        auth: Credentials | None = None,
+        liveness: float | None = None,
+    ) -> None:
         self.seeds = seeds
         self.liveness = liveness
         self.auth = auth
@@ -170,8 +178,9 @@ class ClientCore:
             return smap.reader(slot, op[2], self._rng)
         return smap.writer(slot)
 
-    def _round(self, ops: list[list[Any]], todo: list[int], replies: list[Any], spread: bool,
-               deadline: float) -> tuple[list[int], bool]:
+    def _round(
+        self, ops: list[list[Any]], todo: list[int], replies: list[Any], spread: bool, deadline: float
+    ) -> tuple[list[int], bool]:
         """Send ``todo`` once; return the ops to retry, and whether to back off first
         (False when every one of them was only deferred)."""
         try:
@@ -273,8 +282,7 @@ class ClientCore:
         if smap.writerless:
             raise Unavailable("a shard that owns slots has no live writer (failover in progress)")
         writers = sorted({a for a in smap.writers if a is not None})
-        args: tuple[Any, ...] = (prefix, start, limit) if smap.version is None else (prefix, start, limit,
-                                                                                     smap.version)
+        args: tuple[Any, ...] = (prefix, start, limit) if smap.version is None else (prefix, start, limit, smap.version)
         jobs = [gevent.spawn(_outcome, self.conn(a).request, "scan", *args) for a in writers]
         gevent.joinall(jobs)
         pairs: list[list[bytes]] = []
@@ -303,8 +311,9 @@ class ClientCore:
             self._zkmap.close()
 
 
-def iter_scan(page: Any, prefix: bytes, start: bytes | None, limit: int | None,
-              page_size: int) -> Iterator[tuple[bytes, bytes]]:
+def iter_scan(
+    page: Any, prefix: bytes, start: bytes | None, limit: int | None, page_size: int
+) -> Iterator[tuple[bytes, bytes]]:
     """Drive ``page(prefix, start, n)`` (returning ``(pairs, more)``) until ``limit`` pairs or the end."""
     remaining = limit
     while remaining is None or remaining > 0:

@@ -44,6 +44,7 @@ the lease, is what protects them from a holder that stalled past its lease.
 when the :class:`Lock` object is garbage-collected, and when the client is
 closed (the lease then expires ``ttl`` later: release locks before closing).
 """
+
 from __future__ import annotations
 
 import logging
@@ -101,8 +102,7 @@ def lock_key(name: bytes | str) -> bytes:
     if not raw:
         raise InvalidArgument("lock name must not be empty")
     if len(raw) > MAX_NAME_BYTES:
-        raise InvalidArgument(f"lock name is {len(raw)} bytes; the limit is {MAX_NAME_BYTES}",
-                              limit=MAX_NAME_BYTES)
+        raise InvalidArgument(f"lock name is {len(raw)} bytes; the limit is {MAX_NAME_BYTES}", limit=MAX_NAME_BYTES)
     return LOCK_PREFIX + raw
 
 
@@ -112,8 +112,12 @@ def new_owner_id() -> bytes:
 
 
 def _check_ttl(ttl: Any) -> float:
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) \
-            or not MIN_TTL <= ttl <= MAX_TTL:
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, (int, float))
+        or not math.isfinite(ttl)
+        or not MIN_TTL <= ttl <= MAX_TTL
+    ):
         raise InvalidArgument(f"ttl must be a number of seconds from {MIN_TTL:g} to {MAX_TTL:g}")
     return float(ttl)
 
@@ -121,8 +125,7 @@ def _check_ttl(ttl: Any) -> float:
 def _check_timeout(timeout: Any) -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
-            or timeout < 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout < 0:
         raise InvalidArgument("timeout must be None (wait forever) or a number of seconds >= 0")
     return float(timeout)
 
@@ -201,10 +204,9 @@ class Lock:
     acquisition at a time (it is not reentrant); it may be acquired again after release.
     """
 
-    def __init__(self, client: "Client", name: bytes | str, ttl: float = 10.0,
-                 timeout: float | None = None) -> None:
+    def __init__(self, client: "Client", name: bytes | str, ttl: float = 10.0, timeout: float | None = None) -> None:
         self.key = lock_key(name)
-        self.name = self.key[len(LOCK_PREFIX):]
+        self.name = self.key[len(LOCK_PREFIX) :]
         self.ttl = _check_ttl(ttl)
         self.timeout = _check_timeout(timeout)
         self._client = client
@@ -284,8 +286,7 @@ class Lock:
                         return self
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    raise LockTimeout(f"lock {self.label!r} not acquired within {self.timeout:g}s",
-                                      name=self.label)
+                    raise LockTimeout(f"lock {self.label!r} not acquired within {self.timeout:g}s", name=self.label)
                 pause = rng.uniform(backoff / 2, backoff)
                 if deadline is not None:
                     pause = min(pause, deadline - now)
@@ -312,9 +313,12 @@ class Lock:
     def _start(self, owner: bytes, token: int, valid_until: float, renew_now: bool) -> None:
         lease = _Lease(owner, valid_until)
         self._lease, self._token = lease, token
-        thread = threading.Thread(target=_renew, name=f"dkv-lock-renew-{self.label[:32]}",
-                                  args=(self._client, self.key, self.ttl, lease, 0.0 if renew_now else self.ttl / 3),
-                                  daemon=True)
+        thread = threading.Thread(
+            target=_renew,
+            name=f"dkv-lock-renew-{self.label[:32]}",
+            args=(self._client, self.key, self.ttl, lease, 0.0 if renew_now else self.ttl / 3),
+            daemon=True,
+        )
         self._renewer = thread
         self._finalizer = weakref.finalize(self, lease.stop.set)  # dropped without release: stop renewing
         self._client._track_lease(lease)  # the client's close stops it too
@@ -357,8 +361,9 @@ class Lock:
     def __enter__(self) -> "Lock":
         return self.acquire()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
     def __repr__(self) -> str:

@@ -1,4 +1,5 @@
 """Slot -> node routing for the client, built from a ``cluster_info`` document (pure, no I/O)."""
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,7 @@ class SlotMap:
 
     @classmethod
     def from_cluster_info(cls, info: dict[str, Any]) -> "SlotMap":
-        up = {n["id"]: n["addr"] for n in info.get("nodes", [])
-              if n.get("addr") and n.get("status", "up") == "up"}
+        up = {n["id"]: n["addr"] for n in info.get("nodes", []) if n.get("addr") and n.get("status", "up") == "up"}
         writers: list[str | None] = [None] * NUM_SLOTS
         members: list[tuple[str, ...]] = [()] * NUM_SLOTS
         for shard in info.get("shards", []):
@@ -41,9 +41,13 @@ class SlotMap:
                     writers[s] = writer
                     members[s] = shard_members
         version = info.get("slot_map_version")
-        return cls(tuple(writers), tuple(members), tuple(dict.fromkeys(up.values())),
-                   None if version is None else int(version),
-                   any(w is None for w in writers) and any(m for m in members))
+        return cls(
+            tuple(writers),
+            tuple(members),
+            tuple(dict.fromkeys(up.values())),
+            None if version is None else int(version),
+            any(w is None for w in writers) and any(m for m in members),
+        )
 
     def writer(self, slot: int) -> str:
         addr = self.writers[slot]

@@ -17,6 +17,7 @@ streams stop reading, so zerorpc's flow control holds the writer back, until the
 user takes events) with revision markers between events, from which
 :attr:`Watch.revision` is a safe resume point.
 """
+
 from __future__ import annotations
 
 import logging

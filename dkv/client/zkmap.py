@@ -13,6 +13,7 @@ znode, so no change can slip in between.
 While ZooKeeper is unreachable the last map read keeps serving (nodes answer
 ``MOVED`` if it is out of date) and a re-read is tried again once connected.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,9 @@ class ZkClusterMap:
         try:
             handler = SequentialGeventHandler()
             # keep trying to reconnect, at least every RECONNECT_MAX_DELAY (kazoo's default backs off to an hour)
-            retry = KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=RECONNECT_MAX_DELAY,
-                               sleep_func=handler.sleep_func)
+            retry = KazooRetry(
+                max_tries=-1, delay=0.1, backoff=2, max_delay=RECONNECT_MAX_DELAY, sleep_func=handler.sleep_func
+            )
             self._zk = KazooClient(hosts=hosts, handler=handler, connection_retry=retry, logger=ZK_LOGGER)
         except ValueError as e:
             raise InvalidArgument(f"bad ZooKeeper address {hosts!r}: {e}") from None

@@ -13,6 +13,7 @@ means the replica's data diverged from the writer's (a forged message, a
 damaged disk, a bug): it is logged as an error, with both digests, and the
 replica is re-synced from a snapshot through the writer's catch-up path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,7 @@ class AntiEntropy:
         self.last_lsn: int | None = None
 
     def stats(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "matched": self.matched, "diverged": self.diverged,
-                "last_lsn": self.last_lsn}
+        return {"rounds": self.rounds, "matched": self.matched, "diverged": self.diverged, "last_lsn": self.last_lsn}
 
     def run(self, interval: float) -> None:
         while True:
@@ -96,8 +96,15 @@ class AntiEntropy:
                 self.last_lsn = lsn
             if verdict == DIVERGED:
                 self.diverged += 1
-                logger.error("%s: replica %s DIVERGED from the writer at lsn %d (writer digest %s, replica "
-                             "digest %s); re-syncing it from a snapshot", self.w.shard_id, rid, lsn, ours, theirs)
+                logger.error(
+                    "%s: replica %s DIVERGED from the writer at lsn %d (writer digest %s, replica "
+                    "digest %s); re-syncing it from a snapshot",
+                    self.w.shard_id,
+                    rid,
+                    lsn,
+                    ours,
+                    theirs,
+                )
                 self.w.resync(rid)
             elif verdict == MATCH:
                 self.matched += 1
@@ -109,8 +116,13 @@ class AntiEntropy:
         if addr is None:
             return None
         try:
-            raw_reply, theirs = call_once(addr, "repl_digest", wire, auth=self.w.config.credentials,
-                                          timeout=max(self.w.config.write_timeout, DIGEST_TIMEOUT))
+            raw_reply, theirs = call_once(
+                addr,
+                "repl_digest",
+                wire,
+                auth=self.w.config.credentials,
+                timeout=max(self.w.config.write_timeout, DIGEST_TIMEOUT),
+            )
             return Reply.from_wire(raw_reply), theirs
         except (TransportError, DKVError) as e:
             logger.info("%s: digest request to %s failed: %s", self.w.shard_id, rid, e)

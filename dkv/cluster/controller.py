@@ -11,6 +11,7 @@ whenever the view changes; after a cancelled move the next one waits
 (:class:`MoveBackoff`). Moving the data is the migration protocol
 (:mod:`dkv.cluster.migration`), driven by the target shard's writer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,9 @@ class StartMigration:
 Change = AddReplica | NewShard | CreateSlots | StartMigration
 
 
-def plan_move(slots: SlotRanges, shard_ids: list[str],
-              draining: AbstractSet[str] = frozenset()) -> StartMigration | None:
+def plan_move(
+    slots: SlotRanges, shard_ids: list[str], draining: AbstractSet[str] = frozenset()
+) -> StartMigration | None:
     """The next move towards even slot counts over ``shard_ids`` (shards that can serve), if any.
 
     A draining shard's last range moves to the emptiest other shard (as much
@@ -93,13 +95,13 @@ def plan(view: ClusterView, replication_factor: int) -> list[Change]:
     shards = {sid: replace(sh, replicas=list(sh.replicas)) for sid, sh in view.shards.items()}
     assigned = {m for sh in shards.values() for m in sh.members}
     changes: list[Change] = []
-    next_no = 1 + max((layout.shard_sort_key(s)[0] for s in shards if layout.shard_sort_key(s)[0] < 1 << 30),
-                      default=0)
+    next_no = 1 + max((layout.shard_sort_key(s)[0] for s in shards if layout.shard_sort_key(s)[0] < 1 << 30), default=0)
     for nid in sorted(view.nodes):
         if nid in assigned:
             continue
-        open_shards = [sh for sh in shards.values()
-                       if sh.writer and not sh.draining and len(sh.members) < replication_factor]
+        open_shards = [
+            sh for sh in shards.values() if sh.writer and not sh.draining and len(sh.members) < replication_factor
+        ]
         if open_shards:
             sh = min(open_shards, key=lambda s: (len(s.members), layout.shard_sort_key(s.id)))
             sh.replicas.append(nid)
@@ -112,8 +114,9 @@ def plan(view: ClusterView, replication_factor: int) -> list[Change]:
     with_writer = sorted((s for s in shards.values() if s.writer), key=lambda s: layout.shard_sort_key(s.id))
     if view.slot_version < 0:
         if with_writer:
-            changes.append(CreateSlots(tuple((r.start, r.end, sh.id)
-                                             for r, sh in zip(split_even(len(with_writer)), with_writer))))
+            changes.append(
+                CreateSlots(tuple((r.start, r.end, sh.id) for r, sh in zip(split_even(len(with_writer)), with_writer)))
+            )
     elif not view.migrations:
         serving = [sid for sid, sh in view.shards.items() if sh.writer and sh.writer in view.nodes]
         move = plan_move(view.slots, serving, {sid for sid, sh in view.shards.items() if sh.draining})
@@ -193,16 +196,18 @@ class Controller:
             if now < self.backoff.hold_until and any(isinstance(c, StartMigration) for c in changes):
                 changes = [c for c in changes if not isinstance(c, StartMigration)]
                 wait = min(wait, self.backoff.hold_until - now)
-                logger.info("controller: the last move was cancelled (%d in a row); the next starts in %.1fs",
-                            self.backoff.cancels, wait)
+                logger.info(
+                    "controller: the last move was cancelled (%d in a row); the next starts in %.1fs",
+                    self.backoff.cancels,
+                    wait,
+                )
             try:
                 self._apply(changes, view)
             except KazooException as e:  # a version conflict or a lost connection
                 logger.info("controller: %s; re-planning", type(e).__name__)
                 self.coord.refresh()
             changed.wait(timeout=wait)
-        logger.info("%s stops being the controller (ZooKeeper connection or session lost)",
-                    self.coord.config.node_id)
+        logger.info("%s stops being the controller (ZooKeeper connection or session lost)", self.coord.config.node_id)
 
     def _apply(self, changes: list[Change], view: ClusterView) -> None:
         zk = self.coord.zk
@@ -235,5 +240,11 @@ class Controller:
                     logger.info("controller: another move was started meanwhile; re-planning")
                     self.coord.refresh()
                     return
-                logger.info("controller: moving slots %d..%d from %s to %s (%s)",
-                            ch.start, ch.end, ch.source, ch.target, path.rsplit("/", 1)[-1])
+                logger.info(
+                    "controller: moving slots %d..%d from %s to %s (%s)",
+                    ch.start,
+                    ch.end,
+                    ch.source,
+                    ch.target,
+                    path.rsplit("/", 1)[-1],
+                )

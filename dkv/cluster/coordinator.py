@@ -7,6 +7,7 @@ new :class:`~dkv.cluster.layout.ClusterView` to the node. The connection
 listener only sets flags and wakes greenlets: it never calls ZooKeeper or
 blocks (kazoo's rule).
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,20 +41,27 @@ logger = logging.getLogger(__name__)
 
 
 class Coordinator:
-    def __init__(self, config: NodeConfig, on_view: Callable[[layout.ClusterView], None],
-                 on_connection: Callable[[bool], None],
-                 on_session_lost: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        on_view: Callable[[layout.ClusterView], None],
+        on_connection: Callable[[bool], None],
+        on_session_lost: Callable[[], None] = lambda: None,
+    ) -> None:
         self.config = config
         self._on_view = on_view
         self._on_connection = on_connection
         self._on_session_lost = on_session_lost
         handler = SequentialGeventHandler()
-        self.zk = KazooClient(hosts=config.zk, timeout=config.session_timeout, handler=handler,
-                              **kazoo_args(config.credentials), logger=ZK_LOGGER,
-                              connection_retry=KazooRetry(max_tries=-1, max_delay=1.0,
-                                                          sleep_func=handler.sleep_func),
-                              command_retry=KazooRetry(max_tries=3, max_delay=1.0,
-                                                       sleep_func=handler.sleep_func))
+        self.zk = KazooClient(
+            hosts=config.zk,
+            timeout=config.session_timeout,
+            handler=handler,
+            **kazoo_args(config.credentials),
+            logger=ZK_LOGGER,
+            connection_retry=KazooRetry(max_tries=-1, max_delay=1.0, sleep_func=handler.sleep_func),
+            command_retry=KazooRetry(max_tries=3, max_delay=1.0, sleep_func=handler.sleep_func),
+        )
         self.zk.add_listener(self._listener)
         self.connected = False
         self.view = layout.ClusterView()
@@ -82,13 +90,18 @@ class Coordinator:
             if self.config.credentials is not None:
                 changed = secure_znodes(self.zk, self.config.credentials, layout.ROOTS)
                 if changed:
-                    logger.warning("gave %d znode(s) made without auth dkv's ZooKeeper ACL (only the "
-                                   "cluster key may change them now)", changed)
+                    logger.warning(
+                        "gave %d znode(s) made without auth dkv's ZooKeeper ACL (only the "
+                        "cluster key may change them now)",
+                        changed,
+                    )
         except NoAuthError:
             self.zk.stop()
             self.zk.close()
-            raise AuthError(f"ZooKeeper at {self.config.zk} refused us: this cluster's znodes belong to "
-                            "another key (start with that cluster's --auth-dir)") from None
+            raise AuthError(
+                f"ZooKeeper at {self.config.zk} refused us: this cluster's znodes belong to "
+                "another key (start with that cluster's --auth-dir)"
+            ) from None
         self._register()
         self._refresher = gevent.spawn(self._refresh_loop)
         self._dirty.set()
@@ -133,8 +146,10 @@ class Coordinator:
             if stat.ephemeralOwner == self.zk.client_id[0]:
                 return True
             if time.monotonic() > deadline:
-                raise DKVError(f"node id {self.config.node_id!r} is registered by another live "
-                               f"process ({path}); pick another --node-id") from None
+                raise DKVError(
+                    f"node id {self.config.node_id!r} is registered by another live "
+                    f"process ({path}); pick another --node-id"
+                ) from None
             logger.info("waiting for the previous session's %s to expire", path)
             return False
 
@@ -195,7 +210,9 @@ class Coordinator:
 
     # -- writes ----------------------------------------------------------------------
 
-    def _update_shard(self, shard_id: str, change: Callable[[layout.Shard], layout.Shard | None]) -> layout.Shard | None:
+    def _update_shard(
+        self, shard_id: str, change: Callable[[layout.Shard], layout.Shard | None]
+    ) -> layout.Shard | None:
         """Read-modify-write the shard znode, checked against its version (retried on conflict).
 
         ``change`` returns the new shard, or None to leave it as it is.
@@ -220,8 +237,10 @@ class Coordinator:
         carries an epoch somebody wrote in (promotion reuses it).
         """
         me = self.config.node_id
-        if self._update_shard(shard_id, lambda sh: replace(sh, epoch=sh.epoch + 1, writer=None, replicas=sh.members)
-                              if sh.writer == me else None):
+        if self._update_shard(
+            shard_id,
+            lambda sh: replace(sh, epoch=sh.epoch + 1, writer=None, replicas=sh.members) if sh.writer == me else None,
+        ):
             logger.warning("%s: stepped down as writer (our ZooKeeper session was lost)", shard_id)
 
     def bump_epoch(self, shard_id: str) -> int:

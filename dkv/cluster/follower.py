@@ -17,6 +17,7 @@ as the follower knows, makes the driver read the record on demand
 promoted writer's first fence or prepare can beat this node's watch. Refusals
 that only a forged or confused sender earns are logged with a bounded quote.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,8 +91,9 @@ class PromiseFile:
             os.close(dfd)
 
 
-def apply_actions(actions: Sequence[Action], log: Any, store: Store, promise: PromiseFile,
-                  unapplied: deque[Record] | None = None) -> None:
+def apply_actions(
+    actions: Sequence[Action], log: Any, store: Store, promise: PromiseFile, unapplied: deque[Record] | None = None
+) -> None:
     """Execute a follower's actions in order (synchronous: call it off the hub).
 
     ``unapplied`` holds the records appended but not applied yet, so applying
@@ -121,16 +123,26 @@ def apply_actions(actions: Sequence[Action], log: Any, store: Store, promise: Pr
 
 def chains(a: Prepare, b: Prepare) -> bool:
     """Does ``b`` continue ``a`` exactly (same epoch, ``b``'s prev is ``a``'s last record)?"""
-    return (bool(a.records) and bool(b.records) and a.epoch == b.epoch
-            and (b.prev_lsn, b.prev_epoch) == (a.records[-1].lsn, a.records[-1].epoch))
+    return (
+        bool(a.records)
+        and bool(b.records)
+        and a.epoch == b.epoch
+        and (b.prev_lsn, b.prev_epoch) == (a.records[-1].lsn, a.records[-1].epoch)
+    )
 
 
 def coalesce(ms: Sequence[Prepare]) -> Prepare:
     """One prepare equivalent to the chaining ``ms`` handled in order."""
     if len(ms) == 1:
         return ms[0]
-    return Prepare(ms[0].epoch, ms[0].prev_lsn, ms[0].prev_epoch, tuple(r for m in ms for r in m.records),
-                   max(m.commit_lsn for m in ms), max(m.slot_version for m in ms))
+    return Prepare(
+        ms[0].epoch,
+        ms[0].prev_lsn,
+        ms[0].prev_epoch,
+        tuple(r for m in ms for r in m.records),
+        max(m.commit_lsn for m in ms),
+        max(m.slot_version for m in ms),
+    )
 
 
 def apply_log(log: Any, store: Store, up_to: int) -> None:
@@ -149,9 +161,16 @@ class FollowerDriver:
     unbounded); ``recorded_epoch`` reads it from ZooKeeper now (None if it cannot).
     """
 
-    def __init__(self, log: Any, store: Store, promise: PromiseFile, offload: bool = True,
-                 page_bytes: int = DEFAULT_PAGE_BYTES, max_epoch: int | None = None,
-                 recorded_epoch: Callable[[], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        log: Any,
+        store: Store,
+        promise: PromiseFile,
+        offload: bool = True,
+        page_bytes: int = DEFAULT_PAGE_BYTES,
+        max_epoch: int | None = None,
+        recorded_epoch: Callable[[], int | None] | None = None,
+    ) -> None:
         self.log = log
         self.page_bytes = page_bytes
         self.store = store
@@ -185,8 +204,14 @@ class FollowerDriver:
         if lookup.successful() and lookup.value is not None:
             self.state.learn_max_epoch(lookup.value)
 
-    def _handle(self, epoch: int, decide: Callable[[], tuple[Reply, list[Action]]], what: str,
-                quoted: Any, inside: Callable[[Reply], Any] | None = None) -> tuple[Reply, Any]:
+    def _handle(
+        self,
+        epoch: int,
+        decide: Callable[[], tuple[Reply, list[Action]]],
+        what: str,
+        quoted: Any,
+        inside: Callable[[Reply], Any] | None = None,
+    ) -> tuple[Reply, Any]:
         """Decide and execute one message; ``inside(reply)`` runs before the next message is
         handled (e.g. to take a store snapshot at exactly this point)."""
         self._check_recorded(epoch)
@@ -195,8 +220,9 @@ class FollowerDriver:
         self._log_refusal(reply, what, quoted)
         return reply, extra
 
-    def _execute(self, decide: Callable[[], tuple[Reply, list[Action]]],
-                 inside: Callable[[Reply], Any] | None = None) -> tuple[Reply, Any]:
+    def _execute(
+        self, decide: Callable[[], tuple[Reply, list[Action]]], inside: Callable[[Reply], Any] | None = None
+    ) -> tuple[Reply, Any]:
         """Decide and execute one message (holding the lock)."""
         reply, actions = decide()
         if actions:
@@ -219,9 +245,18 @@ class FollowerDriver:
         self._refusals[reply.reason] = (now, 0)
         more = f" (and {unlogged} more refused since)" if unlogged else ""
         level = logging.WARNING if self.state.max_epoch else logging.INFO
-        logger.log(level, "refused %s (%s; the highest epoch seen recorded in ZooKeeper is %s, the writer "
-                   "of epoch %d showed lsn %d): %s%s", what, reply.reason, self.state.max_epoch,
-                   self.state.promised, self.state.shown_lsn, quote(quoted), more)
+        logger.log(
+            level,
+            "refused %s (%s; the highest epoch seen recorded in ZooKeeper is %s, the writer "
+            "of epoch %d showed lsn %d): %s%s",
+            what,
+            reply.reason,
+            self.state.max_epoch,
+            self.state.promised,
+            self.state.shown_lsn,
+            quote(quoted),
+            more,
+        )
 
     def prepare(self, wire: list[Any]) -> list[Any]:
         """Queue the prepare; the first greenlet to find no one handling the queue handles it
@@ -236,16 +271,16 @@ class FollowerDriver:
             try:
                 while self._prepares:
                     group = [self._prepares.popleft()]
-                    while (self._prepares and len(group) < MAX_COALESCED
-                           and chains(group[-1][0], self._prepares[0][0])):
+                    while self._prepares and len(group) < MAX_COALESCED and chains(group[-1][0], self._prepares[0][0]):
                         group.append(self._prepares.popleft())
                     merged = coalesce([g[0] for g in group])
                     with self._lock:
                         reply, _ = self._execute(partial(self.state.on_prepare, merged))
                     self._log_refusal(reply, "a prepare", group[0][1])
                     for one, _, done in group:
-                        done.set(reply if not reply.ok or not one.records else
-                                 replace(reply, match_lsn=one.records[-1].lsn))
+                        done.set(
+                            reply if not reply.ok or not one.records else replace(reply, match_lsn=one.records[-1].lsn)
+                        )
             except BaseException as e:  # every unanswered one gets it (the queue stays usable)
                 for _, _, done in [*group, *self._prepares]:
                     if not done.ready():
@@ -268,8 +303,13 @@ class FollowerDriver:
         """Anti-entropy: ``[reply, sha256 | None]``; the digest of the whole store at exactly the
         asked lsn (snapshotted before any other message is handled, hashed off the hub)."""
         m = DigestRequest.from_wire(wire)
-        reply, snap = self._handle(m.epoch, lambda: self.state.on_digest(m), "a digest request", wire,
-                                   inside=lambda r: self.store.snapshot() if r.ok else None)
+        reply, snap = self._handle(
+            m.epoch,
+            lambda: self.state.on_digest(m),
+            "a digest request",
+            wire,
+            inside=lambda r: self.store.snapshot() if r.ok else None,
+        )
         if snap is None:
             return [reply.to_wire(), None]
         try:
@@ -277,8 +317,9 @@ class FollowerDriver:
         finally:
             snap.close()
 
-    def snapshot_chunk(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
-                       lsn: int, last_epoch: int, rev: int = 0) -> list[Any]:
+    def snapshot_chunk(
+        self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int, rev: int = 0
+    ) -> list[Any]:
         """Install one chunk of the writer's storage snapshot taken at ``lsn``."""
         epoch, lsn = int(epoch), int(lsn)
         self._check_recorded(epoch)
@@ -293,11 +334,16 @@ class FollowerDriver:
         if refusal is not None:
             self._log_refusal(refusal, "a snapshot chunk", [epoch, first, pairs, done, lsn, last_epoch])
             return refusal.to_wire()
-        return Reply("", self.state.promised, self.log.last_lsn, self.log.last_epoch,
-                     self.log.last_lsn if done else 0, self.store.applied_lsn).to_wire()
+        return Reply(
+            "",
+            self.state.promised,
+            self.log.last_lsn,
+            self.log.last_epoch,
+            self.log.last_lsn if done else 0,
+            self.store.applied_lsn,
+        ).to_wire()
 
-    def _install(self, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int,
-                 rev: int) -> None:
+    def _install(self, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int, rev: int) -> None:
         if first:
             self._unapplied.clear()
             self.store.clear()
@@ -317,6 +363,7 @@ class FollowerDriver:
 
     def adopt(self, records: list[Record]) -> None:
         """Failover: replace our log past the applied (committed) prefix with ``records``."""
+
         def work() -> None:
             self.log.truncate_after(self.store.applied_lsn)
             self.log.append(records)
@@ -330,8 +377,9 @@ class FollowerDriver:
         """Our log from ``start`` (committed or not), for a candidate adopting it."""
         if self.log.last_lsn and start < self.log.first_lsn:
             raise Unavailable(f"lsn {start} was compacted; this log starts at {self.log.first_lsn}")
-        return records_to_wire(self._run(lambda: take_page(self.log.read_from(start, limit=limit), self.page_bytes,
-                                                           record_bytes)))
+        return records_to_wire(
+            self._run(lambda: take_page(self.log.read_from(start, limit=limit), self.page_bytes, record_bytes))
+        )
 
     def reset(self) -> None:
         """Become a replica again (after being the writer): take the store's state as ours."""

@@ -31,6 +31,7 @@ empty shard none of whose members is alive). :func:`read_view` reads ``/migratio
 before ``/slots``: a reader that finds a migration gone is sure to read the
 slot map it flipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,14 +90,20 @@ class Shard:
         return ([self.writer] if self.writer else []) + list(self.replicas)
 
     def to_bytes(self) -> bytes:
-        return encode({"epoch": self.epoch, "writer": self.writer, "replicas": self.replicas,
-                       "draining": self.draining})
+        return encode(
+            {"epoch": self.epoch, "writer": self.writer, "replicas": self.replicas, "draining": self.draining}
+        )
 
     @classmethod
     def from_bytes(cls, shard_id: str, raw: bytes) -> "Shard":
         d = decode(raw) or {}
-        return cls(shard_id, int(d.get("epoch", 1)), d.get("writer"), list(d.get("replicas", [])),
-                   bool(d.get("draining", False)))
+        return cls(
+            shard_id,
+            int(d.get("epoch", 1)),
+            d.get("writer"),
+            list(d.get("replicas", [])),
+            bool(d.get("draining", False)),
+        )
 
 
 @dataclass
@@ -156,18 +163,38 @@ class Migration:
         return isinstance(slot, int) and self.start <= slot <= self.end
 
     def to_bytes(self) -> bytes:
-        return encode({"start": self.start, "end": self.end, "source": self.source, "target": self.target,
-                       "state": self.state, "from_lsn": self.from_lsn})
+        return encode(
+            {
+                "start": self.start,
+                "end": self.end,
+                "source": self.source,
+                "target": self.target,
+                "state": self.state,
+                "from_lsn": self.from_lsn,
+            }
+        )
 
     @classmethod
     def from_bytes(cls, migration_id: str, raw: bytes) -> "Migration":
         d = decode(raw) or {}
-        return cls(migration_id, int(d["start"]), int(d["end"]), str(d["source"]), str(d["target"]),
-                   str(d.get("state", COPYING)), d.get("from_lsn"))
+        return cls(
+            migration_id,
+            int(d["start"]),
+            int(d["end"]),
+            str(d["source"]),
+            str(d["target"]),
+            str(d.get("state", COPYING)),
+            d.get("from_lsn"),
+        )
 
 
-def cluster_info(shards: list[Shard], slots: SlotRanges, nodes: dict[str, str],
-                 slot_map_version: int, migrations: list[Migration] | None = None) -> dict[str, Any]:
+def cluster_info(
+    shards: list[Shard],
+    slots: SlotRanges,
+    nodes: dict[str, str],
+    slot_map_version: int,
+    migrations: list[Migration] | None = None,
+) -> dict[str, Any]:
     """The ``cluster_info`` document (as a node, the client and the CLI show it).
 
     ``nodes`` maps every *live* node id to its address. A shard member without
@@ -182,16 +209,34 @@ def cluster_info(shards: list[Shard], slots: SlotRanges, nodes: dict[str, str],
     out_nodes = []
     for nid in sorted(set(nodes) | set(member_role)):
         role, shard = member_role.get(nid, ("unassigned", None))
-        out_nodes.append({"id": nid, "addr": nodes.get(nid), "role": role, "shard": shard,
-                          "status": "up" if nid in nodes else "down"})
+        out_nodes.append(
+            {
+                "id": nid,
+                "addr": nodes.get(nid),
+                "role": role,
+                "shard": shard,
+                "status": "up" if nid in nodes else "down",
+            }
+        )
     return {
         "mode": "cluster",
         "slot_map_version": slot_map_version,
-        "shards": [{"id": sh.id, "epoch": sh.epoch, "writer": sh.writer, "replicas": list(sh.replicas),
-                    "slots": slots.of_shard(sh.id), "draining": sh.draining} for sh in sorted(shards, key=lambda s: shard_sort_key(s.id))],
+        "shards": [
+            {
+                "id": sh.id,
+                "epoch": sh.epoch,
+                "writer": sh.writer,
+                "replicas": list(sh.replicas),
+                "slots": slots.of_shard(sh.id),
+                "draining": sh.draining,
+            }
+            for sh in sorted(shards, key=lambda s: shard_sort_key(s.id))
+        ],
         "nodes": out_nodes,
-        "migrations": [{"id": m.id, "slots": [m.start, m.end], "source": m.source, "target": m.target,
-                        "state": m.state} for m in migrations or []],
+        "migrations": [
+            {"id": m.id, "slots": [m.start, m.end], "source": m.source, "target": m.target, "state": m.state}
+            for m in migrations or []
+        ],
     }
 
 
@@ -229,8 +274,13 @@ class ClusterView:
         return self.nodes.get(sh.writer) if sh and sh.writer else None
 
     def info(self) -> dict[str, Any]:
-        return cluster_info(list(self.shards.values()), self.slots, self.nodes, self.slot_version,
-                            sorted(self.migrations.values(), key=lambda m: m.id))
+        return cluster_info(
+            list(self.shards.values()),
+            self.slots,
+            self.nodes,
+            self.slot_version,
+            sorted(self.migrations.values(), key=lambda m: m.id),
+        )
 
 
 def read_view(zk: Any, watch: Any = None) -> ClusterView:

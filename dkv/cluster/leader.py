@@ -16,6 +16,7 @@ WAL no longer holds what they need (or anti-entropy found the replica's store
 diverged, see :mod:`dkv.cluster.antientropy`). The commit point reaches
 replicas with the next prepare, or with a heartbeat once the writer is idle.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,9 +74,17 @@ POLL = 0.02
 
 
 class ReplicatedWriter:
-    def __init__(self, config: NodeConfig, shard_id: str, epoch: int, log: Any, store: Store,
-                 addr_of: Callable[[str], str | None], bump_epoch: Callable[[], int],
-                 is_current: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        shard_id: str,
+        epoch: int,
+        log: Any,
+        store: Store,
+        addr_of: Callable[[str], str | None],
+        bump_epoch: Callable[[], int],
+        is_current: Callable[[], bool],
+    ) -> None:
         self.config = config
         self.shard_id = shard_id
         self.log = log
@@ -85,8 +94,9 @@ class ReplicatedWriter:
         self._bump_epoch = bump_epoch
         self._is_current = is_current
         self._offload = config.durable
-        self.leader = Leader(epoch, log, config.write_quorum, commit_lsn=store.applied_lsn,
-                             write_timeout=config.write_timeout)
+        self.leader = Leader(
+            epoch, log, config.write_quorum, commit_lsn=store.applied_lsn, write_timeout=config.write_timeout
+        )
         self._conns: dict[str, Connection] = {}
         self._catchups: dict[str, gevent.Greenlet] = {}
         #: per batch in flight (by its last lsn): what its writer waits on
@@ -141,10 +151,10 @@ class ReplicatedWriter:
 
     def stop(self) -> None:
         self._active = False
-        self._fail_handles(WriteTimeout(f"{self.shard_id}: the writer stopped with the write in flight; it "
-                                        "may or may not survive"))
-        gevent.killall([g for g in [*self._greenlets, self._notice, *self._catchups.values()] if g],
-                       block=False)
+        self._fail_handles(
+            WriteTimeout(f"{self.shard_id}: the writer stopped with the write in flight; it may or may not survive")
+        )
+        gevent.killall([g for g in [*self._greenlets, self._notice, *self._catchups.values()] if g], block=False)
         for c in self._conns.values():
             c.close()
         self._conns.clear()
@@ -154,8 +164,10 @@ class ReplicatedWriter:
     def check(self) -> None:
         """Refuse a write up front (definite) when it cannot reach a quorum now."""
         if not self._is_current():
-            raise Unavailable(f"{self.config.node_id} cannot confirm it is the writer of {self.shard_id} "
-                              "(ZooKeeper connection or role lost)")
+            raise Unavailable(
+                f"{self.config.node_id} cannot confirm it is the writer of {self.shard_id} "
+                "(ZooKeeper connection or role lost)"
+            )
         deadline = time.monotonic() + self.config.write_timeout
         while self.leader.rolling_back is not None and time.monotonic() < deadline:
             gevent.sleep(POLL)
@@ -214,8 +226,7 @@ class ReplicatedWriter:
                 self._log_jobs.append(e)
                 self._log_jobs_ready.set()
                 if isinstance(e, Rollback):
-                    logger.warning("%s: rolling back the batches in flight after lsn %d", self.shard_id,
-                                   e.after_lsn)
+                    logger.warning("%s: rolling back the batches in flight after lsn %d", self.shard_id, e.after_lsn)
                     for rid in e.targets:
                         gevent.spawn(self._truncate, rid, e.after_lsn)
             elif isinstance(e, Fail):
@@ -227,8 +238,12 @@ class ReplicatedWriter:
             elif isinstance(e, CatchUp):
                 self._ensure_catchup(e.rid)
             elif isinstance(e, Deposed):
-                logger.warning("%s: a member promised epoch %d: this writer (epoch %d) is fenced",
-                               self.shard_id, e.epoch, self.epoch)
+                logger.warning(
+                    "%s: a member promised epoch %d: this writer (epoch %d) is fenced",
+                    self.shard_id,
+                    e.epoch,
+                    self.epoch,
+                )
 
     def _log_loop(self) -> None:
         """The local log: appends (all those queued in one write and fsync) and truncates, in
@@ -253,8 +268,7 @@ class ReplicatedWriter:
                     offloaded(self._offload, self.log.truncate_after, job.after_lsn)
                     ok = True
                 except Exception:
-                    logger.exception("%s: truncating the local log after lsn %d failed", self.shard_id,
-                                     job.after_lsn)
+                    logger.exception("%s: truncating the local log after lsn %d failed", self.shard_id, job.after_lsn)
                     ok = False
                 self._run(self.leader.on_truncated(LOCAL, ok))
 
@@ -282,8 +296,12 @@ class ReplicatedWriter:
             if current:
                 h.set(None)
             else:
-                h.set_exception(WriteTimeout("committed, but this writer lost ZooKeeper meanwhile: "
-                                             "the write may or may not survive a failover"))
+                h.set_exception(
+                    WriteTimeout(
+                        "committed, but this writer lost ZooKeeper meanwhile: "
+                        "the write may or may not survive a failover"
+                    )
+                )
         if self._notice is None or self._notice.dead:
             self._notice = gevent.spawn_later(COMMIT_NOTICE_DELAY, self._send_notice)
 
@@ -347,10 +365,12 @@ class ReplicatedWriter:
                 elif isinstance(step, SendFrom):
                     self._send_from(rid, step.lsn)
                 elif isinstance(step, CutTo):
-                    logger.info("%s: replica %s has a divergent tail; cutting it after lsn %d",
-                                self.shard_id, rid, step.lsn)
-                    self.leader.on_reply(rid, self._call(rid, "repl_truncate",
-                                                         Truncate(self.epoch, step.lsn).to_wire()))
+                    logger.info(
+                        "%s: replica %s has a divergent tail; cutting it after lsn %d", self.shard_id, rid, step.lsn
+                    )
+                    self.leader.on_reply(
+                        rid, self._call(rid, "repl_truncate", Truncate(self.epoch, step.lsn).to_wire())
+                    )
                 elif isinstance(step, SendSnapshot):
                     self._send_snapshot(rid)
                 backoff = 0.05
@@ -385,16 +405,22 @@ class ReplicatedWriter:
             # A replica installs a snapshot only as far as we have shown it our log: a
             # heartbeat carrying the commit point (its reply may well be a gap: no matter).
             commit = self.leader.commit_lsn
-            self.leader.on_reply(rid, self._call(rid, "repl_prepare",
-                                                 self.leader.prepare([], commit, self._epoch_at(commit)).to_wire()),
-                                 position_only=True)
+            self.leader.on_reply(
+                rid,
+                self._call(rid, "repl_prepare", self.leader.prepare([], commit, self._epoch_at(commit)).to_wire()),
+                position_only=True,
+            )
             if self.leader.deposed:
                 return
             pairs = snap.iter_slots(ALL_SLOTS)
             first = True
             while True:
-                chunk = offloaded(self._offload, lambda: [[k, v] for k, v in take_page(
-                    pairs, self.config.limits.page_bytes, pair_bytes, SNAPSHOT_CHUNK)])
+                chunk = offloaded(
+                    self._offload,
+                    lambda: [
+                        [k, v] for k, v in take_page(pairs, self.config.limits.page_bytes, pair_bytes, SNAPSHOT_CHUNK)
+                    ],
+                )
                 done = not page_is_full(chunk, self.config.limits.page_bytes, pair_bytes, SNAPSHOT_CHUNK)
                 reply = self._call(rid, "repl_snapshot", self.epoch, first, chunk, done, lsn, epoch, rev)
                 first = False
@@ -504,15 +530,23 @@ class ReplicatedWriter:
         if deposed is not None:
             raise Unavailable(f"{self.shard_id} has a newer epoch {deposed}; this writer is fenced")
         if not self._is_current():
-            raise Unavailable(f"{self.config.node_id} cannot confirm it is the writer of {self.shard_id} "
-                              "(ZooKeeper connection or role lost)")
+            raise Unavailable(
+                f"{self.config.node_id} cannot confirm it is the writer of {self.shard_id} "
+                "(ZooKeeper connection or role lost)"
+            )
         if round_ is not None and not round_.confirmed:
-            raise Unavailable(f"{self.shard_id}: {len(round_.accepted)} of {round_.needed} replica(s) "
-                              "confirmed the writer's epoch for a linearizable read")
+            raise Unavailable(
+                f"{self.shard_id}: {len(round_.accepted)} of {round_.needed} replica(s) "
+                "confirmed the writer's epoch for a linearizable read"
+            )
 
     def lag(self) -> dict[str, Any]:
-        return {"commit_lsn": self.leader.commit_lsn, "epoch": self.epoch, "replicas": self.leader.lag(),
-                "anti_entropy": self.anti_entropy.stats()}
+        return {
+            "commit_lsn": self.leader.commit_lsn,
+            "epoch": self.epoch,
+            "replicas": self.leader.lag(),
+            "anti_entropy": self.anti_entropy.stats(),
+        }
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -525,8 +559,9 @@ class ReplicatedWriter:
             raise TransportError(f"replica {rid} is not registered")
         c = self._conns.get(rid)
         if c is None or c.addr != addr:
-            c = self._conns[rid] = Connection(addr, self.config.write_timeout, max_inflight=8,
-                                                   auth=self.config.credentials)
+            c = self._conns[rid] = Connection(
+                addr, self.config.write_timeout, max_inflight=8, auth=self.config.credentials
+            )
         return c
 
     def _drop_conn(self, rid: str) -> None:

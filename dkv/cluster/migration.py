@@ -60,6 +60,7 @@ migration znode is deleted. The flip can no longer commit (its multi-op deletes
 that same znode), the source serves the range again, and the controller plans
 the move afresh.
 """
+
 from __future__ import annotations
 
 import time
@@ -95,6 +96,7 @@ def import_op(rec: Record) -> ImportOp | None:
 class Clear:
     """Delete one page of the target's own keys in the range after storage key ``after``;
     answer with the last storage key deleted (None: nothing left)."""
+
     after: bytes | None
 
 
@@ -106,6 +108,7 @@ class Begin:
 @dataclass(frozen=True)
 class RecordStart:
     """Write ``from_lsn`` into the migration znode."""
+
     from_lsn: int
 
 
@@ -113,18 +116,21 @@ class RecordStart:
 class CopyPage:
     """Read one page of the range from the source's writer, after storage key ``after``;
     answer with a :class:`Page`."""
+
     after: bytes | None
 
 
 @dataclass(frozen=True)
 class Import:
     """Write ``ops`` through the target's log (answer with None)."""
+
     ops: list[ImportOp] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Tail:
     """Read the source's committed WAL records after ``after_lsn``; answer with a :class:`TailPage`."""
+
     after_lsn: int
 
 
@@ -136,6 +142,7 @@ class Freeze:
 @dataclass(frozen=True)
 class Flip:
     """The multi-op, checked against the source shard's znode version; answer True if it committed."""
+
     source_version: int
 
 
@@ -182,8 +189,12 @@ class Frozen:
 class Importer:
     """The target side of one slot-range move (see the module doc)."""
 
-    def __init__(self, inherited_freeze: bool = False, freeze_timeout: float = FREEZE_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        inherited_freeze: bool = False,
+        freeze_timeout: float = FREEZE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``inherited_freeze``: the migration is already frozen by a previous driver (cancel it)."""
         self._next: Action = Cancel() if inherited_freeze else Clear(None)
         self._after_import: Action | None = None
@@ -221,8 +232,7 @@ class Importer:
         freeze has lasted ``freeze_timeout`` (unless the flip, which ends it too, is due)."""
         if isinstance(self._next, Freeze) and self.frozen_at is None:
             self.frozen_at = self._clock()
-        elif (not isinstance(self._next, (Cancel, Done, Flip))
-                and (self.frozen_for() or 0.0) > self.freeze_timeout):
+        elif not isinstance(self._next, (Cancel, Done, Flip)) and (self.frozen_for() or 0.0) > self.freeze_timeout:
             self._next = Cancel()
         return self._next
 

@@ -7,6 +7,7 @@ pipeline. :class:`MigrationSource` answers those RPCs on the source's writer.
 :func:`delete_range` deletes a slot range through the log (so replicas follow):
 the importer's clear step, and the janitor that drops a range once it moved away.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,9 @@ PAGE = 2000
 RPC_TIMEOUT = 10.0
 
 
-def delete_range(pipeline: WritePipeline, store: Store, slots: SlotRange, offload: bool,
-                 after: bytes | None = None) -> bytes | None:
+def delete_range(
+    pipeline: WritePipeline, store: Store, slots: SlotRange, offload: bool, after: bytes | None = None
+) -> bytes | None:
     """Delete one page of ``slots``' keys through the log; the last storage key deleted (None: none left)."""
     page = offloaded(offload, lambda: store.page_slots(slots, after, PAGE, pipeline.page_bytes))
     if not page:
@@ -67,8 +69,14 @@ def delete_range(pipeline: WritePipeline, store: Store, slots: SlotRange, offloa
 class MigrationSource:
     """The source writer's side: scan, tail and freeze a range for the target's driver."""
 
-    def __init__(self, log: Any, store: Store, pipeline: WritePipeline, offload: bool,
-                 confirm_frozen: Callable[[str], tuple[Migration, int]]) -> None:
+    def __init__(
+        self,
+        log: Any,
+        store: Store,
+        pipeline: WritePipeline,
+        offload: bool,
+        confirm_frozen: Callable[[str], tuple[Migration, int]],
+    ) -> None:
         self.log, self.store, self.pipeline, self.offload = log, store, pipeline, offload
         #: read the migration from ZooKeeper, check it is frozen and we still write its
         #: source; mark it frozen here; return it with the source shard znode's version
@@ -95,8 +103,12 @@ class MigrationSource:
         if upto <= after_lsn:
             return out
         try:
-            records = offloaded(self.offload, lambda: take_page(self.log.read_from(after_lsn + 1, limit=upto - after_lsn),
-                                                                self.pipeline.page_bytes, record_bytes))
+            records = offloaded(
+                self.offload,
+                lambda: take_page(
+                    self.log.read_from(after_lsn + 1, limit=upto - after_lsn), self.pipeline.page_bytes, record_bytes
+                ),
+            )
         except ValueError:
             records = []
         if not records or records[0].lsn != after_lsn + 1:
@@ -125,9 +137,20 @@ def _range(start: int, end: int) -> SlotRange:
 class Migrator:
     """Drives one migration into this node's shard while it is the shard's writer."""
 
-    def __init__(self, migration: Migration, zk: Any, pipeline: WritePipeline, store: Store, offload: bool,
-                 source_addr: Callable[[], str | None], node_id: str, epoch: int, rate: int = 0,
-                 freeze_timeout: float = FREEZE_TIMEOUT, auth: Credentials | None = None) -> None:
+    def __init__(
+        self,
+        migration: Migration,
+        zk: Any,
+        pipeline: WritePipeline,
+        store: Store,
+        offload: bool,
+        source_addr: Callable[[], str | None],
+        node_id: str,
+        epoch: int,
+        rate: int = 0,
+        freeze_timeout: float = FREEZE_TIMEOUT,
+        auth: Credentials | None = None,
+    ) -> None:
         self.migration = migration
         self.auth = auth
         self.zk = zk
@@ -149,9 +172,15 @@ class Migrator:
     def progress(self) -> dict[str, Any]:
         """The move as this driver sees it (``info()["migration"]`` on the target's writer)."""
         imp, frozen = self.importer, self.importer.frozen_for()
-        return {"id": self.migration.id, "slots": [self.migration.start, self.migration.end],
-                "source": self.migration.source, "phase": imp.phase, "imported": imp.imported,
-                "restarts": imp.restarts, "frozen_ms": None if frozen is None else round(1000 * frozen)}
+        return {
+            "id": self.migration.id,
+            "slots": [self.migration.start, self.migration.end],
+            "source": self.migration.source,
+            "phase": imp.phase,
+            "imported": imp.imported,
+            "restarts": imp.restarts,
+            "frozen_ms": None if frozen is None else round(1000 * frozen),
+        }
 
     def stop(self) -> None:
         self._greenlet.kill()
@@ -181,8 +210,7 @@ class Migrator:
                 if isinstance(e, NoNodeError):
                     logger.info("migration %s: stopping (%s)", m.id, e)
                     return
-                logger.info("migration %s: %s failed (%s: %s); retrying", m.id, type(act).__name__,
-                            type(e).__name__, e)
+                logger.info("migration %s: %s failed (%s: %s); retrying", m.id, type(act).__name__, type(e).__name__, e)
                 gevent.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
@@ -192,16 +220,32 @@ class Migrator:
                 # --migration-rate; once frozen, the drain goes at full speed
                 gevent.sleep(max(0.0, len(act.ops) / self.rate - (time.monotonic() - started)))
         if self.importer.cancelled:
-            logger.warning("migration %s: cancelled after %.1fs (%s); slots %d..%d stay with %s, which serves "
-                           "them again, and the controller will plan the move afresh", m.id, time.monotonic() - t0,
-                           "it was frozen by a previous writer of " + m.target if self.importer.frozen_at is None
-                           else f"frozen for over {self.freeze_timeout:g}s without finishing",
-                           m.start, m.end, m.source)
+            logger.warning(
+                "migration %s: cancelled after %.1fs (%s); slots %d..%d stay with %s, which serves "
+                "them again, and the controller will plan the move afresh",
+                m.id,
+                time.monotonic() - t0,
+                "it was frozen by a previous writer of " + m.target
+                if self.importer.frozen_at is None
+                else f"frozen for over {self.freeze_timeout:g}s without finishing",
+                m.start,
+                m.end,
+                m.source,
+            )
             return
         frozen = self.importer.frozen_for() or 0.0
-        logger.info("migration %s: slots %d..%d now belong to %s (%d records imported, %d restart(s), %.1fs, "
-                    "frozen for the last %.0f ms)", m.id, m.start, m.end, m.target, self.importer.imported,
-                    self.importer.restarts, time.monotonic() - t0, 1000 * frozen)
+        logger.info(
+            "migration %s: slots %d..%d now belong to %s (%d records imported, %d restart(s), %.1fs, "
+            "frozen for the last %.0f ms)",
+            m.id,
+            m.start,
+            m.end,
+            m.target,
+            self.importer.imported,
+            self.importer.restarts,
+            time.monotonic() - t0,
+            1000 * frozen,
+        )
 
     def _call(self, method: str, *args: Any) -> Any:
         addr = self._source_addr()
@@ -218,8 +262,9 @@ class Migrator:
         if isinstance(act, Begin):
             return int(self._call("mig_position"))
         if isinstance(act, RecordStart):
-            self._update(lambda cur: Migration(cur.id, cur.start, cur.end, cur.source, cur.target, cur.state,
-                                               act.from_lsn))
+            self._update(
+                lambda cur: Migration(cur.id, cur.start, cur.end, cur.source, cur.target, cur.state, act.from_lsn)
+            )
             return None
         if isinstance(act, CopyPage):
             pairs, nxt = self._call("mig_scan", m.start, m.end, act.after, PAGE)
@@ -232,8 +277,13 @@ class Migrator:
             ops = [op for r in records_from_wire(t["records"]) if (op := import_op(r)) is not None]
             return TailPage(ops, int(t["scanned_to"]), int(t["committed"]), bool(t["compacted"]))
         if isinstance(act, Freeze):
-            self._update(lambda cur: None if cur.state == FROZEN else
-                         Migration(cur.id, cur.start, cur.end, cur.source, cur.target, FROZEN, cur.from_lsn))
+            self._update(
+                lambda cur: (
+                    None
+                    if cur.state == FROZEN
+                    else Migration(cur.id, cur.start, cur.end, cur.source, cur.target, FROZEN, cur.from_lsn)
+                )
+            )
             final, version, rev = self._call("mig_freeze", m.id)
             return Frozen(int(final), int(version), int(rev))
         if isinstance(act, Flip):
@@ -266,8 +316,9 @@ class Migrator:
         if any(slots.owner(s) != m.source for s in range(m.start, m.end + 1)):
             # A stale move (its range no longer all the source's): clearing or flipping it
             # could wipe what the target already owns. Abandon it.
-            logger.warning("migration %s: slots %d..%d are no longer all %s's; cancelling it", m.id,
-                           m.start, m.end, m.source)
+            logger.warning(
+                "migration %s: slots %d..%d are no longer all %s's; cancelling it", m.id, m.start, m.end, m.source
+            )
             cancel_migration(self.zk, m.id)
             raise NoNodeError(layout.migration_path(m.id))
         raw, stat = self.zk.get(layout.shard_path(m.target))
@@ -289,8 +340,11 @@ class Migrator:
         results = tx.commit()
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
-            logger.info("migration %s: flip refused (%s); confirming the freeze again", m.id,
-                        ", ".join(type(r).__name__ for r in failed))
+            logger.info(
+                "migration %s: flip refused (%s); confirming the freeze again",
+                m.id,
+                ", ".join(type(r).__name__ for r in failed),
+            )
             return False
         return True
 

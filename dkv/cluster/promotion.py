@@ -20,6 +20,7 @@ If too few members answer, nobody is promoted: the shard stays unavailable
 :func:`decide` (the fence's answers in, :class:`GiveUp`, :class:`FetchFrom` or
 :class:`Publish` out) are the pure rules; :class:`Promoter` is the I/O around them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -112,8 +113,11 @@ class Promoter:
 
     def _writer_down(self) -> bool:
         sh = self.rt.view.shards.get(self.shard_id)
-        return (sh is not None and self.config.node_id in sh.replicas
-                and (sh.writer is None or sh.writer not in self.rt.view.nodes))
+        return (
+            sh is not None
+            and self.config.node_id in sh.replicas
+            and (sh.writer is None or sh.writer not in self.rt.view.nodes)
+        )
 
     def _run(self) -> None:
         lock = self.rt.coord.zk.Lock(f"{layout.shard_path(self.shard_id)}/promotion", self.config.node_id)
@@ -153,14 +157,21 @@ class Promoter:
                 stat = zk.set(path, reserved.to_bytes(), version=stat.version)
             except BadVersionError:
                 return False
-        logger.warning("%s: writer %s is gone; %s reserved epoch %d and fences the members",
-                       self.shard_id, shard.writer, me, epoch)
+        logger.warning(
+            "%s: writer %s is gone; %s reserved epoch %d and fences the members", self.shard_id, shard.writer, me, epoch
+        )
         positions = self._fence(members, epoch)
-        step = decide(me, positions, needed(self.config.replication_factor, self.config.write_quorum),
-                      self.rt.store.applied_lsn)
+        step = decide(
+            me, positions, needed(self.config.replication_factor, self.config.write_quorum), self.rt.store.applied_lsn
+        )
         if isinstance(step, GiveUp):
-            logger.error("%s: only %d of %d members answered the promotion (need %d); no writer until "
-                         "more return", self.shard_id, step.answered, len(members), step.needed)
+            logger.error(
+                "%s: only %d of %d members answered the promotion (need %d); no writer until more return",
+                self.shard_id,
+                step.answered,
+                len(members),
+                step.needed,
+            )
             return False
         if isinstance(step, FetchFrom) and not self._adopt(step, positions[step.source]):
             return False
@@ -169,13 +180,20 @@ class Promoter:
             zk.set(path, new.to_bytes(), version=stat.version)
         except BadVersionError:
             return False
-        logger.warning("%s: %s promoted to writer in epoch %d (log end %d, from %d answering members)",
-                       self.shard_id, me, epoch, self.rt.log.last_lsn, len(positions))
+        logger.warning(
+            "%s: %s promoted to writer in epoch %d (log end %d, from %d answering members)",
+            self.shard_id,
+            me,
+            epoch,
+            self.rt.log.last_lsn,
+            len(positions),
+        )
         self.rt.coord.refresh()
         return True
 
     def _fence(self, members: list[str], epoch: int) -> dict[str, Reply]:
         """Every reachable member promises ``epoch`` and reports its log end."""
+
         def ask(member: str) -> Reply | None:
             try:
                 if member == self.config.node_id:
@@ -214,8 +232,14 @@ class Promoter:
             logger.error("%s: fetching the log tail from %s failed: %s", self.shard_id, source, e)
             return False
         self.rt.follower.adopt(records)
-        logger.info("%s: adopted %d record(s) from %s (log end %d, epoch %d)", self.shard_id, len(records),
-                    source, pos.last_lsn, pos.last_epoch)
+        logger.info(
+            "%s: adopted %d record(s) from %s (log end %d, epoch %d)",
+            self.shard_id,
+            len(records),
+            source,
+            pos.last_lsn,
+            pos.last_epoch,
+        )
         return True
 
     def _request(self, addr: str, method: str, *args: Any) -> Any:

@@ -29,6 +29,7 @@ heartbeat), so a snapshot cannot claim a log the writer does not hold. Writer
 and replicas compare store digests at one LSN (:class:`DigestRequest`,
 :func:`compare_digest`); a diverged replica is re-synced from a snapshot.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,8 +53,9 @@ def record_bytes(r: Record) -> int:
 
 
 def records_from_wire(wire: Sequence[Sequence[Any]]) -> tuple[Record, ...]:
-    return tuple(Record(int(e), int(n), Op(o), bytes(k), bytes(v), int(rev), int(exp))
-                 for e, n, o, k, v, rev, exp in wire)
+    return tuple(
+        Record(int(e), int(n), Op(o), bytes(k), bytes(v), int(rev), int(exp)) for e, n, o, k, v, rev, exp in wire
+    )
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,22 @@ class Prepare:
     slot_version: int = -1
 
     def to_wire(self) -> list[Any]:
-        return [self.epoch, self.prev_lsn, self.prev_epoch, self.commit_lsn, records_to_wire(self.records),
-                self.slot_version]
+        return [
+            self.epoch,
+            self.prev_lsn,
+            self.prev_epoch,
+            self.commit_lsn,
+            records_to_wire(self.records),
+            self.slot_version,
+        ]
 
     @classmethod
     def from_wire(cls, w: Sequence[Any]) -> "Prepare":
         try:
             epoch, prev_lsn, prev_epoch, commit_lsn, recs, slot_version = w
-            return cls(int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn),
-                       int(slot_version))
+            return cls(
+                int(epoch), int(prev_lsn), int(prev_epoch), records_from_wire(recs), int(commit_lsn), int(slot_version)
+            )
         except (TypeError, ValueError) as e:
             raise InvalidArgument(f"malformed prepare: {str(e)[:200]}") from None
 
@@ -126,12 +135,12 @@ class DigestRequest:
 
 OK = ""
 STALE_EPOCH = "stale_epoch"  # the sender's epoch is below the one this member promised (or ZooKeeper records)
-GAP = "gap"                  # prev_lsn is past this member's log end
-MISMATCH = "mismatch"        # this member's record at prev_lsn has another epoch
-COMMITTED = "committed"      # asked to drop a committed record: refused
+GAP = "gap"  # prev_lsn is past this member's log end
+MISMATCH = "mismatch"  # this member's record at prev_lsn has another epoch
+COMMITTED = "committed"  # asked to drop a committed record: refused
 BEYOND_EPOCH = "beyond_epoch"  # the sender's epoch is above the one ZooKeeper records for the shard
-BEYOND_LOG = "beyond_log"    # a snapshot's lsn is past every position the writer has shown
-AHEAD = "ahead"              # digest: this member already applied past the asked lsn
+BEYOND_LOG = "beyond_log"  # a snapshot's lsn is past every position the writer has shown
+AHEAD = "ahead"  # digest: this member already applied past the asked lsn
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,7 @@ class LogState(Protocol):
     def last_lsn(self) -> int: ...
     @property
     def last_epoch(self) -> int: ...
+
     epochs: EpochIndex
 
 
@@ -301,8 +311,14 @@ class Follower:
         if commit > self.applied_lsn:
             actions.append(ApplyUpTo(commit))
             self.applied_lsn = commit
-        return Reply(OK, self.promised, new[-1].lsn if new else last,
-                     new[-1].epoch if new else self.log.last_epoch, match, self.applied_lsn), actions
+        return Reply(
+            OK,
+            self.promised,
+            new[-1].lsn if new else last,
+            new[-1].epoch if new else self.log.last_epoch,
+            match,
+            self.applied_lsn,
+        ), actions
 
     def on_truncate(self, m: Truncate) -> tuple[Reply, list[Action]]:
         actions: list[Action] = []
@@ -346,9 +362,9 @@ class Follower:
 
 # -- writer side -----------------------------------------------------------------------
 
-IN_SYNC = "in_sync"      # holds our whole log: gets every prepare
+IN_SYNC = "in_sync"  # holds our whole log: gets every prepare
 CATCHING_UP = "catching_up"
-DOWN = "down"            # not answering / not registered
+DOWN = "down"  # not answering / not registered
 
 #: The local copy, as a member that confirms a rollback (``Leader.on_truncated``).
 LOCAL = ""
@@ -672,14 +688,17 @@ class Leader:
             self.admit()
             prev, prev_epoch = self._last
             if self.need_bump or recs[0].lsn != prev + 1 or any(r.epoch != self.epoch for r in recs):
-                raise Unavailable(f"the batch at lsn {recs[0].lsn} epoch {recs[0].epoch} no longer continues "
-                                  f"the log (lsn {prev}, epoch {self.epoch}); nothing was written")
+                raise Unavailable(
+                    f"the batch at lsn {recs[0].lsn} epoch {recs[0].epoch} no longer continues "
+                    f"the log (lsn {prev}, epoch {self.epoch}); nothing was written"
+                )
         if not recs or recs[0].lsn != prev + 1:
             raise ValueError(f"batch at {recs[0].lsn if recs else None} does not follow lsn {prev}")
         m = self.prepare(recs, prev, prev_epoch)
         targets = self.in_sync()
-        self.inflight.append(Batch(recs, m, now, now + self.write_timeout, set(targets), set(targets),
-                                   appended=tail, tail=tail))
+        self.inflight.append(
+            Batch(recs, m, now, now + self.write_timeout, set(targets), set(targets), appended=tail, tail=tail)
+        )
         if not tail:
             self._last = (recs[-1].lsn, recs[-1].epoch)
         effects: list[Effect] = [] if tail else [AppendLocal(recs)]
@@ -727,8 +746,11 @@ class Leader:
         self.rolling_back = None
         lsns, self._failing = self._failing, ()
         what = f"{len(lsns)} batch(es) rolled back; {asked} replica(s) asked to drop them"
-        error: DKVError = (QuorumNotReached(f"{what}, all confirmed: the write was not applied") if definite else
-                           WriteTimeout(f"{what}; one that did not confirm may still hold it"))
+        error: DKVError = (
+            QuorumNotReached(f"{what}, all confirmed: the write was not applied")
+            if definite
+            else WriteTimeout(f"{what}; one that did not confirm may still hold it")
+        )
         return [Fail(lsns, error)]
 
     def _advance(self) -> list[Effect]:
@@ -741,7 +763,7 @@ class Leader:
             done.append(b)
         effects: list[Effect] = []
         if done:
-            del self.inflight[:len(done)]
+            del self.inflight[: len(done)]
             self.commit_lsn = done[-1].last
             self.lease_from = max(self.lease_from, done[-1].sent)
             if self.tail_pending and not any(b.tail for b in self.inflight) and self.commit_lsn >= self.log.last_lsn:
@@ -779,9 +801,15 @@ class Leader:
         self._gen += 1
         effects: list[Effect] = [Deposed(self.deposed_by or 0)]
         if failing:
-            effects.append(Fail(tuple(b.last for b in failing if not b.tail),
-                                WriteTimeout(f"this writer was deposed by epoch {self.deposed_by} while the "
-                                             "write was in flight: it may or may not survive")))
+            effects.append(
+                Fail(
+                    tuple(b.last for b in failing if not b.tail),
+                    WriteTimeout(
+                        f"this writer was deposed by epoch {self.deposed_by} while the "
+                        "write was in flight: it may or may not survive"
+                    ),
+                )
+            )
         return effects
 
     def fail_all(self, error: DKVError) -> list[Effect]:
@@ -861,9 +889,14 @@ class Leader:
     def lag(self) -> dict[str, dict[str, Any]]:
         """Per replica: state, match_lsn and lag in records behind our log end."""
         last = self.log.last_lsn
-        return {rid: {"state": p.state, "match_lsn": p.match_lsn,
-                      "lag": None if p.match_lsn is None else max(0, last - p.match_lsn)}
-                for rid, p in self.replicas.items()}
+        return {
+            rid: {
+                "state": p.state,
+                "match_lsn": p.match_lsn,
+                "lag": None if p.match_lsn is None else max(0, last - p.match_lsn),
+            }
+            for rid, p in self.replicas.items()
+        }
 
 
 MATCH = "match"

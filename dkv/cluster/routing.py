@@ -16,6 +16,7 @@ its writes *before* the next yield. :mod:`dkv.cluster.migration` explains why
 that, with the writer's own record of the freezes it confirmed (``frozen``
 here), is enough for a read never to see a range that moved away.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -68,12 +69,14 @@ class NoOwner:
 @dataclass(frozen=True)
 class NotOwner:
     """Another shard owns the slot."""
+
     owner: str
 
 
 @dataclass(frozen=True)
 class Frozen:
     """The slot is frozen by a migration out of our shard."""
+
     migration: str
 
 
@@ -146,8 +149,7 @@ class Freezes:
 
     def on_view(self, migrations: Mapping[str, Migration], seq: int) -> None:
         """A new view, the ``seq``-th begun."""
-        self._held = {mid: (r, begun) for mid, (r, begun) in self._held.items()
-                      if mid in migrations or seq <= begun}
+        self._held = {mid: (r, begun) for mid, (r, begun) in self._held.items() if mid in migrations or seq <= begun}
 
     @property
     def ranges(self) -> dict[str, SlotRange]:

@@ -13,6 +13,7 @@ service runs before anything is read or queued: ``MOVED`` to the owning
 shard's writer, ``TRYAGAIN`` while a migration has frozen the slot, replica
 reads only when the replica is close enough to the writer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,17 +63,24 @@ class _NotWriter:
 
 
 class ClusterRuntime:
-    def __init__(self, config: NodeConfig, log: Any, store: Store, pipeline: WritePipeline,
-                 promise: PromiseFile) -> None:
+    def __init__(
+        self, config: NodeConfig, log: Any, store: Store, pipeline: WritePipeline, promise: PromiseFile
+    ) -> None:
         self.config = config
         self.log = log
         self.store = store
         self.pipeline = pipeline
         self.promise = promise
         # Until the first view, no epoch is known to be recorded: the follower asks ZooKeeper.
-        self.follower = FollowerDriver(log, store, promise, offload=config.durable,
-                                       page_bytes=config.limits.page_bytes, max_epoch=0,
-                                       recorded_epoch=self._recorded_epoch)
+        self.follower = FollowerDriver(
+            log,
+            store,
+            promise,
+            offload=config.durable,
+            page_bytes=config.limits.page_bytes,
+            max_epoch=0,
+            recorded_epoch=self._recorded_epoch,
+        )
         self.coord = Coordinator(config, self._on_view, self._on_connection, self._on_session_lost)
         self.controller = Controller(self.coord, config.replication_factor)
         self.role = UNASSIGNED
@@ -135,8 +143,14 @@ class ClusterRuntime:
             self.promoter = Promoter(self, shard.id, not_before=self._no_promotion_until)
         self.role, self.shard = role, shard
         self._frozen_here.on_view(view.migrations, view.seq)
-        self.log.retain_from = min((m.from_lsn + 1 for m in view.migrations.values()
-                                    if shard and m.source == shard.id and m.from_lsn is not None), default=None)
+        self.log.retain_from = min(
+            (
+                m.from_lsn + 1
+                for m in view.migrations.values()
+                if shard and m.source == shard.id and m.from_lsn is not None
+            ),
+            default=None,
+        )
         if role == WRITER:
             self._drive_migration(view)
             self._tidy(view)
@@ -149,10 +163,15 @@ class ClusterRuntime:
             self.promise.save(shard.epoch)
             self.follower.state.promised = shard.epoch
         self.writer = ReplicatedWriter(
-            self.config, shard.id, shard.epoch, self.log, self.store,
+            self.config,
+            shard.id,
+            shard.epoch,
+            self.log,
+            self.store,
             addr_of=lambda rid: self.coord.view.nodes.get(rid),
             bump_epoch=lambda: self.coord.bump_epoch(shard.id),
-            is_current=lambda: self.coord.connected and self.role == WRITER)
+            is_current=lambda: self.coord.connected and self.role == WRITER,
+        )
         self.pipeline.writer = self.writer
 
     def _stop_writer(self) -> None:
@@ -194,8 +213,10 @@ class ClusterRuntime:
 
     def _on_connection(self, connected: bool) -> None:
         if not connected:
-            logger.warning("ZooKeeper connection %s: not acknowledging writes until it is back",
-                           "suspended" if not self.coord.connected else "lost")
+            logger.warning(
+                "ZooKeeper connection %s: not acknowledging writes until it is back",
+                "suspended" if not self.coord.connected else "lost",
+            )
 
     def not_writer_error(self) -> DKVError:
         if self.role == REPLICA and self.shard is not None:
@@ -216,14 +237,22 @@ class ClusterRuntime:
         view = self.view
         fresh = False
         if self.role == REPLICA:
-            fresh = (time.monotonic() - self.follower.last_contact < 2 * self.config.session_timeout
-                     and self.follower.lag() <= self.config.max_replica_lag)
+            fresh = (
+                time.monotonic() - self.follower.last_contact < 2 * self.config.session_timeout
+                and self.follower.lag() <= self.config.max_replica_lag
+            )
         return routing.Ownership(
-            loaded=self.coord.loaded, shard=self.shard.id if self.shard else None, role=self.role,
-            slots=view.slots, slot_version=view.slot_version, migrations=view.migrations,
-            frozen=self._frozen_here.ranges, replica_fresh=fresh,
+            loaded=self.coord.loaded,
+            shard=self.shard.id if self.shard else None,
+            role=self.role,
+            slots=view.slots,
+            slot_version=view.slot_version,
+            migrations=view.migrations,
+            frozen=self._frozen_here.ranges,
+            replica_fresh=fresh,
             writer_ready=self.writer is not None and self.writer.ready,
-            writer_slot_version=self.follower.state.slot_version)
+            writer_slot_version=self.follower.state.slot_version,
+        )
 
     def route(self, op: str, key: bytes, consistency: str | None, own: routing.Ownership | None = None) -> None:
         """Raise unless this node may answer ``op`` on ``key`` now (``own``: :meth:`ownership`, taken
@@ -240,8 +269,10 @@ class ClusterRuntime:
         own = self.ownership()
         if slot_version is not None and own.loaded and slot_version != own.slot_version:
             if slot_version > own.slot_version:
-                raise TryAgain(f"{self.config.node_id} has slot map version {own.slot_version}, "
-                               f"older than the client's {slot_version}; retry shortly")
+                raise TryAgain(
+                    f"{self.config.node_id} has slot map version {own.slot_version}, "
+                    f"older than the client's {slot_version}; retry shortly"
+                )
             raise Moved(f"the slot map changed (version {own.slot_version}, the client has {slot_version})")
         decision = routing.scan_ranges(own)
         if isinstance(decision, list):
@@ -295,8 +326,10 @@ class ClusterRuntime:
         if isinstance(decision, routing.Frozen):
             return frozen_error(slot, decision.migration)
         if isinstance(decision, routing.NotReady):
-            return Unavailable(f"{self.config.node_id} is the new writer of {self.shard.id if self.shard else '-'} "
-                               "and is committing the log tail it took over; retry shortly")
+            return Unavailable(
+                f"{self.config.node_id} is the new writer of {self.shard.id if self.shard else '-'} "
+                "and is committing the log tail it took over; retry shortly"
+            )
         return self.not_writer_error()
 
     def needs_confirmation(self, consistency: str | None) -> bool:
@@ -317,8 +350,9 @@ class ClusterRuntime:
     def _writer_refusal(self) -> list[Any] | None:
         if self.role == WRITER and self.writer is not None:
             # A writer takes no orders from another writer of its shard (one writer per epoch).
-            return Reply(STALE_EPOCH, self.writer.epoch, self.log.last_lsn, self.log.last_epoch,
-                         0, self.store.applied_lsn).to_wire()
+            return Reply(
+                STALE_EPOCH, self.writer.epoch, self.log.last_lsn, self.log.last_epoch, 0, self.store.applied_lsn
+            ).to_wire()
         return None
 
     def _as_replica(self, handle: Any, *args: Any) -> list[Any]:
@@ -372,8 +406,9 @@ class ClusterRuntime:
         assert self.shard is not None and self.writer is not None
         mine = [m for m in view.migrations.values() if m.target == self.shard.id and m.id not in self._migrated]
         cur = self.migrator
-        if cur is not None and (cur.dead or not mine or cur.migration.id != mine[0].id
-                                or cur.epoch != self.writer.epoch):
+        if cur is not None and (
+            cur.dead or not mine or cur.migration.id != mine[0].id or cur.epoch != self.writer.epoch
+        ):
             if cur.dead and cur.importer.done:
                 self._migrated.add(cur.migration.id)
             self._stop_migrator()
@@ -385,12 +420,19 @@ class ClusterRuntime:
                 # deletes already queued commit before any import (the pipeline is FIFO).
                 self._janitor.kill()
                 self._janitor = None
-            self.migrator = Migrator(m, self.coord.zk, self.pipeline, self.store, self.config.durable,
-                                     source_addr=lambda: self.view.writer_addr(m.source),
-                                     node_id=self.config.node_id, epoch=self.writer.epoch,
-                                     rate=self.config.migration_rate,
-                                     freeze_timeout=self.config.migration_freeze_timeout,
-                                     auth=self.config.credentials)
+            self.migrator = Migrator(
+                m,
+                self.coord.zk,
+                self.pipeline,
+                self.store,
+                self.config.durable,
+                source_addr=lambda: self.view.writer_addr(m.source),
+                node_id=self.config.node_id,
+                epoch=self.writer.epoch,
+                rate=self.config.migration_rate,
+                freeze_timeout=self.config.migration_freeze_timeout,
+                auth=self.config.credentials,
+            )
 
     def _stop_migrator(self) -> None:
         if self.migrator is not None:
@@ -425,10 +467,13 @@ class ClusterRuntime:
     # -- introspection ---------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": "cluster", "role": self.role,
-                               "shard": self.shard.id if self.shard else None,
-                               "zk_connected": self.coord.connected,
-                               "promised_epoch": self.follower.state.promised}
+        out: dict[str, Any] = {
+            "mode": "cluster",
+            "role": self.role,
+            "shard": self.shard.id if self.shard else None,
+            "zk_connected": self.coord.connected,
+            "promised_epoch": self.follower.state.promised,
+        }
         if self.writer is not None:
             out["replication"] = self.writer.lag()
         elif self.role == REPLICA:

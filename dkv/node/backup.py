@@ -26,6 +26,7 @@ nothing of the batch is written); entries already expired are skipped.
 :meth:`BackupService.floor` raises the revision floor (a ``FLOOR`` write), so
 later revisions go above the restored ones.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -55,7 +56,7 @@ MAX_SNAPSHOTS = 4
 IDLE_TIMEOUT = 60.0
 #: Most pairs one backup page or restore call carries.
 MAX_PAGE = 10_000
-_INT64 = 2 ** 63
+_INT64 = 2**63
 
 
 @dataclass
@@ -77,9 +78,16 @@ class BackupService:
     bulk reads in gevent's threadpool (a durable store).
     """
 
-    def __init__(self, store: Store, pipeline: WritePipeline, limits: Limits, offload: bool,
-                 max_snapshots: int = MAX_SNAPSHOTS, idle_timeout: float = IDLE_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Store,
+        pipeline: WritePipeline,
+        limits: Limits,
+        offload: bool,
+        max_snapshots: int = MAX_SNAPSHOTS,
+        idle_timeout: float = IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store, self.pipeline, self.limits, self.offload = store, pipeline, limits, offload
         self.router: Any = None
         self.max_snapshots = max_snapshots
@@ -98,19 +106,28 @@ class BackupService:
             raise Unavailable("node is shutting down")
         self.reap()
         if len(self._sessions) >= self.max_snapshots:
-            raise Unavailable(f"{len(self._sessions)} backup snapshots are open here (the most allowed); "
-                              f"retry once a backup ends (an abandoned one closes after {self.idle_timeout:g}s idle)")
+            raise Unavailable(
+                f"{len(self._sessions)} backup snapshots are open here (the most allowed); "
+                f"retry once a backup ends (an abandoned one closes after {self.idle_timeout:g}s idle)"
+            )
         shard, ranges, version = self._scope()
         # -- no yield from the scope to the snapshot: they describe one instant --
         snap = self.store.snapshot()
         sid = f"b{next(self._ids)}-{int(time.time())}"
         s = _Session(sid, snap, ranges, now_ms(), self._clock())
-        s.info = {"id": sid, "shard": shard, "slots": [r.to_list() for r in ranges], "slot_version": version,
-                  "lsn": snap.applied_lsn, "epoch": snap.applied_epoch, "rev": snap.applied_rev, "time_ms": s.now}
+        s.info = {
+            "id": sid,
+            "shard": shard,
+            "slots": [r.to_list() for r in ranges],
+            "slot_version": version,
+            "lsn": snap.applied_lsn,
+            "epoch": snap.applied_epoch,
+            "rev": snap.applied_rev,
+            "time_ms": s.now,
+        }
         self._sessions[sid] = s
         self._ensure_reaper()
-        logger.info("backup snapshot %s opened at lsn %d (%s, slots %s)", sid, s.info["lsn"], shard,
-                    s.info["slots"])
+        logger.info("backup snapshot %s opened at lsn %d (%s, slots %s)", sid, s.info["lsn"], shard, s.info["slots"])
         return dict(s.info)
 
     def _scope(self) -> tuple[str, list[SlotRange], int | None]:
@@ -122,8 +139,10 @@ class BackupService:
         own = rt.ownership()
         moving = sorted(m.id for m in own.migrations.values() if own.shard in (m.source, m.target))
         if moving or own.frozen:
-            raise TryAgain(f"slot migration {', '.join(moving or sorted(own.frozen))} into or out of "
-                           f"{own.shard} is in progress; back up once it has finished (dkv admin status)")
+            raise TryAgain(
+                f"slot migration {', '.join(moving or sorted(own.frozen))} into or out of "
+                f"{own.shard} is in progress; back up once it has finished (dkv admin status)"
+            )
         return str(own.shard), sorted(ranges, key=lambda r: r.start), own.slot_version
 
     def page(self, sid: str, after: bytes | None, limit: int) -> list[Any]:
@@ -164,8 +183,10 @@ class BackupService:
     def _session(self, sid: Any) -> _Session:
         s = self._sessions.get(sid) if isinstance(sid, str) else None
         if s is None:
-            raise Unavailable(f"no open backup snapshot {quote(sid)} (it was closed after {self.idle_timeout:g}s "
-                              "idle, or the node restarted): start the backup again")
+            raise Unavailable(
+                f"no open backup snapshot {quote(sid)} (it was closed after {self.idle_timeout:g}s "
+                "idle, or the node restarted): start the backup again"
+            )
         return s
 
     def _release(self, s: _Session) -> None:
@@ -249,4 +270,3 @@ class BackupService:
             raise InvalidArgument("a revision floor is an integer in 0..2**63-1")
         self.pipeline.submit_all([Write(Kind.FLOOR, b"", deadline=rev)])
         return self.store.applied_rev
-

@@ -1,4 +1,5 @@
 """Node configuration: one validated dataclass built from flags / ``DKV_*`` variables."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -73,8 +74,9 @@ class NodeConfig:
         if not 0 < self.port < 65536:
             raise InvalidArgument(f"--port must be 1..65535, not {self.port}")
         if not 0 <= self.http_port < 65536 or self.http_port == self.port:
-            raise InvalidArgument(f"--http-port must be 1..65535 and not --port ({self.port}), or 0 for none, "
-                                  f"not {self.http_port}")
+            raise InvalidArgument(
+                f"--http-port must be 1..65535 and not --port ({self.port}), or 0 for none, not {self.http_port}"
+            )
         if self.log_level not in LOG_LEVELS:
             raise InvalidArgument(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.max_key_bytes < 1 or self.max_value_bytes < 0:
@@ -84,13 +86,17 @@ class NodeConfig:
         if self.replication_factor < 1:
             raise InvalidArgument(f"--replication-factor must be at least 1, not {self.replication_factor}")
         if not 1 <= self.write_quorum <= self.replication_factor:
-            raise InvalidArgument(f"--write-quorum must be between 1 and --replication-factor "
-                                  f"({self.replication_factor}), not {self.write_quorum}")
+            raise InvalidArgument(
+                f"--write-quorum must be between 1 and --replication-factor "
+                f"({self.replication_factor}), not {self.write_quorum}"
+            )
         if self.session_timeout <= 0 or self.write_timeout <= 0:
             raise InvalidArgument("--session-timeout and --write-timeout must be positive")
         if self.cluster and not self.advertise and self.host in ("0.0.0.0", "::", ""):
-            raise InvalidArgument(f"--host {self.host} listens everywhere: give --advertise HOST:PORT, "
-                                  "the address peers and clients should use")
+            raise InvalidArgument(
+                f"--host {self.host} listens everywhere: give --advertise HOST:PORT, "
+                "the address peers and clients should use"
+            )
         if self.max_replica_lag < 0:
             raise InvalidArgument("--max-replica-lag must be >= 0")
         if self.migration_rate < 0:
@@ -104,7 +110,8 @@ class NodeConfig:
                 f"--host {self.host} is not a loopback address and the node has no --auth-dir: anyone who "
                 "can reach the port could read, overwrite or wipe its data and its replicas. Make keys "
                 "with `dkv auth init DIR` and give --auth-dir DIR, or, on a network you trust entirely, "
-                "give --insecure")
+                "give --insecure"
+            )
 
     @property
     def addr(self) -> str:

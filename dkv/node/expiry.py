@@ -11,6 +11,7 @@ an ``expire`` event). A row whose entry was overwritten or removed since is
 stale: every member drops its own stale rows locally. A row whose entry still
 awaits its ``EXPIRE`` record stays (the record's apply removes it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,15 @@ SWEEP_ROWS = 1000
 
 
 class Expirer:
-    def __init__(self, store: Store, pipeline: WritePipeline, may_write: Callable[[bytes], bool],
-                 offload: bool, interval: float = INTERVAL, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self,
+        store: Store,
+        pipeline: WritePipeline,
+        may_write: Callable[[bytes], bool],
+        offload: bool,
+        interval: float = INTERVAL,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
         self.store, self.pipeline, self.offload = store, pipeline, offload
         #: may this node write ``key`` now (checked right before the expiry is queued)?
         self._may_write = may_write
@@ -78,8 +86,7 @@ class Expirer:
                 stale.append((deadline, skey))
             else:
                 mine.append((deadline, skey))
-        writes = [Write(Kind.EXPIRE_DUE, user_key(sk), deadline=d) for d, sk in mine
-                  if self._may_write(user_key(sk))]
+        writes = [Write(Kind.EXPIRE_DUE, user_key(sk), deadline=d) for d, sk in mine if self._may_write(user_key(sk))]
         if writes:  # no yield between the checks above and the queueing inside submit
             try:
                 results = self.pipeline.submit(writes)

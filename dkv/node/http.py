@@ -56,6 +56,7 @@ gives HTTP access, not the transport's keys), so put a TLS proxy in front of the
 keep it on a trusted network, and use the client's token there. ``/metrics`` and ``/health`` need no token and
 show no keys or values.
 """
+
 from __future__ import annotations
 
 import base64
@@ -107,14 +108,30 @@ FORWARD_TIMEOUT = 5.0
 #: Seconds a connection may stay silent (mid-request or idle between requests) before it is closed.
 IDLE_TIMEOUT = 30.0
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            412: "Precondition Failed", 413: "Payload Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable", 504: "Gateway Timeout"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    412: "Precondition Failed",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
 
 #: error class -> HTTP status (the first match in order; others: 500)
 _STATUS: list[tuple[type[DKVError], int]] = [
-    (InvalidArgument, 400), (AuthError, 401), (NotFound, 404), (WriteTimeout, 504),
-    (Unavailable, 503), (TryAgain, 503), (Moved, 503), (QuorumNotReached, 503), (Deferred, 503),
+    (InvalidArgument, 400),
+    (AuthError, 401),
+    (NotFound, 404),
+    (WriteTimeout, 504),
+    (Unavailable, 503),
+    (TryAgain, 503),
+    (Moved, 503),
+    (QuorumNotReached, 503),
+    (Deferred, 503),
     (StorageClosed, 503),
 ]
 
@@ -186,15 +203,19 @@ class Query:
         allowed = set(allowed)
         params: dict[str, bytes] = {}
         try:
-            pairs = parse_qsl(raw.encode("latin-1"), keep_blank_values=True, strict_parsing=False,
-                              max_num_fields=len(allowed) or 1)
+            pairs = parse_qsl(
+                raw.encode("latin-1"), keep_blank_values=True, strict_parsing=False, max_num_fields=len(allowed) or 1
+            )
         except ValueError:
-            raise InvalidArgument(f"too many query parameters (this route takes {', '.join(sorted(allowed)) or 'none'})") from None
+            raise InvalidArgument(
+                f"too many query parameters (this route takes {', '.join(sorted(allowed)) or 'none'})"
+            ) from None
         for name_b, value in pairs:
             name = name_b.decode("latin-1")
             if name not in allowed:
-                raise InvalidArgument(f"unknown query parameter {name[:40]!r} (this route takes "
-                                      f"{', '.join(sorted(allowed)) or 'none'})")
+                raise InvalidArgument(
+                    f"unknown query parameter {name[:40]!r} (this route takes {', '.join(sorted(allowed)) or 'none'})"
+                )
             if name in params:
                 raise InvalidArgument(f"query parameter {name!r} is given twice")
             params[name] = value
@@ -251,8 +272,12 @@ class HttpApi:
         self.config = node.config
         self.service = node.service
         self.registry = node_registry(node)
-        self.requests = Counter("dkv_http_requests", "HTTP requests, by method, route and status.",
-                                ["method", "route", "status"], registry=self.registry)
+        self.requests = Counter(
+            "dkv_http_requests",
+            "HTTP requests, by method, route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
         creds = self.config.credentials
         #: the bearer tokens admitted (None: no auth), see :func:`dkv.auth.http_token`
         self._admitted: list[bytes] | None = None
@@ -271,12 +296,12 @@ class HttpApi:
             status, headers, body = handler(environ)
         except Exception as e:
             status, headers, body = error_response(e)
-        self.requests.labels(method if method in ("GET", "HEAD", "PUT", "DELETE", "POST") else "other",
-                             route, str(status)).inc()
+        self.requests.labels(
+            method if method in ("GET", "HEAD", "PUT", "DELETE", "POST") else "other", route, str(status)
+        ).inc()
         if method == "HEAD":
             body = b""
-        start_response(f"{status} {_REASONS.get(status, 'Unknown')}",
-                       [*headers, ("Content-Length", str(len(body)))])
+        start_response(f"{status} {_REASONS.get(status, 'Unknown')}", [*headers, ("Content-Length", str(len(body)))])
         return [body]
 
     def _route(self, method: str, path: str) -> tuple[str, Callable[[dict[str, Any]], Response]]:
@@ -284,8 +309,12 @@ class HttpApi:
             if method == "HEAD" and "GET" in handlers:
                 return route, handlers["GET"]
             if method not in handlers:
-                raise HttpError(405, "METHOD_NOT_ALLOWED", f"{path[:60]} takes {', '.join(handlers)}",
-                                [("Allow", ", ".join(handlers))])
+                raise HttpError(
+                    405,
+                    "METHOD_NOT_ALLOWED",
+                    f"{path[:60]} takes {', '.join(handlers)}",
+                    [("Allow", ", ".join(handlers))],
+                )
             return route, handlers[method]
 
         if path == "/metrics":
@@ -295,17 +324,19 @@ class HttpApi:
         if path == "/v1/kv":
             return only("kv_scan", {"GET": self._authed(self.scan)})
         if path.startswith("/v1/kv/"):
-            return only("kv", {"GET": self._authed(self.get), "PUT": self._authed(self.put),
-                               "DELETE": self._authed(self.delete)})
+            return only(
+                "kv",
+                {"GET": self._authed(self.get), "PUT": self._authed(self.put), "DELETE": self._authed(self.delete)},
+            )
         if path == "/v1/cluster":
             return only("cluster", {"GET": self._authed(self.cluster)})
-        raise HttpError(404, "NOT_FOUND", "no such route (see /metrics, /health, /v1/kv/{key}, /v1/kv, "
-                                          "/v1/cluster)")
+        raise HttpError(404, "NOT_FOUND", "no such route (see /metrics, /health, /v1/kv/{key}, /v1/kv, /v1/cluster)")
 
     def _authed(self, handler: Callable[[dict[str, Any]], Response]) -> Callable[[dict[str, Any]], Response]:
         def checked(environ: dict[str, Any]) -> Response:
             self.check_token(environ.get("HTTP_AUTHORIZATION", ""))
             return handler(environ)
+
         return checked
 
     def check_token(self, header: str) -> None:
@@ -314,8 +345,10 @@ class HttpApi:
             return
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("this node has auth: send 'Authorization: Bearer TOKEN' with the http_token of "
-                            "the client key (client.key; `dkv auth token DIR` prints it)")
+            raise AuthError(
+                "this node has auth: send 'Authorization: Bearer TOKEN' with the http_token of "
+                "the client key (client.key; `dkv auth token DIR` prints it)"
+            )
         given = token.strip().encode("ascii", "replace")
         ok = False
         for admitted in self._admitted:  # no early exit: the same work for any token
@@ -331,15 +364,20 @@ class HttpApi:
 
     def health(self, environ: dict[str, Any]) -> Response:
         role, shard, reason = health_of(self.node)
-        doc = {"status": "ok" if reason is None else "unavailable", "node_id": self.config.node_id,
-               "role": role, "shard": shard, "reason": reason}
+        doc = {
+            "status": "ok" if reason is None else "unavailable",
+            "node_id": self.config.node_id,
+            "role": role,
+            "shard": shard,
+            "reason": reason,
+        }
         return _json(200 if reason is None else 503, doc, [("Cache-Control", "no-store")])
 
     # -- the key/value API --------------------------------------------------------------
 
     def _key(self, environ: dict[str, Any]) -> bytes:
         # PATH_INFO is percent-decoded by the server, as latin-1 text: its bytes are the key's
-        raw = environ.get("PATH_INFO", "")[len("/v1/kv/"):].encode("latin-1")
+        raw = environ.get("PATH_INFO", "")[len("/v1/kv/") :].encode("latin-1")
         if not raw:
             raise KeyIsEmpty("the key is empty: use /v1/kv/{key} (percent-encoded)")
         return self.service.limits.key(raw)
@@ -370,14 +408,21 @@ class HttpApi:
         cond = protocol.NX if nx else protocol.XX if xx else None
         rev = self.run([protocol.SET, key, value, ttl, cond])
         if rev is None:
-            raise HttpError(412, "CONDITION_FAILED", "nx: the key exists; nothing changed" if nx
-                            else "xx: the key does not exist; nothing changed")
+            raise HttpError(
+                412,
+                "CONDITION_FAILED",
+                "nx: the key exists; nothing changed" if nx else "xx: the key does not exist; nothing changed",
+            )
         return _json(200, {"key": b64(key), "key_text": text_of(key), "revision": rev})
 
     def _body(self, environ: dict[str, Any]) -> bytes:
         limit = self.service.limits.max_value_bytes
-        too_big = HttpError(413, InvalidArgument.code, f"the value is over the limit of {limit} bytes; "
-                                                       "nothing changed", [("Connection", "close")])
+        too_big = HttpError(
+            413,
+            InvalidArgument.code,
+            f"the value is over the limit of {limit} bytes; nothing changed",
+            [("Connection", "close")],
+        )
         length = environ.get("CONTENT_LENGTH") or ""
         if length:
             if not length.isdigit():
@@ -407,9 +452,11 @@ class HttpApi:
             pairs, more = self.core().scan_page(prefix, start, limit)
         page = take_page(pairs, PAGE_BYTES, pair_bytes)
         more = more or len(page) < len(pairs)
-        doc: dict[str, Any] = {"items": [encode_pair(k, v) for k, v in page], "more": more,
-                               "next_start": quote_from_bytes(page[-1][0] + b"\x00", safe="") if more and page
-                               else None}
+        doc: dict[str, Any] = {
+            "items": [encode_pair(k, v) for k, v in page],
+            "more": more,
+            "next_start": quote_from_bytes(page[-1][0] + b"\x00", safe="") if more and page else None,
+        }
         return _json(200, doc)
 
     def cluster(self, environ: dict[str, Any]) -> Response:
@@ -430,8 +477,7 @@ class HttpApi:
         if self._core is None:
             from dkv.client.core import ClientCore
 
-            self._core = ClientCore([self.config.addr], FORWARD_TIMEOUT, max_inflight=8,
-                                    auth=self.config.credentials)
+            self._core = ClientCore([self.config.addr], FORWARD_TIMEOUT, max_inflight=8, auth=self.config.credentials)
         return self._core
 
     def close(self) -> None:
@@ -459,13 +505,25 @@ def health_of(node: Any) -> tuple[str, str | None, str | None]:
         needed = rt.config.write_quorum - 1
         in_sync = sum(r["state"] == "in_sync" for r in rt.writer.lag()["replicas"].values())
         if in_sync < needed:
-            return rt.role, shard, (f"no write quorum: {in_sync} replica(s) in sync, {needed} needed "
-                                    f"(--write-quorum {rt.config.write_quorum})")
+            return (
+                rt.role,
+                shard,
+                (
+                    f"no write quorum: {in_sync} replica(s) in sync, {needed} needed "
+                    f"(--write-quorum {rt.config.write_quorum})"
+                ),
+            )
         return rt.role, shard, None
     if rt.role == "replica":
         if not rt.ownership().replica_fresh:
-            return rt.role, shard, (f"replica out of touch with its writer or behind by {rt.follower.lag()} "
-                                    f"records (limit {rt.config.max_replica_lag})")
+            return (
+                rt.role,
+                shard,
+                (
+                    f"replica out of touch with its writer or behind by {rt.follower.lag()} "
+                    f"records (limit {rt.config.max_replica_lag})"
+                ),
+            )
         return rt.role, shard, None
     return rt.role, shard, "not assigned to a shard yet"
 
@@ -485,8 +543,13 @@ class HttpServer:
         cfg = node.config
         self.api = HttpApi(node)
         self.server = gevent.pywsgi.WSGIServer(
-            (cfg.host, cfg.http_port), self.api, spawn=gevent.pool.Pool(MAX_CONCURRENT),
-            handler_class=_Handler, log=None, error_log=logging.getLogger(__name__ + ".server"))
+            (cfg.host, cfg.http_port),
+            self.api,
+            spawn=gevent.pool.Pool(MAX_CONCURRENT),
+            handler_class=_Handler,
+            log=None,
+            error_log=logging.getLogger(__name__ + ".server"),
+        )
 
     def start(self) -> None:
         """Bind and serve (raises DKVError if the port is taken)."""
@@ -499,4 +562,3 @@ class HttpServer:
     def stop(self) -> None:
         self.server.stop(timeout=1)
         self.api.close()
-

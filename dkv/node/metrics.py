@@ -37,6 +37,7 @@ The families (``{labels}``):
   on the writer importing a slot range ``dkv_migration_imported_records{migration,source}``,
   ``dkv_migration_phase{migration,phase}`` (1) and ``dkv_migration_frozen_seconds``.
 """
+
 from __future__ import annotations
 
 import time
@@ -79,8 +80,9 @@ class NodeCollector(Collector):
         node = self.node
         cfg, svc, pipeline, log, store = node.config, node.service, node.pipeline, node.log, node.store
         rt = node.runtime
-        info = GaugeMetricFamily("dkv_node_info", "This node (value 1).",
-                                 labels=["node_id", "version", "mode", "engine"])
+        info = GaugeMetricFamily(
+            "dkv_node_info", "This node (value 1).", labels=["node_id", "version", "mode", "engine"]
+        )
         info.add_metric([cfg.node_id, __version__, "cluster" if rt is not None else "standalone", cfg.engine], 1)
         yield info
         role = GaugeMetricFamily("dkv_role", "The node's role and shard (value 1).", labels=["role", "shard"])
@@ -93,8 +95,9 @@ class NodeCollector(Collector):
         yield _gauge("dkv_uptime_seconds", "Seconds since the node started.", time.time() - svc.started)
 
         ops = CounterMetricFamily("dkv_ops", "Ops answered, by op and outcome.", labels=["op", "outcome"])
-        latency = _histogram("dkv_op_duration_seconds", "Latency of the request that carried each op.",
-                             ["op", "outcome"])
+        latency = _histogram(
+            "dkv_op_duration_seconds", "Latency of the request that carried each op.", ["op", "outcome"]
+        )
         for (op, outcome), h in sorted(svc.op_stats.by_key.items()):
             counts = h.buckets()
             ops.add_metric([op, outcome], counts[-1][1])
@@ -102,8 +105,11 @@ class NodeCollector(Collector):
         yield ops
         yield latency
         server = node.rpc_server
-        yield _gauge("dkv_rpc_connections", "TCP connections open to the RPC port (clients and peers).",
-                     server.connections if server is not None else 0)
+        yield _gauge(
+            "dkv_rpc_connections",
+            "TCP connections open to the RPC port (clients and peers).",
+            server.connections if server is not None else 0,
+        )
         yield _gauge("dkv_watch_streams", "Watch streams open.", node.watches.streams)
 
         yield _counter("dkv_group_commits", "Batches of writes committed (group commits).", pipeline.batches)
@@ -111,14 +117,19 @@ class NodeCollector(Collector):
         sizes = _histogram("dkv_group_commit_size_records", "Records per group commit.")
         _add(sizes, [], pipeline.batch_sizes)
         yield sizes
-        commit = _histogram("dkv_group_commit_duration_seconds",
-                            "Seconds from handing a batch to the writer to its commit (fsync; quorum).")
+        commit = _histogram(
+            "dkv_group_commit_duration_seconds",
+            "Seconds from handing a batch to the writer to its commit (fsync; quorum).",
+        )
         _add(commit, [], pipeline.commit_seconds)
         yield commit
         yield _gauge("dkv_write_queue_ops", "Write ops queued for the next group commit.", pipeline.queued)
         yield _counter("dkv_checkpoints", "Storage checkpoints run by the write pipeline.", pipeline.checkpoints)
-        yield _gauge("dkv_write_pipeline_failed", "1 if the log failed and the node refuses writes until restart.",
-                     1 if pipeline.failure is not None else 0)
+        yield _gauge(
+            "dkv_write_pipeline_failed",
+            "1 if the log failed and the node refuses writes until restart.",
+            1 if pipeline.failure is not None else 0,
+        )
 
         wal = log.stats
         yield _gauge("dkv_wal_bytes", "Bytes of WAL segment files.", wal["bytes"])
@@ -134,8 +145,11 @@ class NodeCollector(Collector):
         yield _gauge("dkv_wal_last_lsn", "Last LSN in the WAL.", wal["last_lsn"])
         yield _gauge("dkv_applied_lsn", "Last LSN applied to storage.", store.applied_lsn)
         yield _gauge("dkv_applied_revision", "Last revision applied to storage.", store.applied_rev)
-        yield _counter("dkv_expired_keys", "Keys this node expired through the log.",
-                       node.expirer.expired if node.expirer is not None else 0)
+        yield _counter(
+            "dkv_expired_keys",
+            "Keys this node expired through the log.",
+            node.expirer.expired if node.expirer is not None else 0,
+        )
         if rt is not None:
             yield from self._cluster(rt)
 
@@ -150,8 +164,9 @@ class NodeCollector(Collector):
     def _cluster(self, rt: Any) -> Iterator[Metric]:
         coord = rt.coord
         yield _gauge("dkv_zk_connected", "1 while the ZooKeeper session is connected.", 1 if coord.connected else 0)
-        state = GaugeMetricFamily("dkv_zk_state", "The ZooKeeper connection state (1 for the current one).",
-                                  labels=["state"])
+        state = GaugeMetricFamily(
+            "dkv_zk_state", "The ZooKeeper connection state (1 for the current one).", labels=["state"]
+        )
         current = str(coord.zk.state)
         for s in ZK_STATES:
             state.add_metric([s], 1 if current == s else 0)
@@ -164,12 +179,15 @@ class NodeCollector(Collector):
         if rt.writer is not None:
             lag = rt.writer.lag()
             yield _gauge("dkv_commit_lsn", "The shard's commit point (on its writer).", lag["commit_lsn"])
-            behind = GaugeMetricFamily("dkv_replica_lag_records", "Records a replica's log is behind ours.",
-                                       labels=["replica"])
-            match = GaugeMetricFamily("dkv_replica_match_lsn", "Last LSN known to match in a replica's log.",
-                                      labels=["replica"])
-            in_sync = GaugeMetricFamily("dkv_replica_in_sync", "1 if the replica gets every prepare.",
-                                        labels=["replica"])
+            behind = GaugeMetricFamily(
+                "dkv_replica_lag_records", "Records a replica's log is behind ours.", labels=["replica"]
+            )
+            match = GaugeMetricFamily(
+                "dkv_replica_match_lsn", "Last LSN known to match in a replica's log.", labels=["replica"]
+            )
+            in_sync = GaugeMetricFamily(
+                "dkv_replica_in_sync", "1 if the replica gets every prepare.", labels=["replica"]
+            )
             for rid, r in sorted(lag["replicas"].items()):
                 in_sync.add_metric([rid], 1 if r["state"] == "in_sync" else 0)
                 if r["match_lsn"] is not None:
@@ -182,28 +200,36 @@ class NodeCollector(Collector):
             yield _counter("dkv_anti_entropy_rounds", "Digest comparisons with the replicas.", ae["rounds"])
             yield _counter("dkv_anti_entropy_diverged", "Replicas found diverged (and re-synced).", ae["diverged"])
         elif rt.role == "replica":
-            yield _gauge("dkv_replication_lag_records", "Committed records this replica has not applied.",
-                         rt.follower.lag())
+            yield _gauge(
+                "dkv_replication_lag_records", "Committed records this replica has not applied.", rt.follower.lag()
+            )
             contact = rt.follower.last_contact
             if contact:
-                yield _gauge("dkv_replication_last_contact_seconds", "Seconds since the writer last reached us.",
-                             time.monotonic() - contact)
+                yield _gauge(
+                    "dkv_replication_last_contact_seconds",
+                    "Seconds since the writer last reached us.",
+                    time.monotonic() - contact,
+                )
         migrator = rt.migrator
         if migrator is not None and not migrator.dead:
             p = migrator.progress()
-            imported = GaugeMetricFamily("dkv_migration_imported_records",
-                                         "Records the slot range move into our shard imported.",
-                                         labels=["migration", "source", "slots"])
+            imported = GaugeMetricFamily(
+                "dkv_migration_imported_records",
+                "Records the slot range move into our shard imported.",
+                labels=["migration", "source", "slots"],
+            )
             slots = f"{p['slots'][0]}-{p['slots'][1]}"
             imported.add_metric([p["id"], p["source"], slots], p["imported"])
             yield imported
-            phase = GaugeMetricFamily("dkv_migration_phase", "The move's phase (value 1).",
-                                      labels=["migration", "phase"])
+            phase = GaugeMetricFamily(
+                "dkv_migration_phase", "The move's phase (value 1).", labels=["migration", "phase"]
+            )
             phase.add_metric([p["id"], str(p["phase"])], 1)
             yield phase
             if p["frozen_ms"] is not None:
-                yield _gauge("dkv_migration_frozen_seconds", "Seconds the moving range has been frozen.",
-                             p["frozen_ms"] / 1000)
+                yield _gauge(
+                    "dkv_migration_frozen_seconds", "Seconds the moving range has been frozen.", p["frozen_ms"] / 1000
+                )
 
 
 def node_registry(node: Any) -> CollectorRegistry:

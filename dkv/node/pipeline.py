@@ -39,6 +39,7 @@ segment never holds more than that of records storage has not made durable.
 Checkpoints run in the pipeline's greenlet between batches, off the hub, once
 no batch is in flight.
 """
+
 from __future__ import annotations
 
 import logging
@@ -179,10 +180,20 @@ class _InFlight:
 
 
 class WritePipeline:
-    def __init__(self, log: Log, store: Store, writer: BatchWriter, *, max_batch_records: int = 8192,
-                 page_bytes: int = DEFAULT_PAGE_BYTES, offload: bool = True,
-                 checkpoint_bytes: int = CHECKPOINT_BYTES, checkpoint_seconds: float = CHECKPOINT_SECONDS,
-                 window: int = WINDOW, clock: Any = now_ms) -> None:
+    def __init__(
+        self,
+        log: Log,
+        store: Store,
+        writer: BatchWriter,
+        *,
+        max_batch_records: int = 8192,
+        page_bytes: int = DEFAULT_PAGE_BYTES,
+        offload: bool = True,
+        checkpoint_bytes: int = CHECKPOINT_BYTES,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
+        window: int = WINDOW,
+        clock: Any = now_ms,
+    ) -> None:
         self._log = log
         self._store = store
         self._writer = writer
@@ -207,8 +218,8 @@ class WritePipeline:
         self.commit_seconds = Histogram(LATENCY_BOUNDS)
         self._window = window
         self._inflight: deque[_InFlight] = deque()
-        self._more = gevent.event.Event()      # a batch was handed over
-        self._settled = gevent.event.Event()   # a batch in flight was answered
+        self._more = gevent.event.Event()  # a batch was handed over
+        self._settled = gevent.event.Event()  # a batch in flight was answered
         self._clock = clock
         self._seq = Sequencer(store.raw_entry, max(log.last_rev, store.applied_rev))
         #: called with the records of every batch once committed, in LSN order (watches)
@@ -318,8 +329,9 @@ class WritePipeline:
         as long as each submission does: the node refuses larger client batches)."""
         taken: list[_Pending] = []
         n = size = 0
-        while self._queue and (not taken or (n + len(self._queue[0].ops) <= self._max
-                                             and size + self._queue[0].size <= self._max_bytes)):
+        while self._queue and (
+            not taken or (n + len(self._queue[0].ops) <= self._max and size + self._queue[0].size <= self._max_bytes)
+        ):
             p = self._queue.popleft()
             taken.append(p)
             n += len(p.ops)
@@ -328,8 +340,7 @@ class WritePipeline:
 
     def _sequence(self, batch: list[_Pending]) -> tuple[list[Record], list[list[Any]], int]:
         """Records and per-op results (:class:`~dkv.node.sequencer.Sequencer`); also the framed size."""
-        records, results = self._seq.sequence([p.ops for p in batch], self.writer.epoch, self._next_lsn,
-                                              self._clock())
+        records, results = self._seq.sequence([p.ops for p in batch], self.writer.epoch, self._next_lsn, self._clock())
         return records, results, sum(MIN_FRAME_BYTES + len(r.key) + len(r.value) for r in records)
 
     def _commit(self, batch: list[_Pending]) -> None:
@@ -365,8 +376,11 @@ class WritePipeline:
             except Exception as e:
                 done.set_exception(e)
             self._next_lsn = records[-1].lsn + 1
-        self._inflight.append(_InFlight(batch, results, records, size, done,
-                                        self._inflight[-1] if self._inflight else None, started=started))
+        self._inflight.append(
+            _InFlight(
+                batch, results, records, size, done, self._inflight[-1] if self._inflight else None, started=started
+            )
+        )
         self._more.set()
 
     def _answer_loop(self) -> None:
@@ -388,8 +402,12 @@ class WritePipeline:
                 # An I/O error in append or fsync leaves the log's durable state
                 # unknown (a failed fsync may have dropped dirty pages), so the node
                 # stops taking writes instead of acknowledging on top of it.
-                logger.critical("write-ahead log failed at lsn %d: %s; refusing writes until restart",
-                                f.records[0].lsn, exc, exc_info=True)
+                logger.critical(
+                    "write-ahead log failed at lsn %d: %s; refusing writes until restart",
+                    f.records[0].lsn,
+                    exc,
+                    exc_info=True,
+                )
                 self._failed = Unavailable(f"write-ahead log failed ({exc}); restart the node")
                 f.error = WriteTimeout("the log failed while writing; outcome unknown")
                 self._fail(f.batch, f.error)

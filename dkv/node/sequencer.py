@@ -20,6 +20,7 @@ migration raises the target's floor above every revision the source gave
 (:attr:`Write.floor`), so the revisions of a slot keep increasing when it moves:
 lock tokens, which are revisions, too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,20 +35,20 @@ from dkv.wal.record import Op, Record
 #: revisions are ``ms << REV_SHIFT`` plus a counter: about a million writes per millisecond
 REV_SHIFT = 20
 #: the range of an ``incr`` result (a signed 64-bit integer, as Redis)
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class Kind(Enum):
-    SET = "set"            # value, px, cond ("nx" | "xx" | None) -> revision | None
-    CAS = "cas"            # expected (None: absent), value, px -> revision | None
-    DELETE = "del"         # expected: if_value (None: unconditional) -> bool
-    INCR = "incr"          # amount -> the new integer
-    EXPIRE = "expire"      # px -> bool (the key exists and got the deadline)
-    PERSIST = "persist"    # -> bool (the key existed and had a deadline)
+    SET = "set"  # value, px, cond ("nx" | "xx" | None) -> revision | None
+    CAS = "cas"  # expected (None: absent), value, px -> revision | None
+    DELETE = "del"  # expected: if_value (None: unconditional) -> bool
+    INCR = "incr"  # amount -> the new integer
+    EXPIRE = "expire"  # px -> bool (the key exists and got the deadline)
+    PERSIST = "persist"  # -> bool (the key existed and had a deadline)
     EXPIRE_DUE = "expire_due"  # deadline -> bool (the expirer: the entry expired and is removed)
-    IMPORT = "import"      # value: a stored entry (migration copy) -> None
-    PURGE = "purge"        # -> None (migration range delete; no watch event)
-    FLOOR = "floor"        # floor: raise the revision floor -> None
+    IMPORT = "import"  # value: a stored entry (migration copy) -> None
+    PURGE = "purge"  # -> None (migration range delete; no watch event)
+    FLOOR = "floor"  # floor: raise the revision floor -> None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +122,9 @@ class Sequencer:
         got = self._overlay.get(key)
         return got[0] if got is not None else self._read(key)
 
-    def sequence(self, batches: Sequence[Sequence[Write]], epoch: int, lsn: int,
-                 now: int) -> tuple[list[Record], list[list[Any]]]:
+    def sequence(
+        self, batches: Sequence[Sequence[Write]], epoch: int, lsn: int, now: int
+    ) -> tuple[list[Record], list[list[Any]]]:
         """Records for ``batches`` (stamped from ``lsn`` on) and, per submission, one result per
         write (a :class:`DKVError` for a write refused alone; it writes nothing)."""
         records: list[Record] = []
@@ -157,8 +159,9 @@ class Sequencer:
             if got is not None and got[1] <= last:
                 del self._overlay[r.key]
 
-    def _decide(self, w: Write, changed: dict[bytes, Entry | None], epoch: int, lsn: int,
-                now: int) -> tuple[Record | None, Any]:
+    def _decide(
+        self, w: Write, changed: dict[bytes, Entry | None], epoch: int, lsn: int, now: int
+    ) -> tuple[Record | None, Any]:
         key = w.key
         kind = w.kind
         if kind is Kind.SET and w.cond is None:  # the hot path: a blind write reads nothing

@@ -5,6 +5,7 @@ it owns the files (WAL, LevelDB), the zerorpc socket and the signal handlers.
 Every RPC is a lean request/reply call except ``watch``, a zerorpc stream served
 by :class:`~dkv.watch.stream.WatchService` (format: :mod:`dkv.watch`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,9 @@ class RPC:
     (The RPC server checks each call's arity against these signatures first.)
     """
 
-    def __init__(self, service: NodeService, watches: WatchService | None = None,
-                 backups: BackupService | None = None) -> None:
+    def __init__(
+        self, service: NodeService, watches: WatchService | None = None, backups: BackupService | None = None
+    ) -> None:
         self._svc = service
         self._watches = watches
         self._backups = backups
@@ -90,8 +92,9 @@ class RPC:
             raise InvalidArgument("mget takes a list of keys")
         return [unwrap(r) for r in self._svc.batch([["get", k] for k in keys])]
 
-    def scan(self, prefix: Any = b"", start: Any = None, limit: int = 1000,
-             slot_version: int | None = None) -> list[list[bytes]]:
+    def scan(
+        self, prefix: Any = b"", start: Any = None, limit: int = 1000, slot_version: int | None = None
+    ) -> list[list[bytes]]:
         """One page of [key, value] pairs in key order, keys >= start (in cluster mode: of the
         slots this node owns, checked against the client's slot map version)."""
         return self._svc.scan(prefix, start, limit, slot_version)
@@ -177,14 +180,27 @@ class RPC:
         epoch = _int(epoch, "epoch")
         return self._rt().repl_fence(epoch)
 
-    def repl_snapshot(self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool,
-                      lsn: int, last_epoch: int, rev: int = 0) -> list[Any]:
+    def repl_snapshot(
+        self, epoch: int, first: bool, pairs: list[list[bytes]], done: bool, lsn: int, last_epoch: int, rev: int = 0
+    ) -> list[Any]:
         if not isinstance(pairs, (list, tuple)) or not all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], bytes) and p[0]
-                and isinstance(p[1], bytes) for p in pairs):
+            isinstance(p, (list, tuple))
+            and len(p) == 2
+            and isinstance(p[0], bytes)
+            and p[0]
+            and isinstance(p[1], bytes)
+            for p in pairs
+        ):
             raise InvalidArgument("snapshot pairs must be a list of [key, value] bytes")
-        args = (_int(epoch, "epoch"), bool(first), pairs, bool(done), _int(lsn, "lsn"), _int(last_epoch, "last_epoch"),
-                _int(rev, "rev"))
+        args = (
+            _int(epoch, "epoch"),
+            bool(first),
+            pairs,
+            bool(done),
+            _int(lsn, "lsn"),
+            _int(last_epoch, "last_epoch"),
+            _int(rev, "rev"),
+        )
         return self._rt().repl_snapshot(*args)
 
     def repl_read(self, start: int, limit: int) -> list[list[Any]]:
@@ -226,12 +242,45 @@ class RPC:
 #: internal ones (replication, migration, digests, test hooks) only the cluster key.
 #: Anything not listed here is refused as an unknown method.
 ACCESS: dict[str, str] = {
-    **{name: CLIENT for name in ("batch", "get", "set", "delete", "mset", "mget", "scan", "watch", "info",
-                                 "cluster_info", "ping", "dbsize")},
-    **{name: PEER for name in ("digest", "repl_prepare", "repl_truncate", "repl_fence", "repl_snapshot",
-                               "repl_read", "repl_digest", "debug_zk_session", "mig_position", "mig_scan",
-                               "mig_tail", "mig_freeze", "backup_open", "backup_page", "backup_close",
-                               "restore_write", "restore_floor")},
+    **{
+        name: CLIENT
+        for name in (
+            "batch",
+            "get",
+            "set",
+            "delete",
+            "mset",
+            "mget",
+            "scan",
+            "watch",
+            "info",
+            "cluster_info",
+            "ping",
+            "dbsize",
+        )
+    },
+    **{
+        name: PEER
+        for name in (
+            "digest",
+            "repl_prepare",
+            "repl_truncate",
+            "repl_fence",
+            "repl_snapshot",
+            "repl_read",
+            "repl_digest",
+            "debug_zk_session",
+            "mig_position",
+            "mig_scan",
+            "mig_tail",
+            "mig_freeze",
+            "backup_open",
+            "backup_page",
+            "backup_close",
+            "restore_write",
+            "restore_floor",
+        )
+    },
 }
 
 
@@ -260,21 +309,30 @@ class Node:
                 self.log: Any = WriteAheadLog(wal_dir, segment_bytes=cfg.wal_segment_bytes)
             except CorruptLog as e:
                 self.store.close()
-                raise CorruptLog(f"{e}. Refusing to start: to cut the log there, after copying the bytes "
-                                 f"that follow to a quarantine file, restart with --wal-repair (or run "
-                                 f"`dkv wal repair {cfg.data_dir}`)", **e.data) from None
+                raise CorruptLog(
+                    f"{e}. Refusing to start: to cut the log there, after copying the bytes "
+                    f"that follow to a quarantine file, restart with --wal-repair (or run "
+                    f"`dkv wal repair {cfg.data_dir}`)",
+                    **e.data,
+                ) from None
             self._recover(replay=not cfg.cluster)
         else:
             self.store = Store.open("memory", None)
             self.log = MemoryLog()
         epoch = max(self.log.last_epoch, self.store.applied_epoch, 1)
-        self.pipeline = WritePipeline(self.log, self.store, LocalWriter(self.log, self.store, epoch, cfg.durable),
-                                      max_batch_records=cfg.max_batch_records,
-                                      page_bytes=cfg.limits.page_bytes, offload=cfg.durable)
+        self.pipeline = WritePipeline(
+            self.log,
+            self.store,
+            LocalWriter(self.log, self.store, epoch, cfg.durable),
+            max_batch_records=cfg.max_batch_records,
+            page_bytes=cfg.limits.page_bytes,
+            offload=cfg.durable,
+        )
         self.service = NodeService(cfg, self.store, self.log, self.pipeline)
         self.watches = WatchService(self.log, self.store, self.pipeline, cfg.limits, offload=cfg.durable)
-        self.expirer = self.service.expirer = Expirer(self.store, self.pipeline, self.service.may_write,
-                                                      offload=cfg.durable)
+        self.expirer = self.service.expirer = Expirer(
+            self.store, self.pipeline, self.service.may_write, offload=cfg.durable
+        )
         self.backups = BackupService(self.store, self.pipeline, cfg.limits, offload=cfg.durable)
         if cfg.cluster:
             from dkv.cluster.follower import PromiseFile
@@ -283,18 +341,31 @@ class Node:
             promise = PromiseFile(os.path.join(cfg.data_dir, "promise") if cfg.durable else None)
             self.runtime = ClusterRuntime(cfg, self.log, self.store, self.pipeline, promise)
             self.service.router = self.watches.router = self.backups.router = self.runtime
-        self._server = RPCServer(RPC(self.service, self.watches, self.backups), access=ACCESS, creds=cfg.credentials,
-                                 max_message_bytes=cfg.limits.max_message_bytes)
+        self._server = RPCServer(
+            RPC(self.service, self.watches, self.backups),
+            access=ACCESS,
+            creds=cfg.credentials,
+            max_message_bytes=cfg.limits.max_message_bytes,
+        )
         try:
             self._server.bind(cfg.endpoint)
         except zmq.ZMQError as e:
             self._close_storage()
             raise DKVError(f"cannot listen on {cfg.addr}: {e}") from e
-        logger.info("node %s serving on %s (engine=%s, data=%s, applied_lsn=%d, %s, %s)",
-                    cfg.node_id, cfg.addr, cfg.engine, cfg.data_dir if cfg.durable else "-",
-                    self.store.applied_lsn, f"cluster via {cfg.zk}" if cfg.cluster else "standalone",
-                    f"auth: CURVE with the keys of {cfg.auth_dir}" if cfg.credentials else
-                    "auth: none (--insecure)" if cfg.insecure else "auth: none (loopback only)")
+        logger.info(
+            "node %s serving on %s (engine=%s, data=%s, applied_lsn=%d, %s, %s)",
+            cfg.node_id,
+            cfg.addr,
+            cfg.engine,
+            cfg.data_dir if cfg.durable else "-",
+            self.store.applied_lsn,
+            f"cluster via {cfg.zk}" if cfg.cluster else "standalone",
+            f"auth: CURVE with the keys of {cfg.auth_dir}"
+            if cfg.credentials
+            else "auth: none (--insecure)"
+            if cfg.insecure
+            else "auth: none (loopback only)",
+        )
 
     def _recover(self, replay: bool) -> None:
         """Replay WAL records past the store's applied_lsn (DESIGN §3).
@@ -306,8 +377,12 @@ class Node:
         if applied > self.log.last_lsn:
             # The log lost records the store already holds (a damaged tail was
             # cut). The store is ahead, so restart the log after it.
-            logger.warning("WAL ends at lsn %d but storage applied %d; restarting the log at %d",
-                           self.log.last_lsn, applied, applied)
+            logger.warning(
+                "WAL ends at lsn %d but storage applied %d; restarting the log at %d",
+                self.log.last_lsn,
+                applied,
+                applied,
+            )
             self.log.reset_to(applied, self.store.applied_rev)
             return
         if not replay:

@@ -4,6 +4,7 @@ Transport-free: :mod:`dkv.node.server` exposes these methods over zerorpc.
 Every op is validated before anything is queued, so bad input changes nothing
 (G6); one bad op in a batch fails alone.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,9 +33,18 @@ DBSIZE_ROWS = 100_000
 
 
 #: op -> (fewest, most) arguments after the name
-_ARITY = {protocol.GET: (1, 2), protocol.GETM: (1, 2), protocol.EXISTS: (1, 2), protocol.TTL: (1, 2),
-          protocol.SET: (2, 4), protocol.CAS: (3, 4), protocol.DEL: (1, 2), protocol.INCR: (2, 2),
-          protocol.EXPIRE: (2, 2), protocol.PERSIST: (1, 1)}
+_ARITY = {
+    protocol.GET: (1, 2),
+    protocol.GETM: (1, 2),
+    protocol.EXISTS: (1, 2),
+    protocol.TTL: (1, 2),
+    protocol.SET: (2, 4),
+    protocol.CAS: (3, 4),
+    protocol.DEL: (1, 2),
+    protocol.INCR: (2, 2),
+    protocol.EXPIRE: (2, 2),
+    protocol.PERSIST: (1, 1),
+}
 
 
 def _ttl(px: Any) -> int | None:
@@ -95,8 +105,9 @@ class NodeService:
         budget = self.limits.page_bytes
         size = sum(protocol.op_bytes(op) for op in ops)
         if size > budget and len(ops) > 1:
-            raise InvalidArgument(f"a batch of {len(ops)} ops counts {size} bytes; the limit is {budget}: "
-                                  "split it", limit=budget)
+            raise InvalidArgument(
+                f"a batch of {len(ops)} ops counts {size} bytes; the limit is {budget}: split it", limit=budget
+            )
         replies: list[list[Any] | None] = [None] * len(ops)
         parsed: list[tuple[int, str, bytes, Write | None, str | None]] = []
         used = 0  # bytes of the reply so far
@@ -197,7 +208,7 @@ class NodeService:
             return name, key, Write(Kind.DELETE, key, expected=None if args[1] is None else value(args[1])), None
         if name == protocol.INCR:
             amount = args[1]
-            if not isinstance(amount, int) or isinstance(amount, bool) or not -2 ** 63 <= amount < 2 ** 63:
+            if not isinstance(amount, int) or isinstance(amount, bool) or not -(2**63) <= amount < 2**63:
                 raise InvalidArgument("incr's amount must be a 64-bit integer")
             return name, key, Write(Kind.INCR, key, amount=amount), None
         if name == protocol.EXPIRE:
@@ -207,8 +218,9 @@ class NodeService:
             return name, key, Write(Kind.EXPIRE, key, px=px), None
         return name, key, Write(Kind.PERSIST, key), None
 
-    def scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000,
-             slot_version: Any = None) -> list[list[bytes]]:
+    def scan(
+        self, prefix: Any = b"", start: Any = None, limit: Any = 1000, slot_version: Any = None
+    ) -> list[list[bytes]]:
         """:meth:`_scan`, counted in :attr:`op_stats` as op ``scan``."""
         t0 = time.perf_counter()
         try:
@@ -219,8 +231,9 @@ class NodeService:
         self.op_stats.one("scan", "ok", time.perf_counter() - t0)
         return page
 
-    def _scan(self, prefix: Any = b"", start: Any = None, limit: Any = 1000,
-              slot_version: Any = None) -> list[list[bytes]]:
+    def _scan(
+        self, prefix: Any = b"", start: Any = None, limit: Any = 1000, slot_version: Any = None
+    ) -> list[list[bytes]]:
         """One page of ``(key, value)`` pairs in key order, keys >= ``start``: at most ``limit``
         pairs, and no more once they count ``page_bytes`` (:func:`dkv.keys.take_page`).
 
@@ -263,6 +276,7 @@ class NodeService:
             slots = SlotRange(start, end)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
+
         def work() -> list[Any]:
             with self.store.snapshot() as snap:
                 return [snap.applied_lsn, snap.digest(slots)]
@@ -287,8 +301,7 @@ class NodeService:
             "group_commits": self.pipeline.batches,
             "records_written": self.pipeline.records,
             "uptime_s": round(time.time() - self.started, 1),
-            "limits": {"max_key_bytes": self.limits.max_key_bytes,
-                       "max_value_bytes": self.limits.max_value_bytes},
+            "limits": {"max_key_bytes": self.limits.max_key_bytes, "max_value_bytes": self.limits.max_value_bytes},
         }
         if self.router is not None:
             out.update(self.router.info())
@@ -301,10 +314,18 @@ class NodeService:
         shard = "shard-0"
         return {
             "mode": "standalone",
-            "shards": [{"id": shard, "epoch": self.pipeline.epoch, "writer": self.config.node_id,
-                        "replicas": [], "slots": [ALL_SLOTS.to_list()]}],
-            "nodes": [{"id": self.config.node_id, "addr": self.config.addr, "role": "writer",
-                       "shard": shard, "status": "up"}],
+            "shards": [
+                {
+                    "id": shard,
+                    "epoch": self.pipeline.epoch,
+                    "writer": self.config.node_id,
+                    "replicas": [],
+                    "slots": [ALL_SLOTS.to_list()],
+                }
+            ],
+            "nodes": [
+                {"id": self.config.node_id, "addr": self.config.addr, "role": "writer", "shard": shard, "status": "up"}
+            ],
         }
 
     # -- single-key conveniences (for zerorpc users; the client uses batch) ---

@@ -1,4 +1,5 @@
 """The storage package: raw ordered engines and the slot-aware :class:`Store` over them."""
+
 from dkv.storage.engine import Engine, EngineSnapshot
 from dkv.storage.leveldb import LevelDBEngine
 from dkv.storage.memory import MemoryEngine

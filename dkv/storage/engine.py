@@ -5,6 +5,7 @@ Engines know nothing about slots, user keys or metadata (that is
 the public methods here add the shared closed-check so every engine and every
 snapshot raises :class:`~dkv.errors.StorageClosed` the same way.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -57,9 +58,7 @@ class Reader(ABC):
     def _get(self, key: bytes) -> bytes | None: ...
 
     @abstractmethod
-    def _iterate(
-        self, start: bytes | None, stop: bytes | None, reverse: bool
-    ) -> Iterator[tuple[bytes, bytes]]: ...
+    def _iterate(self, start: bytes | None, stop: bytes | None, reverse: bool) -> Iterator[tuple[bytes, bytes]]: ...
 
     @abstractmethod
     def _release(self) -> None: ...

@@ -6,6 +6,7 @@ Replicas hold byte-identical entries (the writer stamps revision and deadline in
 the record), so digests compare them whole, and a migration copies them as they
 are, revision and deadline included.
 """
+
 from __future__ import annotations
 
 import struct
@@ -53,7 +54,7 @@ def decode(blob: bytes) -> Entry:
         if len(blob) < OVERHEAD_TTL:
             raise ValueError("a stored entry with a deadline is too short")
         return Entry(blob[OVERHEAD_TTL:], rev, _DEADLINE.unpack_from(blob, _HEAD.size)[0])
-    return Entry(blob[_HEAD.size:], rev)
+    return Entry(blob[_HEAD.size :], rev)
 
 
 def value_of(blob: bytes, now: int) -> bytes | None:
@@ -62,7 +63,7 @@ def value_of(blob: bytes, now: int) -> bytes | None:
         if _DEADLINE.unpack_from(blob, _HEAD.size)[0] <= now:
             return None
         return blob[OVERHEAD_TTL:]
-    return blob[_HEAD.size:]
+    return blob[_HEAD.size :]
 
 
 def deadline_of(blob: bytes) -> int:

@@ -1,4 +1,5 @@
 """The on-disk :class:`~dkv.storage.engine.Engine`, backed by LevelDB via plyvel."""
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,7 @@ class _PlyvelReader(Reader):
         except RuntimeError as e:  # plyvel's "database or snapshot is closed"
             raise StorageClosed(str(e)) from None
 
-    def _iterate(
-        self, start: bytes | None, stop: bytes | None, reverse: bool
-    ) -> Iterator[tuple[bytes, bytes]]:
+    def _iterate(self, start: bytes | None, stop: bytes | None, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
         try:
             if reverse and start is not None:
                 # plyvel 1.5 yields nothing in reverse when the first key in range equals
@@ -68,9 +67,7 @@ class LevelDBEngine(_PlyvelReader, Engine):
         except plyvel.IOError as e:
             detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
             if "lock" in detail.lower():
-                raise DKVError(
-                    f"data directory {path} is in use by another process (LevelDB LOCK): {detail}"
-                ) from None
+                raise DKVError(f"data directory {path} is in use by another process (LevelDB LOCK): {detail}") from None
             raise DKVError(f"cannot open data directory {path}: {detail}") from None
         except plyvel.Error as e:
             raise DKVError(f"cannot open data directory {path}: {e}") from None

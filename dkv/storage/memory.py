@@ -1,4 +1,5 @@
 """The diskless :class:`~dkv.storage.engine.Engine`: a lock-guarded SortedDict."""
+
 from __future__ import annotations
 
 import threading
@@ -28,9 +29,7 @@ class _SortedReader(Reader):
         with self._lock:
             return self._data.get(key)
 
-    def _iterate(
-        self, start: bytes | None, stop: bytes | None, reverse: bool
-    ) -> Iterator[tuple[bytes, bytes]]:
+    def _iterate(self, start: bytes | None, stop: bytes | None, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
         lo, hi, inclusive = start, stop, (True, False)
         while True:
             self._check()

@@ -16,6 +16,7 @@ which) and, when the entry was overwritten instead, once their deadline passed
 (:meth:`Store.drop_due`), so the index is bounded by the live deadlines plus the
 overwritten ones not yet due. Index rows are local: digests ignore them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -140,9 +141,7 @@ class StoreView:
         per_slot = [self._scan_slot(s, prefix, start, reverse) for r in slots for s in r]
         return islice(heapq.merge(*per_slot, key=itemgetter(0), reverse=reverse), limit)
 
-    def _scan_slot(
-        self, slot: int, prefix: bytes, start: bytes | None, reverse: bool
-    ) -> Iterator[tuple[bytes, bytes]]:
+    def _scan_slot(self, slot: int, prefix: bytes, start: bytes | None, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
         sp = slot_prefix(slot)
         succ = _successor(prefix)
         lo = sp + prefix
@@ -155,8 +154,11 @@ class StoreView:
         if lo >= hi:
             return iter(())
         now = self._clock()
-        return ((k[SLOT_PREFIX_LEN:], value) for k, blob in self._src.iterate(lo, hi, reverse)
-                if (value := entries.value_of(blob, now)) is not None)
+        return (
+            (k[SLOT_PREFIX_LEN:], value)
+            for k, blob in self._src.iterate(lo, hi, reverse)
+            if (value := entries.value_of(blob, now)) is not None
+        )
 
     def ascend(self, prefix: bytes = b"", start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         return self.scan(prefix, start)
@@ -170,8 +172,9 @@ class StoreView:
         lo, hi = slots.storage_bounds()
         return ((k[SLOT_PREFIX_LEN:], v) for k, v in self._src.iterate(lo, hi))
 
-    def page_slots(self, slots: SlotRange, after: bytes | None, limit: int,
-                   budget: int | None = None) -> list[tuple[bytes, bytes]]:
+    def page_slots(
+        self, slots: SlotRange, after: bytes | None, limit: int, budget: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` ``(storage key, stored entry)`` pairs of a slot range, after storage key ``after``,
         and (with a ``budget``) no more once they count ``budget`` bytes (:func:`dkv.keys.take_page`)."""
         lo, hi = slots.storage_bounds()
@@ -186,8 +189,7 @@ class StoreView:
     def count_slot(self, slot: int) -> int:
         return sum(1 for _ in self.iter_slots(SlotRange(slot, slot)))
 
-    def count_live(self, ranges: Sequence[SlotRange], after: bytes | None,
-                   budget: int) -> tuple[int, bytes | None]:
+    def count_live(self, ranges: Sequence[SlotRange], after: bytes | None, budget: int) -> tuple[int, bytes | None]:
         """``(live keys, resume)`` of ``ranges`` in storage order after storage key ``after``,
         reading at most ``budget`` stored rows; ``resume`` is the last storage key read when
         the budget ran out (pass it as ``after``), None when the ranges are done."""
@@ -213,7 +215,7 @@ class StoreView:
         """Up to ``limit`` index rows with a deadline at or before ``now``: ``(deadline, storage key)``."""
         lo, hi = EXPIRY_PREFIX, EXPIRY_PREFIX + (now + 1).to_bytes(8, "big")
         n = len(EXPIRY_PREFIX)
-        return [(int.from_bytes(k[n:n + 8], "big"), k[n + 8:]) for k, _ in islice(self._src.iterate(lo, hi), limit)]
+        return [(int.from_bytes(k[n : n + 8], "big"), k[n + 8 :]) for k, _ in islice(self._src.iterate(lo, hi), limit)]
 
     def digest(self, slots: SlotRange = ALL_SLOTS) -> str:
         """Hex SHA-256 of the length-prefixed pairs of ``slots`` (stored entries), to compare replicas."""
@@ -290,8 +292,10 @@ class Store(StoreView):
             raise CorruptLog(f"the store holds entries in format {found!r}; this dkv reads {FORMAT!r}")
         lo, hi = ALL_SLOTS.storage_bounds()
         if super().applied_lsn or next(iter(self._engine.iterate(lo, hi)), None) is not None:
-            raise CorruptLog("the store was written by a dkv before revisions and TTL; this dkv cannot "
-                             "read it: export its data with that version, or start with an empty data directory")
+            raise CorruptLog(
+                "the store was written by a dkv before revisions and TTL; this dkv cannot "
+                "read it: export its data with that version, or start with an empty data directory"
+            )
         self._engine.write([(_FORMAT, FORMAT)], sync=True)
 
     @classmethod
@@ -329,8 +333,11 @@ class Store(StoreView):
         return Batch(self._engine)
 
     def _meta_ops(self, lsn: int, epoch: int, rev: int) -> list[WriteOp]:
-        return [(_APPLIED_LSN, lsn.to_bytes(8, "big")), (_APPLIED_EPOCH, epoch.to_bytes(8, "big")),
-                (_APPLIED_REV, rev.to_bytes(8, "big"))]
+        return [
+            (_APPLIED_LSN, lsn.to_bytes(8, "big")),
+            (_APPLIED_EPOCH, epoch.to_bytes(8, "big")),
+            (_APPLIED_REV, rev.to_bytes(8, "big")),
+        ]
 
     def apply(self, records: Sequence[Record]) -> int:
         """Apply committed log records and return the new applied LSN.

@@ -3,6 +3,7 @@
 :class:`WriteAheadLog` (``dkv.wal.log``) is the disk log; :mod:`dkv.wal.codec`
 frames records; :class:`Record` / :class:`Op` (``dkv.wal.record``) are the data.
 """
+
 from __future__ import annotations
 
 from dkv.wal.log import WriteAheadLog

@@ -22,6 +22,7 @@ in a known-good buffer by walking frame headers only. :func:`find_resync` looks
 past a bad spot for a frame that continues the log (recovery uses it to tell a
 torn tail from corruption, see :mod:`dkv.wal.log`).
 """
+
 from __future__ import annotations
 
 import re
@@ -60,8 +61,14 @@ def encode(rec: Record) -> bytes:
     body_len = MIN_BODY_BYTES + len(rec.key) + len(rec.value)
     if body_len > MAX_BODY_BYTES:
         raise ValueError(f"record lsn {rec.lsn} is {body_len} bytes; the limit is {MAX_BODY_BYTES}")
-    body = b"".join((_BODY_HEAD.pack(rec.epoch, rec.lsn, Op(rec.op), rec.rev, rec.expires_at, len(rec.key)), rec.key,
-                     _U32.pack(len(rec.value)), rec.value))
+    body = b"".join(
+        (
+            _BODY_HEAD.pack(rec.epoch, rec.lsn, Op(rec.op), rec.rev, rec.expires_at, len(rec.key)),
+            rec.key,
+            _U32.pack(len(rec.value)),
+            rec.value,
+        )
+    )
     return _HEADER.pack(body_len, zlib.crc32(body)) + body
 
 
@@ -98,8 +105,7 @@ def decode_from(buf: bytes | memoryview, offset: int) -> tuple[Record, int] | No
     op = _OPS.get(op_code)
     if op is None:
         return None
-    return Record(epoch, lsn, op, bytes(view[key_start:key_end]), bytes(view[value_start:end]), rev,
-                  expires_at), end
+    return Record(epoch, lsn, op, bytes(view[key_start:key_end]), bytes(view[value_start:end]), rev, expires_at), end
 
 
 def iter_records(buf: bytes | memoryview, offset: int = 0) -> Iterator[tuple[Record, int, int]]:
@@ -137,12 +143,13 @@ def _candidates(lo: int, hi: int) -> re.Pattern[bytes]:
     k = 0
     while k < _LSN.size and a[-1 - k] == b[-1 - k]:
         k += 1
-    top = a[_LSN.size - k:]
+    top = a[_LSN.size - k :]
     return re.compile(rb"(?s)(?=.{3}[\x00-\x04].{%d}%s)" % (_LSN_OFFSET - 4 + _LSN.size - k, re.escape(top)))
 
 
-def find_resync(buf: bytes | memoryview, bad: int, last_lsn: int, last_epoch: int,
-                max_candidates: int) -> tuple[int | None, bool]:
+def find_resync(
+    buf: bytes | memoryview, bad: int, last_lsn: int, last_epoch: int, max_candidates: int
+) -> tuple[int | None, bool]:
     """Look past the bad spot at ``bad`` for a frame that continues the log; ``(offset, exhausted)``.
 
     The log's valid run ends at ``bad`` with ``last_lsn`` / ``last_epoch``. A
@@ -181,7 +188,7 @@ def find_resync(buf: bytes | memoryview, bad: int, last_lsn: int, last_epoch: in
     pattern, p, budget = _candidates(last_lsn + 1, hi), bad + 1, max_candidates
     while p <= last_start and (m := pattern.search(view, p, last_start + MIN_FRAME_BYTES)) is not None:
         p = m.start()
-        if view[p:p + 4] == _ZERO_LEN:  # inside a run of zeros: jump to its end
+        if view[p : p + 4] == _ZERO_LEN:  # inside a run of zeros: jump to its end
             if (z := _NONZERO.search(view, p)) is None:
                 break
             p = max(p + 1, z.start() - 3)  # a body_len's low bytes may be zero

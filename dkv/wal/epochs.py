@@ -5,6 +5,7 @@ Replication needs the epoch of any retained record (to check a prepare's
 (to tell a member with a divergent tail where to cut it, as Kafka's leader
 epochs do). Both logs keep one of these, updated on append/truncate/reset.
 """
+
 from __future__ import annotations
 
 import bisect

@@ -46,6 +46,7 @@ hole of zeros followed by later records of the same batch) is indistinguishable
 from corruption by this rule, so it too needs an explicit repair; it is never
 silently cut.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -145,8 +146,9 @@ class WriteAheadLog:
     the machine may then lose or tear any recent write.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], segment_bytes: int = 64 * 1024 * 1024,
-                 fsync: bool = True) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], segment_bytes: int = 64 * 1024 * 1024, fsync: bool = True
+    ) -> None:
         if segment_bytes < 1:
             raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
         self._dir = Path(directory)
@@ -175,8 +177,9 @@ class WriteAheadLog:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._check_format()
         self._recover()
-        logger.info("opened WAL %s: %d segment(s), lsn %d..%d",
-                    self._dir, len(self._segments), self.first_lsn, self._last_lsn)
+        logger.info(
+            "opened WAL %s: %d segment(s), lsn %d..%d", self._dir, len(self._segments), self.first_lsn, self._last_lsn
+        )
 
     # -- state -------------------------------------------------------------
 
@@ -215,10 +218,14 @@ class WriteAheadLog:
     @property
     def stats(self) -> dict[str, int]:
         """Segment count, total bytes, append calls, data syncs (one per append) and LSN range."""
-        return {"segments": len(self._segments),
-                "bytes": sum(map(self._size, list(self._segments))),
-                "appends": self._appends, "fsyncs": self._fsyncs,
-                "first_lsn": self.first_lsn, "last_lsn": self._last_lsn}
+        return {
+            "segments": len(self._segments),
+            "bytes": sum(map(self._size, list(self._segments))),
+            "appends": self._appends,
+            "fsyncs": self._fsyncs,
+            "first_lsn": self.first_lsn,
+            "last_lsn": self._last_lsn,
+        }
 
     def _size(self, first: int) -> int:
         """A segment file's size (0 if compaction deleted it meanwhile, off the hub)."""
@@ -253,7 +260,7 @@ class WriteAheadLog:
             assert self._fd is not None
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             if self._fsync:
                 t0 = time.perf_counter()
                 os.fdatasync(self._fd)
@@ -304,10 +311,10 @@ class WriteAheadLog:
         keep = max(bisect.bisect_right(self._segments, lsn) - 1, 0)
         with self._close_on_error(f"truncate after lsn {lsn}"):
             self._close_fd()
-            self._delete(self._segments[keep + 1:][::-1])  # newest first: a crash leaves a prefix
-            for first in self._segments[keep + 1:]:
+            self._delete(self._segments[keep + 1 :][::-1])  # newest first: a crash leaves a prefix
+            for first in self._segments[keep + 1 :]:
                 del self._index[first]
-            del self._segments[keep + 1:]
+            del self._segments[keep + 1 :]
             index = self._index[self._segments[keep]]
             _, cut = index.floor(lsn)
             epoch, rev = 0, self._base_rev
@@ -345,8 +352,12 @@ class WriteAheadLog:
         if self.retain_from is not None:
             kept = n - self._covered(min(checkpoint_lsn, self.retain_from - 1))
             if kept > self.max_retained_segments:
-                logger.warning("WAL: a slot migration holds %d segment(s) from lsn %d; releasing the oldest "
-                               "(the move restarts its copy)", kept, self.retain_from)
+                logger.warning(
+                    "WAL: a slot migration holds %d segment(s) from lsn %d; releasing the oldest "
+                    "(the move restarts its copy)",
+                    kept,
+                    self.retain_from,
+                )
             n -= min(kept, self.max_retained_segments)
         if n:
             with self._close_on_error(f"compact to lsn {checkpoint_lsn}"):
@@ -398,12 +409,15 @@ class WriteAheadLog:
         if marker.exists():
             found = marker.read_text().strip()
             if found != FORMAT:
-                raise CorruptLog(f"WAL directory {self._dir} holds records in format {found!r}; this dkv "
-                                 f"reads {FORMAT!r}")
+                raise CorruptLog(
+                    f"WAL directory {self._dir} holds records in format {found!r}; this dkv reads {FORMAT!r}"
+                )
         elif has_segments:
-            raise CorruptLog(f"WAL directory {self._dir} was written by a dkv before revisions and TTL "
-                             f"(no {FORMAT_FILE} file); this dkv cannot read it: export its data with "
-                             "that version, or start this node with an empty data directory")
+            raise CorruptLog(
+                f"WAL directory {self._dir} was written by a dkv before revisions and TTL "
+                f"(no {FORMAT_FILE} file); this dkv cannot read it: export its data with "
+                "that version, or start this node with an empty data directory"
+            )
         else:
             _write_durably(marker, FORMAT + "\n", self._fsync)
         base = self._dir / BASE_REV_FILE
@@ -415,15 +429,18 @@ class WriteAheadLog:
 
     def _recover(self) -> None:
         """Load the segment list and cut a torn tail of the last segment; raise CorruptLog on corruption."""
-        self._segments = sorted(int(m.group(1)) for p in self._dir.iterdir()
-                                if (m := _SEGMENT_NAME.fullmatch(p.name)))
+        self._segments = sorted(int(m.group(1)) for p in self._dir.iterdir() if (m := _SEGMENT_NAME.fullmatch(p.name)))
         self._index = {first: _SparseIndex(first) for first in self._segments}
         expected = 1  # the next LSN: where the following segment must start
         for i, first in enumerate(self._segments):
             path = self._path(first)
             if i and first != expected:
-                raise self._corrupt(i, 0, expected - 1, f"the segment starts at lsn {first} but the "
-                                                        f"previous one ends at lsn {expected - 1}")
+                raise self._corrupt(
+                    i,
+                    0,
+                    expected - 1,
+                    f"the segment starts at lsn {first} but the previous one ends at lsn {expected - 1}",
+                )
             data = path.read_bytes()
             expected, good_end, index = first, 0, self._index[first]
             for rec, start, end in iter_records(data):
@@ -436,34 +453,47 @@ class WriteAheadLog:
             if good_end != len(data) and not is_last:
                 raise self._corrupt(i, good_end, expected - 1, "later segments follow the damage")
             if good_end != len(data):
-                found, exhausted = find_resync(data, good_end, expected - 1, self._last_epoch,
-                                               RESYNC_MAX_CANDIDATES)
+                found, exhausted = find_resync(data, good_end, expected - 1, self._last_epoch, RESYNC_MAX_CANDIDATES)
                 if found is not None:
                     lsn = struct.unpack_from("<Q", data, found + _FRAME_HEADER_BYTES + 8)[0]
-                    raise self._corrupt(i, good_end, expected - 1,
-                                        f"valid records follow the damage (lsn {lsn} at offset {found})")
+                    raise self._corrupt(
+                        i, good_end, expected - 1, f"valid records follow the damage (lsn {lsn} at offset {found})"
+                    )
                 if exhausted:
-                    raise self._corrupt(i, good_end, expected - 1,
-                                        "the damage cannot be told from a torn tail (no valid record "
-                                        "was found after it within the scan limit)")
+                    raise self._corrupt(
+                        i,
+                        good_end,
+                        expected - 1,
+                        "the damage cannot be told from a torn tail (no valid record "
+                        "was found after it within the scan limit)",
+                    )
             if is_last:
                 self._open(first)
                 self._active_bytes = good_end
                 if good_end != len(data):
                     self._cut(good_end)
-                    logger.warning("WAL segment %s: dropped a torn tail of %d byte(s) at offset %d; "
-                                   "the log now ends at lsn %d",
-                                   path, len(data) - good_end, good_end, expected - 1)
+                    logger.warning(
+                        "WAL segment %s: dropped a torn tail of %d byte(s) at offset %d; the log now ends at lsn %d",
+                        path,
+                        len(data) - good_end,
+                        good_end,
+                        expected - 1,
+                    )
         self._last_lsn = expected - 1
 
     def _corrupt(self, i: int, offset: int, last_good_lsn: int, why: str) -> CorruptLog:
         """The error for damage at ``offset`` of the ``i``-th segment (``why`` says what is wrong)."""
         path = self._path(self._segments[i])
         following = sum(self._path(first).stat().st_size for first in self._segments[i:]) - offset
-        return CorruptLog(f"WAL segment {path} is corrupt at byte offset {offset}: {why}; {following} "
-                          f"byte(s) from there to the end of the log; the last good record is lsn "
-                          f"{last_good_lsn}", path=str(path), offset=offset, following_bytes=following,
-                          last_good_lsn=last_good_lsn)
+        return CorruptLog(
+            f"WAL segment {path} is corrupt at byte offset {offset}: {why}; {following} "
+            f"byte(s) from there to the end of the log; the last good record is lsn "
+            f"{last_good_lsn}",
+            path=str(path),
+            offset=offset,
+            following_bytes=following,
+            last_good_lsn=last_good_lsn,
+        )
 
     @contextmanager
     def _close_on_error(self, what: str) -> Iterator[None]:
@@ -572,7 +602,6 @@ class WriteAheadLog:
             raise StorageClosed("the write-ahead log is closed")
 
 
-
 @dataclass(frozen=True)
 class Repair:
     """What :func:`repair` cut from a corrupt log."""
@@ -623,13 +652,13 @@ def repair(directory: str | os.PathLike[str], fsync: bool = True) -> Repair | No
         damaged, offset, last_good = Path(e.data["path"]), int(e.data["offset"]), int(e.data["last_good_lsn"])
         logger.warning("WAL repair: %s", e)
     segments = sorted(p for p in wal_dir.iterdir() if _SEGMENT_NAME.fullmatch(p.name))
-    affected = segments[segments.index(damaged):]
+    affected = segments[segments.index(damaged) :]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     quarantined: list[str] = []
     lsns: list[int] = []
     cut = 0
     for j, seg in enumerate(affected):
-        data = seg.read_bytes()[offset if j == 0 else 0:]
+        data = seg.read_bytes()[offset if j == 0 else 0 :]
         lsns.extend(_valid_records(data, lsns[-1] if lsns else last_good))
         target = wal_dir / f"quarantine-{stamp}-{seg.stem}.bin"
         with open(target, "xb") as f:
@@ -651,13 +680,20 @@ def repair(directory: str | os.PathLike[str], fsync: bool = True) -> Repair | No
             if fsync:
                 os.fsync(f.fileno())
     _fsync_dir(wal_dir, fsync)
-    report = Repair(str(damaged), offset, cut, last_good, tuple(quarantined), len(lsns),
-                    (min(lsns), max(lsns)) if lsns else (0, 0))
-    logger.warning("WAL repair: cut %d byte(s) at offset %d of %s; the log now ends at lsn %d; %s; "
-                   "the cut bytes are in %s",
-                   cut, offset, damaged, last_good,
-                   f"{len(lsns)} valid record(s) in them (lsn {min(lsns)}..{max(lsns)}) are no longer in the log"
-                   if lsns else "no valid record was found in them", ", ".join(quarantined))
+    report = Repair(
+        str(damaged), offset, cut, last_good, tuple(quarantined), len(lsns), (min(lsns), max(lsns)) if lsns else (0, 0)
+    )
+    logger.warning(
+        "WAL repair: cut %d byte(s) at offset %d of %s; the log now ends at lsn %d; %s; the cut bytes are in %s",
+        cut,
+        offset,
+        damaged,
+        last_good,
+        f"{len(lsns)} valid record(s) in them (lsn {min(lsns)}..{max(lsns)}) are no longer in the log"
+        if lsns
+        else "no valid record was found in them",
+        ", ".join(quarantined),
+    )
     WriteAheadLog(wal_dir, fsync=fsync).close()  # it opens now (raises if it still does not)
     return report
 

@@ -5,6 +5,7 @@ restart loses everything; a cluster relies on its replicas instead. Only the
 newest ``retain`` records are kept (older ones are compacted away, as a disk
 WAL's old segments are), so memory stays bounded.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -53,8 +54,14 @@ class MemoryLog:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"segments": 0, "bytes": 0, "appends": self._appends, "fsyncs": 0,
-                "first_lsn": self.first_lsn, "last_lsn": self.last_lsn}
+        return {
+            "segments": 0,
+            "bytes": 0,
+            "appends": self._appends,
+            "fsyncs": 0,
+            "first_lsn": self.first_lsn,
+            "last_lsn": self.last_lsn,
+        }
 
     def _check_open(self) -> None:
         if self._closed:

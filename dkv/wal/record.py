@@ -9,6 +9,7 @@ Every decision (a condition, an increment, an expiry) is taken once, by the
 writer's sequencer (:mod:`dkv.node.sequencer`); records are plain outcomes that
 every member applies the same way, with no clock and no condition.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

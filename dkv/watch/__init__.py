@@ -28,6 +28,7 @@ list of ``[start, end]`` slot ranges, None for every slot this node's shard owns
 Only PUT/DELETE/EXPIRE records are events; a migration's IMPORT/PURGE and the
 revision floors (NOOP) are not, but still advance the progress mark.
 """
+
 from __future__ import annotations
 
 #: the tag of an events/progress message, and of the last message

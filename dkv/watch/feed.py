@@ -10,6 +10,7 @@
   :func:`frozen_ranges` and :func:`lost_slots` are the ownership checks a stream
   makes before each message; :func:`parse_slots` validates the RPC's slot ranges.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -37,8 +38,14 @@ class Subscription:
     subscription fails; the stream then :meth:`take` s them.
     """
 
-    def __init__(self, feed: "Feed", after: int, wake: Callable[[], None],
-                 max_records: int = MAX_QUEUED_RECORDS, max_bytes: int = MAX_QUEUED_BYTES) -> None:
+    def __init__(
+        self,
+        feed: "Feed",
+        after: int,
+        wake: Callable[[], None],
+        max_records: int = MAX_QUEUED_RECORDS,
+        max_bytes: int = MAX_QUEUED_BYTES,
+    ) -> None:
         self._feed = feed
         #: the LSN of the last record this subscription has accounted for
         self.after = after
@@ -64,8 +71,10 @@ class Subscription:
             self._bytes += item_bytes(r.key, r.value)
             self.after = r.lsn
         if len(self._queue) > self._max_records or self._bytes > self._max_bytes:
-            self.fail(f"the watcher fell more than {len(self._queue)} records ({self._bytes} bytes) behind "
-                      "and was cut off; resume from the last revision")
+            self.fail(
+                f"the watcher fell more than {len(self._queue)} records ({self._bytes} bytes) behind "
+                "and was cut off; resume from the last revision"
+            )
             return
         self._wake()
 
@@ -152,15 +161,18 @@ class Scope:
         self.ranges = merge_ranges({s for r in ranges for s in r})
         self._slots = bytearray(NUM_SLOTS)
         for r in self.ranges:
-            self._slots[r.start:r.end + 1] = b"\x01" * len(r)
+            self._slots[r.start : r.end + 1] = b"\x01" * len(r)
 
     def covers(self, key: bytes) -> bool:
         return key.startswith(self.prefix) and bool(self._slots[slot_of(key)])
 
     def events(self, records: Iterable[Record]) -> list[WireEvent]:
         """The events among ``records`` (PUT/DELETE/EXPIRE of covered keys), in order."""
-        return [[EVENT_TYPES[r.op], r.key, r.value if r.op == Op.PUT else b"", r.rev]
-                for r in records if r.op in EVENT_TYPES and self.covers(r.key)]
+        return [
+            [EVENT_TYPES[r.op], r.key, r.value if r.op == Op.PUT else b"", r.rev]
+            for r in records
+            if r.op in EVENT_TYPES and self.covers(r.key)
+        ]
 
 
 def parse_slots(slots: Any) -> list[SlotRange] | None:
@@ -171,9 +183,12 @@ def parse_slots(slots: Any) -> list[SlotRange] | None:
         raise InvalidArgument(f"slots must be a list of 1..{NUM_SLOTS} [start, end] ranges, or None")
     out = []
     for r in slots:
-        if (not isinstance(r, (list, tuple)) or len(r) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
-                or not 0 <= r[0] <= r[1] < NUM_SLOTS):
+        if (
+            not isinstance(r, (list, tuple))
+            or len(r) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+            or not 0 <= r[0] <= r[1] < NUM_SLOTS
+        ):
             raise InvalidArgument(f"a slot range is [start, end] with 0 <= start <= end < {NUM_SLOTS}")
         out.append(SlotRange(r[0], r[1]))
     return out
@@ -181,8 +196,7 @@ def parse_slots(slots: Any) -> list[SlotRange] | None:
 
 def frozen_ranges(own: Ownership) -> list[SlotRange]:
     """The ranges a migration out of our shard has frozen (in our view, or confirmed by us)."""
-    out = [SlotRange(m.start, m.end) for m in own.migrations.values()
-           if m.source == own.shard and m.state == FROZEN]
+    out = [SlotRange(m.start, m.end) for m in own.migrations.values() if m.source == own.shard and m.state == FROZEN]
     out.extend(own.frozen.values())
     return merge_ranges({s for r in out for s in r})
 
@@ -192,7 +206,7 @@ def lost_slots(own: Ownership, ranges: Iterable[SlotRange]) -> list[int]:
     mine = bytearray(NUM_SLOTS)
     if own.shard is not None:
         for a, b in own.slots.of_shard(own.shard):
-            mine[a:b + 1] = b"\x01" * (b - a + 1)
+            mine[a : b + 1] = b"\x01" * (b - a + 1)
     return [s for r in ranges for s in r if not mine[s]]
 
 

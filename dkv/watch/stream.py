@@ -26,6 +26,7 @@ longer owns a covered slot, the stream sends every record already queued (a
 moved range was frozen and drained before its flip, so all its committed
 records are in the queue) and ends with the error that says where to go.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,7 +80,7 @@ class WatchService:
         if len(prefix_b) > self.limits.max_key_bytes:
             raise InvalidArgument(f"a prefix is at most {self.limits.max_key_bytes} bytes")
         ranges = parse_slots(slots)
-        if since is not None and (not isinstance(since, int) or isinstance(since, bool) or not 0 <= since < 2 ** 63):
+        if since is not None and (not isinstance(since, int) or isinstance(since, bool) or not 0 <= since < 2**63):
             raise InvalidArgument("since must be a revision (an integer >= 0) or None")
         if self.streams >= MAX_STREAMS:
             raise Unavailable(f"this node serves {self.streams} watches already; retry later")
@@ -192,8 +193,9 @@ class _Stream:
             return error
         lost = lost_slots(own, self.scope.ranges)
         if lost:
-            return router.writer_of_shard(own.slots.owner(lost[0]), f"slot {lost[0]} moved to another shard",
-                                          slot=lost[0])
+            return router.writer_of_shard(
+                own.slots.owner(lost[0]), f"slot {lost[0]} moved to another shard", slot=lost[0]
+            )
         return None
 
     def _message(self, events: list[Any], rev: int) -> tuple[list[Any], int]:
@@ -210,7 +212,8 @@ class _Stream:
     def _page(self, pos: int, limit: int) -> Generator[list[Any], None, int]:
         """Read (and send) one page of committed records from ``pos``; the next position."""
         records: list[Record] = self._read(
-            lambda: take_page(self.svc.log.read_from(pos, limit=limit), self.svc.page_bytes, record_bytes))
+            lambda: take_page(self.svc.log.read_from(pos, limit=limit), self.svc.page_bytes, record_bytes)
+        )
         if not records or records[0].lsn != pos:
             raise Compacted(max(self.svc.log.base_rev, self.since or 0))
         yield self._message(self.scope.events(records), records[-1].rev)[0]

@@ -25,6 +25,7 @@ Progress goes to stderr (logging); the table and the connect line go to stdout.
 Exit status: 0 after a clean stop, 1 on any error (ZooKeeper unreachable, a node
 that exits or never joins, ...), 2 for bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ from typing import Any, Callable, Sequence
 try:
     from dkv.slots import NUM_SLOTS
 except ImportError:
-    sys.exit("examples/cluster/run.py: cannot import dkv; run it with the project's virtualenv "
-             "(.venv/bin/python, set up by `make install`)")
+    sys.exit(
+        "examples/cluster/run.py: cannot import dkv; run it with the project's virtualenv "
+        "(.venv/bin/python, set up by `make install`)"
+    )
 
 HERE = Path(__file__).resolve().parent
 POLL_INTERVAL = 0.25
@@ -69,39 +72,84 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="examples/cluster/run.py",
         description="Start a local dkv cluster (one `dkv serve` process per node) against a running "
-                    "ZooKeeper; Ctrl-C stops it.")
-    p.add_argument("--zk", default="127.0.0.1:2181", metavar="HOST:PORT[,HOST:PORT...]",
-                   help="ZooKeeper to use (default %(default)s; `make zk-up` starts one)")
-    p.add_argument("--chroot", default="/dkv-example",
-                   help="ZooKeeper path the cluster lives under (default %(default)s)")
+        "ZooKeeper; Ctrl-C stops it.",
+    )
+    p.add_argument(
+        "--zk",
+        default="127.0.0.1:2181",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="ZooKeeper to use (default %(default)s; `make zk-up` starts one)",
+    )
+    p.add_argument(
+        "--chroot", default="/dkv-example", help="ZooKeeper path the cluster lives under (default %(default)s)"
+    )
     p.add_argument("--shards", type=int, default=2, help="number of shards (default %(default)s)")
-    p.add_argument("--replicas-per-shard", type=int, default=3, metavar="R",
-                   help="nodes per shard, writer included: the replication factor (default %(default)s)")
-    p.add_argument("--write-quorum", type=int, default=None, metavar="Q",
-                   help="members that must hold a write before it is acknowledged, writer included "
-                        "(default 2, or 1 with --replicas-per-shard 1)")
+    p.add_argument(
+        "--replicas-per-shard",
+        type=int,
+        default=3,
+        metavar="R",
+        help="nodes per shard, writer included: the replication factor (default %(default)s)",
+    )
+    p.add_argument(
+        "--write-quorum",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="members that must hold a write before it is acknowledged, writer included "
+        "(default 2, or 1 with --replicas-per-shard 1)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address the nodes listen on (default %(default)s)")
-    p.add_argument("--base-port", type=int, default=7101,
-                   help="port of node-1; node-K gets BASE_PORT+K-1 (default %(default)s)")
-    p.add_argument("--http-base-port", type=int, default=None, metavar="PORT",
-                   help="HTTP port (/metrics, /health, /v1) of node-1; node-K gets PORT+K-1 "
-                        "(default BASE_PORT+1000; 0: no HTTP)")
-    p.add_argument("--data-dir", type=Path, default=HERE / "data",
-                   help="nodes' data and logs (default examples/cluster/data)")
-    p.add_argument("--session-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="nodes' ZooKeeper session timeout: how soon a dead writer is replaced "
-                        "(default %(default)s)")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="nodes' log level (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="how long each node may take to join, and the cluster to settle (default %(default)s)")
-    p.add_argument("--stop-timeout", type=float, default=15.0, metavar="SECONDS",
-                   help="how long the nodes may take to stop before they are killed (default %(default)s)")
-    p.add_argument("--fresh", action="store_true",
-                   help="delete the nodes' data and logs and the ZooKeeper chroot first")
-    p.add_argument("--auth", action="store_true",
-                   help="run the nodes with auth (CURVE, ZooKeeper ACLs), with the keys in DATA_DIR/auth "
-                        "(made by `dkv auth init` on first use); needed for a non-loopback --host")
+    p.add_argument(
+        "--base-port", type=int, default=7101, help="port of node-1; node-K gets BASE_PORT+K-1 (default %(default)s)"
+    )
+    p.add_argument(
+        "--http-base-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="HTTP port (/metrics, /health, /v1) of node-1; node-K gets PORT+K-1 (default BASE_PORT+1000; 0: no HTTP)",
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=HERE / "data", help="nodes' data and logs (default examples/cluster/data)"
+    )
+    p.add_argument(
+        "--session-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="nodes' ZooKeeper session timeout: how soon a dead writer is replaced (default %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="nodes' log level (default %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long each node may take to join, and the cluster to settle (default %(default)s)",
+    )
+    p.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how long the nodes may take to stop before they are killed (default %(default)s)",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="delete the nodes' data and logs and the ZooKeeper chroot first"
+    )
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="run the nodes with auth (CURVE, ZooKeeper ACLs), with the keys in DATA_DIR/auth "
+        "(made by `dkv auth init` on first use); needed for a non-loopback --host",
+    )
     args = p.parse_args(argv)
 
     if args.write_quorum is None:
@@ -192,15 +240,32 @@ class Node:
         return self.proc is not None and self.proc.poll() is None
 
     def argv(self, args: argparse.Namespace, zk: str) -> list[str]:
-        return [sys.executable, "-m", "dkv.cli.main", "serve",
-                "--node-id", self.id, "--host", self.host, "--port", str(self.port),
-                "--data-dir", str(self.data_dir), "--zk", zk,
-                "--replication-factor", str(args.replicas_per_shard),
-                "--write-quorum", str(args.write_quorum),
-                "--session-timeout", f"{args.session_timeout:g}",
-                "--log-level", args.log_level,
-                *(["--http-port", str(self.http_port)] if self.http_port else []),
-                *(["--auth-dir", str(args.auth_dir)] if args.auth_dir is not None else [])]
+        return [
+            sys.executable,
+            "-m",
+            "dkv.cli.main",
+            "serve",
+            "--node-id",
+            self.id,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--zk",
+            zk,
+            "--replication-factor",
+            str(args.replicas_per_shard),
+            "--write-quorum",
+            str(args.write_quorum),
+            "--session-timeout",
+            f"{args.session_timeout:g}",
+            "--log-level",
+            args.log_level,
+            *(["--http-port", str(self.http_port)] if self.http_port else []),
+            *(["--auth-dir", str(args.auth_dir)] if args.auth_dir is not None else []),
+        ]
 
     def start(self, args: argparse.Namespace, zk: str) -> None:
         import dkv
@@ -212,8 +277,9 @@ class Node:
             out.flush()
             # Its own process group: a Ctrl-C at the terminal reaches only this
             # script, which then stops the nodes in order.
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, process_group=0)
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, process_group=0
+            )
         self.client = dkv.Client(self.addr, timeout=PROBE_TIMEOUT, auth=client_key(args))
         log.info("started %s on %s (pid %d, log %s)", self.id, self.addr, self.proc.pid, display(self.log_path))
 
@@ -261,8 +327,10 @@ def check_ports_free(nodes: list[Node]) -> None:
                 try:
                     s.bind((n.host, port))
                 except OSError as e:
-                    raise ClusterError(f"cannot use {n.host}:{port} for {n.id}: {e.strerror or e} "
-                                       f"(is a cluster already running? {flag} picks other ports)") from None
+                    raise ClusterError(
+                        f"cannot use {n.host}:{port} for {n.id}: {e.strerror or e} "
+                        f"(is a cluster already running? {flag} picks other ports)"
+                    ) from None
 
 
 def wipe(data_root: Path) -> None:
@@ -296,8 +364,9 @@ def prepare_zookeeper(hosts: str, chroot: str, fresh: bool, timeout: float = 5.0
     """Check that ZooKeeper answers, then create ``chroot`` (deleting it first when ``fresh``)."""
     from kazoo.client import KazooClient
 
-    unreachable = ClusterError(f"ZooKeeper is not reachable at {hosts} (start one with `make zk-up`, "
-                               f"or give another with --zk)")
+    unreachable = ClusterError(
+        f"ZooKeeper is not reachable at {hosts} (start one with `make zk-up`, or give another with --zk)"
+    )
     if not zookeeper_port_open(hosts):
         raise unreachable
 
@@ -319,8 +388,10 @@ def prepare_zookeeper(hosts: str, chroot: str, fresh: bool, timeout: float = 5.0
             try:
                 zk.delete(chroot, recursive=True)
             except NoAuthError:
-                raise ClusterError(f"ZooKeeper refused to delete {chroot}: its znodes are protected by a "
-                                   "cluster key (run with --auth to use the keys in DATA_DIR/auth)") from None
+                raise ClusterError(
+                    f"ZooKeeper refused to delete {chroot}: its znodes are protected by a "
+                    "cluster key (run with --auth to use the keys in DATA_DIR/auth)"
+                ) from None
             log.info("--fresh: deleted ZooKeeper path %s", chroot)
         zk.ensure_path(chroot)
     finally:
@@ -371,8 +442,10 @@ def cluster_problem(info: dict[str, Any], nodes: list[Node], shards: int) -> str
         if not writer:
             return f"{shard.get('id')} has no writer"
         if status.get(writer) != "up":
-            return (f"{shard.get('id')}'s writer {writer} is down (left from an earlier run with other "
-                    f"options? --fresh starts over)")
+            return (
+                f"{shard.get('id')}'s writer {writer} is down (left from an earlier run with other "
+                f"options? --fresh starts over)"
+            )
     covered = covered_slots(info)
     if covered < NUM_SLOTS:
         return f"the slot map covers {covered} of {NUM_SLOTS} slots"
@@ -381,8 +454,10 @@ def cluster_problem(info: dict[str, Any], nodes: list[Node], shards: int) -> str
 
 def check_cluster_mode(node: Node, info: dict[str, Any] | None) -> None:
     if info is not None and info.get("mode") != "cluster":
-        raise ClusterError(f"{node.id} runs in {info.get('mode')!r} mode although it was started with --zk: "
-                           f"this dkv has no cluster mode")
+        raise ClusterError(
+            f"{node.id} runs in {info.get('mode')!r} mode although it was started with --zk: "
+            f"this dkv has no cluster mode"
+        )
 
 
 def slot_ranges(shard: dict[str, Any]) -> str:
@@ -393,20 +468,38 @@ def render_table(info: dict[str, Any], nodes: list[Node], zk: str) -> str:
     """The node and shard tables printed once the cluster is up."""
     ours = {n.id: n for n in nodes}
     rows = [("NODE", "ADDR", "ROLE", "SHARD", "STATUS", "PID", "LOG")]
-    entries = sorted(info.get("nodes", []), key=lambda e: (ours[e["id"]].index if e["id"] in ours else 1 << 30,
-                                                         e["id"]))
+    entries = sorted(
+        info.get("nodes", []), key=lambda e: (ours[e["id"]].index if e["id"] in ours else 1 << 30, e["id"])
+    )
     for e in entries:
         node = ours.get(e["id"])
-        rows.append((e["id"], e.get("addr") or "-", e.get("role") or "-", e.get("shard") or "-",
-                     e.get("status") or "-", str(node.pid) if node else "-",
-                     display(node.log_path) if node else "-"))
+        rows.append(
+            (
+                e["id"],
+                e.get("addr") or "-",
+                e.get("role") or "-",
+                e.get("shard") or "-",
+                e.get("status") or "-",
+                str(node.pid) if node else "-",
+                display(node.log_path) if node else "-",
+            )
+        )
     shard_rows = [("SHARD", "EPOCH", "WRITER", "REPLICAS", "SLOTS")]
     for s in info.get("shards", []):
-        shard_rows.append((s["id"], str(s.get("epoch", "-")), s.get("writer") or "-",
-                           ",".join(s.get("replicas", [])) or "-", slot_ranges(s)))
+        shard_rows.append(
+            (
+                s["id"],
+                str(s.get("epoch", "-")),
+                s.get("writer") or "-",
+                ",".join(s.get("replicas", [])) or "-",
+                slot_ranges(s),
+            )
+        )
     writers = sum(1 for s in info.get("shards", []) if s.get("writer"))
-    head = (f"dkv cluster up: {plural(len(info.get('shards', [])), 'shard')} ({writers} with a writer), "
-            f"{plural(len(entries), 'node')}, ZooKeeper {zk}")
+    head = (
+        f"dkv cluster up: {plural(len(info.get('shards', [])), 'shard')} ({writers} with a writer), "
+        f"{plural(len(entries), 'node')}, ZooKeeper {zk}"
+    )
     return "\n".join([head, "", _columns(rows), "", _columns(shard_rows)])
 
 
@@ -434,8 +527,16 @@ class ClusterRun:
         self.args = args
         self.zk = args.zk + args.chroot
         n = args.shards * args.replicas_per_shard
-        self.nodes = [Node(k, args.host, args.base_port + k - 1, args.data_dir,
-                           args.http_base_port + k - 1 if args.http_base_port else 0) for k in range(1, n + 1)]
+        self.nodes = [
+            Node(
+                k,
+                args.host,
+                args.base_port + k - 1,
+                args.data_dir,
+                args.http_base_port + k - 1 if args.http_base_port else 0,
+            )
+            for k in range(1, n + 1)
+        ]
         self.signals = 0
 
     # signals: the handler only counts; the loops below look at the count
@@ -468,8 +569,10 @@ class ClusterRun:
     def check_alive(self) -> None:
         for node in self.nodes:
             if node.proc is not None and node.proc.poll() is not None:
-                raise ClusterError(f"{node.id} exited with code {node.proc.returncode}; the end of "
-                                   f"{display(node.log_path)}:\n{node.log_tail()}")
+                raise ClusterError(
+                    f"{node.id} exited with code {node.proc.returncode}; the end of "
+                    f"{display(node.log_path)}:\n{node.log_tail()}"
+                )
 
     def start(self) -> dict[str, Any]:
         args = self.args
@@ -477,8 +580,14 @@ class ClusterRun:
             wipe(args.data_dir)
         check_ports_free(self.nodes)
         prepare_zookeeper(args.zk, args.chroot, args.fresh, creds=ensure_keys(args))
-        log.info("starting %d nodes (%d shards x %d) under ZooKeeper %s, data in %s",
-                 len(self.nodes), args.shards, args.replicas_per_shard, self.zk, display(args.data_dir))
+        log.info(
+            "starting %d nodes (%d shards x %d) under ZooKeeper %s, data in %s",
+            len(self.nodes),
+            args.shards,
+            args.replicas_per_shard,
+            self.zk,
+            display(args.data_dir),
+        )
         for node in self.nodes:
             if self.signals:
                 raise Stopped
@@ -521,15 +630,15 @@ class ClusterRun:
 
     def report(self, info: dict[str, Any]) -> None:
         dkv = dkv_command()
-        writers = " ".join(n.addr for n in self.nodes
-                           if any(s.get("writer") == n.id for s in info.get("shards", [])))
+        writers = " ".join(n.addr for n in self.nodes if any(s.get("writer") == n.id for s in info.get("shards", [])))
         print(render_table(info, self.nodes, self.zk), flush=True)
         auth = f" --auth {display(Path(key))}" if (key := client_key(self.args)) else ""
         print(f"\nconnect: {dkv} cli{auth} --zk {self.zk}", flush=True)
         print(f"     or: {dkv} cli{auth} {writers}", flush=True)
         for i, node in enumerate(n for n in self.nodes if n.http_port):
-            print(f"{'metrics:' if i == 0 else '':9}http://{node.host}:{node.http_port}/metrics ({node.id})",
-                  flush=True)
+            print(
+                f"{'metrics:' if i == 0 else '':9}http://{node.host}:{node.http_port}/metrics ({node.id})", flush=True
+            )
 
     def wait(self) -> None:
         """Until a signal; a node that exits meanwhile is reported (and left down)."""
@@ -538,8 +647,13 @@ class ClusterRun:
             for node in self.nodes:
                 if node.proc is not None and node.proc.poll() is not None and not node.exit_reported:
                     node.exit_reported = True
-                    log.warning("%s (pid %d) exited with code %s; see %s", node.id, node.proc.pid,
-                                node.proc.returncode, display(node.log_path))
+                    log.warning(
+                        "%s (pid %d) exited with code %s; see %s",
+                        node.id,
+                        node.proc.pid,
+                        node.proc.returncode,
+                        display(node.log_path),
+                    )
             self.sleep(0.5)
 
     def stop(self) -> None:
@@ -573,8 +687,12 @@ class ClusterRun:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     run = ClusterRun(args)
     previous = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = 0

@@ -13,6 +13,7 @@ invocation, or never; failed gets are ignored. A delete is a write of ``None``
 True, ``info``, pending) is a write of its new value, and one that returned False
 wrote nothing: "set" below means any of these writes.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -74,8 +75,9 @@ def _effective_complete(op: Op) -> float:
 # -- G1: no lost acknowledged write ---------------------------------------------------------------
 
 
-def check_acknowledged(history: History | Iterable[Op],
-                       final_read: Callable[[list[str]], Sequence[str | bytes | None]]) -> CheckResult:
+def check_acknowledged(
+    history: History | Iterable[Op], final_read: Callable[[list[str]], Sequence[str | bytes | None]]
+) -> CheckResult:
     """G1: every acknowledged write is still readable (unless a later write replaced it).
 
     ``final_read(keys)`` must read the keys once the system is quiet (every op
@@ -125,14 +127,26 @@ def check_acknowledged(history: History | Iterable[Op],
             reason = "failed write applied"
         else:
             reason = "unknown value"
-        lost.append({"key": key, "expected one of": sorted(v for v in allowed if v is not None)[:5],
-                     "actual": actual, "reason": reason})
+        lost.append(
+            {
+                "key": key,
+                "expected one of": sorted(v for v in allowed if v is not None)[:5],
+                "actual": actual,
+                "reason": reason,
+            }
+        )
     ok = not lost and not failed_applied
-    messages = [f"lost {x['key']!r}: {x['reason']}: read {x['actual']!r}, expected one of {x['expected one of']}"
-                for x in lost[:10]]
+    messages = [
+        f"lost {x['key']!r}: {x['reason']}: read {x['actual']!r}, expected one of {x['expected one of']}"
+        for x in lost[:10]
+    ]
     messages += [f"definitely failed write of {x['key']!r} applied: {x['actual']!r}" for x in failed_applied[:10]]
-    return CheckResult(ok, {"keys": checked, "acked_sets": acked_sets, "lost": lost,
-                            "failed_applied": failed_applied}, "check_acknowledged", messages)
+    return CheckResult(
+        ok,
+        {"keys": checked, "acked_sets": acked_sets, "lost": lost, "failed_applied": failed_applied},
+        "check_acknowledged",
+        messages,
+    )
 
 
 # -- linearizability of per-key registers -----------------------------------------------------------------
@@ -259,8 +273,9 @@ def _search(calls: list[_Call], budget: int) -> KeyVerdict:
     """
     calls = sorted(calls, key=lambda c: (c.start, c.end))  # bit i = i-th invoked: memo keys stay small
     n = len(calls)
-    events = sorted([(c.start, 0, i) for i, c in enumerate(calls)]
-                    + [(c.end, 1, i) for i, c in enumerate(calls) if c.end != INF])
+    events = sorted(
+        [(c.start, 0, i) for i, c in enumerate(calls)] + [(c.end, 1, i) for i, c in enumerate(calls) if c.end != INF]
+    )
     # node 0 is the head sentinel; then the events; -1 ends the list
     size = len(events) + 1
     nxt = [p + 1 if p + 1 < size else -1 for p in range(size)]
@@ -420,11 +435,11 @@ def _window(ops: list[Op], stuck: Op, calls: list[_Call]) -> list[Op]:
     spans = {id(c.op): (c.start, c.end) for c in calls}
     s0, s1 = spans.get(id(stuck), (stuck.invoke, stuck.complete or INF))
     overlapping = [o for o in ops if id(o) in spans and spans[id(o)][0] <= s1 and spans[id(o)][1] >= s0]
-    before = sorted((o for o in ops if o.writes_register and id(o) in spans and spans[id(o)][1] < s0),
-                    key=lambda o: spans[id(o)][1])[-2:]
+    before = sorted(
+        (o for o in ops if o.writes_register and id(o) in spans and spans[id(o)][1] < s0), key=lambda o: spans[id(o)][1]
+    )[-2:]
     observes, seen_value = _observed(stuck)
-    writers = [o for o in ops if o.writes_register and observes and o.value == seen_value
-               and o.invoke <= s1][-3:]
+    writers = [o for o in ops if o.writes_register and observes and o.value == seen_value and o.invoke <= s1][-3:]
     seen: dict[int, Op] = {}
     for o in [*before, *overlapping, *writers]:
         seen.setdefault(o.index, o)
@@ -459,22 +474,32 @@ def check_linearizable(history: History | Iterable[Op], budget: int = DEFAULT_BU
         per_key[key] = {"ops": len(key_ops), "searched": verdict.ops, "states": verdict.states, "ok": verdict.ok}
         if verdict.ok is None:
             inconclusive.append(key)
-            messages.append(f"key {key!r}: inconclusive, search budget of {budget} states exhausted "
-                            f"({verdict.ops} ops)")
+            messages.append(
+                f"key {key!r}: inconclusive, search budget of {budget} states exhausted ({verdict.ops} ops)"
+            )
         elif not verdict.ok:
             failures.append(key)
             assert verdict.stuck is not None
             window = _window(key_ops, verdict.stuck, calls)
             evidence[key] = [verdict.stuck, *(o for o in window if o.index != verdict.stuck.index)]
-            messages.append(f"key {key!r}: not linearizable ({verdict.ops} ops searched); the longest "
-                            f"linearizable prefix found has {verdict.linearized} ops, and then this op cannot "
-                            f"take effect within its window: {verdict.stuck}")
-            messages.append("  the ops around it (overlapping it, the last writes before it, the writers "
-                            "of the value it read or expected):")
+            messages.append(
+                f"key {key!r}: not linearizable ({verdict.ops} ops searched); the longest "
+                f"linearizable prefix found has {verdict.linearized} ops, and then this op cannot "
+                f"take effect within its window: {verdict.stuck}"
+            )
+            messages.append(
+                "  the ops around it (overlapping it, the last writes before it, the writers "
+                "of the value it read or expected):"
+            )
             messages.extend(f"    {o}" for o in window)
     ok = not failures and not inconclusive
-    details = {"keys": len(by_key), "ops": len(ops), "failed_keys": failures, "inconclusive_keys": inconclusive,
-               "states": sum(v["states"] for v in per_key.values())}
+    details = {
+        "keys": len(by_key),
+        "ops": len(ops),
+        "failed_keys": failures,
+        "inconclusive_keys": inconclusive,
+        "states": sum(v["states"] for v in per_key.values()),
+    }
     result = CheckResult(ok, details, "check_linearizable", messages, evidence)
     result.details["per_key"] = per_key
     return result
@@ -483,8 +508,9 @@ def check_linearizable(history: History | Iterable[Op], budget: int = DEFAULT_BU
 # -- counters -----------------------------------------------------------------------------------------
 
 
-def check_counters(history: History | Iterable[Op],
-                   final_read: Callable[[list[str]], Sequence[str | bytes | None]]) -> CheckResult:
+def check_counters(
+    history: History | Iterable[Op], final_read: Callable[[list[str]], Sequence[str | bytes | None]]
+) -> CheckResult:
     """Counters: keys only ever changed by ``incr(key, 1)``, from absent (0).
 
     ``final_read(keys)`` reads the counter keys once the system is quiet (a
@@ -520,8 +546,12 @@ def check_counters(history: History | Iterable[Op],
     for key, text in zip(keys, finals):
         acked = [o for o in incrs[key] if o.outcome == "ok"]
         maybe = [o for o in incrs[key] if o.outcome in ("info", None)]
-        per_key[key] = {"final": text, "acked": len(acked), "indeterminate": len(maybe),
-                        "failed": sum(1 for o in incrs[key] if o.outcome == "fail")}
+        per_key[key] = {
+            "final": text,
+            "acked": len(acked),
+            "indeterminate": len(maybe),
+            "failed": sum(1 for o in incrs[key] if o.outcome == "fail"),
+        }
         try:
             final = 0 if text is None else int(text)
         except ValueError:
@@ -530,8 +560,10 @@ def check_counters(history: History | Iterable[Op],
         if final < len(acked):
             problem(key, f"lost increments: final value {final} < {len(acked)} acknowledged")
         elif final > len(acked) + len(maybe):
-            problem(key, f"too many increments: final value {final} > {len(acked)} acknowledged "
-                         f"+ {len(maybe)} indeterminate")
+            problem(
+                key,
+                f"too many increments: final value {final} > {len(acked)} acknowledged + {len(maybe)} indeterminate",
+            )
         by_result: dict[int, list[Op]] = defaultdict(list)
         for o in acked:
             by_result[int(o.result or 0)].append(o)
@@ -551,19 +583,25 @@ def check_counters(history: History | Iterable[Op],
                     best = a
                 j += 1
             if best is not None and int(best.result or 0) >= int(b.result or 0):
-                problem(key, f"real-time order: returned {b.result} after an increment that completed "
-                             f"before it was invoked returned {best.result}", [best, b])
+                problem(
+                    key,
+                    f"real-time order: returned {b.result} after an increment that completed "
+                    f"before it was invoked returned {best.result}",
+                    [best, b],
+                )
         invoked = sorted(o.invoke for o in acked + maybe)
         for b in acked:
             can = bisect.bisect_right(invoked, b.complete if b.complete is not None else INF)
             if int(b.result or 0) > can:
-                problem(key, f"returned {b.result} but only {can} increments were invoked before it "
-                             f"completed", [b])
+                problem(key, f"returned {b.result} but only {can} increments were invoked before it completed", [b])
     ok = not problems
-    messages = [f"counter {p['key']!r}: {p['problem']}" + (f": {'; '.join(p['ops'])}" if p["ops"] else "")
-                for p in problems[:20]]
-    return CheckResult(ok, {"keys": len(keys), "problems": problems, "per_key": per_key}, "check_counters",
-                       messages, evidence)
+    messages = [
+        f"counter {p['key']!r}: {p['problem']}" + (f": {'; '.join(p['ops'])}" if p["ops"] else "")
+        for p in problems[:20]
+    ]
+    return CheckResult(
+        ok, {"keys": len(keys), "problems": problems, "per_key": per_key}, "check_counters", messages, evidence
+    )
 
 
 # -- G3: convergence ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ needs: each key's effect happened somewhere inside the call.
 The checkers (:mod:`tests.faults.checkers`) judge a history; this module only
 records it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,12 @@ T = TypeVar("T")
 #: Errors a client may legitimately see while nodes crash, pause or are cut off.
 #: Anything else raised by a client call is a bug in the harness or the client.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    DKVError, TransportError, OSError, zerorpc.TimeoutExpired, zerorpc.LostRemote)
+    DKVError,
+    TransportError,
+    OSError,
+    zerorpc.TimeoutExpired,
+    zerorpc.LostRemote,
+)
 
 
 def is_expected_error(error: BaseException) -> bool:
@@ -136,8 +142,15 @@ class History:
 
     # -- recording -----------------------------------------------------------------
 
-    def invoke(self, process: int, kind: Kind, key: str, value: str | bytes | None = None, *,
-               expected: str | bytes | None = None) -> Op:
+    def invoke(
+        self,
+        process: int,
+        kind: Kind,
+        key: str,
+        value: str | bytes | None = None,
+        *,
+        expected: str | bytes | None = None,
+    ) -> Op:
         """Record the start of an operation; ``value`` is the value a set or cas writes,
         ``expected`` the value a cas expects (None: absent)."""
         if kind not in KINDS:
@@ -149,8 +162,15 @@ class History:
         if kind != "cas" and expected is not None:
             raise ValueError("only a cas expects a value")
         with self._lock:
-            op = Op(len(self._ops), process, kind, key, _text(value) if kind in ("set", "cas") else None,
-                    self._clock(), expected=_text(expected))
+            op = Op(
+                len(self._ops),
+                process,
+                kind,
+                key,
+                _text(value) if kind in ("set", "cas") else None,
+                self._clock(),
+                expected=_text(expected),
+            )
             self._ops.append(op)
             return op
 
@@ -170,8 +190,9 @@ class History:
         """
         self._complete(op, "info" if op.is_write else "fail", error)
 
-    def _complete(self, op: Op, outcome: Outcome, error: BaseException | str | None,
-                  value: str | bytes | None = None) -> None:
+    def _complete(
+        self, op: Op, outcome: Outcome, error: BaseException | str | None, value: str | bytes | None = None
+    ) -> None:
         with self._lock:
             if op.outcome is not None:
                 raise ValueError(f"op #{op.index} already completed: {op}")
@@ -188,8 +209,16 @@ class History:
                     raise ValueError(f"an incr returns an int, got {value!r}")
                 op.result = value
 
-    def record(self, process: int, kind: Kind, key: str, value: str | bytes | None,
-               fn: Callable[[], T], *, expected: str | bytes | None = None) -> T:
+    def record(
+        self,
+        process: int,
+        kind: Kind,
+        key: str,
+        value: str | bytes | None,
+        fn: Callable[[], T],
+        *,
+        expected: str | bytes | None = None,
+    ) -> T:
         """Invoke, run ``fn()``, complete with the classified outcome, return ``fn``'s result.
 
         A get's result is recorded as the value read, a cas's or an incr's as its
@@ -211,8 +240,9 @@ class History:
         self.ok(op, result if kind in ("get", "cas", "incr") else None)
         return result
 
-    def record_many(self, process: int, kind: Kind, items: Sequence[tuple[str, str | bytes | None]],
-                    fn: Callable[[], T]) -> T:
+    def record_many(
+        self, process: int, kind: Kind, items: Sequence[tuple[str, str | bytes | None]], fn: Callable[[], T]
+    ) -> T:
         """A multi-key call (``mset``: kind ``"set"``; ``mget``: kind ``"get"``) as one op per
         key, all invoked before ``fn()`` and completed after it, so they share its window.
 
@@ -244,8 +274,9 @@ class History:
         self._complete_many(ops, "ok", None, values)
         return result
 
-    def _complete_many(self, ops: list[Op], outcome: Outcome, error: BaseException | str | None,
-                       values: list[Any] | None) -> None:
+    def _complete_many(
+        self, ops: list[Op], outcome: Outcome, error: BaseException | str | None, values: list[Any] | None
+    ) -> None:
         with self._lock:  # one completion instant for the whole call
             now = self._clock()
             for i, op in enumerate(ops):
@@ -271,8 +302,7 @@ class History:
     def summary(self) -> dict[str, Any]:
         """Counts: ops, sets_ok, sets_fail, sets_info, gets_ok, gets_fail, pending
         (and deletes_/cass_/incrs_ ok, fail, info once such an op was recorded)."""
-        counts = {"ops": 0, "sets_ok": 0, "sets_fail": 0, "sets_info": 0,
-                  "gets_ok": 0, "gets_fail": 0, "pending": 0}
+        counts = {"ops": 0, "sets_ok": 0, "sets_fail": 0, "sets_info": 0, "gets_ok": 0, "gets_fail": 0, "pending": 0}
         for op in self.ops:
             counts["ops"] += 1
             if op.outcome is None:

@@ -38,6 +38,7 @@ of shard-1" or "replica 0 of shard-2", resolved when the fault is injected);
 the interleaving with the clients of course is not. :attr:`Nemesis.faults`
 records what was done, when (seconds since ``t0``).
 """
+
 from __future__ import annotations
 
 import random
@@ -50,10 +51,14 @@ from tests.support.cluster import Cluster, expire_session
 
 #: fault kind -> default weight (partitions are added only when the cluster can be cut)
 DEFAULT_WEIGHTS: dict[str, float] = {
-    "kill-writer": 2.0, "kill-replica": 2.0,
-    "pause-writer": 1.5, "pause-replica": 1.0,
-    "expire-writer": 1.0, "expire-replica": 0.5,
-    "migrate": 1.5, "migrate-kill-source": 2.0,
+    "kill-writer": 2.0,
+    "kill-replica": 2.0,
+    "pause-writer": 1.5,
+    "pause-replica": 1.0,
+    "expire-writer": 1.0,
+    "expire-replica": 0.5,
+    "migrate": 1.5,
+    "migrate-kill-source": 2.0,
 }
 PARTITION_WEIGHTS: dict[str, float] = {"partition-writer": 1.0, "partition-replica": 0.5}
 #: the shard drain/undrain moves slots off and back onto
@@ -92,19 +97,28 @@ class Nemesis:
     ``log`` gets one line per fault.
     """
 
-    def __init__(self, cluster: Cluster, seed: int, *, t0: float | None = None,
-                 weights: dict[str, float] | None = None, partitions: bool = False,
-                 interval: tuple[float, float] = (2.0, 5.0), kill_downtime: tuple[float, float] = (0.5, 3.0),
-                 sharp_downtime: tuple[float, float] = (1.0, 3.0), pause_extra: tuple[float, float] = (0.5, 1.5),
-                 health_timeout: float = 120.0, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        seed: int,
+        *,
+        t0: float | None = None,
+        weights: dict[str, float] | None = None,
+        partitions: bool = False,
+        interval: tuple[float, float] = (2.0, 5.0),
+        kill_downtime: tuple[float, float] = (0.5, 3.0),
+        sharp_downtime: tuple[float, float] = (1.0, 3.0),
+        pause_extra: tuple[float, float] = (0.5, 1.5),
+        health_timeout: float = 120.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         if partitions and cluster.lab is None:
             raise ValueError("partitions need a cluster started with a NetLab")
         self.cluster = cluster
         self.seed = seed
         self.rng = random.Random(seed)
         self.t0 = time.monotonic() if t0 is None else t0
-        w = dict(weights) if weights is not None else {**DEFAULT_WEIGHTS,
-                                                         **(PARTITION_WEIGHTS if partitions else {})}
+        w = dict(weights) if weights is not None else {**DEFAULT_WEIGHTS, **(PARTITION_WEIGHTS if partitions else {})}
         if not partitions and any(k in PARTITION_WEIGHTS for k in w):
             raise ValueError("partition faults need partitions=True")
         unknown = set(w) - set(DEFAULT_WEIGHTS) - set(PARTITION_WEIGHTS)
@@ -225,8 +239,10 @@ class Nemesis:
                 running = {m: c.nodes[m].running for m in [sh["writer"], *sh["replicas"]] if m in c.nodes}
                 info = c.info(sh["writer"]) if sh["writer"] else None
                 reps = (info or {}).get("replication", {}).get("replicas") if info else None
-                out.append(f"{sid}: writer {sh['writer']}, replicas {sh['replicas']}, running {running}, "
-                           f"writer's view of its replicas {reps}")
+                out.append(
+                    f"{sid}: writer {sh['writer']}, replicas {sh['replicas']}, running {running}, "
+                    f"writer's view of its replicas {reps}"
+                )
             return "; ".join(out)
         except Exception as e:
             return f"(cluster map unreadable: {e!r})"
@@ -254,9 +270,11 @@ class Nemesis:
                 if self.now() >= duration:
                     break
                 if not self._wait_healthy():
-                    self.unhealthy = (f"the cluster was not healthy {self.health_timeout:g}s after fault "
-                                      f"{self.faults[-1] if self.faults else '(none)'}; the nemesis stopped; "
-                                      f"then: {self.health()}")
+                    self.unhealthy = (
+                        f"the cluster was not healthy {self.health_timeout:g}s after fault "
+                        f"{self.faults[-1] if self.faults else '(none)'}; the nemesis stopped; "
+                        f"then: {self.health()}"
+                    )
                     self._log(f"nemesis: {self.unhealthy}")
                     break
                 if self._stop.is_set() or self.now() >= duration:
@@ -290,15 +308,30 @@ class Nemesis:
                 fault.detail = f"{role} of {shard}"
                 action = kind.split("-", 1)[0]
                 if action == "kill":
-                    self._down(fault, node, downtime, lambda: self.cluster.nodes[node].kill(),
-                               lambda: self.cluster.nodes[node].start())
+                    self._down(
+                        fault,
+                        node,
+                        downtime,
+                        lambda: self.cluster.nodes[node].kill(),
+                        lambda: self.cluster.nodes[node].start(),
+                    )
                 elif action == "pause":
-                    self._down(fault, node, downtime, lambda: self.cluster.nodes[node].pause(),
-                               lambda: self.cluster.nodes[node].resume())
+                    self._down(
+                        fault,
+                        node,
+                        downtime,
+                        lambda: self.cluster.nodes[node].pause(),
+                        lambda: self.cluster.nodes[node].resume(),
+                    )
                 elif action == "partition":
                     host = self.cluster.hosts[node]
-                    self._down(fault, node, downtime, lambda: self.cluster.lab.isolate(host),
-                               lambda: self.cluster.lab.heal(host))
+                    self._down(
+                        fault,
+                        node,
+                        downtime,
+                        lambda: self.cluster.lab.isolate(host),
+                        lambda: self.cluster.lab.heal(host),
+                    )
                 else:
                     expire_session(self.cluster.zk, self.cluster.nodes[node].addr, self.cluster.creds)
         except Exception as e:  # a fault that could not be injected is reported, not fatal
@@ -312,8 +345,9 @@ class Nemesis:
         replicas = sorted(sh["replicas"])
         return str(replicas[replica_no % len(replicas)])
 
-    def _down(self, fault: Fault, node: str, downtime: float, fail: Callable[[], Any],
-              recover: Callable[[], Any]) -> None:
+    def _down(
+        self, fault: Fault, node: str, downtime: float, fail: Callable[[], Any], recover: Callable[[], Any]
+    ) -> None:
         fail()
         # the fault's planned duration (part of the schedule), not a condition
         time.sleep(downtime)

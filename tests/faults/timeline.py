@@ -7,6 +7,7 @@ seconds since the run's start, given the wall-clock time ``wall0`` that
 matches the monotonic ``t0`` of the history. Lines without a timestamp
 (tracebacks) take the time of the line before them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,7 @@ def parse_log(path: Path, node: str, wall0: float) -> list[LogLine]:
         m = _STAMP.match(raw)
         if m:
             t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - wall0
-            raw = raw[m.end():]
+            raw = raw[m.end() :]
         out.append(LogLine(t, node, raw))
     return out
 
@@ -61,7 +62,7 @@ def collapse(lines: list[LogLine]) -> list[LogLine]:
     counts: dict[int, tuple[int, float]] = {}
     for x in lines:
         i = first.get((x.node, x.text))
-        if i is not None and all(y.node != x.node for y in out[i + 1:]):  # nothing else from that node since
+        if i is not None and all(y.node != x.node for y in out[i + 1 :]):  # nothing else from that node since
             n, _ = counts.get(i, (1, x.t))
             counts[i] = (n + 1, x.t)
             continue
@@ -79,11 +80,16 @@ def around(lines: list[LogLine], start: float, end: float, limit: int = 60) -> l
     if len(picked) <= limit:
         return picked
     head = limit // 5
-    return [*picked[:head], LogLine(picked[head].t, "...", f"({len(picked) - limit} lines left out)"),
-            *picked[len(picked) - (limit - head):]]
+    return [
+        *picked[:head],
+        LogLine(picked[head].t, "...", f"({len(picked) - limit} lines left out)"),
+        *picked[len(picked) - (limit - head) :],
+    ]
 
 
 def rebase(ops: Iterable[Op], t0: float) -> list[Op]:
     """Copies of ``ops`` with times in seconds since ``t0`` (for readable reports)."""
-    return [dataclasses.replace(o, invoke=o.invoke - t0,
-                                complete=None if o.complete is None else o.complete - t0) for o in ops]
+    return [
+        dataclasses.replace(o, invoke=o.invoke - t0, complete=None if o.complete is None else o.complete - t0)
+        for o in ops
+    ]

@@ -16,6 +16,7 @@ Errors that faults are expected to cause (dkv errors, transport errors) are
 recorded and the thread carries on. Any other exception is a bug: the thread
 stops and ``stop()`` / ``join()`` re-raise it.
 """
+
 from __future__ import annotations
 
 import random
@@ -53,9 +54,20 @@ class Workload:
     history distinct ranges so the written values stay unique).
     """
 
-    def __init__(self, client: KVClient, history: History, keys: list[str], threads: int,
-                 read_ratio: float, seed: int, *, max_ops: int, max_duration: float,
-                 pause: float = 0.0, first_process: int = 0) -> None:
+    def __init__(
+        self,
+        client: KVClient,
+        history: History,
+        keys: list[str],
+        threads: int,
+        read_ratio: float,
+        seed: int,
+        *,
+        max_ops: int,
+        max_duration: float,
+        pause: float = 0.0,
+        first_process: int = 0,
+    ) -> None:
         if not keys:
             raise ValueError("keys must not be empty")
         if threads < 1:
@@ -90,8 +102,12 @@ class Workload:
         self._deadline = time.monotonic() + self.max_duration
         for i in range(self.n_threads):
             process = self.first_process + i
-            t = threading.Thread(target=self._run, args=(process, random.Random(f"{self.seed}/{i}")),
-                                 name=f"workload-p{process}", daemon=True)
+            t = threading.Thread(
+                target=self._run,
+                args=(process, random.Random(f"{self.seed}/{i}")),
+                name=f"workload-p{process}",
+                daemon=True,
+            )
             self._threads.append(t)
         for t in self._threads:
             t.start()
@@ -109,8 +125,9 @@ class Workload:
             if t.is_alive():
                 raise TimeoutError(f"workload thread {t.name} still running after {timeout:g}s")
         if self._errors:
-            raise WorkloadError(f"{len(self._errors)} workload thread(s) failed: {self._errors[0]!r}") \
-                from self._errors[0]
+            raise WorkloadError(
+                f"{len(self._errors)} workload thread(s) failed: {self._errors[0]!r}"
+            ) from self._errors[0]
 
     def stop(self, timeout: float | None = None) -> None:
         """Ask the threads to stop after their current op, and join them (see :meth:`join`)."""
@@ -196,8 +213,7 @@ DEFAULT_MIX = {"get": 0.40, "set": 0.30, "delete": 0.08, "mset": 0.10, "mget": 0
 #: Every kind :class:`MixedWorkload` knows (``incr`` needs counter keys).
 KINDS = (*DEFAULT_MIX, "cas", "incr")
 #: A mix with compare-and-set and counters too (the nemesis test's).
-COORDINATION_MIX = {"get": 0.34, "set": 0.22, "delete": 0.06, "mset": 0.08, "mget": 0.10, "cas": 0.12,
-                    "incr": 0.08}
+COORDINATION_MIX = {"get": 0.34, "set": 0.22, "delete": 0.06, "mset": 0.08, "mget": 0.10, "cas": 0.12, "incr": 0.08}
 #: How often a cas expects absence (None) rather than the value its thread last saw
 CAS_EXPECT_ABSENT = 0.15
 
@@ -217,10 +233,23 @@ class MixedWorkload(Workload):
     by :func:`~tests.faults.checkers.check_linearizable`.
     """
 
-    def __init__(self, clients: MultiKVClient | Sequence[MultiKVClient], history: History, keys: list[str],
-                 threads: int, seed: int, *, max_ops: int, max_duration: float, pause: float = 0.0,
-                 first_process: int = 0, mix: dict[str, float] | None = None,
-                 consistency: str = "linearizable", max_multi: int = 4, counters: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        clients: MultiKVClient | Sequence[MultiKVClient],
+        history: History,
+        keys: list[str],
+        threads: int,
+        seed: int,
+        *,
+        max_ops: int,
+        max_duration: float,
+        pause: float = 0.0,
+        first_process: int = 0,
+        mix: dict[str, float] | None = None,
+        consistency: str = "linearizable",
+        max_multi: int = 4,
+        counters: Sequence[str] = (),
+    ) -> None:
         mix = dict(DEFAULT_MIX if mix is None else mix)
         unknown = set(mix) - set(KINDS)
         if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
@@ -231,13 +260,22 @@ class MixedWorkload(Workload):
             raise ValueError("counter keys must not be register keys")
         if max_multi < 2 or max_multi > len(keys):
             raise ValueError("max_multi must be within [2, len(keys)]")
-        client_list: list[MultiKVClient] = (list(clients) if isinstance(clients, (list, tuple))
-                                            else [clients])  # type: ignore[list-item]
+        client_list: list[MultiKVClient] = list(clients) if isinstance(clients, (list, tuple)) else [clients]  # type: ignore[list-item]
         if not client_list:
             raise ValueError("clients must not be empty")
         reads = (mix.get("get", 0) + mix.get("mget", 0)) / sum(mix.values())
-        super().__init__(client_list[0], history, keys, threads, reads, seed, max_ops=max_ops,  # type: ignore[arg-type]
-                         max_duration=max_duration, pause=pause, first_process=first_process)
+        super().__init__(
+            client_list[0],
+            history,
+            keys,
+            threads,
+            reads,
+            seed,
+            max_ops=max_ops,  # type: ignore[arg-type]
+            max_duration=max_duration,
+            pause=pause,
+            first_process=first_process,
+        )
         self.clients = client_list
         self.mix = mix
         self.consistency = consistency
@@ -265,8 +303,9 @@ class MixedWorkload(Workload):
                     if kind in ("mset", "mget"):
                         keys = rng.sample(self.keys, rng.randint(2, self.max_multi))
                         if kind == "mget":
-                            got = h.record_many(process, "get", [(k, None) for k in keys],
-                                                lambda: client.mget(keys, consistency=level))
+                            got = h.record_many(
+                                process, "get", [(k, None) for k in keys], lambda: client.mget(keys, consistency=level)
+                            )
                             known.update(zip(keys, map(text, got)))
                         else:
                             items = []
@@ -282,8 +321,9 @@ class MixedWorkload(Workload):
                         continue
                     key = rng.choice(self.keys)
                     if kind == "get":
-                        known[key] = text(h.record(process, "get", key, None,
-                                                   lambda: client.get(key, consistency=level)))
+                        known[key] = text(
+                            h.record(process, "get", key, None, lambda: client.get(key, consistency=level))
+                        )
                     elif kind == "delete":
                         h.record(process, "delete", key, None, lambda: client.delete(key))
                         known[key] = None
@@ -291,8 +331,9 @@ class MixedWorkload(Workload):
                         counter += 1
                         value = f"{process}-{counter}"
                         expected = None if rng.random() < CAS_EXPECT_ABSENT else known.get(key)
-                        if h.record(process, "cas", key, value, lambda: client.cas(key, expected, value),
-                                    expected=expected):
+                        if h.record(
+                            process, "cas", key, value, lambda: client.cas(key, expected, value), expected=expected
+                        ):
                             known[key] = value
                     else:
                         counter += 1

@@ -6,6 +6,7 @@ shard writer), waits until every shard is formed and in sync, and offers the
 probes the tests and the fault harness need: roles, per-member digests,
 convergence, killing and restarting members.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,20 @@ def rpc(addr: str, method: str, *args: Any, timeout: float = 5, auth: Credential
 
 
 class Cluster:
-    def __init__(self, zk: str, root: Path, *, shards: int = 2, replication_factor: int = 3,
-                 write_quorum: int = 2, session_timeout: float = 4.0, write_timeout: float = 2.0,
-                 extra: tuple[str, ...] = (), lab: Any = None, auth: bool | None = None) -> None:
+    def __init__(
+        self,
+        zk: str,
+        root: Path,
+        *,
+        shards: int = 2,
+        replication_factor: int = 3,
+        write_quorum: int = 2,
+        session_timeout: float = 4.0,
+        write_timeout: float = 2.0,
+        extra: tuple[str, ...] = (),
+        lab: Any = None,
+        auth: bool | None = None,
+    ) -> None:
         #: with a NetLab, each node runs in its own network namespace (partition tests)
         self.lab = lab
         self.hosts: dict[str, Any] = {}
@@ -61,9 +73,19 @@ class Cluster:
             self.creds = load_auth_dir(str(auth_dir))
             self.client_key = str(auth_dir / CLIENT_KEY)
             extra = ("--auth-dir", str(auth_dir), *extra)
-        self.flags = ("--zk", zk, "--replication-factor", str(replication_factor),
-                      "--write-quorum", str(write_quorum), "--session-timeout", str(session_timeout),
-                      "--write-timeout", str(write_timeout), *extra)
+        self.flags = (
+            "--zk",
+            zk,
+            "--replication-factor",
+            str(replication_factor),
+            "--write-quorum",
+            str(write_quorum),
+            "--session-timeout",
+            str(session_timeout),
+            "--write-timeout",
+            str(write_timeout),
+            *extra,
+        )
         self.nodes: dict[str, NodeProcess] = {}
 
     # -- lifecycle ------------------------------------------------------------------
@@ -77,8 +99,15 @@ class Cluster:
     def add_node(self, node_id: str) -> NodeProcess:
         if self.lab is not None:
             host = self.hosts[node_id] = self.lab.add_host()
-            n = NodeProcess(self.root / node_id / "data", None, *self.flags, node_id=node_id,
-                            log_level="INFO", host=host.ip, prefix=host.prefix())
+            n = NodeProcess(
+                self.root / node_id / "data",
+                None,
+                *self.flags,
+                node_id=node_id,
+                log_level="INFO",
+                host=host.ip,
+                prefix=host.prefix(),
+            )
         else:
             n = NodeProcess(self.root / node_id / "data", None, *self.flags, node_id=node_id, log_level="INFO")
         self.nodes[node_id] = n
@@ -165,9 +194,13 @@ class Cluster:
             except RuntimeError:
                 return False
             covered = sum(b - a + 1 for s in shards.values() for a, b in s["slots"])
-            return (len(shards) == self.shards and covered == 1024 and self.balanced()
-                    and all(len(s["replicas"]) == self.rf - 1 for s in shards.values())
-                    and all(self.in_sync(sid) for sid in shards))
+            return (
+                len(shards) == self.shards
+                and covered == 1024
+                and self.balanced()
+                and all(len(s["replicas"]) == self.rf - 1 for s in shards.values())
+                and all(self.in_sync(sid) for sid in shards)
+            )
 
         wait_until(formed, timeout, "the cluster to form with every replica in sync", interval=0.2)
 
@@ -223,6 +256,7 @@ class Cluster:
 
     def wait_session_gone(self, node_id: str) -> None:
         """Wait until ZooKeeper reports the node down (its session expired)."""
+
         def gone() -> bool:
             for n in self.cluster_info()["nodes"]:
                 if n["id"] == node_id:
@@ -230,8 +264,6 @@ class Cluster:
             return True
 
         wait_until(gone, 4 * self.session_timeout, f"{node_id}'s session to expire", interval=0.2)
-
-
 
 
 def expire_session(zk_hosts: str, addr: str, auth: Credentials | None = None) -> None:

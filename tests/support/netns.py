@@ -6,6 +6,7 @@ namespace. :meth:`NetLab.isolate` takes a host's link down (cut off from its
 peers, its clients and ZooKeeper alike); :meth:`NetLab.heal` brings it back.
 All addresses are private to this machine's own namespaces.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,12 @@ class Host:
 def _free_third_octet() -> int:
     """A 10.231.X.0/24 no interface on this host uses (a lab left by a killed run keeps its
     bridge: sharing its subnet would send our nodes' traffic to the wrong bridge)."""
-    used = set(re.findall(r"inet 10\.231\.(\d+)\.", subprocess.run(
-        ["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout))
+    used = set(
+        re.findall(
+            r"inet 10\.231\.(\d+)\.",
+            subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout,
+        )
+    )
     free = [x for x in range(1, 254) if str(x) not in used]
     if not free:
         raise RuntimeError("every 10.231.X.0/24 subnet is in use (remove stale dkv* bridges)")
@@ -44,7 +49,7 @@ def _free_third_octet() -> int:
 
 class NetLab:
     def __init__(self) -> None:
-        self.tag = f"{random.randrange(16 ** 4):04x}"
+        self.tag = f"{random.randrange(16**4):04x}"
         self.subnet = f"10.231.{_free_third_octet()}"
         self.bridge = f"dkvbr{self.tag}"
         self.gateway = f"{self.subnet}.1"
@@ -57,7 +62,7 @@ class NetLab:
     def available() -> bool:
         if os.geteuid() != 0:
             return False
-        probe = f"dkvprobe{random.randrange(10 ** 6)}"
+        probe = f"dkvprobe{random.randrange(10**6)}"
         try:
             _ip("netns", "add", probe)
             _ip("netns", "del", probe)

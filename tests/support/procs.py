@@ -3,6 +3,7 @@
 :class:`NodeProcess` starts a node as a child process, waits until it answers,
 and can stop it (SIGTERM), kill it (SIGKILL), pause (SIGSTOP) and resume it.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,16 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: flo
 
 
 class NodeProcess:
-    def __init__(self, data_dir: Path, port: int | None = None, *extra: str,
-                 node_id: str | None = None, log_level: str = "WARNING", host: str = "127.0.0.1",
-                 prefix: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *extra: str,
+        node_id: str | None = None,
+        log_level: str = "WARNING",
+        host: str = "127.0.0.1",
+        prefix: list[str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.host = host
         self.addr = f"{host}:{self.port}"
@@ -53,9 +61,25 @@ class NodeProcess:
         self.log_path = self.data_dir.parent / f"{self.node_id}.log"
 
     def argv(self) -> list[str]:
-        return [*self.prefix, sys.executable, "-m", "dkv.cli.main", "serve", "--node-id", self.node_id,
-                "--host", self.host, "--port", str(self.port), "--data-dir", str(self.data_dir),
-                "--log-level", self.log_level, *self.extra, *self._protected_mode()]
+        return [
+            *self.prefix,
+            sys.executable,
+            "-m",
+            "dkv.cli.main",
+            "serve",
+            "--node-id",
+            self.node_id,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--log-level",
+            self.log_level,
+            *self.extra,
+            *self._protected_mode(),
+        ]
 
     @property
     def auth(self) -> Credentials | None:

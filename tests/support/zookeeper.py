@@ -4,6 +4,7 @@ Order: ``DKV_TEST_ZK=host:port`` when set (an explicit choice wins); else a
 testcontainers ZooKeeper when a Docker engine answers; else a local ZooKeeper
 from Debian's ``zookeeper`` package, started as a child process on a free port.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,10 +63,21 @@ def start_local() -> ZooKeeper:
     data = tempfile.mkdtemp(prefix="dkv-zk-")
     log = open(os.path.join(data, "zookeeper.log"), "wb")
     proc = subprocess.Popen(
-        ["java", "-Xmx256m", "-Dzookeeper.admin.enableServer=false",
-         "-Dzookeeper.4lw.commands.whitelist=*", "-cp", ZK_JAR,
-         "org.apache.zookeeper.server.ZooKeeperServerMain", str(port), data, str(TICK_MS)],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            "java",
+            "-Xmx256m",
+            "-Dzookeeper.admin.enableServer=false",
+            "-Dzookeeper.4lw.commands.whitelist=*",
+            "-cp",
+            ZK_JAR,
+            "org.apache.zookeeper.server.ZooKeeperServerMain",
+            str(port),
+            data,
+            str(TICK_MS),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
     def stop() -> None:
         proc.terminate()
@@ -78,8 +90,7 @@ def start_local() -> ZooKeeper:
         shutil.rmtree(data, ignore_errors=True)
 
     try:
-        wait_until(lambda: proc.poll() is not None or ruok("127.0.0.1", port), 60,
-                   "local ZooKeeper to answer ruok")
+        wait_until(lambda: proc.poll() is not None or ruok("127.0.0.1", port), 60, "local ZooKeeper to answer ruok")
         if proc.poll() is not None:
             raise RuntimeError(f"local ZooKeeper exited with {proc.returncode}; see {data}/zookeeper.log")
     except BaseException:
@@ -108,8 +119,9 @@ def provide() -> ZooKeeper:
         return start_docker()
     if local_zookeeper_installed():
         return start_local()
-    raise RuntimeError("no ZooKeeper: no Docker engine, no local install (apt-get install zookeeper), "
-                       "and DKV_TEST_ZK is not set")
+    raise RuntimeError(
+        "no ZooKeeper: no Docker engine, no local install (apt-get install zookeeper), and DKV_TEST_ZK is not set"
+    )
 
 
 def wait_ready(hosts: str, timeout: float = 30) -> None:
