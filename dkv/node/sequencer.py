@@ -108,7 +108,8 @@ class Sequencer:
         self._read = read
         self.last_rev = last_rev
         #: key -> (entry as the batches in flight leave it, last lsn of its batch)
-        self._overlay: dict[bytes, tuple[Entry | None, int]] = {}
+        #: (a PUT Record stands for the entry it writes)
+        self._overlay: dict[bytes, tuple[Entry | Record | None, int]] = {}
 
     def observe(self, rev: int) -> None:
         """A revision exists in the log (a new writer's log end): never stamp at or below it."""
@@ -118,7 +119,7 @@ class Sequencer:
         self.last_rev = max(self.last_rev + 1, now << REV_SHIFT)
         return self.last_rev
 
-    def _current(self, key: bytes) -> Entry | None:
+    def _current(self, key: bytes) -> Entry | Record | None:
         got = self._overlay.get(key)
         return got[0] if got is not None else self._read(key)
 
@@ -129,7 +130,7 @@ class Sequencer:
         write (a :class:`DKVError` for a write refused alone; it writes nothing)."""
         records: list[Record] = []
         results: list[list[Any]] = []
-        changed: dict[bytes, Entry | None] = {}
+        changed: dict[bytes, Entry | Record | None] = {}
         for cmds in batches:
             res: list[Any] = []
             for w in cmds:
@@ -160,19 +161,21 @@ class Sequencer:
                 del self._overlay[r.key]
 
     def _decide(
-        self, w: Write, changed: dict[bytes, Entry | None], epoch: int, lsn: int, now: int
+        self, w: Write, changed: dict[bytes, Entry | Record | None], epoch: int, lsn: int, now: int
     ) -> tuple[Record | None, Any]:
         key = w.key
         kind = w.kind
         if kind is Kind.SET and w.cond is None:  # the hot path: a blind write reads nothing
             rev = self._next_rev(now)
             expires_at = now + w.px if w.px else 0
-            changed[key] = Entry(w.value, rev, expires_at)
-            return Record(epoch, lsn, Op.PUT, key, w.value, rev, expires_at), rev
+            rec = Record(epoch, lsn, Op.PUT, key, w.value, rev, expires_at)
+            changed[key] = rec  # the record stands for the entry (an Entry is built only if read)
+            return rec, rev
         if kind is Kind.FLOOR:  # keyless: reads nothing (a store refuses the empty key)
             self.observe(w.deadline)
             return Record(epoch, lsn, Op.NOOP, b"", b"", self._next_rev(now)), None
-        cur = changed[key] if key in changed else self._current(key)
+        got = changed[key] if key in changed else self._current(key)
+        cur = Entry(got.value, got.rev, got.expires_at) if isinstance(got, Record) else got
         live = cur if cur is not None and not cur.expired(now) else None
 
         def write(value: bytes, expires_at: int) -> tuple[Record, int]:
