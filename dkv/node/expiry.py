@@ -75,19 +75,12 @@ class Expirer:
 
     def sweep(self) -> float:
         """One pass over the due rows; the seconds to wait before the next (0: more are due now)."""
-        now = self._clock()
-        rows = offloaded(self.offload, self.store.due, now, SWEEP_ROWS)
-        if not rows:
+        found, stale, mine = offloaded(self.offload, self._classify, self._clock())
+        if not found:
             return self.interval
-        stale, mine = [], []
-        for deadline, skey in rows:
-            e = self.store.raw_entry(user_key(skey))
-            if e is None or e.expires_at != deadline:
-                stale.append((deadline, skey))
-            else:
-                mine.append((deadline, skey))
-        writes = [Write(Kind.EXPIRE_DUE, user_key(sk), deadline=d) for d, sk in mine if self._may_write(user_key(sk))]
-        if writes:  # no yield between the checks above and the queueing inside submit
+        writes = [Write(Kind.EXPIRE_DUE, key, deadline=d) for d, key in mine if self._may_write(key)]
+        if writes:  # no yield between the routing checks and the queueing inside submit (the
+            # sequencer checks the deadline again against the state the batch sees)
             try:
                 results = self.pipeline.submit(writes)
                 self.expired += sum(1 for r in results if r is True)
@@ -99,4 +92,17 @@ class Expirer:
             self.dropped += len(stale)
         if not writes and not stale:
             return IDLE_INTERVAL * self.interval / INTERVAL  # nothing this node can do yet
-        return 0.0 if len(rows) == SWEEP_ROWS else self.interval
+        return 0.0 if found == SWEEP_ROWS else self.interval
+
+    def _classify(self, now: int) -> tuple[int, list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+        """The due rows (read off the hub with a disk store): how many, the stale ones
+        ``(deadline, storage key)`` and the live ones ``(deadline, user key)``."""
+        rows = self.store.due(now, SWEEP_ROWS)
+        stale, mine = [], []
+        for deadline, skey in rows:
+            e = self.store.raw_entry(user_key(skey))
+            if e is None or e.expires_at != deadline:
+                stale.append((deadline, skey))
+            else:
+                mine.append((deadline, user_key(skey)))
+        return len(rows), stale, mine
